@@ -334,6 +334,11 @@ fn check_count(field: &'static str, len: usize, max: usize) -> Result<(), Format
 }
 
 impl Header {
+    /// Checks a muscle name against the format's alphabet and length.
+    pub fn validate_name(name: &str) -> Result<(), FormatError> {
+        check_name("name", name, MAX_NAME_LEN)
+    }
+
     /// Checks every rule the decoder enforces, so that a header that validates encodes to
     /// bytes that decode back to it.
     pub fn validate(&self) -> Result<(), FormatError> {
