@@ -193,12 +193,7 @@ pub(crate) fn encode_header(header: &Header) -> Result<Writer, FormatError> {
     header.validate()?;
     let mut body = Writer::default();
     header.encode_body(&mut body);
-    let body_len = u32::try_from(body.len()).ok().filter(|l| *l <= MAX_HEADER_LEN).ok_or(FormatError::BadLength {
-        field: "header length",
-        offset: PREFIX_LEN,
-        len: body.len() as u64,
-        max: u64::from(MAX_HEADER_LEN),
-    })?;
+    let body_len = crate::header::check_header_len(body.len())?;
     let capacity = PREFIX_LEN + body.len() + 1024 + header.payload_len as usize + ML_DSA_65_SIG_LEN;
     let mut w = Writer::with_capacity(capacity);
     w.put(&MAGIC);

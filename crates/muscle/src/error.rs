@@ -250,10 +250,14 @@ pub enum OpenError {
         recipients: String,
     },
     /// The wrapped content key does not decrypt under our key: wrong key or tampered blob.
-    #[error("cannot unwrap the content key: this referee's key does not match or the key record was tampered with")]
+    #[error(
+        "cannot unwrap the content key with this referee's key (key mismatch or a faulty sealer); ask the publisher to re-seal for this referee"
+    )]
     KeyUnwrap,
     /// The payload does not decrypt: tampered ciphertext or header.
-    #[error("payload decryption failed: the ciphertext or header was tampered with")]
+    #[error(
+        "payload does not decrypt under its content key: the muscle is inconsistent; ask the publisher to re-seal it"
+    )]
     Decrypt,
     /// The decrypted payload does not hash to the header's code hash.
     #[error("code hash mismatch: the payload is not the code the publisher declared")]

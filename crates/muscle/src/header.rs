@@ -9,7 +9,7 @@ use std::fmt;
 use crate::error::FormatError;
 use crate::limits::{
     MAX_ABI_LEN, MAX_BINDING, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_DIMS, MAX_EXTENSION_LEN, MAX_EXTENSIONS,
-    MAX_NAME_LEN, MAX_PAYLOAD_LEN, MAX_TENSOR_ELEMENTS, MAX_TENSOR_NAME_LEN, MAX_TENSORS,
+    MAX_HEADER_LEN, MAX_NAME_LEN, MAX_PAYLOAD_LEN, MAX_TENSOR_ELEMENTS, MAX_TENSOR_NAME_LEN, MAX_TENSORS,
 };
 use crate::wire::{Reader, Writer};
 
@@ -264,15 +264,15 @@ fn check_text(field: &'static str, value: &str, rule: &'static str, ok: bool) ->
 
 /// `[a-z0-9][a-z0-9._-]*`: safe in file names, URLs and tool names.
 pub(crate) fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), FormatError> {
+    let rule = if max == MAX_ABI_LEN {
+        "use 1-32 characters from a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+    } else {
+        "use 1-64 characters from a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+    };
     let mut chars = value.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
-    check_text(
-        field,
-        value,
-        "use 1-64 characters from a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
-        first_ok && rest_ok && value.len() <= max,
-    )
+    check_text(field, value, rule, first_ok && rest_ok && value.len() <= max)
 }
 
 fn check_capability(value: &str) -> Result<(), FormatError> {
@@ -374,7 +374,10 @@ impl Header {
         for ext in &self.extensions {
             check_count("extension", ext.data.len(), MAX_EXTENSION_LEN)?;
             if ext.is_critical() {
-                return Err(FormatError::UnknownCriticalExtension { tag: ext.tag });
+                return Err(FormatError::NonCanonical {
+                    field: "extensions",
+                    why: "format v1 defines no critical extensions, so none may be written",
+                });
             }
         }
         Ok(())
@@ -385,6 +388,7 @@ impl Header {
         self.validate()?;
         let mut w = Writer::default();
         self.encode_body(&mut w);
+        check_header_len(w.len())?;
         Ok(w.into_bytes())
     }
 
@@ -442,6 +446,7 @@ impl Header {
 
     /// Reads a header body from exactly `body`; trailing bytes are an error.
     pub(crate) fn decode_body(body: &[u8], base_offset: usize) -> Result<Self, FormatError> {
+        check_header_len(body.len())?;
         let mut r = Reader::new(body);
         let header = Self::read(&mut r).map_err(|e| shift_offset(e, base_offset))?;
         if r.remaining() != 0 {
@@ -489,7 +494,11 @@ impl Header {
                     max: MAX_EXTENSION_LEN as u64,
                 });
             }
-            Ok(Extension { tag, data: r.take(len, "extension data")?.to_vec() })
+            let ext = Extension { tag, data: r.take(len, "extension data")?.to_vec() };
+            if ext.is_critical() {
+                return Err(FormatError::UnknownCriticalExtension { tag });
+            }
+            Ok(ext)
         })?;
         Ok(Self {
             suite,
@@ -511,6 +520,16 @@ impl Header {
             extensions,
         })
     }
+}
+
+/// Bodies longer than [`MAX_HEADER_LEN`] are refused in both directions.
+pub(crate) fn check_header_len(len: usize) -> Result<u32, FormatError> {
+    u32::try_from(len).ok().filter(|l| *l <= MAX_HEADER_LEN).ok_or(FormatError::BadLength {
+        field: "header length",
+        offset: 10,
+        len: len as u64,
+        max: u64::from(MAX_HEADER_LEN),
+    })
 }
 
 fn read_binding(r: &mut Reader<'_>) -> Result<Binding, FormatError> {
@@ -675,7 +694,13 @@ mod tests {
     fn critical_extensions_are_refused() {
         let mut header = sample();
         header.extensions = vec![Extension { tag: 0x8001, data: vec![1] }];
-        assert!(matches!(header.encode(), Err(FormatError::UnknownCriticalExtension { tag: 0x8001 })));
+        assert!(matches!(header.encode(), Err(FormatError::NonCanonical { field: "extensions", .. })));
+        // A reader that meets one refuses it as not understood.
+        header.extensions.clear();
+        let mut bytes = header.encode().unwrap_or_default();
+        bytes.pop();
+        bytes.extend_from_slice(&[1, 0x01, 0x80, 1, 0, 7]);
+        assert!(matches!(Header::decode(&bytes), Err(FormatError::UnknownCriticalExtension { tag: 0x8001 })));
     }
 
     #[test]

@@ -39,8 +39,9 @@
 //! Core types:
 //! - [`Header`]: the authenticated plaintext header; canonical encoding, cheap to clone.
 //! - [`SealedMuscle`]: a parsed, unverified envelope borrowing its bytes (for `inspect`).
-//! - [`seal`] / [`open`]: the publisher's and the referee's side. Opening costs two SHA-512
-//!   passes (Ed25519), one SHAKE pass if ML-DSA is present, and one AEAD pass over the payload.
+//! - [`seal`] / [`open`]: the publisher's and the referee's side. Opening costs one SHA-512
+//!   pass over the blob (Ed25519), one SHAKE-256 pass if ML-DSA is present, one AEAD pass and
+//!   one SHA-256 pass (code hash) over the payload.
 //! - [`PublisherSecretKey`], [`RefereeSecretKey`], [`MasterKey`]: secrets, zeroized on drop,
 //!   never printed by `Debug`.
 

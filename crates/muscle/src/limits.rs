@@ -17,7 +17,7 @@ pub const MIN_MUSCLE_LEN: usize = crate::envelope::PREFIX_LEN
     + crate::envelope::NONCE_LEN
     + crate::envelope::TAG_LEN
     + crate::envelope::ED25519_SIG_LEN;
-/// Longest muscle name and ABI id.
+/// Longest muscle name.
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest ABI id.
 pub const MAX_ABI_LEN: usize = 32;
