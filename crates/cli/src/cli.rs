@@ -1,0 +1,163 @@
+//! Command-line grammar. Names here are part of the user contract (PRODUCT.md); keep them stable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Referee: sealed, signed muscles run in isolated, audited cells.
+#[derive(Debug, Parser)]
+#[command(name = "referee", version, about)]
+pub(crate) struct Cli {
+    /// Directory holding keys, trust store and data.
+    #[arg(long, global = true, env = "REFEREE_HOME", value_name = "DIR")]
+    pub(crate) home: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create the publisher key, referee identity and master key (existing keys are kept).
+    Keygen,
+    /// Compile INPUT (.wasm, .wat; .py and .onnx later) and seal it into a .muscle.
+    Compile(CompileArgs),
+    /// Show a muscle's header (no keys needed).
+    Inspect {
+        /// The .muscle file.
+        file: PathBuf,
+    },
+    /// Fully open a muscle with this home's keys and trust store; exit 0 only if it would load.
+    Verify {
+        /// The .muscle file.
+        file: PathBuf,
+        /// Also record its version as accepted (raises the anti-rollback mark), as loading does.
+        #[arg(long)]
+        accept: bool,
+    },
+    /// Manage trusted publishers, revocations and anti-rollback marks.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum ModeArg {
+    /// Wrap the content key under this home's master key.
+    Master,
+    /// Seal the content key with HPKE to each --recipient referee.
+    Recipient,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum SuiteArg {
+    /// AES-256-GCM.
+    #[value(name = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305.
+    #[value(name = "chacha20-poly1305")]
+    ChaCha20Poly1305,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CompileArgs {
+    /// Source file; the extension picks the frontend.
+    pub(crate) input: PathBuf,
+    /// Output .muscle path.
+    #[arg(short, long, value_name = "OUT.muscle")]
+    pub(crate) output: PathBuf,
+    /// Muscle name (default: derived from the input file name).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Muscle version; referees refuse versions lower than one they accepted.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) version: u64,
+    /// Muscle id as 32 hex digits (default: derived from publisher key and name).
+    #[arg(long, value_name = "HEX")]
+    pub(crate) muscle_id: Option<String>,
+    /// Requested capability (repeatable; default: the module's `referee.*` imports).
+    #[arg(long = "cap", value_name = "NAME")]
+    pub(crate) capabilities: Vec<String>,
+    /// Memory limit, e.g. 65536, 64KiB, 16MiB (0: referee default).
+    #[arg(long, default_value = "0", value_name = "BYTES")]
+    pub(crate) memory: String,
+    /// Wall-clock limit per call in milliseconds (0: referee default).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub(crate) time_ms: u32,
+    /// Fuel (instruction budget) per call (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) fuel: u64,
+    /// Referee key id allowed to load it, or `any` (repeatable).
+    #[arg(long = "bind", value_name = "KEY_ID|any")]
+    pub(crate) bind: Vec<String>,
+    /// Key delivery mode.
+    #[arg(long, value_enum, default_value = "master")]
+    pub(crate) mode: ModeArg,
+    /// Referee public key file (recipient mode; repeatable; default: this home's referee.pub).
+    #[arg(long = "recipient", value_name = "REFEREE.pub")]
+    pub(crate) recipients: Vec<PathBuf>,
+    /// Payload cipher.
+    #[arg(long, value_enum, default_value = "aes-256-gcm")]
+    pub(crate) suite: SuiteArg,
+    /// Add an ML-DSA-65 signature (hybrid post-quantum).
+    #[arg(long)]
+    pub(crate) pq: bool,
+    /// Input tensor shape, comma-separated, e.g. 1,4.
+    #[arg(long, value_name = "DIMS")]
+    pub(crate) input_shape: Option<String>,
+    /// Output tensor shape, comma-separated, e.g. 1,1.
+    #[arg(long, value_name = "DIMS")]
+    pub(crate) output_shape: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TrustCommand {
+    /// Trust a publisher public key file.
+    Add {
+        /// The publisher.pub file.
+        file: PathBuf,
+        /// A label for listings.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Require hybrid ML-DSA-65 signatures from this publisher.
+        #[arg(long)]
+        require_pq: bool,
+    },
+    /// Stop trusting a publisher.
+    Remove {
+        /// Publisher key id (64 hex digits).
+        publisher: String,
+    },
+    /// List trusted publishers, revocations and accepted versions.
+    List,
+    /// Revoke a publisher, a muscle id, or one version of a muscle id.
+    Revoke {
+        /// Publisher key id to revoke.
+        #[arg(long, conflicts_with_all = ["muscle", "version"], required_unless_present = "muscle")]
+        publisher: Option<String>,
+        /// Muscle id (32 hex digits) to revoke.
+        #[arg(long)]
+        muscle: Option<String>,
+        /// Only this version of --muscle.
+        #[arg(long, requires = "muscle")]
+        version: Option<u64>,
+        /// Why (kept in the store).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Explicitly allow versions from --to upward again (lowers the anti-rollback mark).
+    AllowRollback {
+        /// Publisher key id.
+        #[arg(long)]
+        publisher: String,
+        /// Muscle name.
+        #[arg(long)]
+        name: String,
+        /// Lowest version to accept from now on.
+        #[arg(long)]
+        to: u64,
+    },
+}

@@ -1,0 +1,184 @@
+//! `referee compile`: frontend → validated wasm → sealed `.muscle`.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use referee_compiler::SourceKind;
+use referee_muscle::{
+    ABI_V1, Binding, DType, Delivery, KeyId, Limits, MuscleId, MuscleSpec, SealOptions, Suite, TensorSpec,
+    limits::MAX_PAYLOAD_LEN, seal,
+};
+use referee_trust::{Home, read_referee_public};
+use serde_json::json;
+
+use crate::cli::{CompileArgs, ModeArg, SuiteArg};
+
+/// Parses "65536", "64KiB", "64K", "16MiB", "1GiB" (binary units).
+fn parse_bytes(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 =
+        digits.parse().with_context(|| format!("memory limit {text:?} is not a number with an optional unit"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        other => bail!("unknown unit {other:?} in memory limit {text:?}; use B, KiB, MiB or GiB"),
+    };
+    n.checked_mul(1 << shift).with_context(|| format!("memory limit {text:?} is too large"))
+}
+
+fn parse_shape(name: &str, text: &str) -> Result<TensorSpec> {
+    let dims = text
+        .split(',')
+        .map(|d| d.trim().parse::<u32>().with_context(|| format!("shape {text:?}: {d:?} is not a dimension")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TensorSpec { name: name.into(), dtype: DType::F32, dims })
+}
+
+/// A valid muscle name from a file name: lowercase, other characters become '-'.
+fn name_from_path(path: &Path) -> String {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("muscle");
+    let mut name: String = stem
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .take(64)
+        .collect();
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        name.insert(0, 'm');
+        name.truncate(64);
+    }
+    name
+}
+
+fn binding(args: &CompileArgs) -> Result<Option<Binding>> {
+    if args.bind.is_empty() {
+        return Ok(None);
+    }
+    if args.bind.iter().any(|b| b == "any") {
+        if args.bind.len() > 1 {
+            bail!("--bind any cannot be combined with referee ids");
+        }
+        return Ok(Some(Binding::Any));
+    }
+    let ids = args
+        .bind
+        .iter()
+        .map(|b| KeyId::from_hex(b).with_context(|| format!("--bind {b}")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Binding::Referees(ids)))
+}
+
+pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()> {
+    let input = &args.input;
+    let kind = SourceKind::from_path(input).with_context(|| format!("compile {}", input.display()))?;
+    let size = std::fs::metadata(input).with_context(|| format!("read {}", input.display()))?.len();
+    if size > MAX_PAYLOAD_LEN {
+        bail!("{} is {size} bytes; muscles hold at most {MAX_PAYLOAD_LEN} bytes", input.display());
+    }
+    let source = std::fs::read(input).with_context(|| format!("read {}", input.display()))?;
+    let module = referee_compiler::compile(kind, &source).with_context(|| format!("compile {}", input.display()))?;
+
+    let name = args.name.clone().unwrap_or_else(|| name_from_path(input));
+    let capabilities = if args.capabilities.is_empty() { module.capabilities() } else { args.capabilities.clone() };
+    let spec = MuscleSpec {
+        name,
+        muscle_id: args.muscle_id.as_deref().map(MuscleId::from_hex).transpose().context("--muscle-id")?,
+        version: args.version,
+        created_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        binding: binding(args)?,
+        abi: ABI_V1.into(),
+        capabilities,
+        limits: Limits { memory_bytes: parse_bytes(&args.memory)?, time_ms: args.time_ms, fuel: args.fuel },
+        inputs: args.input_shape.as_deref().map(|s| parse_shape("x", s)).transpose()?.into_iter().collect(),
+        outputs: args.output_shape.as_deref().map(|s| parse_shape("y", s)).transpose()?.into_iter().collect(),
+        extensions: vec![],
+    };
+    let publisher = home.publisher_secret()?;
+    let options = SealOptions {
+        suite: match args.suite {
+            SuiteArg::Aes256Gcm => Suite::Aes256Gcm,
+            SuiteArg::ChaCha20Poly1305 => Suite::ChaCha20Poly1305,
+        },
+        post_quantum: args.pq,
+    };
+    let blob = match args.mode {
+        ModeArg::Master => {
+            if !args.recipients.is_empty() {
+                bail!("--recipient needs --mode recipient");
+            }
+            let master = home.master_key()?;
+            seal(&spec, &module.bytes, &publisher, Delivery::MasterKey(&master), options)
+        }
+        ModeArg::Recipient => {
+            let files =
+                if args.recipients.is_empty() { vec![home.referee_pub_path()] } else { args.recipients.clone() };
+            let recipients = files
+                .iter()
+                .map(|f| read_referee_public(f).with_context(|| format!("--recipient {}", f.display())))
+                .collect::<Result<Vec<_>>>()?;
+            seal(&spec, &module.bytes, &publisher, Delivery::Recipients(&recipients), options)
+        }
+    }
+    .context("seal")?;
+    write_atomically(&args.output, &blob)?;
+
+    let sealed = referee_muscle::SealedMuscle::parse(&blob).context("re-reading the sealed muscle")?;
+    let value = json!({
+        "output": args.output,
+        "bytes": blob.len(),
+        "header": crate::output::header(&sealed.header),
+        "key_delivery": crate::output::delivery(&sealed.delivery),
+        "exports": module.exports,
+    });
+    super::print(json, &value, || {
+        format!(
+            "sealed {} v{} → {} ({} bytes; payload {} bytes; exports: {})",
+            sealed.header.name,
+            sealed.header.version,
+            args.output.display(),
+            blob.len(),
+            sealed.header.payload_len,
+            module.exports.join(", ")
+        )
+    });
+    Ok(())
+}
+
+/// Writes next to the target and renames, so a reader never sees half a muscle.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display())).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_binary_units() -> Result<()> {
+        assert_eq!(parse_bytes("0")?, 0);
+        assert_eq!(parse_bytes("65536")?, 65536);
+        assert_eq!(parse_bytes("64KiB")?, 64 * 1024);
+        assert_eq!(parse_bytes("16M")?, 16 << 20);
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("99999999999999GiB").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn names_from_paths_are_valid_muscle_names() {
+        for (path, name) in [("Feanor.wat", "feanor"), ("my model.wasm", "my-model"), ("_x.wat", "m_x")] {
+            assert_eq!(name_from_path(Path::new(path)), name);
+            assert!(referee_muscle::Header::validate_name(&name_from_path(Path::new(path))).is_ok());
+        }
+    }
+}

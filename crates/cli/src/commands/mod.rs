@@ -1,0 +1,45 @@
+//! One module per subcommand; each takes parsed arguments and prints its result.
+
+mod compile;
+mod keys;
+mod muscle;
+mod trust;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use referee_trust::Home;
+
+use crate::cli::{Cli, Command};
+
+/// Where keys and the trust store live: `--home`, `$REFEREE_HOME`, or `~/.referee`.
+fn home(dir: Option<PathBuf>) -> Result<Home> {
+    match dir {
+        Some(dir) => Ok(Home::new(dir)),
+        None => {
+            let base = std::env::var_os("HOME").context("neither --home, REFEREE_HOME nor HOME is set")?;
+            Ok(Home::new(PathBuf::from(base).join(".referee")))
+        }
+    }
+}
+
+/// Prints `value` as pretty JSON or `text` as is.
+fn print(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value:#}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+/// Runs one parsed command line.
+pub(crate) fn run(cli: Cli) -> Result<()> {
+    let home = home(cli.home)?;
+    match cli.command {
+        Command::Keygen => keys::keygen(&home, cli.json),
+        Command::Compile(args) => compile::compile(&home, &args, cli.json),
+        Command::Inspect { file } => muscle::inspect(&file, cli.json),
+        Command::Verify { file, accept } => muscle::verify(&home, &file, accept, cli.json),
+        Command::Trust(cmd) => trust::run(&home, cmd, cli.json),
+    }
+}
