@@ -42,6 +42,82 @@ pub(crate) enum Command {
     /// Manage trusted publishers, revocations and anti-rollback marks.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Load a muscle into a referee cell and run one entry point; prints the output as JSON.
+    Run(RunArgs),
+    /// Check or show the hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Produce (or verify) a signed attestation report of this referee.
+    Attest(AttestArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum EntryArg {
+    /// Inference.
+    Forward,
+    /// One training step (needs --target); prints the loss.
+    Train,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The .muscle file.
+    pub(crate) file: PathBuf,
+    /// Input tensor as a JSON array, flat or nested to the declared input shape.
+    #[arg(long)]
+    pub(crate) input: String,
+    /// Entry point.
+    #[arg(long, value_enum, default_value = "forward")]
+    pub(crate) entry: EntryArg,
+    /// Training target as a JSON array (with --entry train).
+    #[arg(long)]
+    pub(crate) target: Option<String>,
+    /// Learning rate (with --entry train).
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) lr: f32,
+    /// Policy file (TOML); default: grant every capability the muscle requests.
+    #[arg(long, value_name = "POLICY.toml")]
+    pub(crate) policy: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Walk the whole chain; exit 0 only if no record was modified, deleted, inserted or reordered.
+    Verify,
+    /// Show the most recent records.
+    Tail {
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        count: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AttestArgs {
+    /// `verify REPORT.json` checks a report instead of producing one.
+    #[command(subcommand)]
+    pub(crate) verify: Option<AttestVerify>,
+    /// The verifier's fresh nonce (hex, at least 32 digits).
+    #[arg(long, global = true)]
+    pub(crate) nonce: Option<String>,
+    /// Muscles to load before reporting (the report lists what is loaded).
+    #[arg(long = "load", value_name = "X.muscle")]
+    pub(crate) load: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AttestVerify {
+    /// Verify a signed report: signature, referee key, nonce and freshness.
+    Verify {
+        /// The report (JSON, as printed by `referee attest`).
+        report: PathBuf,
+        /// The referee's public key file (referee.pub).
+        #[arg(long, value_name = "REFEREE.pub")]
+        referee_key: PathBuf,
+        /// Largest accepted age of the report, seconds.
+        #[arg(long, default_value_t = 300)]
+        max_age: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

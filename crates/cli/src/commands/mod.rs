@@ -1,8 +1,10 @@
 //! One module per subcommand; each takes parsed arguments and prints its result.
 
+mod attest;
 mod compile;
 mod keys;
 mod muscle;
+mod run;
 mod trust;
 
 use std::path::PathBuf;
@@ -41,5 +43,8 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Inspect { file } => muscle::inspect(&file, cli.json),
         Command::Verify { file, accept } => muscle::verify(&home, &file, accept, cli.json),
         Command::Trust(cmd) => trust::run(&home, cmd, cli.json),
+        Command::Run(args) => run::run(&home, &args, cli.json),
+        Command::Audit(cmd) => attest::audit(&home, &cmd, cli.json),
+        Command::Attest(args) => attest::attest(&home, &args, cli.json),
     }
 }

@@ -9,7 +9,7 @@ use referee_trust::Home;
 use serde_json::json;
 
 /// Reads a muscle file, refusing anything larger than the format allows before reading it all.
-fn read_muscle(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_muscle(path: &Path) -> Result<Vec<u8>> {
     let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut bytes = Vec::new();
     file.take(MAX_MUSCLE_LEN as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("read {}", path.display()))?;

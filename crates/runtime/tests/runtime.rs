@@ -1,0 +1,431 @@
+//! The runtime against hostile muscles, with a stream of good calls that must never fail.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use referee_muscle::{ABI_V1, DType, Delivery, Limits, MuscleSpec, SealOptions, TensorSpec, seal};
+use referee_runtime::{
+    AttestError, Fault, Policy, Priority, Runtime, RuntimeError, RuntimeOptions, Scheduler, SchedulerConfig, attest,
+    verify_attestation,
+};
+use referee_trust::Home;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const FEANOR: &str = include_str!("../../../examples/feanor.wat");
+const LINEAR: &str = include_str!("../../../examples/linear-trainable.wat");
+
+/// ABI v1 boilerplate around a hostile `forward` body.
+fn hostile(imports: &str, memory: &str, extra: &str, forward_body: &str) -> String {
+    format!(
+        r#"(module {imports}
+            {memory}
+            (func (export "input_ptr") (result i32) i32.const 0)
+            (func (export "output_ptr") (result i32) i32.const 16)
+            {extra}
+            (func (export "forward") (param $in i32) (param $out i32) (result i32) {forward_body}))"#
+    )
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    home: Home,
+}
+
+impl Fixture {
+    fn new() -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let home = Home::new(dir.path().join("home"));
+        home.keygen()?;
+        Ok(Self { _dir: dir, home })
+    }
+
+    fn seal(
+        &self,
+        name: &str,
+        version: u64,
+        wat: &str,
+        caps: &[&str],
+        limits: Limits,
+    ) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
+        let spec = MuscleSpec {
+            name: name.into(),
+            muscle_id: None,
+            version,
+            created_at: 0,
+            binding: None,
+            abi: ABI_V1.into(),
+            capabilities: caps.iter().map(|c| (*c).to_owned()).collect(),
+            limits,
+            inputs: vec![TensorSpec { name: "x".into(), dtype: DType::F32, dims: vec![1, 4] }],
+            outputs: vec![TensorSpec { name: "y".into(), dtype: DType::F32, dims: vec![1, 1] }],
+            extensions: vec![],
+        };
+        let master = self.home.master_key()?;
+        let publisher = self.home.publisher_secret()?;
+        Ok(seal(&spec, &module.bytes, &publisher, Delivery::MasterKey(&master), SealOptions::default())?)
+    }
+
+    fn runtime(&self, policy: Policy) -> Result<Runtime, RuntimeError> {
+        Runtime::open(&self.home, RuntimeOptions { policy })
+    }
+}
+
+/// The reference Fëanor, computed natively.
+fn feanor_native(x: [f32; 4]) -> f32 {
+    (x[0] * 0.5 + x[1] * -0.25 + (x[2] * 0.125 + (x[3] * 1.0 + 0.1))).max(0.0)
+}
+
+fn limits(memory_bytes: u64, time_ms: u32) -> Limits {
+    Limits { memory_bytes, time_ms, fuel: 0 }
+}
+
+fn expect_fault(result: Result<Vec<f32>, RuntimeError>, expected: &Fault) {
+    let fault = match result {
+        Err(RuntimeError::Fault { fault, .. }) => Some(fault),
+        _ => None,
+    };
+    assert_eq!(fault.as_ref(), Some(expected), "expected fault {expected:?}");
+}
+
+#[test]
+fn hostile_muscles_are_contained_while_good_calls_keep_succeeding() -> TestResult {
+    let f = Fixture::new()?;
+    let mut policy = Policy::permissive_default();
+    policy.defaults.kv_quota_bytes = Some(4096);
+    let runtime = Arc::new(f.runtime(policy)?);
+    runtime.load(&f.seal("feanor", 1, FEANOR, &[], Limits::default())?)?;
+
+    // A stream of good calls on another thread, checked against the native computation.
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = Arc::new(AtomicU64::new(0));
+    let stream = {
+        let (runtime, stop, good) = (runtime.clone(), stop.clone(), good.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let x = [i as f32, 1.5, -2.0, (i % 7) as f32];
+                let y = runtime.invoke("feanor", &x).map_err(|e| format!("good call {i} failed: {e}"))?;
+                if y != vec![feanor_native(x)] {
+                    return Err(format!("good call {i}: {y:?} != {}", feanor_native(x)));
+                }
+                good.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            Ok(())
+        })
+    };
+
+    let cases: Vec<(&str, String, &[&str], Limits, Fault)> = vec![
+        (
+            "infinite-loop",
+            hostile("", "(memory (export \"memory\") 1)", "", "(loop $l (br $l)) i32.const 0"),
+            &[],
+            limits(0, 30),
+            Fault::Deadline,
+        ),
+        (
+            "grow-bomb",
+            hostile(
+                "",
+                "(memory (export \"memory\") 1)",
+                "",
+                "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) i32.const 0",
+            ),
+            &[],
+            limits(1 << 20, 1000),
+            Fault::MemoryLimit,
+        ),
+        (
+            "recursion",
+            hostile(
+                "",
+                "(memory (export \"memory\") 1)",
+                "(func $r (param i32) (result i32) (call $r (i32.add (local.get 0) (i32.const 1))))",
+                "(call $r (i32.const 0))",
+            ),
+            &[],
+            Limits::default(),
+            Fault::StackOverflow,
+        ),
+        (
+            "oob-store",
+            hostile(
+                "",
+                "(memory (export \"memory\") 1)",
+                "",
+                "(i32.store (i32.const 70000) (i32.const 1)) i32.const 0",
+            ),
+            &[],
+            Limits::default(),
+            Fault::OutOfBounds,
+        ),
+        (
+            "table-bomb",
+            hostile(
+                "",
+                "(memory (export \"memory\") 1) (table 1 funcref)",
+                "",
+                "(loop $l (br_if $l (i32.ne (table.grow (ref.null func) (i32.const 10000)) (i32.const -1)))) i32.const 0",
+            ),
+            &[],
+            Limits::default(),
+            Fault::TableLimit,
+        ),
+        (
+            "divide",
+            hostile(
+                "",
+                "(memory (export \"memory\") 1)",
+                "",
+                "(i32.div_s (i32.const 1) (i32.trunc_f32_s (f32.load (i32.const 0))))",
+            ),
+            &[],
+            Limits::default(),
+            Fault::DivideByZero,
+        ),
+        (
+            "unreachable",
+            hostile("", "(memory (export \"memory\") 1)", "", "unreachable"),
+            &[],
+            Limits::default(),
+            Fault::Unreachable,
+        ),
+    ];
+    for (name, wat, caps, lim, fault) in &cases {
+        runtime.load(&f.seal(name, 1, wat, caps, *lim)?)?;
+        expect_fault(runtime.invoke(name, &[0.0; 4]), fault);
+        // The cell was replaced: the muscle is callable again and faults the same way.
+        expect_fault(runtime.invoke(name, &[0.0; 4]), fault);
+    }
+
+    // kv quota abuse: a loop of distinct 1 KiB puts against a 4 KiB quota.
+    let kv_bomb = hostile(
+        "(import \"referee\" \"kv_put\" (func $put (param i32 i32 i32 i32) (result i32)))",
+        "(memory (export \"memory\") 1)",
+        "",
+        "(local $i i32) (loop $l (i32.store (i32.const 100) (local.get $i)) (drop (call $put (i32.const 100) (i32.const 4) (i32.const 1000) (i32.const 1024))) (local.set $i (i32.add (local.get $i) (i32.const 1))) (br $l)) i32.const 0",
+    );
+    runtime.load(&f.seal("kv-bomb", 1, &kv_bomb, &["kv_put"], Limits::default())?)?;
+    match runtime.invoke("kv-bomb", &[0.0; 4]) {
+        Err(RuntimeError::Fault { fault: Fault::Capability(msg), .. }) => assert!(msg.contains("kv quota"), "{msg}"),
+        other => panic!("kv bomb: {other:?}"),
+    }
+
+    // Log flood: the call succeeds, lines beyond the rate are dropped.
+    let log_flood = hostile(
+        "(import \"referee\" \"log\" (func $log (param i32 i32)))",
+        "(memory (export \"memory\") 1) (data (i32.const 100) \"spam\")",
+        "",
+        "(local $i i32) (loop $l (call $log (i32.const 100) (i32.const 4)) (local.set $i (i32.add (local.get $i) (i32.const 1))) (br_if $l (i32.lt_u (local.get $i) (i32.const 100000)))) i32.const 0",
+    );
+    runtime.load(&f.seal("log-flood", 1, &log_flood, &["log"], Limits::default())?)?;
+    runtime.invoke("log-flood", &[0.0; 4])?;
+    let lines = runtime.drain_logs();
+    assert!(!lines.is_empty() && lines.len() <= 100, "{} lines kept", lines.len());
+
+    // Refused at load: ungranted / unrequested capability, memory beyond the limit, a data
+    // segment outside memory.
+    let needs_kv = hostile(
+        "(import \"referee\" \"kv_get\" (func (param i32 i32 i32 i32) (result i32)))",
+        "(memory (export \"memory\") 1)",
+        "",
+        "i32.const 0",
+    );
+    let err = runtime.load(&f.seal("unrequested", 1, &needs_kv, &[], Limits::default())?).err();
+    assert!(
+        matches!(&err, Some(RuntimeError::CapabilityDenied { capability, reason, .. }) if capability == "referee.kv_get" && reason.contains("not requested")),
+        "{err:?}"
+    );
+    let strict = f.strict_runtime()?;
+    let err = strict.load(&f.seal("ungranted", 1, &needs_kv, &["kv_get"], Limits::default())?).err();
+    assert!(
+        matches!(&err, Some(RuntimeError::CapabilityDenied { reason, .. }) if reason.contains("not granted")),
+        "{err:?}"
+    );
+    let big_memory = hostile("", "(memory (export \"memory\") 64)", "", "i32.const 0");
+    let err = runtime.load(&f.seal("big-memory", 1, &big_memory, &[], limits(1 << 20, 0))?).err();
+    assert!(matches!(err, Some(RuntimeError::Fault { fault: Fault::MemoryLimit, .. })), "{err:?}");
+    let bad_segment =
+        hostile("", "(memory (export \"memory\") 1) (data (i32.const 65530) \"0123456789\")", "", "i32.const 0");
+    let err = runtime.load(&f.seal("bad-segment", 1, &bad_segment, &[], Limits::default())?).err();
+    assert!(matches!(err, Some(RuntimeError::Fault { fault: Fault::OutOfBounds, .. })), "{err:?}");
+
+    stop.store(true, Ordering::Relaxed);
+    stream.join().map_err(|_| "good stream panicked")??;
+    assert!(good.load(Ordering::Relaxed) > 0);
+
+    let head = runtime.audit().verify()?.map_err(|v| v.to_string())?;
+    let kinds: Vec<String> = runtime
+        .audit()
+        .tail(head.records as usize)?
+        .iter()
+        .filter_map(|r| r.event["kind"].as_str().map(str::to_owned))
+        .collect();
+    for kind in ["load", "load_refused", "fault", "kv_quota_exceeded", "log_rate_limited"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in audit: {kinds:?}");
+    }
+    Ok(())
+}
+
+impl Fixture {
+    /// A second referee (its own home: one runtime per state database) that trusts the same
+    /// publisher, shares the master key, and whose policy grants only `log`.
+    fn strict_runtime(&self) -> Result<Runtime, Box<dyn std::error::Error>> {
+        let other = Home::new(self.home.root().with_extension("strict"));
+        other.keygen()?;
+        std::fs::copy(self.home.master_key_path(), other.master_key_path())?;
+        other.trust_store()?.add_publisher(&self.home.publisher_secret()?.public_key(), "test", false)?;
+        Ok(Runtime::open(
+            &other,
+            RuntimeOptions { policy: Policy::from_toml("[defaults]\ncapabilities = [\"log\"]\n")? },
+        )?)
+    }
+}
+
+#[test]
+fn repeated_faults_quarantine_until_released() -> TestResult {
+    let f = Fixture::new()?;
+    let policy = Policy::from_toml("[defaults]\nfaults_before_quarantine = 3\nfault_window_secs = 3600\n")?;
+    let runtime = f.runtime(policy)?;
+    runtime.load(&f.seal(
+        "crash",
+        1,
+        &hostile("", "(memory (export \"memory\") 1)", "", "unreachable"),
+        &[],
+        Limits::default(),
+    )?)?;
+    for _ in 0..3 {
+        expect_fault(runtime.invoke("crash", &[0.0; 4]), &Fault::Unreachable);
+    }
+    assert!(matches!(runtime.invoke("crash", &[0.0; 4]), Err(RuntimeError::Quarantined { .. })));
+    runtime.release("crash")?;
+    expect_fault(runtime.invoke("crash", &[0.0; 4]), &Fault::Unreachable);
+    Ok(())
+}
+
+#[test]
+fn outputs_are_bit_identical_across_runs_and_restarts() -> TestResult {
+    let f = Fixture::new()?;
+    let blob = f.seal("feanor", 1, FEANOR, &[], Limits::default())?;
+    let inputs: Vec<[f32; 4]> =
+        (0..50).map(|i| [i as f32 * 0.37, -1.25 * i as f32, 3.5, f32::EPSILON * i as f32]).collect();
+    let run = || -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
+        let runtime = f.runtime(Policy::permissive_default())?;
+        runtime.load(&blob)?;
+        let first: Vec<Vec<u32>> = inputs
+            .iter()
+            .map(|x| runtime.invoke("feanor", x).map(|y| y.iter().map(|v| v.to_bits()).collect()))
+            .collect::<Result<_, _>>()?;
+        for _ in 0..20 {
+            for (x, expected) in inputs.iter().zip(&first) {
+                let y: Vec<u32> = runtime.invoke("feanor", x)?.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(&y, expected);
+            }
+        }
+        Ok(first)
+    };
+    let before_restart = run()?;
+    let after_restart = run()?;
+    assert_eq!(before_restart, after_restart);
+    Ok(())
+}
+
+#[test]
+fn trainable_muscle_learns_and_keeps_its_parameters() -> TestResult {
+    let f = Fixture::new()?;
+    let runtime = f.runtime(Policy::permissive_default())?;
+    let info = runtime.load(&f.seal("linear", 1, LINEAR, &[], Limits::default())?)?;
+    assert!(info.trainable);
+    // Target: y = 2 x0 - x1 + 0.5 x2 + 1.
+    let truth = |x: [f32; 4]| 2.0 * x[0] - x[1] + 0.5 * x[2] + 1.0;
+    let samples: Vec<[f32; 4]> =
+        (0..16).map(|i| [(i % 4) as f32 * 0.5, (i / 4) as f32 * 0.5, ((i * 3) % 5) as f32 * 0.2, 0.0]).collect();
+    let mut first_epoch = 0.0;
+    let mut last_epoch = 0.0;
+    for epoch in 0..200 {
+        let mut total = 0.0;
+        for x in &samples {
+            total += runtime.train("linear", x, &[truth(*x)], 0.05)?;
+        }
+        if epoch == 0 {
+            first_epoch = total;
+        }
+        last_epoch = total;
+    }
+    assert!(last_epoch < first_epoch / 100.0, "loss {first_epoch} -> {last_epoch}");
+    let y = runtime.invoke("linear", &[1.0, 1.0, 1.0, 0.0])?;
+    let expected = truth([1.0, 1.0, 1.0, 0.0]);
+    assert!((y.first().copied().unwrap_or(f32::NAN) - expected).abs() < 0.05, "{y:?} vs {expected}");
+    assert_eq!(runtime.snapshot("linear")?.len(), 20);
+    assert!(matches!(runtime.train("feanor-missing", &[0.0; 4], &[0.0], 0.1), Err(RuntimeError::NotLoaded(_))));
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_and_unknown_muscles_are_refused() -> TestResult {
+    let f = Fixture::new()?;
+    let runtime = f.runtime(Policy::permissive_default())?;
+    runtime.load(&f.seal("feanor", 1, FEANOR, &[], Limits::default())?)?;
+    assert!(matches!(runtime.invoke("feanor", &[1.0, 2.0]), Err(RuntimeError::BadInput { .. })));
+    assert!(matches!(runtime.invoke("nope", &[1.0; 4]), Err(RuntimeError::NotLoaded(_))));
+    assert!(matches!(runtime.train("feanor", &[1.0; 4], &[1.0], 0.1), Err(RuntimeError::NoEntry { .. })));
+    runtime.unload("feanor")?;
+    assert!(matches!(runtime.invoke("feanor", &[1.0; 4]), Err(RuntimeError::NotLoaded(_))));
+    Ok(())
+}
+
+#[test]
+fn attestation_verifies_and_forgeries_are_refused() -> TestResult {
+    let f = Fixture::new()?;
+    let runtime = f.runtime(Policy::permissive_default())?;
+    runtime.load(&f.seal("feanor", 1, FEANOR, &[], Limits::default())?)?;
+    let nonce = "00112233445566778899aabbccddeeff";
+    let signed = attest(&runtime, nonce, [7; 32], serde_json::json!([]))?;
+    let public = runtime.keys().identity.public_key();
+    let report = verify_attestation(&signed, &public, nonce, 300)?;
+    assert_eq!(report["muscles"][0]["name"], "feanor");
+
+    let mut changed = signed.clone();
+    changed["report"]["muscles"][0]["version"] = serde_json::json!(2);
+    assert_eq!(verify_attestation(&changed, &public, nonce, 300).err(), Some(AttestError::BadSignature));
+
+    let other = referee_muscle::RefereeSecretKey::generate()?.public_key();
+    assert!(matches!(verify_attestation(&signed, &other, nonce, 300), Err(AttestError::WrongReferee { .. })));
+
+    let replay = verify_attestation(&signed, &public, "ffeeddccbbaa99887766554433221100", 300);
+    assert!(matches!(replay, Err(AttestError::NonceMismatch { .. })));
+    Ok(())
+}
+
+#[test]
+fn scheduler_bounds_its_queues_and_serves_everything_it_accepted() -> TestResult {
+    let f = Fixture::new()?;
+    let runtime = Arc::new(f.runtime(Policy::permissive_default())?);
+    let slow = hostile("", "(memory (export \"memory\") 1)", "", "(loop $l (br $l)) i32.const 0");
+    runtime.load(&f.seal("slow", 1, &slow, &[], limits(0, 20))?)?;
+    runtime.load(&f.seal("feanor", 1, FEANOR, &[], Limits::default())?)?;
+    let scheduler = Scheduler::new(runtime.clone(), SchedulerConfig { workers: 1, queue_per_muscle: 2 })?;
+
+    let mut tickets = Vec::new();
+    let mut busy = 0;
+    for _ in 0..50 {
+        match scheduler.submit_forward("slow", Priority::Normal, vec![0.0; 4]) {
+            Ok(t) => tickets.push(t),
+            Err(RuntimeError::Busy { .. }) => busy += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Each accepted call runs for 20 ms; submitting 50 takes microseconds.
+    assert!(busy >= 40, "only {busy} of 50 refused as busy");
+    // A high-priority call to another muscle is still served.
+    assert_eq!(
+        scheduler.invoke("feanor", Priority::High, vec![1.0, 2.0, 3.0, 4.0])?,
+        vec![feanor_native([1.0, 2.0, 3.0, 4.0])]
+    );
+    for t in tickets {
+        assert!(matches!(t.wait(), Err(RuntimeError::Fault { fault: Fault::Deadline, .. })));
+    }
+    Ok(())
+}
