@@ -267,6 +267,11 @@ fn every_command_has_help() -> TestResult {
         vec!["trust", "revoke", "--help"],
         vec!["trust", "remove", "--help"],
         vec!["trust", "allow-rollback", "--help"],
+        vec!["run", "--help"],
+        vec!["audit", "verify", "--help"],
+        vec!["audit", "tail", "--help"],
+        vec!["attest", "--help"],
+        vec!["attest", "verify", "--help"],
     ] {
         let out = ok(home, &cmd)?;
         assert!(out.contains("Usage:"), "{cmd:?}: {out}");
@@ -295,5 +300,75 @@ fn format_v1_fixtures_still_open() -> TestResult {
         assert_eq!(verified["code_hash"], inspected["header"]["code_hash"], "{name}");
         assert_eq!(verified["name"], "feanor");
     }
+    Ok(())
+}
+
+#[test]
+fn run_prints_the_output_and_train_the_loss() -> TestResult {
+    let h = homes()?;
+    let blob = h.out.join("f.muscle");
+    ok(&h.referee, &["compile", FEANOR_WAT, "-o", s(&blob), "--input-shape", "1,4", "--output-shape", "1,1"])?;
+    // relu(0.5*1 - 0.25*2 + 0.125*3 + 1.0*4 + 0.1), computed in f32 like the muscle.
+    let expected = (0.5f32 * 1.0 + -0.25 * 2.0 + (0.125 * 3.0 + (1.0 * 4.0 + 0.1))).max(0.0);
+    let out: Value = serde_json::from_str(&ok(&h.referee, &["run", s(&blob), "--input", "[1, 2, 3, 4]"])?)?;
+    assert_eq!(out, serde_json::json!([[expected]]));
+    let err = refused(&h.referee, &["run", s(&blob), "--input", "[1, 2]"])?;
+    assert!(err.contains("2 values") && err.contains("[1, 4]"), "{err}");
+
+    let linear = h.out.join("l.muscle");
+    let wat = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/linear-trainable.wat");
+    ok(&h.referee, &["compile", wat, "-o", s(&linear), "--input-shape", "1,4", "--output-shape", "1,1"])?;
+    // Fresh parameters are zero, so the first loss is the target squared.
+    let trained = json(
+        &h.referee,
+        &["run", s(&linear), "--entry", "train", "--input", "[1,0,0,0]", "--target", "[3]", "--lr", "0.1"],
+    )?;
+    assert_eq!(trained["output"]["loss"], 9.0);
+    Ok(())
+}
+
+#[test]
+fn audit_verify_passes_then_detects_tampering() -> TestResult {
+    let h = homes()?;
+    let blob = h.out.join("f.muscle");
+    ok(&h.referee, &["compile", FEANOR_WAT, "-o", s(&blob), "--input-shape", "1,4", "--output-shape", "1,1"])?;
+    ok(&h.referee, &["run", s(&blob), "--input", "[1, 2, 3, 4]"])?;
+    let verified = json(&h.referee, &["audit", "verify"])?;
+    assert_eq!(verified["ok"], true);
+    assert!(verified["records"].as_u64().unwrap_or(0) >= 2);
+    let tail = json(&h.referee, &["audit", "tail", "-n", "1"])?;
+    assert_eq!(tail[0]["event"]["kind"], "load");
+
+    // Flip one byte inside a stored event: the JSON `"kind":"load"` becomes `"kind":"loaf"`.
+    let db = h.referee.join("state.redb");
+    let mut bytes = std::fs::read(&db)?;
+    let pos = bytes.windows(13).position(|w| w == b"\"kind\":\"load\"").ok_or("event not found in the store")?;
+    if let Some(b) = bytes.get_mut(pos + 11) {
+        *b = b'f';
+    }
+    std::fs::write(&db, &bytes)?;
+    let err = refused(&h.referee, &["audit", "verify"])?;
+    assert!(err.contains("not intact"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn attestation_round_trip_and_replay_refusal() -> TestResult {
+    let h = homes()?;
+    let blob = h.out.join("f.muscle");
+    ok(&h.referee, &["compile", FEANOR_WAT, "-o", s(&blob), "--input-shape", "1,4", "--output-shape", "1,1"])?;
+    let nonce = "0123456789abcdef0123456789abcdef";
+    let report = h.out.join("report.json");
+    std::fs::write(&report, ok(&h.referee, &["attest", "--nonce", nonce, "--load", s(&blob)])?)?;
+    let key = h.referee.join("keys/referee.pub");
+    let verified = json(&h.publisher, &["attest", "verify", s(&report), "--referee-key", s(&key), "--nonce", nonce])?;
+    assert_eq!(verified["report"]["muscles"][0]["name"], "feanor");
+    let err = refused(
+        &h.publisher,
+        &["attest", "verify", s(&report), "--referee-key", s(&key), "--nonce", "ffffffffffffffffffffffffffffffff"],
+    )?;
+    assert!(err.contains("nonce mismatch"), "{err}");
+    let other_key = h.publisher.join("keys/referee.pub");
+    refused(&h.publisher, &["attest", "verify", s(&report), "--referee-key", s(&other_key), "--nonce", nonce])?;
     Ok(())
 }
