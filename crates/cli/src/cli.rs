@@ -49,6 +49,12 @@ pub(crate) enum Command {
     Audit(AuditCommand),
     /// Produce (or verify) a signed attestation report of this referee.
     Attest(AttestArgs),
+    /// Measure the runtime on this machine (a throwaway home; prints a table).
+    Bench {
+        /// Calls per latency measurement.
+        #[arg(long, default_value_t = 200_000)]
+        calls: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -118,13 +118,19 @@ impl Loaded {
 
     /// Returns a healthy cell to the pool, or just frees the slot after a fault.
     fn checkin(&self, cell: Option<Cell>) {
-        if let Ok(mut slots) = self.slots.lock() {
-            slots.busy -= 1;
-            if let Some(cell) = cell {
-                slots.idle.push(cell);
+        let waiting = match self.slots.lock() {
+            Ok(mut slots) => {
+                slots.busy -= 1;
+                if let Some(cell) = cell {
+                    slots.idle.push(cell);
+                }
+                slots.waiting
             }
+            Err(_) => 1,
+        };
+        if waiting > 0 {
+            self.freed.notify_one();
         }
-        self.freed.notify_one();
     }
 }
 
@@ -506,6 +512,19 @@ impl Runtime {
         let muscle = removed.ok_or_else(|| RuntimeError::NotLoaded(name.into()))?;
         self.audit.append(&fault_event("unload", &muscle.header, json!({})))?;
         Ok(())
+    }
+
+    /// Drops cached compiled code, so the next load compiles again (cold-load benchmarks,
+    /// memory pressure).
+    pub fn forget_compiled(&self) {
+        if let Ok(mut cache) = self.compiled.lock() {
+            cache.clear();
+        }
+    }
+
+    /// Creates and drops one cell of a loaded muscle: measures instantiation from the pool.
+    pub fn instantiate_cell(&self, name: &str) -> Result<(), RuntimeError> {
+        self.get(name)?.new_cell().map(drop)
     }
 
     /// Seconds since the runtime opened.

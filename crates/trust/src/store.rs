@@ -279,6 +279,15 @@ impl TrustStore {
     /// Never lowers it. Returns the mark after the call.
     pub fn record_accepted(&self, header: &Header) -> Result<u64, TrustError> {
         let key = accepted_key(&header.publisher, &header.name);
+        // Reloading an accepted version is common; skip the durable write when nothing changes.
+        let current = {
+            let txn = self.db.begin_read().map_err(db_err("read"))?;
+            let table = txn.open_table(ACCEPTED).map_err(db_err("read"))?;
+            table.get(key.as_slice()).map_err(db_err("read"))?.map(|v| v.value())
+        };
+        if let Some(mark) = current.filter(|m| *m >= header.version) {
+            return Ok(mark);
+        }
         let txn = self.db.begin_write().map_err(db_err("write"))?;
         let mark = {
             let mut table = txn.open_table(ACCEPTED).map_err(db_err("write"))?;

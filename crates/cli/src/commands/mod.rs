@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes parsed arguments and prints its result.
 
 mod attest;
+mod bench;
 mod compile;
 mod keys;
 mod muscle;
@@ -46,5 +47,6 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(&home, &args, cli.json),
         Command::Audit(cmd) => attest::audit(&home, &cmd, cli.json),
         Command::Attest(args) => attest::attest(&home, &args, cli.json),
+        Command::Bench { calls } => bench::bench(calls, cli.json),
     }
 }

@@ -1,0 +1,61 @@
+//! Invoke latency of a small muscle through the full API, beside the same computation in
+//! native Rust, and cell instantiation from the pool.
+//! Run: `cargo bench -p referee-runtime --bench invoke`
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)] // benchmark setup, not reachable from input
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use referee_muscle::{ABI_V1, DType, Delivery, Limits, MuscleSpec, SealOptions, TensorSpec, seal};
+use referee_runtime::{Runtime, RuntimeOptions};
+use referee_trust::Home;
+
+const FEANOR: &str = include_str!("../../../examples/feanor.wat");
+
+fn feanor_native(x: &[f32; 4]) -> f32 {
+    (x[0] * 0.5 + x[1] * -0.25 + (x[2] * 0.125 + (x[3] * 1.0 + 0.1))).max(0.0)
+}
+
+fn setup() -> (tempfile::TempDir, Runtime) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = Home::new(dir.path());
+    home.keygen().expect("keygen");
+    let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, FEANOR.as_bytes()).expect("feanor.wat");
+    let spec = MuscleSpec {
+        name: "feanor".into(),
+        muscle_id: None,
+        version: 1,
+        created_at: 0,
+        binding: None,
+        abi: ABI_V1.into(),
+        capabilities: vec![],
+        limits: Limits::default(),
+        inputs: vec![TensorSpec { name: "x".into(), dtype: DType::F32, dims: vec![1, 4] }],
+        outputs: vec![TensorSpec { name: "y".into(), dtype: DType::F32, dims: vec![1, 1] }],
+        extensions: vec![],
+    };
+    let blob = seal(
+        &spec,
+        &module.bytes,
+        &home.publisher_secret().unwrap(),
+        Delivery::MasterKey(&home.master_key().unwrap()),
+        SealOptions::default(),
+    )
+    .unwrap();
+    let runtime = Runtime::open(&home, RuntimeOptions::default()).expect("runtime");
+    runtime.load(&blob).expect("load");
+    (dir, runtime)
+}
+
+fn invoke(c: &mut Criterion) {
+    let (_dir, runtime) = setup();
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let mut group = c.benchmark_group("feanor");
+    group.bench_function("native_rust", |b| b.iter(|| feanor_native(black_box(&x))));
+    group.bench_function("runtime_invoke", |b| b.iter(|| runtime.invoke("feanor", black_box(&x)).unwrap()));
+    group.bench_function("instantiate_cell", |b| b.iter(|| runtime.instantiate_cell("feanor").unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, invoke);
+criterion_main!(benches);
