@@ -49,6 +49,9 @@ pub(crate) enum Command {
     Audit(AuditCommand),
     /// Produce (or verify) a signed attestation report of this referee.
     Attest(AttestArgs),
+    /// Noise-encrypted messaging between nodes: keygen, id, listen, send, request, bench.
+    #[command(subcommand)]
+    Comm(referee_comm::cli::CommCommand),
     /// Measure the runtime on this machine (a throwaway home; prints a table).
     Bench {
         /// Calls per latency measurement.

@@ -53,6 +53,11 @@ fn invoke(c: &mut Criterion) {
     let mut group = c.benchmark_group("feanor");
     group.bench_function("native_rust", |b| b.iter(|| feanor_native(black_box(&x))));
     group.bench_function("runtime_invoke", |b| b.iter(|| runtime.invoke("feanor", black_box(&x)).unwrap()));
+    let handle = runtime.handle("feanor").unwrap();
+    let mut out = [0.0f32; 1];
+    group.bench_function("runtime_invoke_into_handle", |b| {
+        b.iter(|| runtime.invoke_into(&handle, black_box(&x), &mut out).unwrap())
+    });
     group.bench_function("instantiate_cell", |b| b.iter(|| runtime.instantiate_cell("feanor").unwrap()));
     group.finish();
 }

@@ -136,18 +136,21 @@ impl Cell {
         Ok(())
     }
 
-    fn read_f32(&self, offset: u32, len: usize) -> Result<Vec<f32>, Fault> {
+    fn read_f32(&self, offset: u32, out: &mut [f32]) -> Result<(), Fault> {
         let start = offset as usize;
         let bytes = self
             .memory
             .data(&self.store)
-            .get(start..start + len * 4)
+            .get(start..start + out.len() * 4)
             .ok_or(Fault::Capability("the muscle's output buffer lies outside its memory".into()))?;
-        Ok(bytes.chunks_exact(4).filter_map(|c| <[u8; 4]>::try_from(c).ok()).map(f32::from_le_bytes).collect())
+        for (v, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = <[u8; 4]>::try_from(c).map_or(f32::NAN, f32::from_le_bytes);
+        }
+        Ok(())
     }
 
-    /// Runs `forward` on `input`, returning `outputs` floats.
-    pub(crate) fn forward(&mut self, input: &[f32], outputs: usize, budget: CallBudget) -> Result<Vec<f32>, Fault> {
+    /// Runs `forward` on `input`, writing `out.len()` floats into `out`.
+    pub(crate) fn forward(&mut self, input: &[f32], out: &mut [f32], budget: CallBudget) -> Result<(), Fault> {
         Self::arm(&mut self.store, budget);
         self.write_f32(self.layout.input, input)?;
         let (i, o) = (self.layout.input as i32, self.layout.output as i32);
@@ -155,7 +158,7 @@ impl Cell {
         if status != 0 {
             return Err(Fault::Status(status));
         }
-        self.read_f32(self.layout.output, outputs)
+        self.read_f32(self.layout.output, out)
     }
 
     /// Runs one training step; returns the loss.

@@ -36,6 +36,25 @@ pub struct MuscleInfo {
     pub faults: u64,
 }
 
+/// A resolved, loaded muscle (see [`Runtime::handle`]). Cheap to clone.
+#[derive(Clone)]
+pub struct MuscleHandle {
+    muscle: Arc<Loaded>,
+}
+
+impl std::fmt::Debug for MuscleHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MuscleHandle({} v{})", self.muscle.header.name, self.muscle.header.version)
+    }
+}
+
+impl MuscleHandle {
+    /// The muscle's authenticated header.
+    pub fn header(&self) -> &Header {
+        &self.muscle.header
+    }
+}
+
 /// Which entry point to call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry {
@@ -377,20 +396,37 @@ impl Runtime {
 
     /// Runs `forward` on a flat f32 input of the declared input size.
     pub fn invoke(&self, name: &str, input: &[f32]) -> Result<Vec<f32>, RuntimeError> {
-        let muscle = self.get(name)?;
-        if input.len() != muscle.inputs {
+        let handle = self.handle(name)?;
+        let mut out = vec![0.0; handle.muscle.outputs];
+        self.invoke_into(&handle, input, &mut out)?;
+        Ok(out)
+    }
+
+    /// Resolves a muscle once, for callers that invoke it often (skips the by-name lookup).
+    /// A handle keeps calling the version it resolved until dropped, even if a newer version
+    /// replaces it under the same name.
+    pub fn handle(&self, name: &str) -> Result<MuscleHandle, RuntimeError> {
+        Ok(MuscleHandle { muscle: self.get(name)? })
+    }
+
+    /// The allocation-free hot path: `forward` on `input`, outputs written to `out`
+    /// (whose length must be the declared output size).
+    pub fn invoke_into(&self, handle: &MuscleHandle, input: &[f32], out: &mut [f32]) -> Result<(), RuntimeError> {
+        let muscle = &handle.muscle;
+        if input.len() != muscle.inputs || out.len() != muscle.outputs {
             return Err(RuntimeError::BadInput {
-                muscle: name.into(),
+                muscle: muscle.header.name.clone(),
                 why: format!(
-                    "expected {} values (shape {:?}), got {}",
+                    "expected {} values (shape {:?}) and room for {} outputs, got {} and {}",
                     muscle.inputs,
                     shapes(&muscle.header.inputs),
-                    input.len()
+                    muscle.outputs,
+                    input.len(),
+                    out.len()
                 ),
             });
         }
-        let outputs = muscle.outputs;
-        self.call(&muscle, |cell, budget| cell.forward(input, outputs, budget))
+        self.call(muscle, |cell, budget| cell.forward(input, out, budget))
     }
 
     /// Runs one training step (`train`) and returns the loss; parameters stay in the cell.

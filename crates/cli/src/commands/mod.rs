@@ -48,5 +48,6 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Audit(cmd) => attest::audit(&home, &cmd, cli.json),
         Command::Attest(args) => attest::attest(&home, &args, cli.json),
         Command::Bench { calls } => bench::bench(calls, cli.json),
+        Command::Comm(cmd) => referee_comm::cli::run(cmd, cli.json),
     }
 }
