@@ -458,6 +458,25 @@ impl Runtime {
         state.clone().ok_or_else(|| RuntimeError::NoEntry { muscle: name.into(), entry: "state_ptr/state_len".into() })
     }
 
+    /// Replaces a trainable muscle's parameters (its state region) with a snapshot taken by
+    /// [`Self::snapshot`]; the bytes must have the region's exact size.
+    pub fn restore(&self, name: &str, state: &[u8]) -> Result<(), RuntimeError> {
+        let muscle = self.get(name)?;
+        let expected = muscle.last_state.lock().map_err(|_| RuntimeError::ShuttingDown)?.as_ref().map(Vec::len);
+        if expected != Some(state.len()) {
+            return Err(RuntimeError::BadInput {
+                muscle: name.into(),
+                why: format!("snapshot is {} bytes, the state region is {expected:?}", state.len()),
+            });
+        }
+        self.call(&muscle, |cell, _| {
+            if cell.set_state(state) { Ok(()) } else { Err(Fault::Other("state region moved".into())) }
+        })?;
+        *muscle.last_state.lock().map_err(|_| RuntimeError::ShuttingDown)? = Some(state.to_vec());
+        self.audit.append(&fault_event("restore", &muscle.header, json!({ "bytes": state.len() })))?;
+        Ok(())
+    }
+
     fn call<T>(
         &self,
         muscle: &Loaded,

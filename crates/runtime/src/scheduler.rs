@@ -192,8 +192,9 @@ fn concurrency(runtime: &Runtime, name: &str) -> usize {
     runtime.info(name).map_or(1, |i| if i.trainable { 1 } else { i.grant.concurrency.max(1) })
 }
 
-/// Picks the next runnable job: priority order with the every-8th rule, round-robin within.
-fn pick(q: &mut Queues, runtime: &Runtime) -> Option<(String, Job)> {
+/// Picks the next runnable job: priority order with the every-8th rule, round-robin within;
+/// `limit` gives each muscle's concurrency.
+fn pick(q: &mut Queues, limit: impl Fn(&str) -> usize) -> Option<(String, Job)> {
     q.picks += 1;
     let order: [usize; 2] = if q.picks.is_multiple_of(8) { [1, 0] } else { [0, 1] };
     for level_index in order {
@@ -201,7 +202,7 @@ fn pick(q: &mut Queues, runtime: &Runtime) -> Option<(String, Job)> {
         for _ in 0..level.ring.len() {
             let Some(name) = level.ring.pop_front() else { break };
             let running = q.running.get(&name).copied().unwrap_or(0);
-            if running >= concurrency(runtime, &name) {
+            if running >= limit(&name) {
                 level.ring.push_back(name);
                 continue;
             }
@@ -227,7 +228,7 @@ fn worker(shared: &Shared) {
                 if q.stopping {
                     return;
                 }
-                if let Some(found) = pick(&mut q, &shared.runtime) {
+                if let Some(found) = pick(&mut q, |name| concurrency(&shared.runtime, name)) {
                     break found;
                 }
                 q = match shared.work.wait(q) {
@@ -249,5 +250,67 @@ fn worker(shared: &Shared) {
         }
         // A slot freed: a muscle skipped for concurrency may now run.
         shared.work.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(q: &mut Queues, priority: Priority, name: &str, tag: f32) -> Receiver<Result<Output, RuntimeError>> {
+        let (reply, rx) = sync_channel(1);
+        let level = &mut q.levels[priority as usize];
+        let jobs = level.queues.entry(name.to_owned()).or_default();
+        if jobs.is_empty() {
+            level.ring.push_back(name.to_owned());
+        }
+        jobs.push_back(Job { work: Work::Forward(vec![tag]), reply });
+        rx
+    }
+
+    fn order(q: &mut Queues, limit: usize, n: usize) -> Vec<(String, f32)> {
+        (0..n)
+            .filter_map(|_| pick(q, |_| limit))
+            .map(|(name, job)| {
+                let tag = match job.work {
+                    Work::Forward(v) => v[0],
+                    Work::Train { lr, .. } => lr,
+                };
+                (name, tag)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flood_on_one_muscle_does_not_starve_another() {
+        let mut q = Queues::default();
+        let _rx: Vec<_> = (0..5).map(|i| queue(&mut q, Priority::Normal, "flood", i as f32)).collect();
+        let _b = queue(&mut q, Priority::Normal, "quiet", 100.0);
+        let picked = order(&mut q, usize::MAX, 6);
+        let names: Vec<&str> = picked.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["flood", "quiet", "flood", "flood", "flood", "flood"]);
+        // Within one muscle, calls keep their order.
+        let floods: Vec<f32> = picked.iter().filter(|(n, _)| n == "flood").map(|(_, t)| *t).collect();
+        assert_eq!(floods, [0.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn high_priority_goes_first_but_normal_gets_every_eighth_pick() {
+        let mut q = Queues::default();
+        let _n: Vec<_> = (0..3).map(|i| queue(&mut q, Priority::Normal, "normal", i as f32)).collect();
+        let _h: Vec<_> = (0..20).map(|i| queue(&mut q, Priority::High, "high", i as f32)).collect();
+        let names: Vec<String> = order(&mut q, usize::MAX, 16).into_iter().map(|(n, _)| n).collect();
+        let normal_at: Vec<usize> = names.iter().enumerate().filter(|(_, n)| *n == "normal").map(|(i, _)| i).collect();
+        assert_eq!(normal_at, [7, 15], "{names:?}");
+    }
+
+    #[test]
+    fn a_muscle_at_its_concurrency_is_skipped_not_waited_on() {
+        let mut q = Queues::default();
+        let _a = queue(&mut q, Priority::Normal, "busy", 1.0);
+        let _b = queue(&mut q, Priority::Normal, "free", 2.0);
+        q.running.insert("busy".into(), 1);
+        let picked = order(&mut q, 1, 2);
+        assert_eq!(picked, [("free".to_owned(), 2.0)]);
     }
 }

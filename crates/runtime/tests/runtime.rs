@@ -318,7 +318,7 @@ fn outputs_are_bit_identical_across_runs_and_restarts() -> TestResult {
             .iter()
             .map(|x| runtime.invoke("feanor", x).map(|y| y.iter().map(|v| v.to_bits()).collect()))
             .collect::<Result<_, _>>()?;
-        for _ in 0..20 {
+        for _ in 0..1000 {
             for (x, expected) in inputs.iter().zip(&first) {
                 let y: Vec<u32> = runtime.invoke("feanor", x)?.iter().map(|v| v.to_bits()).collect();
                 assert_eq!(&y, expected);
@@ -358,7 +358,14 @@ fn trainable_muscle_learns_and_keeps_its_parameters() -> TestResult {
     let y = runtime.invoke("linear", &[1.0, 1.0, 1.0, 0.0])?;
     let expected = truth([1.0, 1.0, 1.0, 0.0]);
     assert!((y.first().copied().unwrap_or(f32::NAN) - expected).abs() < 0.05, "{y:?} vs {expected}");
-    assert_eq!(runtime.snapshot("linear")?.len(), 20);
+    let trained = runtime.snapshot("linear")?;
+    assert_eq!(trained.len(), 20);
+    // Restoring zeroed parameters makes the model predict 0; restoring the snapshot brings it back.
+    runtime.restore("linear", &[0u8; 20])?;
+    assert_eq!(runtime.invoke("linear", &[1.0, 1.0, 1.0, 0.0])?, vec![0.0]);
+    runtime.restore("linear", &trained)?;
+    assert_eq!(runtime.invoke("linear", &[1.0, 1.0, 1.0, 0.0])?, y);
+    assert!(matches!(runtime.restore("linear", &[0u8; 3]), Err(RuntimeError::BadInput { .. })));
     assert!(matches!(runtime.train("feanor-missing", &[0.0; 4], &[0.0], 0.1), Err(RuntimeError::NotLoaded(_))));
     Ok(())
 }
@@ -427,5 +434,19 @@ fn scheduler_bounds_its_queues_and_serves_everything_it_accepted() -> TestResult
     for t in tickets {
         assert!(matches!(t.wait(), Err(RuntimeError::Fault { fault: Fault::Deadline, .. })));
     }
+    Ok(())
+}
+
+#[test]
+fn fuel_budget_stops_a_loop_that_the_deadline_would_not() -> TestResult {
+    let f = Fixture::new()?;
+    let runtime = f.runtime(Policy::permissive_default())?;
+    let spin = hostile("", "(memory (export \"memory\") 1)", "", "(loop $l (br $l)) i32.const 0");
+    runtime.load(&f.seal("spin", 1, &spin, &[], Limits { memory_bytes: 0, time_ms: 0, fuel: 100_000 })?)?;
+    expect_fault(runtime.invoke("spin", &[0.0; 4]), &Fault::OutOfFuel);
+    // Fuel is per call: a well-behaved fueled muscle keeps working.
+    runtime.load(&f.seal("feanor", 1, FEANOR, &[], Limits { memory_bytes: 0, time_ms: 0, fuel: 10_000 })?)?;
+    assert_eq!(runtime.invoke("feanor", &[1.0, 2.0, 3.0, 4.0])?, vec![feanor_native([1.0, 2.0, 3.0, 4.0])]);
+    assert_eq!(runtime.info("feanor")?.grant.fuel, Some(10_000));
     Ok(())
 }
