@@ -10,6 +10,30 @@ use bytes::Bytes;
 use crate::bench::{self, BenchOptions};
 use crate::{Addr, AllowList, Config, ConnectOptions, Identity, Node, PeerId};
 
+/// Where a message goes and who sends it (shared by `send` and `request`).
+#[derive(Debug, clap::Args)]
+pub struct Outgoing {
+    /// Address of the peer.
+    pub addr: String,
+    /// Message text.
+    pub message: String,
+    /// The peer's id (required: we only talk to the node we expect).
+    #[arg(long, value_name = "PEER_ID")]
+    pub to: String,
+    /// Identity file (default: a fresh ephemeral identity).
+    #[arg(long, env = "REFEREE_COMM_IDENTITY")]
+    pub identity: Option<PathBuf>,
+}
+
+impl Outgoing {
+    /// Loads the identity, parses the peer id and connects.
+    async fn connect(&self) -> anyhow::Result<(crate::Connection, PeerId)> {
+        let id = load_or_ephemeral(self.identity.as_deref())?;
+        let to = peer(&self.to)?;
+        Ok((connect(id, &self.addr, to).await?, to))
+    }
+}
+
 /// `referee comm` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum CommCommand {
@@ -45,32 +69,18 @@ pub enum CommCommand {
     },
     /// Send one-way messages to a peer.
     Send {
-        /// Address of the peer.
-        addr: String,
-        /// Message text.
-        message: String,
-        /// The peer's id (required: we only talk to the node we expect).
-        #[arg(long, value_name = "PEER_ID")]
-        to: String,
-        /// Identity file (default: a fresh ephemeral identity).
-        #[arg(long, env = "REFEREE_COMM_IDENTITY")]
-        identity: Option<PathBuf>,
+        /// Peer, message and identity.
+        #[command(flatten)]
+        target: Outgoing,
         /// Send the message this many times.
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
     /// Send a request and print the reply.
     Request {
-        /// Address of the peer.
-        addr: String,
-        /// Request text.
-        message: String,
-        /// The peer's id.
-        #[arg(long, value_name = "PEER_ID")]
-        to: String,
-        /// Identity file (default: a fresh ephemeral identity).
-        #[arg(long, env = "REFEREE_COMM_IDENTITY")]
-        identity: Option<PathBuf>,
+        /// Peer, message and identity.
+        #[command(flatten)]
+        target: Outgoing,
         /// Reply timeout in milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
@@ -150,32 +160,24 @@ pub fn run(cmd: CommCommand, json: bool) -> anyhow::Result<()> {
             };
             runtime()?.block_on(listen(id, allow, &addrs, max_messages, json))
         }
-        CommCommand::Send { addr, message, to, identity, count } => {
-            let id = load_or_ephemeral(identity.as_deref())?;
-            let to = peer(&to)?;
-            runtime()?.block_on(async move {
-                let conn = connect(id, &addr, to).await?;
-                let payload = Bytes::from(message.into_bytes());
-                for _ in 0..count {
-                    conn.send(payload.clone()).await?;
-                }
-                conn.close("done").await;
-                print(json, serde_json::json!({"sent": count, "to": to.to_string()}), format!("sent {count} to {to}"));
-                Ok(())
-            })
-        }
-        CommCommand::Request { addr, message, to, identity, timeout_ms } => {
-            let id = load_or_ephemeral(identity.as_deref())?;
-            let to = peer(&to)?;
-            runtime()?.block_on(async move {
-                let conn = connect(id, &addr, to).await?;
-                let reply = conn.request(message.into_bytes(), Duration::from_millis(timeout_ms)).await?;
-                let text = String::from_utf8_lossy(&reply).into_owned();
-                print(json, serde_json::json!({"reply": text, "from": to.to_string()}), text.clone());
-                conn.close("done").await;
-                Ok(())
-            })
-        }
+        CommCommand::Send { target, count } => runtime()?.block_on(async move {
+            let (conn, to) = target.connect().await?;
+            let payload = Bytes::from(target.message.into_bytes());
+            for _ in 0..count {
+                conn.send(payload.clone()).await?;
+            }
+            conn.close("done").await;
+            print(json, serde_json::json!({"sent": count, "to": to.to_string()}), format!("sent {count} to {to}"));
+            Ok(())
+        }),
+        CommCommand::Request { target, timeout_ms } => runtime()?.block_on(async move {
+            let (conn, to) = target.connect().await?;
+            let reply = conn.request(target.message.into_bytes(), Duration::from_millis(timeout_ms)).await?;
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            print(json, serde_json::json!({"reply": text, "from": to.to_string()}), text.clone());
+            conn.close("done").await;
+            Ok(())
+        }),
         CommCommand::Bench { rtt_samples, messages, idle_connections, transports, current_thread } => {
             let opts = BenchOptions { rtt_samples, messages, idle_connections, transports };
             let rt = if current_thread {

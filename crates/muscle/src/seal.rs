@@ -5,7 +5,9 @@ use sha2::{Digest, Sha256};
 use crate::crypto::{ML_DSA_CONTEXT, aead_seal, hpke_wrap, master_wrap_key};
 use crate::envelope::{KeyDelivery, MasterKeyWrap, RecipientWrap, WRAPPED_KEY_LEN, encode_delivery, encode_header};
 use crate::error::SealError;
-use crate::header::{Binding, Extension, Header, KeyId, KeyMode, Limits, MuscleId, SignatureScheme, Suite, TensorSpec};
+use crate::header::{
+    Binding, DType, Extension, Header, KeyId, KeyMode, Limits, MuscleId, SignatureScheme, Suite, TensorSpec,
+};
 use crate::keys::{MasterKey, PublisherSecretKey, RefereePublicKey, random_bytes};
 use crate::limits::MAX_RECIPIENTS;
 
@@ -37,6 +39,28 @@ pub struct MuscleSpec {
     pub outputs: Vec<TensorSpec>,
     /// Non-critical header extensions.
     pub extensions: Vec<Extension>,
+}
+
+impl MuscleSpec {
+    /// A spec with ABI v1, version 1, no capabilities, referee-default limits and the given
+    /// f32 input and output shapes; set the other fields as needed.
+    pub fn new(name: impl Into<String>, input_dims: &[u32], output_dims: &[u32]) -> Self {
+        let tensor =
+            |name: &str, dims: &[u32]| TensorSpec { name: name.into(), dtype: DType::F32, dims: dims.to_vec() };
+        Self {
+            name: name.into(),
+            muscle_id: None,
+            version: 1,
+            created_at: 0,
+            binding: None,
+            abi: crate::ABI_V1.into(),
+            capabilities: Vec::new(),
+            limits: Limits::default(),
+            inputs: vec![tensor("x", input_dims)],
+            outputs: vec![tensor("y", output_dims)],
+            extensions: Vec::new(),
+        }
+    }
 }
 
 /// How the content key is delivered to referees.

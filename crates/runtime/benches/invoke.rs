@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use referee_muscle::{ABI_V1, DType, Delivery, Limits, MuscleSpec, SealOptions, TensorSpec, seal};
+use referee_muscle::{Delivery, MuscleSpec, SealOptions, seal};
 use referee_runtime::{Runtime, RuntimeOptions};
 use referee_trust::Home;
 
@@ -21,19 +21,7 @@ fn setup() -> (tempfile::TempDir, Runtime) {
     let home = Home::new(dir.path());
     home.keygen().expect("keygen");
     let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, FEANOR.as_bytes()).expect("feanor.wat");
-    let spec = MuscleSpec {
-        name: "feanor".into(),
-        muscle_id: None,
-        version: 1,
-        created_at: 0,
-        binding: None,
-        abi: ABI_V1.into(),
-        capabilities: vec![],
-        limits: Limits::default(),
-        inputs: vec![TensorSpec { name: "x".into(), dtype: DType::F32, dims: vec![1, 4] }],
-        outputs: vec![TensorSpec { name: "y".into(), dtype: DType::F32, dims: vec![1, 1] }],
-        extensions: vec![],
-    };
+    let spec = MuscleSpec::new("feanor", &[1, 4], &[1, 1]);
     let blob = seal(
         &spec,
         &module.bytes,

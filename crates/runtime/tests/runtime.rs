@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use referee_muscle::{ABI_V1, DType, Delivery, Limits, MuscleSpec, SealOptions, TensorSpec, seal};
+use referee_muscle::{Delivery, Limits, MuscleSpec, SealOptions, seal};
 use referee_runtime::{
     AttestError, Fault, Policy, Priority, Runtime, RuntimeError, RuntimeOptions, Scheduler, SchedulerConfig, attest,
     verify_attestation,
@@ -49,19 +49,10 @@ impl Fixture {
         limits: Limits,
     ) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
         let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
-        let spec = MuscleSpec {
-            name: name.into(),
-            muscle_id: None,
-            version,
-            created_at: 0,
-            binding: None,
-            abi: ABI_V1.into(),
-            capabilities: caps.iter().map(|c| (*c).to_owned()).collect(),
-            limits,
-            inputs: vec![TensorSpec { name: "x".into(), dtype: DType::F32, dims: vec![1, 4] }],
-            outputs: vec![TensorSpec { name: "y".into(), dtype: DType::F32, dims: vec![1, 1] }],
-            extensions: vec![],
-        };
+        let mut spec = MuscleSpec::new(name, &[1, 4], &[1, 1]);
+        spec.version = version;
+        spec.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
+        spec.limits = limits;
         let master = self.home.master_key()?;
         let publisher = self.home.publisher_secret()?;
         Ok(seal(&spec, &module.bytes, &publisher, Delivery::MasterKey(&master), SealOptions::default())?)

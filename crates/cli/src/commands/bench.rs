@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use referee_muscle::{ABI_V1, DType, Delivery, Limits, MuscleSpec, SealOptions, TensorSpec, seal};
+use referee_muscle::{Delivery, MuscleSpec, SealOptions, seal};
 use referee_runtime::{Priority, Runtime, RuntimeOptions, Scheduler, SchedulerConfig};
 use referee_trust::Home;
 use serde_json::json;
@@ -29,19 +29,7 @@ fn padded_feanor(size: usize) -> String {
 
 fn sealed(home: &Home, name: &str, wat: &str) -> Result<Vec<u8>> {
     let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
-    let spec = MuscleSpec {
-        name: name.into(),
-        muscle_id: None,
-        version: 1,
-        created_at: 0,
-        binding: None,
-        abi: ABI_V1.into(),
-        capabilities: vec![],
-        limits: Limits::default(),
-        inputs: vec![TensorSpec { name: "x".into(), dtype: DType::F32, dims: vec![1, 4] }],
-        outputs: vec![TensorSpec { name: "y".into(), dtype: DType::F32, dims: vec![1, 1] }],
-        extensions: vec![],
-    };
+    let spec = MuscleSpec::new(name, &[1, 4], &[1, 1]);
     Ok(seal(
         &spec,
         &module.bytes,

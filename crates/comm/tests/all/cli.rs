@@ -56,10 +56,7 @@ fn listen_and_request_round_trip_through_the_command_layer() -> TestResult {
     // `request` retries with backoff until the listener is up.
     cli::run(
         CommCommand::Request {
-            addr: sock,
-            message: "ping".into(),
-            to: server_id.to_string(),
-            identity: None,
+            target: cli::Outgoing { addr: sock, message: "ping".into(), to: server_id.to_string(), identity: None },
             timeout_ms: 5000,
         },
         true,
