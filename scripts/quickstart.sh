@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The end-to-end flow that works today: keys → compile + seal → verify → inspect.
+# The end-to-end flow that works today: keys → compile + seal → verify → inspect → run → audit.
 # Uses ./.referee-demo as the home (override with REFEREE_HOME); safe to run repeatedly:
 # keys are kept, the muscle is re-sealed with the next version number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p referee
-referee=target/release/referee
-if [ -n "${CARGO_TARGET_DIR:-}" ]; then referee="$CARGO_TARGET_DIR/release/referee"; fi
+# The dev profile already optimises every dependency (wasmtime, crypto); it shares its build
+# with `cargo test`, so the quickstart costs no second compile.
+cargo build --locked -p referee
+referee=target/debug/referee
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then referee="$CARGO_TARGET_DIR/debug/referee"; fi
 export REFEREE_HOME="${REFEREE_HOME:-$PWD/.referee-demo}"
 
 echo "== keys ($REFEREE_HOME)"
@@ -25,3 +27,9 @@ echo "== verify (signature, binding, anti-rollback, decrypt, code hash) and acce
 
 echo "== inspect (header only, no keys needed)"
 "$referee" inspect "$REFEREE_HOME/feanor.muscle"
+
+echo "== run it in an isolated cell"
+"$referee" run "$REFEREE_HOME/feanor.muscle" --input '[1, 2, 3, 4]'
+
+echo "== the audit log (hash chain intact?)"
+"$referee" audit verify
