@@ -40,15 +40,18 @@ echo "fuzz: built targets in $((SECONDS - start)) s (sanitizer: ${sanitizer})"
 
 read -r -a targets <<< "${FUZZ_TARGETS:-$(cargo fuzz list | tr '\n' ' ')}"
 failed=()
+# Not under target/: with CARGO_TARGET_DIR set (as .ci/run does) fuzz/target never exists.
+log_dir="${root}/fuzz/artifacts/logs"
+mkdir -p "${log_dir}"
 for target in "${targets[@]}"; do
-    log="target/fuzz-${target}.log"
+    log="${log_dir}/${target}.log"
     echo "fuzz: running ${target} for ${seconds} s"
     if cargo fuzz run -s "${sanitizer}" "${target}" -- \
         -max_total_time="${seconds}" -timeout=10 -print_final_stats=1 > "${log}" 2>&1; then
         grep -E '^(Done|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb))' "${log}" || true
     else
         failed+=("${target}")
-        echo "fuzz: ${target} FAILED; last lines of ${root}/fuzz/${log}:" >&2
+        echo "fuzz: ${target} FAILED; last lines of ${log}:" >&2
         tail -n 60 "${log}" >&2
         ls -1 "artifacts/${target}" >&2 2>/dev/null || true
     fi

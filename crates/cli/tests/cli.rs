@@ -372,3 +372,24 @@ fn attestation_round_trip_and_replay_refusal() -> TestResult {
     refused(&h.publisher, &["attest", "verify", s(&report), "--referee-key", s(&other_key), "--nonce", nonce])?;
     Ok(())
 }
+
+#[test]
+fn python_models_compile_with_inferred_shapes_and_run() -> TestResult {
+    let h = homes()?;
+    let blob = h.out.join("feanor-py.muscle");
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/feanor.py");
+    let compiled = json(&h.referee, &["compile", py, "-o", s(&blob)])?;
+    assert_eq!(compiled["header"]["inputs"][0]["dims"], serde_json::json!([1, 4]));
+    assert_eq!(compiled["header"]["outputs"][0]["dims"], serde_json::json!([1, 1]));
+    assert!(compiled["summary"]["parameters"].as_u64().unwrap_or(0) >= 4);
+    // The Python Fëanor and the hand-written WAT one compute the same thing.
+    let wat = h.out.join("feanor-wat.muscle");
+    ok(&h.referee, &["compile", FEANOR_WAT, "-o", s(&wat), "--input-shape", "1,4", "--output-shape", "1,1"])?;
+    let input = "[0.5, -1.25, 3.0, 2.0]";
+    let from_py = ok(&h.referee, &["run", s(&blob), "--input", input])?;
+    let from_wat = ok(&h.referee, &["run", s(&wat), "--input", input])?;
+    assert_eq!(from_py, from_wat);
+    let err = refused(&h.referee, &["compile", s(&h.out.join("missing.py")), "-o", s(&h.out.join("x.muscle"))])?;
+    assert!(err.contains("missing.py"), "{err}");
+    Ok(())
+}

@@ -1,8 +1,14 @@
-//! The muscle compiler's frontends: source file → validated WebAssembly module.
+//! The muscle compiler: source file → validated WebAssembly module (ABI v1, `docs/muscle-abi.md`).
 //!
-//! Today: `.wasm` (validated as is) and `.wat` (assembled, then validated). The Python
-//! (NumPy subset) and ONNX frontends target the same output and arrive with the compiler
-//! issue; until then they are refused with a message saying so.
+//! - `.wasm` is validated as is, `.wat` is assembled then validated.
+//! - `.py` (the NumPy subset of `docs/python-subset.md`) is parsed in Rust (no Python needed),
+//!   lowered to a typed f32 tensor IR (shape inference, constant folding, dead-code
+//!   elimination), differentiated when the model declares a `LOSS`, and emitted as SIMD
+//!   WebAssembly with the weights in data segments: [`compile_path`] or [`compile`].
+//! - `.onnx` is not available yet.
+//!
+//! Compilation is deterministic (same source → same bytes) and never panics on bad input:
+//! Python errors carry `file:line:column` and name the construct.
 //!
 //! Validation uses the WebAssembly 2.0 feature set (SIMD included) without threads, relaxed
 //! SIMD, memory64 or GC: the deterministic subset the runtime executes.
@@ -19,6 +25,12 @@
 use std::path::Path;
 
 use wasmparser::{Parser, Payload, TypeRef, Validator, WasmFeatures};
+
+mod grad;
+mod ir;
+mod npy;
+mod python;
+mod wasm;
 
 /// The import module under which host capabilities live.
 pub const CAPABILITY_MODULE: &str = "referee";
@@ -62,6 +74,32 @@ pub enum CompileError {
     /// The WAT text does not assemble.
     #[error("invalid WAT: {0}")]
     Wat(String),
+    /// The Python source is outside the supported subset or does not type-check.
+    #[error("{file}:{line}:{column}: {message}")]
+    Python {
+        /// The source file (as given).
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column (in characters).
+        column: usize,
+        /// What is wrong, naming the construct.
+        message: String,
+    },
+    /// The source file cannot be read.
+    #[error("cannot read {path}: {message}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The OS error.
+        message: String,
+    },
+    /// The model exceeds a size limit.
+    #[error("model too large: {0}")]
+    TooLarge(String),
+    /// The model uses something the backend cannot emit.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// The module is not valid WebAssembly for the runtime's feature set.
     #[error("invalid WebAssembly: {0}")]
     Invalid(String),
@@ -95,6 +133,25 @@ pub struct WasmModule {
     pub imports: Vec<Import>,
     /// Its export names, in order.
     pub exports: Vec<String>,
+    /// The model's input shape (Python/ONNX models; `None` for raw wasm/wat).
+    pub input_shape: Option<Vec<u32>>,
+    /// The model's output shape (Python/ONNX models; `None` for raw wasm/wat).
+    pub output_shape: Option<Vec<u32>>,
+    /// What the compiler built (Python/ONNX models; `None` for raw wasm/wat).
+    pub summary: Option<Summary>,
+}
+
+/// A compiled model's vital statistics, for `referee compile` to print.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// Number of f32 weights (parameters and folded constants the code reads).
+    pub parameters: u64,
+    /// Number of trainable parameters (the `state_ptr`/`state_len` region); 0 without `LOSS`.
+    pub trainable_parameters: u64,
+    /// Entry points besides the `*_ptr` functions: `forward`, and `train` when trainable.
+    pub entry_points: Vec<String>,
+    /// Size of the WebAssembly code in bytes.
+    pub code_bytes: u64,
 }
 
 impl WasmModule {
@@ -117,10 +174,86 @@ pub fn compile(kind: SourceKind, source: &[u8]) -> Result<WasmModule, CompileErr
     let bytes = match kind {
         SourceKind::Wasm => source.to_vec(),
         SourceKind::Wat => wat::parse_bytes(source).map_err(|e| CompileError::Wat(e.to_string()))?.into_owned(),
-        SourceKind::Python => return Err(CompileError::FrontendUnavailable("Python")),
+        SourceKind::Python => return compile_python("<input>", source, None),
         SourceKind::Onnx => return Err(CompileError::FrontendUnavailable("ONNX")),
     };
     validate(bytes)
+}
+
+/// Reads `path`, picks the frontend from its extension and compiles it. Python `np.load("x.npy")`
+/// paths are resolved relative to the source file's directory.
+pub fn compile_path(path: &Path) -> Result<WasmModule, CompileError> {
+    let kind = SourceKind::from_path(path)?;
+    let source = std::fs::read(path)
+        .map_err(|e| CompileError::Io { path: path.display().to_string(), message: e.to_string() })?;
+    match kind {
+        SourceKind::Python => {
+            let base = path.parent().unwrap_or_else(|| Path::new("."));
+            let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+            compile_python(&path.display().to_string(), &source, Some(base))
+        }
+        other => compile(other, &source),
+    }
+}
+
+/// Stack reserved for the Python frontend's thread.
+const COMPILER_STACK: usize = 256 << 20;
+
+fn compile_python(file: &str, source: &[u8], base_dir: Option<&Path>) -> Result<WasmModule, CompileError> {
+    let text = std::str::from_utf8(source).map_err(|e| CompileError::Python {
+        file: file.to_owned(),
+        line: 1,
+        column: 1,
+        message: format!("the source is not UTF-8: {e}"),
+    })?;
+    // The parser and the lowering recurse over the syntax tree: give them a deep stack of their
+    // own (reserved, not committed) so a pathological source is an error, never a stack overflow.
+    let (model, emitted) = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("referee-compile".to_owned())
+            .stack_size(COMPILER_STACK)
+            .spawn_scoped(scope, || {
+                let model = python::lower(file, text, base_dir)?;
+                let emitted = wasm::emit(&model)?;
+                Ok::<_, CompileError>((model, emitted))
+            })
+            .map_err(|e| CompileError::Unsupported(format!("cannot start the compiler thread: {e}")))?
+            .join()
+            .map_err(|_| {
+                CompileError::Unsupported("internal compiler error (the compiler thread panicked)".to_owned())
+            })?
+    })?;
+    let dims = |s: &[usize]| -> Result<Vec<u32>, CompileError> {
+        let mut v = s
+            .iter()
+            .map(|&d| u32::try_from(d).map_err(|_| CompileError::TooLarge(format!("dimension {d}"))))
+            .collect::<Result<Vec<u32>, _>>()?;
+        if v.is_empty() {
+            v.push(1);
+        }
+        Ok(v)
+    };
+    let trainable: u64 = model.graph.params.iter().map(|p| p.data.len() as u64).sum();
+    let folded: u64 = model
+        .graph
+        .live(&[model.output])
+        .into_iter()
+        .filter_map(|id| match &model.graph.nodes.get(id)?.op {
+            ir::Op::Const(d) if d.len() > 1 => Some(d.len() as u64),
+            _ => None,
+        })
+        .sum();
+    let code_bytes = emitted.bytes.len() as u64;
+    let mut module = validate(emitted.bytes)?;
+    module.input_shape = Some(dims(&model.input_shape)?);
+    module.output_shape = Some(dims(&model.output_shape)?);
+    let mut entry_points = vec!["forward".to_owned()];
+    if model.training.is_some() {
+        entry_points.push("train".to_owned());
+    }
+    module.summary =
+        Some(Summary { parameters: trainable + folded, trainable_parameters: trainable, entry_points, code_bytes });
+    Ok(module)
 }
 
 /// Validates a binary module and lists its imports and exports.
@@ -150,7 +283,7 @@ pub fn validate(bytes: Vec<u8>) -> Result<WasmModule, CompileError> {
             _ => {}
         }
     }
-    Ok(WasmModule { bytes, imports, exports })
+    Ok(WasmModule { bytes, imports, exports, input_shape: None, output_shape: None, summary: None })
 }
 
 #[cfg(test)]

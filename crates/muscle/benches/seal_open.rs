@@ -8,6 +8,8 @@
 //!   and one Ed25519 `verify_strict` over a message of the payload's size (the signature
 //!   covers the whole blob).
 //!
+//! - `open-fixed/…`: size-independent steps inside `open` (key fingerprints).
+//!
 //! Keys and sealed blobs are made once, outside the timed loops. `open` results are dropped
 //! inside the loop, so the zeroization of the plaintext on drop is part of its time.
 //! Throughput is payload bytes per second.
@@ -183,5 +185,19 @@ fn bench_baseline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_seal, bench_open, bench_baseline);
+/// Size-independent work inside every `open`, to account for its overhead over the baselines.
+fn bench_fixed_costs(c: &mut Criterion) {
+    let fx = Fixture::new();
+    let publisher = fx.publisher.public_key();
+    let mut group = c.benchmark_group("open-fixed");
+    // `open` derives the referee's key id (X25519 public key from the secret, then SHA-256)
+    // to check the binding and find its recipient record.
+    group.bench_function("referee-key-id", |b| b.iter(|| black_box(&fx.referee.identity).key_id()));
+    // `MemoryTrust::facts` and `open` fingerprint the trusted publisher key (SHA-256 over the
+    // Ed25519 and ML-DSA-65 public keys, 1,984 bytes).
+    group.bench_function("publisher-key-id", |b| b.iter(|| black_box(&publisher).key_id()));
+    group.finish();
+}
+
+criterion_group!(benches, bench_seal, bench_open, bench_baseline, bench_fixed_costs);
 criterion_main!(benches);

@@ -39,6 +39,14 @@ fn parse_shape(name: &str, text: &str) -> Result<TensorSpec> {
     Ok(TensorSpec { name: name.into(), dtype: DType::F32, dims })
 }
 
+fn shape_or(name: &str, flag: Option<&str>, inferred: Option<&Vec<u32>>) -> Result<Vec<TensorSpec>> {
+    Ok(match (flag, inferred) {
+        (Some(text), _) => vec![parse_shape(name, text)?],
+        (None, Some(dims)) => vec![TensorSpec { name: name.into(), dtype: DType::F32, dims: dims.clone() }],
+        (None, None) => Vec::new(),
+    })
+}
+
 /// A valid muscle name from a file name: lowercase, other characters become '-'.
 fn name_from_path(path: &Path) -> String {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("muscle");
@@ -75,13 +83,13 @@ fn binding(args: &CompileArgs) -> Result<Option<Binding>> {
 
 pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()> {
     let input = &args.input;
-    let kind = SourceKind::from_path(input).with_context(|| format!("compile {}", input.display()))?;
+    // Refuse an unknown extension before touching the file.
+    SourceKind::from_path(input).with_context(|| format!("compile {}", input.display()))?;
     let size = std::fs::metadata(input).with_context(|| format!("read {}", input.display()))?.len();
     if size > MAX_PAYLOAD_LEN {
         bail!("{} is {size} bytes; muscles hold at most {MAX_PAYLOAD_LEN} bytes", input.display());
     }
-    let source = std::fs::read(input).with_context(|| format!("read {}", input.display()))?;
-    let module = referee_compiler::compile(kind, &source).with_context(|| format!("compile {}", input.display()))?;
+    let module = referee_compiler::compile_path(input).with_context(|| format!("compile {}", input.display()))?;
 
     let name = args.name.clone().unwrap_or_else(|| name_from_path(input));
     let capabilities = if args.capabilities.is_empty() { module.capabilities() } else { args.capabilities.clone() };
@@ -94,8 +102,9 @@ pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()>
         abi: ABI_V1.into(),
         capabilities,
         limits: Limits { memory_bytes: parse_bytes(&args.memory)?, time_ms: args.time_ms, fuel: args.fuel },
-        inputs: args.input_shape.as_deref().map(|s| parse_shape("x", s)).transpose()?.into_iter().collect(),
-        outputs: args.output_shape.as_deref().map(|s| parse_shape("y", s)).transpose()?.into_iter().collect(),
+        // Flags win; otherwise the shapes the frontend inferred (Python/ONNX models).
+        inputs: shape_or("x", args.input_shape.as_deref(), module.input_shape.as_ref())?,
+        outputs: shape_or("y", args.output_shape.as_deref(), module.output_shape.as_ref())?,
         extensions: vec![],
     };
     let publisher = home.publisher_secret()?;
@@ -134,17 +143,36 @@ pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()>
         "header": crate::output::header(&sealed.header),
         "key_delivery": crate::output::delivery(&sealed.delivery),
         "exports": module.exports,
+        "summary": module.summary.as_ref().map(|m| json!({
+            "parameters": m.parameters,
+            "trainable_parameters": m.trainable_parameters,
+            "entry_points": m.entry_points,
+            "code_bytes": m.code_bytes,
+        })),
     });
     super::print(json, &value, || {
-        format!(
-            "sealed {} v{} → {} ({} bytes; payload {} bytes; exports: {})",
+        let dims = |t: &[TensorSpec]| t.first().map_or_else(|| "-".to_owned(), |t| format!("{:?}", t.dims));
+        let mut text = format!(
+            "sealed {} v{} → {} ({} bytes; payload {} bytes; input {} → output {}; exports: {})",
             sealed.header.name,
             sealed.header.version,
             args.output.display(),
             blob.len(),
             sealed.header.payload_len,
+            dims(&sealed.header.inputs),
+            dims(&sealed.header.outputs),
             module.exports.join(", ")
-        )
+        );
+        if let Some(m) = &module.summary {
+            text.push_str(&format!(
+                "\n{} parameters ({} trainable), {} bytes of code, entry points: {}",
+                m.parameters,
+                m.trainable_parameters,
+                m.code_bytes,
+                m.entry_points.join(", ")
+            ));
+        }
+        text
     });
     Ok(())
 }
