@@ -101,6 +101,8 @@ pub struct PublisherPublicKey {
     pub(crate) ed25519: EdVerifyingKey,
     pub(crate) ml_dsa: MlVerifyingKey<MlDsa65>,
     encoded_ml_dsa: Box<[u8]>,
+    /// Computed once: every open compares it, and hashing ~2 KB each time shows in benchmarks.
+    key_id: KeyId,
 }
 
 impl PartialEq for PublisherPublicKey {
@@ -120,7 +122,12 @@ impl fmt::Debug for PublisherPublicKey {
 impl PublisherPublicKey {
     /// The fingerprint that names this publisher in headers and the trust store.
     pub fn key_id(&self) -> KeyId {
-        fingerprint(b"referee/publisher-key-id/v1", &[self.ed25519.as_bytes(), &self.encoded_ml_dsa])
+        self.key_id
+    }
+
+    fn new(ed25519: EdVerifyingKey, ml_dsa: MlVerifyingKey<MlDsa65>, encoded_ml_dsa: Box<[u8]>) -> Self {
+        let key_id = fingerprint(b"referee/publisher-key-id/v1", &[ed25519.as_bytes(), &encoded_ml_dsa]);
+        Self { ed25519, ml_dsa, encoded_ml_dsa, key_id }
     }
 
     /// Raw bytes: Ed25519 public key (32) then ML-DSA-65 public key (1952).
@@ -137,11 +144,7 @@ impl PublisherPublicKey {
         };
         let encoded = EncodedVerifyingKey::<MlDsa65>::try_from(*ml)
             .map_err(|_| FormatError::InvalidKey { what: WHAT, why: "wrong ML-DSA-65 key length" })?;
-        Ok(Self {
-            ed25519: ed_public(ed, WHAT)?,
-            ml_dsa: MlVerifyingKey::decode(&encoded),
-            encoded_ml_dsa: (*ml).into(),
-        })
+        Ok(Self::new(ed_public(ed, WHAT)?, MlVerifyingKey::decode(&encoded), (*ml).into()))
     }
 
     /// The text key-file form (`publisher.pub`).
@@ -189,7 +192,7 @@ impl PublisherSecretKey {
     pub fn public_key(&self) -> PublisherPublicKey {
         let ml_dsa = self.ml_dsa.verifying_key();
         let encoded_ml_dsa: Box<[u8]> = ml_dsa.encode().as_slice().into();
-        PublisherPublicKey { ed25519: self.ed25519.verifying_key(), ml_dsa, encoded_ml_dsa }
+        PublisherPublicKey::new(self.ed25519.verifying_key(), ml_dsa, encoded_ml_dsa)
     }
 
     /// The text key-file form (`publisher.key`): both 32-byte seeds.
