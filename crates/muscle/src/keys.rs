@@ -278,6 +278,9 @@ impl RefereePublicKey {
 pub struct RefereeSecretKey {
     pub(crate) ed25519: EdSigningKey,
     pub(crate) x25519: X25519Secret,
+    /// Derived once: every open needs the key id, and deriving it costs a scalar multiplication.
+    public: RefereePublicKey,
+    key_id: KeyId,
 }
 
 impl fmt::Debug for RefereeSecretKey {
@@ -297,20 +300,23 @@ impl RefereeSecretKey {
     fn from_parts(ed: &[u8], x: &[u8]) -> Result<Self, FormatError> {
         let x25519 = X25519Secret::from_bytes(x)
             .map_err(|_| FormatError::InvalidKey { what: REFEREE_SECRET_TAG, why: "not a valid X25519 secret" })?;
-        Ok(Self { ed25519: ed_secret(ed, REFEREE_SECRET_TAG)?, x25519 })
+        let ed25519 = ed_secret(ed, REFEREE_SECRET_TAG)?;
+        let x = Kem::sk_to_pk(&x25519).to_bytes();
+        let mut x_public = [0u8; X25519_LEN];
+        x_public.copy_from_slice(x.as_slice());
+        let public = RefereePublicKey { ed25519: ed25519.verifying_key(), x25519: x_public };
+        let key_id = public.key_id();
+        Ok(Self { ed25519, x25519, public, key_id })
     }
 
     /// The matching public identity.
     pub fn public_key(&self) -> RefereePublicKey {
-        let x = Kem::sk_to_pk(&self.x25519).to_bytes();
-        let mut x25519 = [0u8; X25519_LEN];
-        x25519.copy_from_slice(x.as_slice());
-        RefereePublicKey { ed25519: self.ed25519.verifying_key(), x25519 }
+        self.public.clone()
     }
 
     /// This referee's key id.
     pub fn key_id(&self) -> KeyId {
-        self.public_key().key_id()
+        self.key_id
     }
 
     /// The Ed25519 key that signs this referee's reports (attestation, audit).
