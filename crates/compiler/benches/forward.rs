@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use referee_muscle::{Delivery, MuscleSpec, SealOptions, seal};
+use referee_muscle::MuscleSpec;
 use referee_runtime::{Policy, Runtime, RuntimeOptions};
 use referee_trust::Home;
 
@@ -37,14 +37,7 @@ fn bench(c: &mut Criterion) {
     for name in ["feanor", "mlp"] {
         let module = referee_compiler::compile_path(&examples.join(format!("{name}.py"))).unwrap();
         let spec = MuscleSpec::new(name, &module.input_shape.unwrap(), &module.output_shape.unwrap());
-        let blob = seal(
-            &spec,
-            &module.bytes,
-            &home.publisher_secret().unwrap(),
-            Delivery::MasterKey(&home.master_key().unwrap()),
-            SealOptions::default(),
-        )
-        .unwrap();
+        let blob = home.seal_for_self(&spec, &module.bytes).unwrap();
         runtime.load(&blob).unwrap();
     }
     let x4 = [1.0f32, 2.0, 3.0, 4.0];

@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use referee_muscle::{Delivery, MuscleSpec, SealOptions, seal};
+use referee_muscle::MuscleSpec;
 use referee_runtime::{Runtime, RuntimeOptions};
 use referee_trust::Home;
 
@@ -22,14 +22,7 @@ fn setup() -> (tempfile::TempDir, Runtime) {
     home.keygen().expect("keygen");
     let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, FEANOR.as_bytes()).expect("feanor.wat");
     let spec = MuscleSpec::new("feanor", &[1, 4], &[1, 1]);
-    let blob = seal(
-        &spec,
-        &module.bytes,
-        &home.publisher_secret().unwrap(),
-        Delivery::MasterKey(&home.master_key().unwrap()),
-        SealOptions::default(),
-    )
-    .unwrap();
+    let blob = home.seal_for_self(&spec, &module.bytes).unwrap();
     let runtime = Runtime::open(&home, RuntimeOptions::default()).expect("runtime");
     runtime.load(&blob).expect("load");
     (dir, runtime)

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use referee_muscle::{Delivery, Limits, MuscleSpec, SealOptions, seal};
+use referee_muscle::{Limits, MuscleSpec};
 use referee_runtime::{
     AttestError, Fault, Policy, Priority, Runtime, RuntimeError, RuntimeOptions, Scheduler, SchedulerConfig, attest,
     verify_attestation,
@@ -53,9 +53,7 @@ impl Fixture {
         spec.version = version;
         spec.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
         spec.limits = limits;
-        let master = self.home.master_key()?;
-        let publisher = self.home.publisher_secret()?;
-        Ok(seal(&spec, &module.bytes, &publisher, Delivery::MasterKey(&master), SealOptions::default())?)
+        Ok(self.home.seal_for_self(&spec, &module.bytes)?)
     }
 
     fn runtime(&self, policy: Policy) -> Result<Runtime, RuntimeError> {

@@ -20,8 +20,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use referee_muscle::{
-    FormatError, KeyId, MasterKey, PublisherPublicKey, PublisherSecretKey, RefereeKeys, RefereePublicKey,
-    RefereeSecretKey, SealError,
+    Delivery, FormatError, KeyId, MasterKey, MuscleSpec, PublisherPublicKey, PublisherSecretKey, RefereeKeys,
+    RefereePublicKey, RefereeSecretKey, SealError, SealOptions, seal,
 };
 use zeroize::Zeroizing;
 
@@ -241,6 +241,13 @@ impl Home {
             Err(e) => return Err(e),
         };
         Ok(RefereeKeys { identity, master })
+    }
+
+    /// Seals `payload` with this home's publisher key for its own master key: the loop a
+    /// developer (and every benchmark and test) runs against a local referee.
+    pub fn seal_for_self(&self, spec: &MuscleSpec, payload: &[u8]) -> Result<Vec<u8>, HomeError> {
+        let master = self.master_key()?;
+        Ok(seal(spec, payload, &self.publisher_secret()?, Delivery::MasterKey(&master), SealOptions::default())?)
     }
 
     /// Opens (creating if needed) the trust store.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use referee_muscle::{Delivery, MuscleSpec, SealOptions, seal};
+use referee_muscle::MuscleSpec;
 use referee_runtime::{Priority, Runtime, RuntimeOptions, Scheduler, SchedulerConfig};
 use referee_trust::Home;
 use serde_json::json;
@@ -30,13 +30,7 @@ fn padded_feanor(size: usize) -> String {
 fn sealed(home: &Home, name: &str, wat: &str) -> Result<Vec<u8>> {
     let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
     let spec = MuscleSpec::new(name, &[1, 4], &[1, 1]);
-    Ok(seal(
-        &spec,
-        &module.bytes,
-        &home.publisher_secret()?,
-        Delivery::MasterKey(&home.master_key()?),
-        SealOptions::default(),
-    )?)
+    Ok(home.seal_for_self(&spec, &module.bytes)?)
 }
 
 /// Mean nanoseconds per iteration of `f` over `n` iterations.
