@@ -9,6 +9,35 @@
 // before it pushes a node, so these indexes are in range by construction (never user data).
 #![allow(clippy::indexing_slicing, reason = "node ids and axes are validated by the builders")]
 
+/// A lowered model: what every frontend hands the backend.
+pub(crate) struct Model {
+    pub(crate) graph: Graph,
+    pub(crate) input: NodeId,
+    pub(crate) output: NodeId,
+    pub(crate) input_shape: Vec<usize>,
+    pub(crate) output_shape: Vec<usize>,
+    pub(crate) training: Option<Training>,
+}
+
+impl Model {
+    /// The values the module computes: the output, and the loss and gradients when trainable.
+    pub(crate) fn roots(&self) -> Vec<NodeId> {
+        let mut roots = vec![self.output];
+        if let Some(t) = &self.training {
+            roots.push(t.loss);
+            roots.extend(&t.grads);
+        }
+        roots
+    }
+}
+
+/// The training graph: target input, scalar loss and one gradient per parameter.
+pub(crate) struct Training {
+    pub(crate) target: NodeId,
+    pub(crate) loss: NodeId,
+    pub(crate) grads: Vec<NodeId>,
+}
+
 /// A tensor shape (row-major; `[]` is a scalar).
 pub(crate) type Shape = Vec<usize>;
 
@@ -76,6 +105,11 @@ pub(crate) enum Op {
     Transpose(NodeId, Vec<usize>),
     /// Same data, new shape.
     Reshape(NodeId),
+    /// Operands joined along `axis` (every other axis equal).
+    Concat(Vec<NodeId>, usize),
+    /// Fused `[m,k] @ [k,n] + bias[n]`, then ReLU when the flag is set: built only by
+    /// [`Graph::fuse`] after differentiation, so gradients never see it.
+    Dense(NodeId, NodeId, NodeId, bool),
 }
 
 /// A node: its operation and its static shape.
@@ -221,7 +255,8 @@ impl Graph {
         match &self.nodes[id].op {
             Op::Unary(_, a) | Op::Reduce(_, a, _) | Op::Transpose(a, _) | Op::Reshape(a) => self.is_const(*a),
             Op::Binary(_, a, b) | Op::MatMul(a, b) => self.is_const(*a) && self.is_const(*b),
-            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) => false,
+            Op::Concat(parts, _) => parts.iter().all(|&p| self.is_const(p)),
+            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) | Op::Dense(..) => false,
         }
     }
 
@@ -295,7 +330,18 @@ impl Graph {
                 out
             }
             Op::Reshape(a) => self.data(*a).to_vec(),
-            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) => Vec::new(),
+            Op::Concat(parts, axis) => {
+                let outer = numel(&node.shape[..*axis]);
+                let mut out = Vec::with_capacity(n);
+                for o in 0..outer {
+                    for &p in parts {
+                        let chunk = numel(&self.nodes[p].shape[*axis..]);
+                        out.extend(self.data(p).get(o * chunk..(o + 1) * chunk).unwrap_or(&[]));
+                    }
+                }
+                out
+            }
+            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) | Op::Dense(..) => Vec::new(),
         }
     }
 
@@ -433,13 +479,91 @@ impl Graph {
         Ok(self.push(Op::Reshape(a), shape))
     }
 
+    /// Joins `parts` along `axis` (negative counts from the end).
+    pub(crate) fn concat(&mut self, parts: &[NodeId], axis: i64) -> Result<NodeId, String> {
+        let Some(&first) = parts.first() else {
+            return Err("concatenation of nothing".to_owned());
+        };
+        let mut shape = self.shape(first).clone();
+        let rank = shape.len() as i64;
+        let ax = if axis < 0 { axis + rank } else { axis };
+        if ax < 0 || ax >= rank {
+            return Err(format!("axis {axis} is out of range for shape {shape:?}"));
+        }
+        let ax = ax as usize;
+        for &p in &parts[1..] {
+            let s = self.shape(p);
+            let same_elsewhere =
+                s.len() == shape.len() && s.iter().zip(&shape).enumerate().all(|(i, (a, b))| i == ax || a == b);
+            if !same_elsewhere {
+                return Err(format!("cannot concatenate shapes {:?} and {s:?} along axis {ax}", self.shape(first)));
+            }
+            shape[ax] += s[ax];
+        }
+        if parts.len() == 1 {
+            return Ok(first);
+        }
+        Ok(self.push(Op::Concat(parts.to_vec(), ax), shape))
+    }
+
     /// Operands of a node.
     pub(crate) fn operands(&self, id: NodeId) -> Vec<NodeId> {
         match &self.nodes[id].op {
             Op::Unary(_, a) | Op::Reduce(_, a, _) | Op::Transpose(a, _) | Op::Reshape(a) => vec![*a],
             Op::Binary(_, a, b) | Op::MatMul(a, b) => vec![*a, *b],
+            Op::Concat(parts, _) => parts.clone(),
+            Op::Dense(a, b, bias, _) => vec![*a, *b, *bias],
             Op::Input | Op::Target | Op::Param(_) | Op::Const(_) => Vec::new(),
         }
+    }
+
+    /// Fuses `matmul + bias` and `relu(matmul + bias)` into [`Op::Dense`] where the
+    /// intermediate results have no other reader among the nodes `roots` need.
+    ///
+    /// The fused node takes the id of the outermost node it replaces, so every reader (and
+    /// the roots) keeps pointing at the right value; the swallowed nodes become dead.
+    pub(crate) fn fuse(&mut self, roots: &[NodeId]) {
+        let live = self.live(roots);
+        let mut uses = vec![0usize; self.nodes.len()];
+        for &id in &live {
+            for o in self.operands(id) {
+                uses[o] += 1;
+            }
+        }
+        for &r in roots {
+            uses[r] += 1;
+        }
+        for &id in &live {
+            let Some((a, b, bias)) = self.bias_add(id, &uses) else { continue };
+            self.nodes[id].op = Op::Dense(a, b, bias, false);
+        }
+        for &id in &live {
+            if let Op::Binary(Binary::Max, x, zero) = self.nodes[id].op
+                && self.nodes[zero].op == Op::Const(vec![0.0])
+                && uses[x] == 1
+                && let Op::Dense(a, b, bias, false) = self.nodes[x].op
+                && self.nodes[x].shape == self.nodes[id].shape
+            {
+                self.nodes[id].op = Op::Dense(a, b, bias, true);
+            }
+        }
+    }
+
+    /// `Add(MatMul(a, b), bias)` (either order) with a row bias of the product's width and
+    /// a product nobody else reads.
+    fn bias_add(&self, id: NodeId, uses: &[usize]) -> Option<(NodeId, NodeId, NodeId)> {
+        let Op::Binary(Binary::Add, x, y) = self.nodes[id].op else { return None };
+        for (m, c) in [(x, y), (y, x)] {
+            if let Op::MatMul(a, b) = self.nodes[m].op
+                && uses[m] == 1
+                && self.nodes[m].shape == self.nodes[id].shape
+                && let [_, n] = self.nodes[m].shape[..]
+                && (self.nodes[c].shape == [n] || self.nodes[c].shape == [1, n])
+            {
+                return Some((a, b, c));
+            }
+        }
+        None
     }
 
     /// Nodes the roots depend on, in topological (id) order: dead-code elimination.

@@ -196,7 +196,7 @@ pub fn compile_path(path: &Path) -> Result<WasmModule, CompileError> {
     }
 }
 
-/// Stack reserved for the Python frontend's thread.
+/// Stack reserved for a frontend's thread.
 const COMPILER_STACK: usize = 256 << 20;
 
 fn compile_python(file: &str, source: &[u8], base_dir: Option<&Path>) -> Result<WasmModule, CompileError> {
@@ -206,14 +206,21 @@ fn compile_python(file: &str, source: &[u8], base_dir: Option<&Path>) -> Result<
         column: 1,
         message: format!("the source is not UTF-8: {e}"),
     })?;
-    // The parser and the lowering recurse over the syntax tree: give them a deep stack of their
-    // own (reserved, not committed) so a pathological source is an error, never a stack overflow.
+    compile_model(|| python::lower(file, text, base_dir))
+}
+
+/// Lowers a model with `lower`, optimises it, emits it and describes the result.
+fn compile_model(lower: impl FnOnce() -> Result<ir::Model, CompileError> + Send) -> Result<WasmModule, CompileError> {
+    // Frontends recurse over syntax trees: give them a deep stack of their own (reserved, not
+    // committed) so a pathological source is an error, never a stack overflow.
     let (model, emitted) = std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("referee-compile".to_owned())
             .stack_size(COMPILER_STACK)
             .spawn_scoped(scope, || {
-                let model = python::lower(file, text, base_dir)?;
+                let mut model = lower()?;
+                let roots = model.roots();
+                model.graph.fuse(&roots);
                 let emitted = wasm::emit(&model)?;
                 Ok::<_, CompileError>((model, emitted))
             })

@@ -10,7 +10,7 @@ use ruff_text_size::{Ranged, TextRange};
 
 use crate::CompileError;
 use crate::grad::{self, Loss};
-use crate::ir::{Binary, Graph, NodeId, Reduce, Unary, numel};
+use crate::ir::{Binary, Graph, Model, NodeId, Reduce, Training, Unary, numel};
 
 /// Most elements one `np.array` literal may hold.
 pub(crate) const MAX_LITERAL_ELEMENTS: usize = 1 << 20;
@@ -18,23 +18,6 @@ pub(crate) const MAX_LITERAL_ELEMENTS: usize = 1 << 20;
 const MAX_CALL_DEPTH: usize = 32;
 /// Deepest expression nesting (`-(-(-x))`, `a + a + ...`, nested list literals).
 pub(crate) const MAX_EXPR_DEPTH: usize = 512;
-
-/// What the frontend hands the backend.
-pub(crate) struct Model {
-    pub(crate) graph: Graph,
-    pub(crate) input: NodeId,
-    pub(crate) output: NodeId,
-    pub(crate) input_shape: Vec<usize>,
-    pub(crate) output_shape: Vec<usize>,
-    pub(crate) training: Option<Training>,
-}
-
-/// The training graph: target input, scalar loss and one gradient per parameter.
-pub(crate) struct Training {
-    pub(crate) target: NodeId,
-    pub(crate) loss: NodeId,
-    pub(crate) grads: Vec<NodeId>,
-}
 
 struct Ctx<'a> {
     file: &'a str,

@@ -16,8 +16,7 @@ use wasm_encoder::{
 };
 
 use crate::CompileError;
-use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary, numel, reduce_dims};
-use crate::python::Model;
+use crate::ir::{Binary, Graph, Model, NodeId, Op, Reduce, Unary, numel, reduce_dims};
 
 /// Largest linear memory a compiled model may need (the runtime caps cells at 256 MiB).
 const MAX_MEMORY: u64 = 256 << 20;
@@ -131,11 +130,7 @@ fn plan(model: &Model, live: &[bool], data: &mut DataSection) -> Result<Layout, 
 /// Emits the module.
 pub(crate) fn emit(model: &Model) -> Result<Emitted, CompileError> {
     let g = &model.graph;
-    let mut roots = vec![model.output];
-    if let Some(t) = &model.training {
-        roots.push(t.loss);
-        roots.extend(&t.grads);
-    }
+    let roots = model.roots();
     let mut live = vec![false; g.nodes.len()];
     for id in g.live(&roots) {
         live[id] = true;
@@ -335,7 +330,9 @@ impl<'g> Emitter<'g> {
         match &self.g.nodes[id].op {
             Op::Input | Op::Target | Op::Param(_) | Op::Const(_) | Op::Reshape(_) => Ok(()),
             Op::Unary(..) | Op::Binary(..) | Op::Transpose(..) => self.map(id),
-            Op::MatMul(a, b) => self.matmul(*a, *b, id),
+            Op::MatMul(a, b) => self.matmul(*a, *b, None, id),
+            Op::Dense(a, b, bias, relu) => self.matmul(*a, *b, Some((*bias, *relu)), id),
+            Op::Concat(parts, axis) => self.concat(parts, *axis, id),
             Op::Reduce(kind, a, axis) => self.reduce(*kind, *a, *axis, id),
         }
     }
@@ -428,11 +425,38 @@ impl<'g> Emitter<'g> {
         })
     }
 
-    fn matmul(&mut self, a: NodeId, b: NodeId, id: NodeId) -> Result<(), CompileError> {
+    /// `out = a @ b`, or with `epilogue = Some((bias, relu))` the fused `relu?(a @ b + bias)`:
+    /// accumulators start from the bias row and ReLU is applied in registers before the store.
+    fn matmul(
+        &mut self,
+        a: NodeId,
+        b: NodeId,
+        epilogue: Option<(NodeId, bool)>,
+        id: NodeId,
+    ) -> Result<(), CompileError> {
         let (sa, sb) = (self.g.shape(a), self.g.shape(b));
         let (m, k, n) = (sa[0], sa[1], sb[1]);
         let (la, lb, lo) = (self.layout.loc[a], self.layout.loc[b], self.layout.loc[id]);
+        let bias = epilogue.map(|(bias, _)| self.layout.loc[bias]);
+        let relu = epilogue.is_some_and(|(_, relu)| relu);
         let (k4, n4) = (k as u64 * 4, n as u64 * 4);
+        // Pushes the initial accumulator for output columns at byte offset `col` (+ J * 64).
+        let init_vec = |e: &mut Self, col: u64, blocked: bool| -> Result<(), CompileError> {
+            match bias {
+                Some(lbias) => {
+                    e.addr(lbias + col, if blocked { &[(J, 64)] } else { &[] })?;
+                    e.push(I::V128Load(mem(0, 2)));
+                }
+                None => e.push(I::V128Const(0)),
+            }
+            Ok(())
+        };
+        let finish_vec = |e: &mut Self| {
+            if relu {
+                e.push(I::V128Const(0));
+                e.push(I::F32x4PMax);
+            }
+        };
         self.for_range(I0, m, &mut |e| {
             e.addr(la, &[(I0, k4)])?;
             e.set(PA);
@@ -443,7 +467,7 @@ impl<'g> Emitter<'g> {
             let blocks = chunks / 4;
             e.for_range(J, blocks, &mut |e| {
                 for q in 0..4 {
-                    e.push(I::V128Const(0));
+                    init_vec(e, u64::from(q) * 16, true)?;
                     e.set(VBLOCK + q);
                 }
                 e.addr(lb, &[(J, 64)])?;
@@ -471,13 +495,14 @@ impl<'g> Emitter<'g> {
                 for q in 0..4u32 {
                     e.addr(0, &[(PO, 1), (J, 64)])?;
                     e.get(VBLOCK + q);
+                    finish_vec(e);
                     e.push(I::V128Store(mem(u64::from(q) * 16, 2)));
                 }
                 Ok(())
             })?;
             // Remaining 4-column chunks, one accumulator each.
             for c in blocks * 4..chunks {
-                e.push(I::V128Const(0));
+                init_vec(e, c as u64 * 16, false)?;
                 e.set(VACC);
                 e.push(I::I32Const(i32c(lb + c as u64 * 16)?));
                 e.set(PB);
@@ -499,10 +524,17 @@ impl<'g> Emitter<'g> {
                 })?;
                 e.get(PO);
                 e.get(VACC);
+                finish_vec(e);
                 e.push(I::V128Store(mem(c as u64 * 16, 2)));
             }
             for t in chunks * 4..n {
-                e.push(I::F32Const(0.0f32.into()));
+                match bias {
+                    Some(lbias) => {
+                        e.push(I::I32Const(i32c(lbias + t as u64 * 4)?));
+                        e.push(I::F32Load(mem(0, 2)));
+                    }
+                    None => e.push(I::F32Const(0.0f32.into())),
+                }
                 e.set(ACC);
                 e.push(I::I32Const(i32c(lb + t as u64 * 4)?));
                 e.set(PB);
@@ -523,10 +555,36 @@ impl<'g> Emitter<'g> {
                 })?;
                 e.get(PO);
                 e.get(ACC);
+                if relu {
+                    e.push(I::F32Const(0.0f32.into()));
+                    e.push(I::F32Max);
+                }
                 e.push(I::F32Store(mem(t as u64 * 4, 2)));
             }
             Ok(())
         })
+    }
+
+    /// `out = concat(parts, axis)`: per outer index, one `memory.copy` per part.
+    fn concat(&mut self, parts: &[NodeId], axis: usize, id: NodeId) -> Result<(), CompileError> {
+        let shape = self.g.shape(id);
+        let outer = numel(&shape[..axis]);
+        let out_row = numel(&shape[axis..]) as u64 * 4;
+        let lo = self.layout.loc[id];
+        let mut offset = 0u64;
+        for &p in parts {
+            let row = numel(&self.g.shape(p)[axis..]) as u64 * 4;
+            let lp = self.layout.loc[p];
+            self.for_range(I0, outer, &mut |e| {
+                e.addr(lo + offset, &[(I0, out_row)])?;
+                e.addr(lp, &[(I0, row)])?;
+                e.push(I::I32Const(i32c(row)?));
+                e.push(I::MemoryCopy { src_mem: 0, dst_mem: 0 });
+                Ok(())
+            })?;
+            offset += row;
+        }
+        Ok(())
     }
 
     fn reduce(&mut self, kind: Reduce, a: NodeId, axis: usize, id: NodeId) -> Result<(), CompileError> {
