@@ -134,6 +134,10 @@ pub(crate) struct Graph {
     pub(crate) params: Vec<Param>,
 }
 
+/// Most elements one tensor may have (256 MiB of f32: the runtime's memory cap). Builders
+/// refuse larger results before constant folding could try to materialise them.
+pub(crate) const MAX_ELEMENTS: usize = 64 << 20;
+
 /// Number of elements of a shape.
 pub(crate) fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
@@ -162,7 +166,16 @@ pub(crate) fn broadcast(a: &[usize], b: &[usize]) -> Result<Shape, String> {
             _ => return Err(format!("shapes {a:?} and {b:?} do not broadcast")),
         };
     }
+    too_large(&out)?;
     Ok(out)
+}
+
+/// Refuses shapes with more than [`MAX_ELEMENTS`] elements.
+pub(crate) fn too_large(shape: &[usize]) -> Result<(), String> {
+    match shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) {
+        Some(n) if n <= MAX_ELEMENTS => Ok(()),
+        _ => Err(format!("a tensor of shape {shape:?} exceeds the limit of {MAX_ELEMENTS} elements")),
+    }
 }
 
 /// Strides (in elements, aligned to `out`'s axes) for reading a tensor of shape `input`
@@ -413,7 +426,10 @@ impl Graph {
                 let r = self.matmul(a, b2)?;
                 self.reshape(r, vec![*m])
             }
-            ([m, k1], [k2, n]) if k1 == k2 => Ok(self.push(Op::MatMul(a, b), vec![*m, *n])),
+            ([m, k1], [k2, n]) if k1 == k2 => {
+                too_large(&[*m, *n])?;
+                Ok(self.push(Op::MatMul(a, b), vec![*m, *n]))
+            }
             _ => Err(format!("matmul of shapes {sa:?} and {sb:?} is not supported (inner dimensions, or rank > 2)")),
         }
     }
