@@ -6,114 +6,15 @@
 // unwrap, index or panic here is a failed test.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing, reason = "test helpers")]
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
 
-use referee_compiler::{CompileError, WasmModule, compile_path};
+use std::path::Path;
+use std::process::Command;
+
+use common::{Harness, NUMPY_PIN, Rng, TestResult, close, examples, floats, numpy};
+use referee_compiler::{CompileError, compile_path};
 use referee_muscle::{Delivery, MuscleSpec, SealOptions, seal};
-use referee_runtime::{Policy, Runtime, RuntimeOptions};
-use referee_trust::Home;
 use serde_json::{Value, json};
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-const NUMPY_PIN: &str = "numpy==2.4.6";
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
-}
-
-/// A referee home and runtime in a temporary directory.
-struct Harness {
-    dir: tempfile::TempDir,
-    home: Home,
-    runtime: Runtime,
-}
-
-impl Harness {
-    fn new() -> Result<Self, Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let home = Home::new(dir.path().join("home"));
-        home.keygen()?;
-        let runtime = Runtime::open(&home, RuntimeOptions { policy: Policy::permissive_default() })?;
-        Ok(Self { dir, home, runtime })
-    }
-
-    fn load(&self, name: &str, module: &WasmModule) -> TestResult {
-        let input = module.input_shape.clone().ok_or("no input shape")?;
-        let output = module.output_shape.clone().ok_or("no output shape")?;
-        let spec = MuscleSpec::new(name, &input, &output);
-        let blob = seal(
-            &spec,
-            &module.bytes,
-            &self.home.publisher_secret()?,
-            Delivery::MasterKey(&self.home.master_key()?),
-            SealOptions::default(),
-        )?;
-        self.runtime.load(&blob)?;
-        Ok(())
-    }
-
-    /// Writes a model source (and compiles it from its path).
-    fn write(&self, file: &str, source: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
-        let path = self.dir.path().join(file);
-        std::fs::write(&path, source)?;
-        Ok(path)
-    }
-}
-
-/// Runs the NumPy reference over `jobs` (see `numpy_ref.py`).
-fn numpy(jobs: &Value) -> Vec<Vec<Value>> {
-    let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/numpy_ref.py");
-    let child =
-        Command::new("python3").arg(driver).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            panic!("python3 is required for the NumPy reference ({e}); install python3 and `pip install {NUMPY_PIN}`")
-        }
-    };
-    child.stdin.take().unwrap().write_all(jobs.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the NumPy reference failed (is numpy installed? `pip install {NUMPY_PIN}`):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// splitmix64: deterministic test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-
-    /// A NumPy literal of the given shape.
-    fn literal(&mut self, shape: &[usize]) -> String {
-        match shape {
-            [] => format!("{:.6}", self.next()),
-            [n, rest @ ..] => format!("[{}]", (0..*n).map(|_| self.literal(rest)).collect::<Vec<_>>().join(", ")),
-        }
-    }
-}
-
-fn close(got: f32, want: f64, tol: f64) -> bool {
-    let d = (f64::from(got) - want).abs();
-    d <= tol || d <= tol * want.abs() || (got.is_nan() && want.is_nan())
-}
 
 /// Compiles `path`, runs `n` random inputs through the runtime and NumPy, compares.
 fn check_against_numpy(h: &Harness, name: &str, path: &Path, n: usize, scale: f32, tol: f64) -> TestResult {
@@ -126,7 +27,7 @@ fn check_against_numpy(h: &Harness, name: &str, path: &Path, n: usize, scale: f3
     let want = numpy(&json!([{ "model": path, "shape": shape, "inputs": inputs }]));
     for (x, want) in inputs.iter().zip(&want[0]) {
         let got = h.runtime.invoke(name, x)?;
-        let want: Vec<f64> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect();
+        let want = floats(want);
         assert_eq!(got.len(), want.len(), "{name}: output length");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(close(*g, *w, tol), "{name}: output {i} for input {x:?}: wasm {g} vs numpy {w}");

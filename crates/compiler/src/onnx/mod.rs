@@ -734,3 +734,192 @@ fn int_concat(parts: &[IntTensor], ax: i64) -> Result<IntTensor, String> {
     }
     Ok(IntTensor { data, shape })
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::proto::*;
+    use super::*;
+
+    fn tensor_type(dims: &[Dimension]) -> Option<TypeProto> {
+        Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: Some(data_type::FLOAT),
+                shape: Some(TensorShapeProto { dim: dims.to_vec() }),
+            }),
+        })
+    }
+
+    fn fixed(v: i64) -> Dimension {
+        Dimension { dim_value: Some(v), dim_param: None }
+    }
+
+    fn dynamic(name: &str) -> Dimension {
+        Dimension { dim_value: None, dim_param: Some(name.to_owned()) }
+    }
+
+    fn value(name: &str, dims: &[Dimension]) -> ValueInfoProto {
+        ValueInfoProto { name: Some(name.to_owned()), r#type: tensor_type(dims) }
+    }
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            output: vec![output.to_owned()],
+            name: Some(format!("{op}_0")),
+            op_type: Some(op.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    fn floats(name: &str, dims: &[i64], data: Vec<f32>) -> TensorProto {
+        TensorProto {
+            dims: dims.to_vec(),
+            data_type: Some(data_type::FLOAT),
+            float_data: data,
+            name: Some(name.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    /// x [batch, 4] → node(s) → y.
+    fn model(nodes: Vec<NodeProto>, initializer: Vec<TensorProto>, opset: i64) -> ModelProto {
+        ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+            producer_name: None,
+            graph: Some(GraphProto {
+                node: nodes,
+                name: Some("g".to_owned()),
+                initializer,
+                input: vec![value("x", &[dynamic("batch"), fixed(4)])],
+                output: vec![value("y", &[])],
+            }),
+        }
+    }
+
+    fn error_of(m: &ModelProto) -> String {
+        match lower(&m.encode_to_vec()) {
+            Ok(_) => panic!("the model compiled"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn relu_model_lowers_with_the_batch_fixed_to_one() {
+        let m = model(vec![node("Relu", &["x"], "y")], Vec::new(), 13);
+        let lowered = lower(&m.encode_to_vec()).unwrap();
+        assert_eq!(lowered.input_shape, vec![1, 4]);
+        assert_eq!(lowered.output_shape, vec![1, 4]);
+    }
+
+    #[test]
+    fn unsupported_constructs_are_named_with_their_location() {
+        let mut two_inputs = model(vec![node("Add", &["x", "z"], "y")], Vec::new(), 13);
+        if let Some(g) = two_inputs.graph.as_mut() {
+            g.input.push(value("z", &[fixed(1), fixed(4)]));
+        }
+        let mut two_outputs = model(vec![node("Relu", &["x"], "y")], Vec::new(), 13);
+        if let Some(g) = two_outputs.graph.as_mut() {
+            g.output.push(value("x", &[]));
+        }
+        let mut dynamic_inner = model(vec![node("Relu", &["x"], "y")], Vec::new(), 13);
+        if let Some(g) = dynamic_inner.graph.as_mut() {
+            g.input = vec![value("x", &[fixed(1), dynamic("features")])];
+        }
+        let mut external = floats("w", &[4], Vec::new());
+        external.data_location = Some(1);
+        let mut custom_domain = node("Relu", &["x"], "y");
+        custom_domain.domain = Some("com.microsoft".to_owned());
+        let cases: Vec<(ModelProto, &str)> = vec![
+            (
+                model(vec![node("Conv", &["x", "x"], "y")], Vec::new(), 13),
+                "node 0 'Conv_0' (Conv): unsupported ONNX operator `Conv`",
+            ),
+            (model(vec![node("Relu", &["x"], "y")], Vec::new(), 11), "uses opset 11"),
+            (model(vec![node("Relu", &["nope"], "y")], Vec::new(), 13), "reads tensor 'nope'"),
+            (model(vec![node("Relu", &["x"], "z")], Vec::new(), 13), "output 'y' is never computed"),
+            (two_inputs, "exactly one input tensor"),
+            (two_outputs, "exactly one output tensor"),
+            (dynamic_inner, "axis 1 is dynamic"),
+            (model(vec![node("Add", &["x", "w"], "y")], vec![external], 13), "external file"),
+            (model(vec![node("Add", &["x", "w"], "y")], vec![floats("w", &[3], vec![1.0; 2])], 13), "holds 2 values"),
+            (model(vec![node("Add", &["x", "w"], "y")], vec![floats("w", &[3], vec![1.0; 3])], 13), "do not broadcast"),
+            (model(vec![custom_domain], Vec::new(), 13), "domain"),
+            (model(vec![node("MatMul", &["x", "x"], "y")], Vec::new(), 13), "matmul of shapes [1, 4] and [1, 4]"),
+            (model(vec![node("Concat", &["x", "x"], "y")], Vec::new(), 13), "attribute axis is required"),
+            (model(vec![node("Gather", &["x", "x"], "y")], Vec::new(), 13), "only gathers from constant 1-D integer"),
+            (
+                model(
+                    vec![node("Reshape", &["x", "s"], "y")],
+                    vec![TensorProto {
+                        dims: vec![2],
+                        data_type: Some(data_type::INT64),
+                        int64_data: vec![-1, -1],
+                        name: Some("s".to_owned()),
+                        ..Default::default()
+                    }],
+                    13,
+                ),
+                "not a valid reshape target",
+            ),
+            (
+                model(vec![node("Add", &["x", "w"], "y")], vec![floats("w", &[1 << 40, 1 << 40], Vec::new())], 13),
+                "larger than",
+            ),
+        ];
+        for (m, want) in cases {
+            let got = error_of(&m);
+            assert!(got.contains(want), "expected {want:?} in {got:?}");
+        }
+    }
+
+    #[test]
+    fn shape_plumbing_folds_to_constants() {
+        // y = Reshape(x, Concat(Shape(x)[0:1], [-1])) keeps [1, 4] and emits no integer code.
+        let mut gather = node("Gather", &["s", "zero"], "first");
+        gather.attribute = vec![AttributeProto { name: Some("axis".to_owned()), i: Some(0), ..Default::default() }];
+        let mut unsq = node("Unsqueeze", &["first", "axes"], "first1");
+        unsq.attribute.clear();
+        let mut concat = node("Concat", &["first1", "minus1"], "target");
+        concat.attribute = vec![AttributeProto { name: Some("axis".to_owned()), i: Some(0), ..Default::default() }];
+        let ints = |name: &str, dims: Vec<i64>, v: Vec<i64>| TensorProto {
+            dims,
+            data_type: Some(data_type::INT64),
+            int64_data: v,
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let m = model(
+            vec![node("Shape", &["x"], "s"), gather, unsq, concat, node("Reshape", &["x", "target"], "y")],
+            vec![ints("zero", Vec::new(), vec![0]), ints("axes", vec![1], vec![0]), ints("minus1", vec![1], vec![-1])],
+            13,
+        );
+        let lowered = lower(&m.encode_to_vec()).unwrap();
+        assert_eq!(lowered.output_shape, vec![1, 4]);
+        assert_eq!(lowered.graph.nodes.len(), 1, "only the input node: {:?}", lowered.graph.nodes);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = lower(&bytes);
+        }
+
+        #[test]
+        fn mutated_models_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let m = model(
+                vec![node("Gemm", &["x", "w", "b"], "h"), node("Softmax", &["h"], "y")],
+                vec![floats("w", &[4, 3], vec![0.5; 12]), floats("b", &[3], vec![0.1; 3])],
+                13,
+            );
+            let mut bytes = m.encode_to_vec();
+            for (at, v) in flips {
+                let n = bytes.len();
+                bytes[at % n] ^= v;
+            }
+            let _ = lower(&bytes);
+        }
+    }
+}
