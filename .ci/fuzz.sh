@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of the `.muscle` format (targets in fuzz/: `parse`, `open`).
+# Bounded fuzzing of every parser of untrusted bytes (targets in fuzz/fuzz_targets/).
 # Fails if any target finds a crash, a panic, a timeout or an out-of-memory input.
 #
 # Environment:
@@ -43,7 +43,17 @@ failed=()
 # Not under target/: with CARGO_TARGET_DIR set (as .ci/run does) fuzz/target never exists.
 log_dir="${root}/fuzz/artifacts/logs"
 mkdir -p "${log_dir}"
+# The frontends start from the bundled examples (valid inputs reach deeper code faster).
+seed() {
+    mkdir -p "corpus/$1"
+    shift
+    cp "$@" "corpus/${target}/" 2>/dev/null || true
+}
 for target in "${targets[@]}"; do
+    case "${target}" in
+        python_frontend) seed "${target}" ../examples/*.py ;;
+        onnx_frontend) seed "${target}" ../examples/*.onnx ;;
+    esac
     log="${log_dir}/${target}.log"
     echo "fuzz: running ${target} for ${seconds} s"
     if cargo fuzz run -s "${sanitizer}" "${target}" -- \
