@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Harness, NUMPY_PIN, Rng, TestResult, close, examples, floats, numpy};
+use common::{Harness, NUMPY_PIN, Rng, TestResult, close, examples, floats, numpy, reference};
 use referee_compiler::{CompileError, compile_path};
 use referee_muscle::{Delivery, MuscleSpec, SealOptions, seal};
 use serde_json::{Value, json};
@@ -289,5 +289,36 @@ fn gradients_match_finite_differences() -> TestResult {
         checked += 1;
     }
     assert!(checked > 3 * 4 + 4 + 4);
+    Ok(())
+}
+
+#[test]
+fn ten_sgd_steps_match_a_numpy_implementation_of_the_same_steps() -> TestResult {
+    let h = Harness::new()?;
+    let path = examples().join("mlp.py");
+    h.load("mlp", &compile_path(&path)?)?;
+    let mut rng = Rng(10);
+    let samples: Vec<(Vec<f32>, Vec<f32>)> = (0..10).map(|i| (rng.vec(16, 1.5), one_hot(i % 4))).collect();
+    let probe = rng.vec(16, 1.0);
+    let lr = 0.1f32;
+    let want = reference(
+        "numpy_ref.py",
+        &[],
+        &json!([{
+            "model": path, "sgd_mlp": lr, "probe": probe,
+            "inputs": samples.iter().map(|s| &s.0).collect::<Vec<_>>(),
+            "targets": samples.iter().map(|s| &s.1).collect::<Vec<_>>(),
+        }]),
+        NUMPY_PIN,
+    );
+    let want = &want[0];
+    for (step, ((x, y), w)) in samples.iter().zip(want["losses"].as_array().unwrap()).enumerate() {
+        let got = h.runtime.train("mlp", x, y, lr)?;
+        assert!(close(got, w.as_f64().unwrap(), 1e-5), "step {step}: loss {got} vs numpy {w}");
+    }
+    let got = h.runtime.invoke("mlp", &probe)?;
+    for (i, (g, w)) in got.iter().zip(floats(&want["probe"])).enumerate() {
+        assert!(close(*g, w, 1e-5), "after 10 steps, output {i}: {g} vs numpy {w}");
+    }
     Ok(())
 }

@@ -3,6 +3,9 @@
 Reads a JSON list of jobs on stdin and prints a JSON list of results. Each job:
   {"model": "/path/model.py", "shape": [1, 4], "inputs": [[...], ...]}            -> forward outputs
   {"model": ..., "shape": ..., "inputs": [...], "targets": [...], "loss": "mse"}  -> losses
+  {"model": examples/mlp.py, "sgd_mlp": lr, "inputs": [...], "targets": [...], "probe": [...]}
+      -> {"losses": [loss before each step], "probe": forward(probe) after the last step}:
+         plain SGD on the mlp's W1..B3 with hand-written backpropagation (see sgd_mlp)
 The model file is imported as a module with its directory as the working directory (so
 np.load("x.npy") resolves like the compiler's), and evaluated by NumPy itself.
 """
@@ -32,8 +35,43 @@ def load(path, cache={}):
     return cache[path]
 
 
+def sgd_mlp(m, job):
+    """One SGD step per (input, target) pair on examples/mlp.py's 16 -> 64 -> 64 -> 4 network,
+    cross-entropy on the logits, gradients derived by hand (not by our compiler), in float32."""
+    p = {k: np.array(getattr(m, k), dtype=np.float32) for k in ("W1", "B1", "W2", "B2", "W3", "B3")}
+    lr = np.float32(job["sgd_mlp"])
+
+    def layers(x):
+        z1 = x @ p["W1"] + p["B1"]
+        h1 = np.maximum(z1, np.float32(0))
+        z2 = h1 @ p["W2"] + p["B2"]
+        h2 = np.maximum(z2, np.float32(0))
+        return z1, h1, z2, h2, h2 @ p["W3"] + p["B3"]
+
+    losses = []
+    for flat, target in zip(job["inputs"], job["targets"]):
+        x = np.array(flat, dtype=np.float32).reshape(1, 16)
+        y = np.array(target, dtype=np.float32).reshape(1, 4)
+        z1, h1, z2, h2, z3 = layers(x)
+        zs = z3 - z3.max(axis=-1, keepdims=True)
+        logp = zs - np.log(np.exp(zs).sum(axis=-1, keepdims=True))
+        losses.append(float(-(y * logp).sum()))
+        # d(-sum(y * log softmax(z)))/dz = softmax(z) * sum(y) - y
+        g3 = np.exp(logp) * y.sum(axis=-1, keepdims=True) - y
+        g2 = (g3 @ p["W3"].T) * (z2 > 0)
+        g1 = (g2 @ p["W2"].T) * (z1 > 0)
+        grads = {"W3": h2.T @ g3, "B3": g3.sum(axis=0), "W2": h1.T @ g2, "B2": g2.sum(axis=0), "W1": x.T @ g1, "B1": g1.sum(axis=0)}
+        for k, g in grads.items():
+            p[k] = p[k] - lr * g.astype(np.float32)
+    z3 = layers(np.array(job["probe"], dtype=np.float32).reshape(1, 16))[-1]
+    e = np.exp(z3 - z3.max(axis=-1, keepdims=True))
+    return {"losses": losses, "probe": (e / e.sum(axis=-1, keepdims=True)).astype(np.float64).ravel().tolist()}
+
+
 def run(job):
     m = load(job["model"])
+    if "sgd_mlp" in job:
+        return sgd_mlp(m, job)
     shape = job["shape"]
     out = []
     for i, flat in enumerate(job["inputs"]):
