@@ -70,9 +70,6 @@ pub enum CompileError {
     /// The input's extension names no frontend.
     #[error("cannot tell the input kind from extension {0:?}; use .py, .onnx, .wasm or .wat")]
     UnknownExtension(String),
-    /// The frontend is not part of this build yet.
-    #[error("the {0} frontend is not available in this build yet; compile to .wasm or .wat for now")]
-    FrontendUnavailable(&'static str),
     /// The WAT text does not assemble.
     #[error("invalid WAT: {0}")]
     Wat(String),
@@ -174,6 +171,32 @@ impl WasmModule {
     }
 }
 
+/// What the compiler is doing, for progress displays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Parsing the source and building the IR (shape inference, constant folding, gradients).
+    Lowering,
+    /// Fusing and emitting WebAssembly, one IR node at a time.
+    Emitting,
+    /// Validating the emitted module.
+    Validating,
+}
+
+/// A progress report: `done` of `total` units of `stage` (IR nodes while emitting; 0 of 1 at the
+/// start of the other stages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// The current stage.
+    pub stage: Stage,
+    /// Units done.
+    pub done: u64,
+    /// Units in the stage.
+    pub total: u64,
+}
+
+/// A progress callback; it runs on the compiler's thread.
+pub type ProgressFn<'a> = &'a (dyn Fn(Progress) + Sync);
+
 /// The WebAssembly features muscles may use.
 pub fn features() -> WasmFeatures {
     WasmFeatures::WASM2
@@ -181,46 +204,58 @@ pub fn features() -> WasmFeatures {
 
 /// Runs the frontend for `kind` over `source`.
 pub fn compile(kind: SourceKind, source: &[u8]) -> Result<WasmModule, CompileError> {
-    let bytes = match kind {
-        SourceKind::Wasm => source.to_vec(),
-        SourceKind::Wat => wat::parse_bytes(source).map_err(|e| CompileError::Wat(e.to_string()))?.into_owned(),
-        SourceKind::Python => return compile_python("<input>", source, None),
-        SourceKind::Onnx => return compile_model(|| onnx::lower(source)),
-    };
-    validate(bytes)
+    compile_source(kind, "<input>", source, None, &|_| {})
 }
 
 /// Reads `path`, picks the frontend from its extension and compiles it. Python `np.load("x.npy")`
 /// paths are resolved relative to the source file's directory.
 pub fn compile_path(path: &Path) -> Result<WasmModule, CompileError> {
+    compile_path_with_progress(path, &|_| {})
+}
+
+/// [`compile_path`], reporting progress to `progress` (for large models).
+pub fn compile_path_with_progress(path: &Path, progress: ProgressFn<'_>) -> Result<WasmModule, CompileError> {
     let kind = SourceKind::from_path(path)?;
     let source = std::fs::read(path)
         .map_err(|e| CompileError::Io { path: path.display().to_string(), message: e.to_string() })?;
-    match kind {
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+    compile_source(kind, &path.display().to_string(), &source, Some(base), progress)
+}
+
+fn compile_source(
+    kind: SourceKind,
+    file: &str,
+    source: &[u8],
+    base_dir: Option<&Path>,
+    progress: ProgressFn<'_>,
+) -> Result<WasmModule, CompileError> {
+    let bytes = match kind {
+        SourceKind::Wasm => source.to_vec(),
+        SourceKind::Wat => wat::parse_bytes(source).map_err(|e| CompileError::Wat(e.to_string()))?.into_owned(),
         SourceKind::Python => {
-            let base = path.parent().unwrap_or_else(|| Path::new("."));
-            let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
-            compile_python(&path.display().to_string(), &source, Some(base))
+            let text = std::str::from_utf8(source).map_err(|e| CompileError::Python {
+                file: file.to_owned(),
+                line: 1,
+                column: 1,
+                message: format!("the source is not UTF-8: {e}"),
+            })?;
+            return compile_model(|| python::lower(file, text, base_dir), progress);
         }
-        other => compile(other, &source),
-    }
+        SourceKind::Onnx => return compile_model(|| onnx::lower(source), progress),
+    };
+    progress(Progress { stage: Stage::Validating, done: 0, total: 1 });
+    validate(bytes)
 }
 
 /// Stack reserved for a frontend's thread.
 const COMPILER_STACK: usize = 256 << 20;
 
-fn compile_python(file: &str, source: &[u8], base_dir: Option<&Path>) -> Result<WasmModule, CompileError> {
-    let text = std::str::from_utf8(source).map_err(|e| CompileError::Python {
-        file: file.to_owned(),
-        line: 1,
-        column: 1,
-        message: format!("the source is not UTF-8: {e}"),
-    })?;
-    compile_model(|| python::lower(file, text, base_dir))
-}
-
 /// Lowers a model with `lower`, optimises it, emits it and describes the result.
-fn compile_model(lower: impl FnOnce() -> Result<ir::Model, CompileError> + Send) -> Result<WasmModule, CompileError> {
+fn compile_model(
+    lower: impl FnOnce() -> Result<ir::Model, CompileError> + Send,
+    progress: ProgressFn<'_>,
+) -> Result<WasmModule, CompileError> {
     // Frontends recurse over syntax trees: give them a deep stack of their own (reserved, not
     // committed) so a pathological source is an error, never a stack overflow.
     let (model, emitted) = std::thread::scope(|scope| {
@@ -228,10 +263,12 @@ fn compile_model(lower: impl FnOnce() -> Result<ir::Model, CompileError> + Send)
             .name("referee-compile".to_owned())
             .stack_size(COMPILER_STACK)
             .spawn_scoped(scope, || {
+                progress(Progress { stage: Stage::Lowering, done: 0, total: 1 });
                 let mut model = lower()?;
                 let roots = model.roots();
                 model.graph.fuse(&roots);
-                let emitted = wasm::emit(&model)?;
+                let emitted =
+                    wasm::emit(&model, &|done, total| progress(Progress { stage: Stage::Emitting, done, total }))?;
                 Ok::<_, CompileError>((model, emitted))
             })
             .map_err(|e| CompileError::Unsupported(format!("cannot start the compiler thread: {e}")))?
@@ -261,6 +298,7 @@ fn compile_model(lower: impl FnOnce() -> Result<ir::Model, CompileError> + Send)
         })
         .sum();
     let code_bytes = emitted.bytes.len() as u64;
+    progress(Progress { stage: Stage::Validating, done: 0, total: 1 });
     let mut module = validate(emitted.bytes)?;
     module.input_shape = Some(dims(&model.input_shape)?);
     module.output_shape = Some(dims(&model.output_shape)?);
@@ -340,6 +378,34 @@ mod tests {
     fn garbage_is_invalid_not_a_panic() {
         assert!(matches!(compile(SourceKind::Wasm, b"\0asm\x01\0\0\0\xff"), Err(CompileError::Invalid(_))));
         assert!(matches!(compile(SourceKind::Wat, b"(module"), Err(CompileError::Wat(_))));
+    }
+
+    #[test]
+    fn progress_walks_the_stages_and_counts_every_emitted_node() -> Result<(), CompileError> {
+        let dir = std::env::temp_dir().join(format!("referee-progress-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CompileError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+        let path = dir.join("m.py");
+        let source = "import numpy as np\nLOSS = \"mse\"\nW = np.array([[1.0, 2.0], [3.0, 4.0]])\ndef forward(x):\n    return np.tanh(x @ W)\n";
+        std::fs::write(&path, source)
+            .map_err(|e| CompileError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        let seen = std::sync::Mutex::new(Vec::new());
+        let result = compile_path_with_progress(&path, &|p| seen.lock().unwrap_or_else(|e| e.into_inner()).push(p));
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
+        let seen = seen.into_inner().unwrap_or_else(|e| e.into_inner());
+        let stages: Vec<Stage> = seen.iter().map(|p| p.stage).fold(Vec::new(), |mut v, s| {
+            if v.last() != Some(&s) {
+                v.push(s);
+            }
+            v
+        });
+        assert_eq!(stages, vec![Stage::Lowering, Stage::Emitting, Stage::Validating]);
+        let emitting: Vec<&Progress> = seen.iter().filter(|p| p.stage == Stage::Emitting).collect();
+        let last = emitting.last().copied().copied();
+        assert!(matches!(last, Some(Progress { done, total, .. }) if done == total && total > 2), "{emitting:?}");
+        assert!(emitting.windows(2).all(|w| w[1].done == w[0].done + 1));
+        Ok(())
     }
 
     #[test]

@@ -128,7 +128,8 @@ fn plan(model: &Model, live: &[bool], data: &mut DataSection) -> Result<Layout, 
 }
 
 /// Emits the module.
-pub(crate) fn emit(model: &Model) -> Result<Emitted, CompileError> {
+/// `progress(done, total)` is called after each node's code is emitted.
+pub(crate) fn emit(model: &Model, progress: &dyn Fn(u64, u64)) -> Result<Emitted, CompileError> {
     let g = &model.graph;
     let roots = model.roots();
     let mut live = vec![false; g.nodes.len()];
@@ -175,8 +176,20 @@ pub(crate) fn emit(model: &Model) -> Result<Emitted, CompileError> {
     let mut e = Emitter::new(g, &layout, 2);
     e.copy(e.param(0), layout.input, bytes_of(g, model.input), true)?;
     let fwd_live = g.live(&[model.output]);
+    let train_live = match &model.training {
+        Some(t) => {
+            let mut train_roots = vec![t.loss];
+            train_roots.extend(&t.grads);
+            g.live(&train_roots)
+        }
+        None => Vec::new(),
+    };
+    let total = (fwd_live.len() + train_live.len()) as u64;
+    let mut done = 0u64;
     for &id in &fwd_live {
         e.node(id)?;
+        done += 1;
+        progress(done, total);
     }
     e.copy(e.param(1), layout.loc[model.output], out_len, false)?;
     e.push(I::I32Const(0));
@@ -193,10 +206,10 @@ pub(crate) fn emit(model: &Model) -> Result<Emitted, CompileError> {
         let mut e = Emitter::new(g, &layout, 3);
         e.copy(e.param(0), layout.input, bytes_of(g, model.input), true)?;
         e.copy(e.param(1), layout.target, bytes_of(g, t.target), true)?;
-        let mut train_roots = vec![t.loss];
-        train_roots.extend(&t.grads);
-        for id in g.live(&train_roots) {
+        for &id in &train_live {
             e.node(id)?;
+            done += 1;
+            progress(done, total);
         }
         for (p, &grad) in g.params.iter().zip(&t.grads) {
             e.sgd(layout.loc[p.node], layout.loc[grad], numel(g.shape(p.node)))?;

@@ -89,7 +89,7 @@ pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()>
     if size > MAX_PAYLOAD_LEN {
         bail!("{} is {size} bytes; muscles hold at most {MAX_PAYLOAD_LEN} bytes", input.display());
     }
-    let module = referee_compiler::compile_path(input).with_context(|| format!("compile {}", input.display()))?;
+    let module = compile_with_progress(input, size, json)?;
 
     let name = args.name.clone().unwrap_or_else(|| name_from_path(input));
     let capabilities = if args.capabilities.is_empty() { module.capabilities() } else { args.capabilities.clone() };
@@ -175,6 +175,39 @@ pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()>
         text
     });
     Ok(())
+}
+
+/// Sources at least this large show a progress bar on an interactive stderr.
+const PROGRESS_FROM_BYTES: u64 = 256 << 10;
+
+/// Compiles `input`; large models show a progress bar (never with `--json`, never when stderr
+/// is not a terminal).
+fn compile_with_progress(input: &Path, size: u64, json: bool) -> Result<referee_compiler::WasmModule> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use referee_compiler::{Progress, Stage};
+
+    let bar = if json || size < PROGRESS_FROM_BYTES {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr_with_hz(10))
+    };
+    if let Ok(style) = ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} nodes {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let report = |p: Progress| {
+        let stage = match p.stage {
+            Stage::Lowering => "lowering",
+            Stage::Emitting => "emitting",
+            Stage::Validating => "validating",
+        };
+        bar.set_message(stage);
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    };
+    let module = referee_compiler::compile_path_with_progress(input, &report)
+        .with_context(|| format!("compile {}", input.display()));
+    bar.finish_and_clear();
+    module
 }
 
 /// Writes next to the target and renames, so a reader never sees half a muscle.
