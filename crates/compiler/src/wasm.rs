@@ -41,6 +41,17 @@ const VACC: u32 = 9;
 const VBLOCK: u32 = 10;
 const VSPLAT: u32 = 14;
 
+/// Matrix products with an inner dimension up to this are fully unrolled.
+const UNROLL_K: usize = 64;
+
+/// One step `p` of a matrix product's inner loop: constant byte offsets when unrolled
+/// (`a_offset` is `None` inside a loop, where `P` indexes `a` and `PB` has advanced).
+#[derive(Clone, Copy)]
+struct KStep {
+    a_offset: Option<u64>,
+    b_offset: u64,
+}
+
 /// Sizes the lead prints in the summary.
 pub(crate) struct Emitted {
     pub(crate) bytes: Vec<u8>,
@@ -438,6 +449,43 @@ impl<'g> Emitter<'g> {
         })
     }
 
+    /// Emits `body` for every `p` in `0..k` of a matrix product: fully unrolled with constant
+    /// load offsets when `k` is small, otherwise a loop that advances `PB` by one row of `b`
+    /// (`b_row` bytes) per iteration.
+    fn over_k(
+        &mut self,
+        k: usize,
+        b_row: u64,
+        body: &mut dyn FnMut(&mut Self, KStep) -> Result<(), CompileError>,
+    ) -> Result<(), CompileError> {
+        if k <= UNROLL_K {
+            return (0..k as u64).try_for_each(|p| body(self, KStep { a_offset: Some(p * 4), b_offset: p * b_row }));
+        }
+        self.for_range(P, k, &mut |e| {
+            body(e, KStep { a_offset: None, b_offset: 0 })?;
+            e.get(PB);
+            e.push(I::I32Const(i32c(b_row)?));
+            e.push(I::I32Add);
+            e.set(PB);
+            Ok(())
+        })
+    }
+
+    /// Pushes `a[i, p]` (row pointer in `PA`).
+    fn load_a(&mut self, step: KStep) -> Result<(), CompileError> {
+        match step.a_offset {
+            Some(offset) => {
+                self.get(PA);
+                self.push(I::F32Load(mem(offset, 2)));
+            }
+            None => {
+                self.addr(0, &[(PA, 1), (P, 4)])?;
+                self.push(I::F32Load(mem(0, 2)));
+            }
+        }
+        Ok(())
+    }
+
     /// `out = a @ b`, or with `epilogue = Some((bias, relu))` the fused `relu?(a @ b + bias)`:
     /// accumulators start from the bias row and ReLU is applied in registers before the store.
     fn matmul(
@@ -485,24 +533,19 @@ impl<'g> Emitter<'g> {
                 }
                 e.addr(lb, &[(J, 64)])?;
                 e.set(PB);
-                e.for_range(P, k, &mut |e| {
-                    e.addr(0, &[(PA, 1), (P, 4)])?;
-                    e.push(I::F32Load(mem(0, 2)));
+                e.over_k(k, n4, &mut |e, step| {
+                    e.load_a(step)?;
                     e.push(I::F32x4Splat);
                     e.set(VSPLAT);
                     for q in 0..4u32 {
                         e.get(VBLOCK + q);
                         e.get(VSPLAT);
                         e.get(PB);
-                        e.push(I::V128Load(mem(u64::from(q) * 16, 2)));
+                        e.push(I::V128Load(mem(step.b_offset + u64::from(q) * 16, 2)));
                         e.push(I::F32x4Mul);
                         e.push(I::F32x4Add);
                         e.set(VBLOCK + q);
                     }
-                    e.get(PB);
-                    e.push(I::I32Const(i32c(n4)?));
-                    e.push(I::I32Add);
-                    e.set(PB);
                     Ok(())
                 })?;
                 for q in 0..4u32 {
@@ -519,20 +562,15 @@ impl<'g> Emitter<'g> {
                 e.set(VACC);
                 e.push(I::I32Const(i32c(lb + c as u64 * 16)?));
                 e.set(PB);
-                e.for_range(P, k, &mut |e| {
+                e.over_k(k, n4, &mut |e, step| {
                     e.get(VACC);
-                    e.addr(0, &[(PA, 1), (P, 4)])?;
-                    e.push(I::F32Load(mem(0, 2)));
+                    e.load_a(step)?;
                     e.push(I::F32x4Splat);
                     e.get(PB);
-                    e.push(I::V128Load(mem(0, 2)));
+                    e.push(I::V128Load(mem(step.b_offset, 2)));
                     e.push(I::F32x4Mul);
                     e.push(I::F32x4Add);
                     e.set(VACC);
-                    e.get(PB);
-                    e.push(I::I32Const(i32c(n4)?));
-                    e.push(I::I32Add);
-                    e.set(PB);
                     Ok(())
                 })?;
                 e.get(PO);
@@ -551,19 +589,14 @@ impl<'g> Emitter<'g> {
                 e.set(ACC);
                 e.push(I::I32Const(i32c(lb + t as u64 * 4)?));
                 e.set(PB);
-                e.for_range(P, k, &mut |e| {
+                e.over_k(k, n4, &mut |e, step| {
                     e.get(ACC);
-                    e.addr(0, &[(PA, 1), (P, 4)])?;
-                    e.push(I::F32Load(mem(0, 2)));
+                    e.load_a(step)?;
                     e.get(PB);
-                    e.push(I::F32Load(mem(0, 2)));
+                    e.push(I::F32Load(mem(step.b_offset, 2)));
                     e.push(I::F32Mul);
                     e.push(I::F32Add);
                     e.set(ACC);
-                    e.get(PB);
-                    e.push(I::I32Const(i32c(n4)?));
-                    e.push(I::I32Add);
-                    e.set(PB);
                     Ok(())
                 })?;
                 e.get(PO);

@@ -322,3 +322,19 @@ fn ten_sgd_steps_match_a_numpy_implementation_of_the_same_steps() -> TestResult 
     }
     Ok(())
 }
+
+#[test]
+fn inner_dimensions_past_the_unroll_limit_match_numpy() -> TestResult {
+    // k = 100 takes the looped matrix-product path; 37 columns exercise blocks, chunks and tail.
+    let h = Harness::new()?;
+    let mut rng = Rng(100);
+    let source = format!(
+        "import numpy as np\nW = np.array({})\nB = np.array({})\nV = np.array({})\n\
+         def forward(x):\n    h = np.maximum(x @ W + B, 0.0)\n    return h @ V\n",
+        rng.literal(&[100, 37]),
+        rng.literal(&[37]),
+        rng.literal(&[37, 70]),
+    );
+    let path = h.write("wide.py", &format!("INPUT_SHAPE = (1, 100)\n{source}"))?;
+    check_against_numpy(&h, "wide", &path, 4, 1.0, 1e-5)
+}
