@@ -184,7 +184,16 @@ fn every_builtin_tool_has_a_sound_spec() {
     let mut names: Vec<&str> = tools.iter().map(|t| t.spec().name.as_str()).collect();
     names.sort_unstable();
     let expected = [
-        "exec", "fs_list", "fs_read", "fs_search", "fs_stat", "fs_write", "git_diff", "git_log", "git_status", "process_list",
+        "exec",
+        "fs_list",
+        "fs_read",
+        "fs_search",
+        "fs_stat",
+        "fs_write",
+        "git_diff",
+        "git_log",
+        "git_status",
+        "process_list",
     ];
     assert_eq!(names, expected);
     for tool in &tools {

@@ -2,6 +2,8 @@
 //! setup may shell out to git; the tools never do), plus argument-injection and containment
 //! attacks.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test helpers")]
+
 mod common;
 
 use std::path::Path;
@@ -127,11 +129,8 @@ fn git_status_reports_staged_worktree_and_untracked_changes() {
             (s("area"), s("path"), s("change"))
         })
         .collect();
-    let expected = [
-        ("staged", "staged.txt", "added"),
-        ("worktree", "a.txt", "modified"),
-        ("worktree", "untracked.txt", "added"),
-    ];
+    let expected =
+        [("staged", "staged.txt", "added"), ("worktree", "a.txt", "modified"), ("worktree", "untracked.txt", "added")];
     assert_eq!(entries, expected.map(|(a, p, c)| (a.to_owned(), p.to_owned(), c.to_owned())));
 }
 
@@ -141,14 +140,28 @@ fn git_argument_injection_is_refused() {
     let tools = setup(&fx);
     let marker = fx.outside.join("x");
     let output_flag = format!("--output={}", marker.display());
-    for rev in [output_flag.as_str(), "-p", "--all", "-", "HEAD:../../etc/passwd", "@{-1}", "main..HEAD", "HEAD ", "a\u{0}b", ""] {
+    for rev in [
+        output_flag.as_str(),
+        "-p",
+        "--all",
+        "-",
+        "HEAD:../../etc/passwd",
+        "@{-1}",
+        "main..HEAD",
+        "HEAD ",
+        "a\u{0}b",
+        "",
+    ] {
         for (tool, key) in [("git_log", "rev"), ("git_diff", "from"), ("git_diff", "to")] {
             let result = call(&tools, tool, json!({ "path": "repo", key: rev }));
             assert!(matches!(result, Err(ToolError::InvalidParams(_))), "{tool} {key}={rev:?}: {result:?}");
         }
     }
     assert!(!marker.exists());
-    assert!(matches!(call(&tools, "git_log", json!({ "path": "repo", "rev": "nosuchbranch" })), Err(ToolError::NotFound(_))));
+    assert!(matches!(
+        call(&tools, "git_log", json!({ "path": "repo", "rev": "nosuchbranch" })),
+        Err(ToolError::NotFound(_))
+    ));
 }
 
 #[test]
