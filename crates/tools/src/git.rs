@@ -81,6 +81,7 @@ fn open_repo(reality: &Reality, scope: &CallScope, path: &str) -> Result<(gix::R
     for rel in [".git", ".git/objects", ".git/refs"] {
         must_be_dir(rel)?;
     }
+    refuse_symlinks_in_git_dir(&dir.fd, &dir.path)?;
     for rel in [".git/objects/info/alternates", ".git/commondir"] {
         if rustix::fs::statat(&dir.fd, rel, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
             return Err(violation(
@@ -98,6 +99,32 @@ fn open_repo(reality: &Reality, scope: &CallScope, path: &str) -> Result<(gix::R
     }
     drop_filter_drivers(&mut repo)?;
     Ok((repo, dir.path))
+}
+
+/// gix reads `HEAD`, `config`, `index`, `packed-refs` and friends by path: refuse a `.git`
+/// whose top-level entries include a symlink, which could make it read a file outside the root.
+fn refuse_symlinks_in_git_dir(work: &std::os::fd::OwnedFd, work_path: &Path) -> Result<(), ToolError> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let git_dir = rustix::fs::openat(work, ".git", flags, Mode::empty()).map_err(|e| git_failed("opening .git", e))?;
+    let entries = rustix::fs::Dir::read_from(&git_dir).map_err(|e| git_failed("listing .git", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| git_failed("listing .git", e))?;
+        let kind = match entry.file_type() {
+            // Some file systems do not fill d_type.
+            FileType::Unknown => rustix::fs::statat(&git_dir, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_or(FileType::Unknown, |st| FileType::from_raw_mode(st.st_mode)),
+            known => known,
+        };
+        if kind == FileType::Symlink {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            return Err(violation(
+                &work_path.join(".git").join(name),
+                "is a symlink inside .git (it could lead outside the root)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Removes every `[filter "..."]` section from the in-memory configuration so that comparing

@@ -175,6 +175,12 @@ fn repositories_reaching_outside_the_root_are_refused() {
     std::fs::create_dir(fx.root.join("fake")).unwrap();
     std::os::unix::fs::symlink(fx.outside.join(".git"), fx.root.join("fake/.git")).unwrap();
     assert_violation(call(&tools, "git_log", json!({ "path": "fake" })));
+    // A symlink inside .git (here its config) pointing outside.
+    std::fs::create_dir(fx.root.join("linked")).unwrap();
+    git(&fx.root.join("linked"), &["init", "-q"]);
+    std::fs::remove_file(fx.root.join("linked/.git/config")).unwrap();
+    std::os::unix::fs::symlink(fx.outside.join(".git/config"), fx.root.join("linked/.git/config")).unwrap();
+    assert_violation(call(&tools, "git_status", json!({ "path": "linked" })));
     // A repository whose configured work tree is outside.
     let repo = fx.root.join("repo");
     git(&repo, &["config", "core.worktree", fx.outside.to_str().unwrap()]);
