@@ -149,6 +149,14 @@ impl Tool for ExecTool {
     fn call(&self, params_json: Value, scope: &CallScope) -> Result<ToolOutput, ToolError> {
         let sandbox = self.sandbox.as_ref().map_err(|why| ToolError::Unavailable(why.clone()))?;
         let p: ExecParams = params(params_json)?;
+        if let Some(prefixes) = &scope.path_prefixes
+            && !prefixes.iter().any(|prefix| sandbox.work_root.starts_with(prefix))
+        {
+            return Err(ToolError::Forbidden(format!(
+                "the caller's path prefixes do not cover the exec work root {}",
+                sandbox.work_root.display()
+            )));
+        }
         let command = sandbox.commands.get(&p.command).ok_or_else(|| {
             let allowed: Vec<&str> = sandbox.commands.keys().map(String::as_str).collect();
             ToolError::Forbidden(format!(

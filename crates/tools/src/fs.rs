@@ -170,7 +170,9 @@ impl Tool for FsRead {
         let mut buf = vec![0u8; usize::try_from(want).unwrap_or(0)];
         let mut got = 0usize;
         while let Some(rest) = buf.get_mut(got..).filter(|r| !r.is_empty()) {
-            let n = file.read_at(rest, p.offset + got as u64).map_err(|e| io_failed("reading", &resolved.path, e))?;
+            let n = file
+                .read_at(rest, p.offset.saturating_add(got as u64))
+                .map_err(|e| io_failed("reading", &resolved.path, e))?;
             if n == 0 {
                 break;
             }
@@ -188,7 +190,7 @@ impl Tool for FsRead {
             length: got as u64,
             encoding,
             content,
-            eof: p.offset + got as u64 >= size,
+            eof: p.offset.saturating_add(got as u64) >= size,
         };
         Ok(output(to_value(&result)?, NATIVE))
     }
@@ -441,11 +443,15 @@ impl FsList {
     }
 }
 
-/// The names in a directory (without `.` and `..`) with their `d_type`.
-fn read_dir(fd: &OwnedFd, shown: &Path) -> Result<Vec<(Vec<u8>, FileType)>, ToolError> {
+/// The names in a directory (without `.` and `..`) with their `d_type`, at most `limit` of
+/// them so a huge directory costs bounded memory.
+fn read_dir(fd: &OwnedFd, shown: &Path, limit: usize) -> Result<Vec<(Vec<u8>, FileType)>, ToolError> {
     let dir = Dir::read_from(fd).map_err(|e| io_failed("listing", shown, e))?;
     let mut names = Vec::new();
     for entry in dir {
+        if names.len() >= limit {
+            break;
+        }
         let entry = entry.map_err(|e| io_failed("listing", shown, e))?;
         let name = entry.file_name().to_bytes();
         if name != b"." && name != b".." {
@@ -463,7 +469,8 @@ impl Tool for FsList {
     fn call(&self, params_json: Value, scope: &CallScope) -> Result<ToolOutput, ToolError> {
         let p: ListParams = params(params_json)?;
         let dir = self.reality.open(scope, Path::new(&p.path), Access::Dir)?;
-        let names = read_dir(&dir.fd, &dir.path)?;
+        // One more than the limit tells whether the listing was cut.
+        let names = read_dir(&dir.fd, &dir.path, self.max_entries.saturating_add(1))?;
         let truncated = names.len() > self.max_entries;
         let mut entries: Vec<Entry> = names
             .into_iter()
@@ -659,7 +666,8 @@ impl Tool for FsSearch {
                     }
                 }
             };
-            for (name, d_type) in read_dir(&dir, &base.path.join(&rel))? {
+            let budget = self.max_visited.saturating_sub(visited).saturating_add(1);
+            for (name, d_type) in read_dir(&dir, &base.path.join(&rel), budget)? {
                 visited += 1;
                 if visited > self.max_visited || matches.len() >= max_results {
                     truncated = true;
