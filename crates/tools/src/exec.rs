@@ -424,3 +424,20 @@ fn seccomp_program() -> Result<Vec<u8>, String> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seccomp_program_is_whole_instructions_and_denies_each_listed_syscall() {
+        let program = seccomp_program().unwrap();
+        assert_eq!(program.len() % 8, 0);
+        // Each denied syscall number appears as the immediate of a jump instruction (k field).
+        let immediates: Vec<u32> =
+            program.chunks_exact(8).map(|ins| u32::from_ne_bytes([ins[4], ins[5], ins[6], ins[7]])).collect();
+        for nr in DENIED_SYSCALLS.iter().chain([&libc::SYS_socket]) {
+            assert!(immediates.contains(&u32::try_from(*nr).unwrap()), "syscall {nr} missing");
+        }
+    }
+}

@@ -45,9 +45,8 @@ pub fn validate_rev(rev: &str) -> Result<(), ToolError> {
     if rev.starts_with('-') {
         return refuse("starts with '-' (looks like an option)");
     }
-    let base = rev.trim_end_matches(|c: char| c == '~' || c == '^' || c.is_ascii_digit());
-    let suffix = rev.strip_prefix(base).unwrap_or_default();
-    if base.is_empty() || (!suffix.is_empty() && !suffix.starts_with(['~', '^'])) {
+    let base = strip_ancestry(rev);
+    if base.is_empty() {
         return refuse("expected a ref name or object id, optionally followed by ~N or ^N");
     }
     let is_hex = base.len() >= 4 && base.len() <= 40 && base.bytes().all(|b| b.is_ascii_hexdigit());
@@ -57,6 +56,18 @@ pub fn validate_rev(rev: &str) -> Result<(), ToolError> {
     match gix::validate::reference::name_partial(base.as_bytes().as_bstr()) {
         Ok(_) => Ok(()),
         Err(e) => refuse(&format!("not a valid ref name: {e}")),
+    }
+}
+
+/// `rev` without its trailing `~N` / `^N` ancestry steps.
+fn strip_ancestry(rev: &str) -> &str {
+    let mut base = rev;
+    loop {
+        let digits_gone = base.trim_end_matches(|c: char| c.is_ascii_digit());
+        match digits_gone.strip_suffix(['~', '^']) {
+            Some(shorter) => base = shorter,
+            None => return base,
+        }
     }
 }
 
@@ -618,6 +629,45 @@ impl Patch {
             self.truncated = true;
         } else {
             self.text.push_str(&section);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_rev;
+
+    #[test]
+    fn revisions_are_refs_or_ids_with_ancestry_suffixes() {
+        for ok in [
+            "HEAD",
+            "main",
+            "HEAD~2",
+            "main^",
+            "v1.0^2~3",
+            "refs/heads/feature/x",
+            "deadbeef",
+            "0123456789abcdef0123456789abcdef01234567",
+        ] {
+            assert!(validate_rev(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-",
+            "-p",
+            "--output=/tmp/x",
+            "--all",
+            "a..b",
+            "HEAD@{1}",
+            "HEAD:path",
+            "a b",
+            "a\u{0}",
+            "HEAD~x",
+            "~1",
+            "x.lock",
+            "/abs",
+        ] {
+            assert!(validate_rev(bad).is_err(), "{bad}");
         }
     }
 }
