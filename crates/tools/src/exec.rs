@@ -303,13 +303,16 @@ impl Sandbox {
         drop(seccomp);
         let stdout = child.stdout.take().map(|s| capped_reader(s, self.max_output));
         let stderr = child.stderr.take().map(|s| capped_reader(s, self.max_output));
-        let timed_out = !wait_until(&child, timeout).map_err(|e| failed("waiting", &e))?;
+        let waited = wait_until(&child, timeout);
+        let timed_out = !matches!(waited, Ok(true));
         if timed_out {
             // Killing bwrap kills the sandbox: it is pid 1's parent and --die-with-parent is set,
-            // and the pid namespace dies with its init.
+            // and the pid namespace dies with its init. Also done when waiting itself failed, so
+            // no sandbox outlives the call.
             let _ = child.kill();
         }
         let status = child.wait().map_err(|e| failed("waiting", &e))?;
+        waited.map_err(|e| failed("waiting", &e))?;
         let join =
             |h: Option<std::thread::JoinHandle<(Vec<u8>, bool)>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
         Ok(Run { status, stdout: join(stdout), stderr: join(stderr), timed_out, elapsed: start.elapsed() })
