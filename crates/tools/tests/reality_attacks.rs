@@ -256,3 +256,16 @@ fn symlink_swapped_in_under_concurrent_load_never_escapes() {
     }
     assert!(!fx.outside.join("w.txt").exists());
 }
+
+#[test]
+fn overwriting_a_hard_link_never_changes_the_other_name() {
+    let fx = Fixture::new();
+    std::fs::hard_link(fx.outside.join("secret.txt"), fx.root.join("hard")).unwrap();
+    let before = fx.outside_snapshot();
+    for walk in MODES {
+        let tools = fx.tools(walk);
+        call(&tools, "fs_write", json!({ "path": "hard", "content": "replaced", "mode": "overwrite" })).unwrap();
+        assert_eq!(std::fs::read_to_string(fx.root.join("hard")).unwrap(), "replaced");
+    }
+    assert_eq!(fx.outside_snapshot(), before);
+}
