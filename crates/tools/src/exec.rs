@@ -401,14 +401,28 @@ const DENIED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_swapoff,
 ];
 
+/// The syscall numbers, plus on x86_64 their x32-ABI aliases (`nr | __X32_SYSCALL_BIT`): the
+/// x32 ABI shares the x86_64 audit architecture, so without them a filter keyed on numbers
+/// could be bypassed where the kernel enables x32.
+fn with_x32_aliases(numbers: &[libc::c_long]) -> Vec<i64> {
+    const X32_SYSCALL_BIT: i64 = 0x4000_0000;
+    let x32 = cfg!(target_arch = "x86_64");
+    numbers.iter().flat_map(|&nr| [Some(nr), x32.then_some(nr | X32_SYSCALL_BIT)]).flatten().collect()
+}
+
 /// The seccomp program as the bytes of `struct sock_filter[]`, as `bwrap --seccomp` reads it.
 fn seccomp_program() -> Result<Vec<u8>, String> {
     let err = |e: seccompiler::BackendError| format!("building the seccomp filter: {e}");
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS.iter().map(|n| (*n, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for nr in with_x32_aliases(DENIED_SYSCALLS) {
+        rules.insert(nr, Vec::new());
+    }
     // Only Unix sockets: no IP, netlink, packet or any other family.
-    let not_unix =
-        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::AF_UNIX as u64).map_err(err)?;
-    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![not_unix]).map_err(err)?]);
+    for nr in with_x32_aliases(&[libc::SYS_socket]) {
+        let not_unix =
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::AF_UNIX as u64).map_err(err)?;
+        rules.insert(nr, vec![SeccompRule::new(vec![not_unix]).map_err(err)?]);
+    }
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|e: seccompiler::BackendError| format!("seccomp on {}: {e}", std::env::consts::ARCH))?;
@@ -439,8 +453,8 @@ mod tests {
         // Each denied syscall number appears as the immediate of a jump instruction (k field).
         let immediates: Vec<u32> =
             program.chunks_exact(8).map(|ins| u32::from_ne_bytes([ins[4], ins[5], ins[6], ins[7]])).collect();
-        for nr in DENIED_SYSCALLS.iter().chain([&libc::SYS_socket]) {
-            assert!(immediates.contains(&u32::try_from(*nr).unwrap()), "syscall {nr} missing");
+        for nr in with_x32_aliases(DENIED_SYSCALLS).into_iter().chain(with_x32_aliases(&[libc::SYS_socket])) {
+            assert!(immediates.contains(&u32::try_from(nr).unwrap()), "syscall {nr} missing");
         }
     }
 }
