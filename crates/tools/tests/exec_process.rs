@@ -181,3 +181,17 @@ fn process_list_includes_this_process() {
     assert_eq!(one.data["processes"].as_array().unwrap().len(), 1);
     assert_eq!(one.data["truncated"], true);
 }
+
+#[test]
+fn the_sandboxed_process_has_no_capabilities_and_a_clean_environment() {
+    let sb = sandbox(10_000, 4096);
+    let out = sb.sh("grep -E '^Cap(Eff|Prm|Bnd):' /proc/self/status; env | sort").unwrap();
+    let stdout = text(&out, "stdout");
+    for cap in ["CapEff", "CapPrm", "CapBnd"] {
+        let line = stdout.lines().find(|l| l.starts_with(cap)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    let vars: Vec<&str> =
+        stdout.lines().filter(|l| !l.starts_with("Cap")).filter_map(|l| l.split('=').next()).collect();
+    assert!(vars.iter().all(|v| ["HOME", "LANG", "PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(v)), "{vars:?}");
+}
