@@ -18,6 +18,7 @@ use serde_json::Value;
 pub mod config;
 pub mod exec;
 pub mod fs;
+#[cfg(feature = "git")]
 pub mod git;
 pub mod process;
 pub mod reality;
@@ -122,7 +123,7 @@ pub trait Tool: Send + Sync {
 pub type SharedTool = Arc<dyn Tool>;
 
 /// Every built-in tool, configured: `fs_read`, `fs_write`, `fs_list`, `fs_stat`, `fs_search`,
-/// `process_list`, `git_status`, `git_log`, `git_diff` and `exec`.
+/// `process_list`, `git_status`, `git_log`, `git_diff` (feature `git`, on by default) and `exec`.
 ///
 /// Validates the roots (they must exist, be directories and not be symlinks) and the `exec`
 /// allow-list. `exec` is always listed; when bubblewrap cannot sandbox on this host it answers
@@ -131,6 +132,7 @@ pub fn builtin_tools(config: &ToolsConfig) -> Result<Vec<SharedTool>, ConfigErro
     let reality = Arc::new(Reality::new(&config.roots, &config.limits)?);
     let mut tools = fs::tools(&reality, &config.limits);
     tools.extend(process::tools(&config.limits));
+    #[cfg(feature = "git")]
     tools.extend(git::tools(&reality, &config.limits));
     tools.push(Arc::new(exec::ExecTool::new(&config.exec, &config.limits)?));
     Ok(tools)
