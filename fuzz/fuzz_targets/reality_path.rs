@@ -30,7 +30,9 @@ fn fixture() -> &'static Fixture {
         std::fs::create_dir_all(&outside).expect("create the outside directory");
         std::fs::write(outside.join("secret"), "secret").expect("write the secret");
         std::fs::write(root.join("file"), "inside").expect("write a file");
-        for (target, link) in [("../outside", "out"), ("sub", "in"), ("/", "abs"), ("loop", "loop"), ("../../outside/secret", "sub/up")] {
+        for (target, link) in
+            [("../outside", "out"), ("sub", "in"), ("/", "abs"), ("loop", "loop"), ("../../outside/secret", "sub/up")]
+        {
             // Left over from an earlier run with the same pid: keep it.
             let _ = symlink(target, root.join(link));
         }
