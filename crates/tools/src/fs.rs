@@ -661,13 +661,19 @@ impl Tool for FsSearch {
                         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
                     match rustix::fs::openat(&*parent, name.as_slice(), flags, Mode::empty()) {
                         Ok(fd) => Arc::new(fd),
-                        // Replaced or removed since it was listed: skip it.
+                        // Replaced, removed or unreadable since it was listed: skip it.
                         Err(_) => continue,
                     }
                 }
             };
             let budget = self.max_visited.saturating_sub(visited).saturating_add(1);
-            for (name, d_type) in read_dir(&dir, &base.path.join(&rel), budget)? {
+            let entries = match read_dir(&dir, &base.path.join(&rel), budget) {
+                Ok(entries) => entries,
+                // Only the base directory must be readable; an unreadable subdirectory is skipped.
+                Err(e) if rel.as_os_str().is_empty() => return Err(e),
+                Err(_) => continue,
+            };
+            for (name, d_type) in entries {
                 visited += 1;
                 if visited > self.max_visited || matches.len() >= max_results {
                     truncated = true;
