@@ -35,35 +35,45 @@ def load(path, cache={}):
     return cache[path]
 
 
+def mlp_layers(p, x):
+    z1 = x @ p["W1"] + p["B1"]
+    h1 = np.maximum(z1, np.float32(0))
+    z2 = h1 @ p["W2"] + p["B2"]
+    h2 = np.maximum(z2, np.float32(0))
+    return z1, h1, z2, h2, h2 @ p["W3"] + p["B3"]
+
+
+def mlp_step(p, x, y, lr):
+    """One SGD step on examples/mlp.py's 16 -> 64 -> 64 -> 4 network (parameters `p`, float32),
+    cross-entropy on the logits, gradients derived by hand (not by our compiler). Returns the
+    loss before the step."""
+    z1, h1, z2, h2, z3 = mlp_layers(p, x)
+    zs = z3 - z3.max(axis=-1, keepdims=True)
+    logp = zs - np.log(np.exp(zs).sum(axis=-1, keepdims=True))
+    loss = float(-(y * logp).sum())
+    # d(-sum(y * log softmax(z)))/dz = softmax(z) * sum(y) - y
+    g3 = np.exp(logp) * y.sum(axis=-1, keepdims=True) - y
+    g2 = (g3 @ p["W3"].T) * (z2 > 0)
+    g1 = (g2 @ p["W2"].T) * (z1 > 0)
+    grads = {"W3": h2.T @ g3, "B3": g3.sum(axis=0), "W2": h1.T @ g2, "B2": g2.sum(axis=0), "W1": x.T @ g1, "B1": g1.sum(axis=0)}
+    for k, g in grads.items():
+        p[k] = p[k] - lr * g.astype(np.float32)
+    return loss
+
+
+def mlp_params(m):
+    return {k: np.array(getattr(m, k), dtype=np.float32) for k in ("W1", "B1", "W2", "B2", "W3", "B3")}
+
+
 def sgd_mlp(m, job):
-    """One SGD step per (input, target) pair on examples/mlp.py's 16 -> 64 -> 64 -> 4 network,
-    cross-entropy on the logits, gradients derived by hand (not by our compiler), in float32."""
-    p = {k: np.array(getattr(m, k), dtype=np.float32) for k in ("W1", "B1", "W2", "B2", "W3", "B3")}
+    """SGD, one step per (input, target) pair, then the probe's class probabilities."""
+    p = mlp_params(m)
     lr = np.float32(job["sgd_mlp"])
-
-    def layers(x):
-        z1 = x @ p["W1"] + p["B1"]
-        h1 = np.maximum(z1, np.float32(0))
-        z2 = h1 @ p["W2"] + p["B2"]
-        h2 = np.maximum(z2, np.float32(0))
-        return z1, h1, z2, h2, h2 @ p["W3"] + p["B3"]
-
-    losses = []
-    for flat, target in zip(job["inputs"], job["targets"]):
-        x = np.array(flat, dtype=np.float32).reshape(1, 16)
-        y = np.array(target, dtype=np.float32).reshape(1, 4)
-        z1, h1, z2, h2, z3 = layers(x)
-        zs = z3 - z3.max(axis=-1, keepdims=True)
-        logp = zs - np.log(np.exp(zs).sum(axis=-1, keepdims=True))
-        losses.append(float(-(y * logp).sum()))
-        # d(-sum(y * log softmax(z)))/dz = softmax(z) * sum(y) - y
-        g3 = np.exp(logp) * y.sum(axis=-1, keepdims=True) - y
-        g2 = (g3 @ p["W3"].T) * (z2 > 0)
-        g1 = (g2 @ p["W2"].T) * (z1 > 0)
-        grads = {"W3": h2.T @ g3, "B3": g3.sum(axis=0), "W2": h1.T @ g2, "B2": g2.sum(axis=0), "W1": x.T @ g1, "B1": g1.sum(axis=0)}
-        for k, g in grads.items():
-            p[k] = p[k] - lr * g.astype(np.float32)
-    z3 = layers(np.array(job["probe"], dtype=np.float32).reshape(1, 16))[-1]
+    losses = [
+        mlp_step(p, np.array(x, dtype=np.float32).reshape(1, 16), np.array(y, dtype=np.float32).reshape(1, 4), lr)
+        for x, y in zip(job["inputs"], job["targets"])
+    ]
+    z3 = mlp_layers(p, np.array(job["probe"], dtype=np.float32).reshape(1, 16))[-1]
     e = np.exp(z3 - z3.max(axis=-1, keepdims=True))
     return {"losses": losses, "probe": (e / e.sum(axis=-1, keepdims=True)).astype(np.float64).ravel().tolist()}
 
@@ -93,4 +103,5 @@ def run(job):
     return out
 
 
-print(json.dumps([run(job) for job in json.load(sys.stdin)]))
+if __name__ == "__main__":
+    print(json.dumps([run(job) for job in json.load(sys.stdin)]))

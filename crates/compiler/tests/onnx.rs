@@ -26,19 +26,21 @@ fn assert_matches(name: &str, got: &[f32], want: &[f64], input: &[f32]) {
 }
 
 #[test]
-fn bundled_mlp_onnx_matches_onnx_runtime() -> TestResult {
+fn bundled_onnx_examples_match_onnx_runtime() -> TestResult {
     let h = Harness::new()?;
-    let path = examples().join("mlp.onnx");
-    let module = compile_path(&path)?;
-    assert_eq!(module.input_shape, Some(vec![1, 16]), "the dynamic batch axis is fixed to 1");
-    assert_eq!(module.output_shape, Some(vec![1, 4]));
-    h.load("mlp-onnx", &module)?;
-    let mut rng = Rng(2026);
-    let inputs: Vec<Vec<f32>> = (0..16).map(|_| rng.vec(16, 2.0)).collect();
-    let want =
-        reference("onnx_ref.py", &["run"], &json!([{ "model": path, "shape": [1, 16], "inputs": inputs }]), ONNX_PINS);
-    for (x, want) in inputs.iter().zip(want[0].as_array().unwrap()) {
-        assert_matches("mlp.onnx", &h.runtime.invoke("mlp-onnx", x)?, &floats(want), x);
+    for (name, inputs, outputs) in [("feanor", 4, 1), ("mlp", 16, 4)] {
+        let path = examples().join(format!("{name}.onnx"));
+        let module = compile_path(&path)?;
+        assert_eq!(module.input_shape, Some(vec![1, inputs]), "the dynamic batch axis is fixed to 1");
+        assert_eq!(module.output_shape, Some(vec![1, outputs]));
+        h.load(name, &module)?;
+        let mut rng = Rng(2026);
+        let xs: Vec<Vec<f32>> = (0..16).map(|_| rng.vec(inputs as usize, 2.0)).collect();
+        let job = json!([{ "model": path, "shape": [1, inputs], "inputs": xs }]);
+        let want = reference("onnx_ref.py", &["run"], &job, ONNX_PINS);
+        for (x, want) in xs.iter().zip(want[0].as_array().unwrap()) {
+            assert_matches(&format!("{name}.onnx"), &h.runtime.invoke(name, x)?, &floats(want), x);
+        }
     }
     Ok(())
 }
