@@ -1,0 +1,14 @@
+//! Integration tests of referee-worknode: one binary, one module per area. Child processes (crash
+//! and replica tests) re-run this binary's `child_role` test with `WN_CHILD_ROLE` set.
+
+mod crash;
+mod replicas;
+mod store;
+mod system;
+mod util;
+
+/// Entry point of child processes; a no-op in a normal test run.
+#[test]
+fn child_role() {
+    util::run_child_role();
+}
