@@ -148,13 +148,11 @@ impl CausalContext {
         self.vv.get(&dot.0).is_some_and(|n| dot.1 <= *n) || self.cloud.contains(dot)
     }
 
-    /// A fresh dot for `replica` (one past everything seen from it), recorded as seen.
-    fn next_dot(&mut self, replica: ReplicaId) -> Dot {
+    /// A fresh dot for `replica`: one past everything seen from it.
+    fn next_dot(&self, replica: ReplicaId) -> Dot {
         let in_vv = self.vv.get(&replica).copied().unwrap_or(0);
         let in_cloud = self.cloud.range((replica, 0)..=(replica, u64::MAX)).next_back().map_or(0, |d| d.1);
-        let dot = (replica, in_vv.max(in_cloud) + 1);
-        self.insert(dot);
-        dot
+        (replica, in_vv.max(in_cloud) + 1)
     }
 
     fn insert(&mut self, dot: Dot) {

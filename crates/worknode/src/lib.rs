@@ -53,5 +53,5 @@ pub use muscle::{MuscleBehaviour, decode_f32s};
 pub use state::{Crdt, Delta, Op, State};
 pub use store::{Appended, EventId, EventStore, Expected, NewEvent, StoreConfig, StoreStats, StoredEvent};
 pub use system::{
-    Behaviour, BehaviourError, Body, Consistency, Ctx, DataBehaviour, Envelope, Handle, Meta, NodeView, ROOT_ID, Replicated, Shipment, Signal, Stats, System, SystemConfig, TreeEntry,
+    Behaviour, BehaviourError, Body, Consistency, Ctx, DataBehaviour, Envelope, Handle, Meta, NodeView, ROOT_ID, Replicated, Shipment, Signal, Stats, System, SystemBuilder, SystemConfig, TreeEntry,
 };

@@ -96,7 +96,10 @@ pub(crate) enum PushError<M> {
     NoSlot(M),
 }
 
-pub(crate) struct Slot<S: SyncFamily, M: Send, D: Send> {
+/// One arena slot: immutable info (readable without a lock), the mailbox, and mutable data
+/// (locked by the worker for the whole turn).
+pub(crate) struct Slot<S: SyncFamily, M: Send, D: Send, I> {
+    pub(crate) info: OnceLock<I>,
     mail: S::Lock<Mail<M>>,
     pub(crate) data: S::Lock<Option<D>>,
 }
@@ -107,13 +110,13 @@ struct RunQueue {
 }
 
 /// The arena plus run queue.
-pub(crate) struct Core<S: SyncFamily, M: Send, D: Send> {
-    chunks: Box<[OnceLock<Box<[Slot<S, M, D>]>>]>,
+pub(crate) struct Core<S: SyncFamily, M: Send, D: Send, I> {
+    chunks: Box<[OnceLock<Box<[Slot<S, M, D, I>]>>]>,
     len: S::Lock<u32>,
     runq: S::Monitor<RunQueue>,
 }
 
-impl<S: SyncFamily, M: Send, D: Send> Core<S, M, D> {
+impl<S: SyncFamily, M: Send, D: Send, I> Core<S, M, D, I> {
     /// An arena for up to `capacity` slots (rounded up to whole chunks).
     pub(crate) fn new(capacity: usize) -> Self {
         let chunks = capacity.div_ceil(CHUNK).max(1);
@@ -134,13 +137,13 @@ impl<S: SyncFamily, M: Send, D: Send> Core<S, M, D> {
         self.len.with(|n| *n)
     }
 
-    pub(crate) fn slot(&self, idx: u32) -> Option<&Slot<S, M, D>> {
+    pub(crate) fn slot(&self, idx: u32) -> Option<&Slot<S, M, D, I>> {
         let idx = idx as usize;
         self.chunks.get(idx / CHUNK)?.get()?.get(idx % CHUNK)
     }
 
-    /// Allocates a slot holding `data`; `None` when the arena is full.
-    pub(crate) fn alloc(&self, data: D) -> Option<u32> {
+    /// Allocates a slot holding `info` and `data`; `None` when the arena is full.
+    pub(crate) fn alloc(&self, info: I, data: D) -> Option<u32> {
         let idx = self.len.with(|n| {
             let idx = *n;
             ((idx as usize) < self.capacity()).then(|| {
@@ -151,12 +154,16 @@ impl<S: SyncFamily, M: Send, D: Send> Core<S, M, D> {
         let chunk = self.chunks.get(idx as usize / CHUNK)?.get_or_init(|| {
             (0..CHUNK)
                 .map(|_| Slot {
+                    info: OnceLock::new(),
                     mail: S::Lock::new(Mail { queue: None, scheduled: false, closed: false }),
                     data: S::Lock::new(None),
                 })
                 .collect()
         });
-        chunk.get(idx as usize % CHUNK)?.data.with(|d| *d = Some(data));
+        let slot = chunk.get(idx as usize % CHUNK)?;
+        // A fresh index: nobody else can have set it.
+        let _ = slot.info.set(info);
+        slot.data.with(|d| *d = Some(data));
         Some(idx)
     }
 
@@ -303,9 +310,9 @@ mod tests {
     /// ever ran two turns at once.
     fn scenario() {
         const PER_PRODUCER: u32 = 3;
-        let core: Arc<Core<ShuttleSync, (u32, u32), Seen>> = Arc::new(Core::new(2));
+        let core: Arc<Core<ShuttleSync, (u32, u32), Seen, ()>> = Arc::new(Core::new(2));
         for _ in 0..2 {
-            core.alloc(Seen::default()).unwrap();
+            core.alloc((), Seen::default()).unwrap();
         }
         let handled_total = Arc::new(ShLock::new(0u32));
         let workers: Vec<_> = (0..2)
@@ -380,8 +387,8 @@ mod tests {
 
     #[test]
     fn bounded_push_reports_full_and_signals_bypass() {
-        let core: Core<StdSync, u32, ()> = Core::new(1);
-        let idx = core.alloc(()).unwrap();
+        let core: Core<StdSync, u32, (), ()> = Core::new(1);
+        let idx = core.alloc((), ()).unwrap();
         core.push(idx, 1, 1, true).unwrap();
         assert!(matches!(core.push(idx, 2, 1, true), Err(PushError::Full(2))));
         core.push(idx, 3, 1, false).unwrap();

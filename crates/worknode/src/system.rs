@@ -158,8 +158,7 @@ impl Ctx<'_> {
 
     /// Its parent (`None` for the root).
     pub fn parent(&self) -> Option<WorknodeId> {
-        // Looked up on demand: most messages never ask, and the parent's lock is shared by siblings.
-        (self.parent != NO_PARENT).then(|| self.sys.with_node(self.parent, |p| p.id)).flatten()
+        (self.parent != NO_PARENT).then(|| self.sys.info(self.parent).map(|p| p.id)).flatten()
     }
 
     /// The state before this message's own updates.
@@ -207,16 +206,28 @@ pub struct Meta {
 /// The id of every system's root worknode `/` (the nil UUID, the same on every replica).
 pub const ROOT_ID: WorknodeId = WorknodeId::nil();
 
-/// A worknode as stored in the arena. Kept small: idle worknodes are plain data.
-struct Node {
+/// What never changes about a worknode: readable without waiting for its turn (paths, sends).
+struct Info {
     id: WorknodeId,
     parent: u32,
     kind: u16,
     consistency: Consistency,
+    name: Box<str>,
+    /// Its own short lock, so creating a child never waits for the parent's turn.
+    children: Mutex<Vec<u32>>,
+}
+
+impl Info {
+    fn children(&self) -> Vec<u32> {
+        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// What a worknode's turn changes (locked by the worker for the turn). Kept small: idle
+/// worknodes are plain data.
+struct Node {
     stopped: bool,
     restarts: u32,
-    name: Box<str>,
-    children: Vec<u32>,
     /// Allocated on the first change.
     state: Option<Box<State>>,
     /// Last event sequence number.
@@ -299,7 +310,7 @@ pub struct Stats {
 }
 
 pub(crate) struct Inner {
-    core: Core<StdSync, Envelope, Node>,
+    core: Core<StdSync, Envelope, Node, Info>,
     ids: RwLock<HashMap<WorknodeId, u32>>,
     names: RwLock<HashMap<(u32, u64), u32>>,
     hasher: std::collections::hash_map::RandomState,
@@ -315,6 +326,45 @@ pub(crate) struct Inner {
     handled: AtomicU64,
     restarts: AtomicU64,
     rejected: AtomicU64,
+}
+
+/// Assembles a [`System`] (see [`System::builder`]).
+pub struct SystemBuilder {
+    cfg: SystemConfig,
+    store: Option<Arc<EventStore>>,
+    caps: Option<Arc<Capabilities>>,
+    kinds: Kinds,
+}
+
+impl std::fmt::Debug for SystemBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemBuilder").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+impl SystemBuilder {
+    /// Persist to (and replay from) `store`.
+    pub fn store(mut self, store: Arc<EventStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Verify tokens with `caps`.
+    pub fn capabilities(mut self, caps: Arc<Capabilities>) -> Self {
+        self.caps = Some(caps);
+        self
+    }
+
+    /// Registers the behaviour of `kind`.
+    pub fn behaviour(mut self, kind: &str, behaviour: Arc<dyn Behaviour>) -> Self {
+        self.kinds.push((kind.to_owned(), behaviour));
+        self
+    }
+
+    /// Replays the store and starts the workers.
+    pub fn start(self) -> Result<System, StoreError> {
+        System::start_with(self)
+    }
 }
 
 /// The worknode runtime of one node. Dropping it stops the workers.
@@ -356,6 +406,10 @@ impl Inner {
         self.ids.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).copied()
     }
 
+    fn info(&self, idx: u32) -> Option<&Info> {
+        self.core.slot(idx)?.info.get()
+    }
+
     fn with_node<R>(&self, idx: u32, f: impl FnOnce(&mut Node) -> R) -> Option<R> {
         self.core.slot(idx)?.data.with(|d| d.as_mut().map(f))
     }
@@ -365,7 +419,7 @@ impl Inner {
         let r = self.core.push(idx, env, self.cfg.mailbox_capacity, bounded);
         if let Err(e) = r {
             self.done(1);
-            let id = id.or_else(|| self.with_node(idx, |n| n.id)).unwrap_or(ROOT_ID);
+            let id = id.or_else(|| self.info(idx).map(|i| i.id)).unwrap_or(ROOT_ID);
             return Err(match e {
                 PushError::Full(_) => SendError::Full { id, capacity: self.cfg.mailbox_capacity },
                 PushError::Closed(_) => SendError::Stopped(id),
@@ -389,7 +443,7 @@ impl Inner {
     fn child_named(&self, parent: u32, name: &str) -> Option<u32> {
         let idx = *self.names.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&self.name_key(parent, name))?;
         // The map is keyed by a hash: confirm the name.
-        self.with_node(idx, |n| &*n.name == name)?.then_some(idx)
+        (&*self.info(idx)?.name == name).then_some(idx)
     }
 
     fn resolve(&self, path: &WnPath) -> Option<u32> {
@@ -402,14 +456,14 @@ impl Inner {
 
     fn path_of(&self, mut idx: u32) -> WnPath {
         let mut names = Vec::new();
-        while let Some((name, parent)) = self.with_node(idx, |n| (n.name.to_string(), n.parent)) {
-            if parent == NO_PARENT {
+        while let Some(info) = self.info(idx) {
+            if info.parent == NO_PARENT {
                 break;
             }
-            names.push(name);
-            idx = parent;
+            names.push(&*info.name);
+            idx = info.parent;
         }
-        let text = format!("/{}", names.iter().rev().map(String::as_str).collect::<Vec<_>>().join("/"));
+        let text = format!("/{}", names.iter().rev().copied().collect::<Vec<_>>().join("/"));
         text.parse().unwrap_or_else(|_| WnPath::root())
     }
 
@@ -417,9 +471,9 @@ impl Inner {
         self.kinds.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(usize::from(kind)).map_or_else(String::new, |k| k.0.clone())
     }
 
-    fn meta_of(&self, node: &Node) -> Meta {
-        let parent = if node.parent == NO_PARENT { node.id } else { self.with_node(node.parent, |p| p.id).unwrap_or(ROOT_ID) };
-        Meta { id: node.id, parent, name: node.name.to_string(), kind: self.kind_name(node.kind), consistency: node.consistency }
+    fn meta_of(&self, info: &Info) -> Meta {
+        let parent = if info.parent == NO_PARENT { info.id } else { self.info(info.parent).map_or(ROOT_ID, |p| p.id) };
+        Meta { id: info.id, parent, name: info.name.to_string(), kind: self.kind_name(info.kind), consistency: info.consistency }
     }
 
     fn check(&self, auth: &Authority, path: &WnPath, right: Right) -> Result<(), CapError> {
@@ -456,6 +510,7 @@ impl Inner {
         let n = buf.len() as u64;
         let mut notices = Vec::new();
         let mut shipment = None;
+        let Some(info) = self.info(idx) else { return };
         self.with_node(idx, |node| {
             let mut pending: Vec<(EventId, Delta, bool)> = Vec::new();
             let mut msgs = buf.drain(..);
@@ -463,14 +518,14 @@ impl Inner {
                 if node.stopped {
                     break;
                 }
-                if let Err(reason) = self.handle(node, &env, &mut pending, kinds) {
-                    self.commit(node, &mut pending, &mut shipment);
-                    self.restart(idx, node, reason, &mut notices);
+                if let Err(reason) = self.handle(info, node, &env, &mut pending, kinds) {
+                    self.commit(info, node, &mut pending, &mut shipment);
+                    self.restart(idx, info, node, reason, &mut notices);
                 }
             }
             // Anything left was queued behind a stop: dropped with the mailbox.
             msgs.for_each(drop);
-            self.commit(node, &mut pending, &mut shipment);
+            self.commit(info, node, &mut pending, &mut shipment);
         });
         self.handled.fetch_add(n, Ordering::Relaxed);
         self.core.finish(idx);
@@ -484,7 +539,7 @@ impl Inner {
     }
 
     /// Handles one message; `Err` is a behaviour failure.
-    fn handle(&self, node: &mut Node, env: &Envelope, pending: &mut Vec<(EventId, Delta, bool)>, kinds: &Kinds) -> Result<(), String> {
+    fn handle(&self, info: &Info, node: &mut Node, env: &Envelope, pending: &mut Vec<(EventId, Delta, bool)>, kinds: &Kinds) -> Result<(), String> {
         let ops = match &env.body {
             Body::Update(ops) => ops.clone(),
             Body::Merge(events) => {
@@ -498,9 +553,9 @@ impl Inner {
                 return Ok(());
             }
             Body::Data(_) | Body::Signal(_) => {
-                let Some((_, behaviour)) = kinds.get(usize::from(node.kind)) else { return Err(format!("kind #{} has no behaviour", node.kind)) };
+                let Some((_, behaviour)) = kinds.get(usize::from(info.kind)) else { return Err(format!("kind #{} has no behaviour", info.kind)) };
                 let state = node.state.as_deref().unwrap_or(&EMPTY_STATE);
-                let mut ctx = Ctx { sys: self, id: node.id, parent: node.parent, state, ops: Vec::new() };
+                let mut ctx = Ctx { sys: self, id: info.id, parent: info.parent, state, ops: Vec::new() };
                 match catch_unwind(AssertUnwindSafe(|| behaviour.handle(&mut ctx, env))) {
                     Ok(Ok(())) => ctx.ops,
                     Ok(Err(e)) => return Err(e.0),
@@ -527,27 +582,27 @@ impl Inner {
 
     /// Makes the turn's changes durable (one group-committed append), snapshots when due, and
     /// prepares the replication shipment. A failed append reloads the state from the log.
-    fn commit(&self, node: &mut Node, pending: &mut Vec<(EventId, Delta, bool)>, shipment: &mut Option<Shipment>) {
+    fn commit(&self, info: &Info, node: &mut Node, pending: &mut Vec<(EventId, Delta, bool)>, shipment: &mut Option<Shipment>) {
         if pending.is_empty() {
             return;
         }
         let events: Vec<(EventId, Delta, bool)> = std::mem::take(pending);
         if let Some(store) = &self.store {
             let batch = events.iter().map(|(id, d, _)| NewEvent { id: *id, body: encode(d) }).collect();
-            match store.append(node.id, Expected::Exact(node.version), batch) {
+            match store.append(info.id, Expected::Exact(node.version), batch) {
                 Ok(a) => {
                     let every = self.cfg.snapshot_every.max(1);
                     if a.version / every != node.version / every
                         && let Some(state) = &node.state
                     {
                         // A failed snapshot only makes the next replay longer.
-                        let _ = store.save_snapshot(node.id, a.version, &encode(state));
+                        let _ = store.save_snapshot(info.id, a.version, &encode(state));
                     }
                     node.version = a.version;
                 }
                 Err(_) => {
                     // The in-memory state is ahead of the log: fall back to what is durable.
-                    if let Ok((state, version)) = self.replay(node.id) {
+                    if let Ok((state, version)) = self.replay(info.id) {
                         node.state = Some(Box::new(state));
                         node.version = version;
                     }
@@ -557,36 +612,36 @@ impl Inner {
         } else {
             node.version += events.len() as u64;
         }
-        if node.consistency == Consistency::Eventual && self.sink.get().is_some() {
+        if info.consistency == Consistency::Eventual && self.sink.get().is_some() {
             let local: Vec<Replicated> = events.into_iter().filter(|e| e.2).map(|(id, d, _)| (id, d)).collect();
             if !local.is_empty() {
-                let s = shipment.get_or_insert_with(|| Shipment { chain: self.chain(node), events: Vec::new() });
+                let s = shipment.get_or_insert_with(|| Shipment { chain: self.chain(info), events: Vec::new() });
                 s.events.extend(local);
             }
         }
     }
 
-    fn chain(&self, node: &Node) -> Vec<Meta> {
-        let mut chain = vec![self.meta_of(node)];
-        let mut idx = node.parent;
-        while let Some(Some(meta)) = self.with_node(idx, |n| (n.parent != NO_PARENT).then(|| (self.meta_of(n), n.parent))) {
-            chain.push(meta.0);
-            idx = meta.1;
+    fn chain(&self, info: &Info) -> Vec<Meta> {
+        let mut chain = vec![self.meta_of(info)];
+        let mut cur = self.info(info.parent);
+        while let Some(i) = cur.filter(|i| i.parent != NO_PARENT) {
+            chain.push(self.meta_of(i));
+            cur = self.info(i.parent);
         }
         chain.reverse();
         chain
     }
 
     /// Supervision: restart from the event log, or stop after too many failures; tell the parent.
-    fn restart(&self, idx: u32, node: &mut Node, reason: String, notices: &mut Vec<(u32, Signal)>) {
+    fn restart(&self, idx: u32, info: &Info, node: &mut Node, reason: String, notices: &mut Vec<(u32, Signal)>) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
         node.restarts += 1;
-        let replayed = self.replay(node.id);
+        let replayed = self.replay(info.id);
         let signal = match replayed {
             Ok((state, version)) if node.restarts <= self.cfg.max_restarts => {
                 node.state = Some(Box::new(state));
                 node.version = version;
-                Signal::ChildRestarted { child: node.id, reason, restarts: node.restarts }
+                Signal::ChildRestarted { child: info.id, reason, restarts: node.restarts }
             }
             other => {
                 let reason = match other {
@@ -596,11 +651,11 @@ impl Inner {
                 node.stopped = true;
                 let dropped = self.core.close(idx).len() as u64;
                 self.done(dropped);
-                Signal::ChildStopped { child: node.id, reason }
+                Signal::ChildStopped { child: info.id, reason }
             }
         };
-        if node.parent != NO_PARENT {
-            notices.push((node.parent, signal));
+        if info.parent != NO_PARENT {
+            notices.push((info.parent, signal));
         }
     }
 }
@@ -609,7 +664,24 @@ impl System {
     /// Starts a system: registers the built-in kinds (`root`, `data`), loads every worknode from
     /// `store` (replaying its snapshot and events) and starts the workers.
     pub fn start(cfg: SystemConfig, store: Option<Arc<EventStore>>, caps: Option<Arc<Capabilities>>) -> Result<Self, StoreError> {
-        let kinds: Vec<(String, Arc<dyn Behaviour>)> = vec![("root".into(), Arc::new(DataBehaviour)), ("data".into(), Arc::new(DataBehaviour))];
+        SystemBuilder { cfg, store, caps, kinds: Vec::new() }.start()
+    }
+
+    /// A builder, for registering behaviours before the store is replayed (a stored worknode
+    /// whose kind is not registered refuses to load).
+    pub fn builder(cfg: SystemConfig) -> SystemBuilder {
+        SystemBuilder { cfg, store: None, caps: None, kinds: Vec::new() }
+    }
+
+    fn start_with(b: SystemBuilder) -> Result<Self, StoreError> {
+        let SystemBuilder { cfg, store, caps, kinds: extra } = b;
+        let mut kinds: Kinds = vec![("root".into(), Arc::new(DataBehaviour)), ("data".into(), Arc::new(DataBehaviour))];
+        for (name, behaviour) in extra {
+            match kinds.iter_mut().find(|k| k.0 == name) {
+                Some(k) => k.1 = behaviour,
+                None => kinds.push((name, behaviour)),
+            }
+        }
         let inner = Arc::new(Inner {
             core: Core::new(cfg.max_worknodes.saturating_add(1)),
             ids: RwLock::new(HashMap::new()),
@@ -627,8 +699,8 @@ impl System {
             restarts: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
         });
-        let root = Node { id: ROOT_ID, parent: NO_PARENT, kind: 0, consistency: Consistency::Local, stopped: false, restarts: 0, name: "".into(), children: Vec::new(), state: None, version: 0 };
-        let root_idx = inner.core.alloc(root);
+        let root = Info { id: ROOT_ID, parent: NO_PARENT, kind: 0, consistency: Consistency::Local, name: "".into(), children: Mutex::new(Vec::new()) };
+        let root_idx = inner.core.alloc(root, Node { stopped: false, restarts: 0, state: None, version: 0 });
         debug_assert_eq!(root_idx, Some(0));
         inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(ROOT_ID, 0);
         let mut sys = System { inner, workers: Vec::new() };
@@ -729,28 +801,30 @@ impl System {
         let unreserve = || {
             inner.names.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
         };
-        let full = inner.with_node(parent, |p| p.children.len() >= inner.cfg.max_children).unwrap_or(true);
-        if full {
+        let Some(parent_info) = inner.info(parent) else {
             unreserve();
-            return Err(CreateError::TooManyChildren { parent: inner.path_of(parent), max: inner.cfg.max_children });
-        }
-        let node = Node {
-            id: meta.id,
-            parent,
-            kind,
-            consistency: meta.consistency,
-            stopped: false,
-            restarts: 0,
-            name: meta.name.as_str().into(),
-            children: Vec::new(),
-            state: (!state.is_empty()).then(|| Box::new(state)),
-            version,
+            return Err(CreateError::NoParent(meta.parent.to_string()));
         };
-        let Some(idx) = inner.core.alloc(node) else {
-            unreserve();
-            return Err(CreateError::Capacity(inner.cfg.max_worknodes));
+        let info = Info { id: meta.id, parent, kind, consistency: meta.consistency, name: meta.name.as_str().into(), children: Mutex::new(Vec::new()) };
+        let node = Node { stopped: false, restarts: 0, state: (!state.is_empty()).then(|| Box::new(state)), version };
+        // Check and add under the parent's children lock so the bound holds under concurrency.
+        let added = {
+            let mut children = parent_info.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if children.len() >= inner.cfg.max_children {
+                Err(CreateError::TooManyChildren { parent: inner.path_of(parent), max: inner.cfg.max_children })
+            } else {
+                let idx = inner.core.alloc(info, node).ok_or(CreateError::Capacity(inner.cfg.max_worknodes))?;
+                children.push(idx);
+                Ok(idx)
+            }
         };
-        inner.with_node(parent, |p| p.children.push(idx));
+        let idx = match added {
+            Ok(idx) => idx,
+            Err(e) => {
+                unreserve();
+                return Err(e);
+            }
+        };
         inner.names.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, idx);
         inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(meta.id, idx);
         Ok(idx)
@@ -776,7 +850,7 @@ impl System {
         }
         self.inner.check(auth, &path, Right::Create)?;
         let pidx = self.inner.resolve(parent).ok_or_else(|| CreateError::NoParent(parent.to_string()))?;
-        let pid = self.inner.with_node(pidx, |p| p.id).ok_or_else(|| CreateError::NoParent(parent.to_string()))?;
+        let pid = self.inner.info(pidx).map(|p| p.id).ok_or_else(|| CreateError::NoParent(parent.to_string()))?;
         let meta = Meta { id, parent: pid, name: name.to_owned(), kind: kind.to_owned(), consistency };
         let idx = self.insert(&meta, State::default(), 0)?;
         if let Some(store) = &self.inner.store {
@@ -835,7 +909,7 @@ impl System {
     /// The id for a path.
     pub fn resolve(&self, path: &WnPath) -> Option<WorknodeId> {
         let idx = self.inner.resolve(path)?;
-        self.inner.with_node(idx, |n| n.id)
+        self.inner.info(idx).map(|n| n.id)
     }
 
     /// The arena handle of worknode `id`.
@@ -853,9 +927,21 @@ impl System {
         let path = self.inner.path_of(idx);
         self.inner.check(auth, &path, Right::Read)?;
         let queued = self.inner.core.queued(idx);
-        let view = self.inner.with_node(idx, |n| (n.kind, n.consistency, n.version, n.children.len(), n.stopped, n.restarts, n.state.as_deref().cloned().unwrap_or_default()));
-        let (kind, consistency, version, children, stopped, restarts, state) = view.ok_or_else(|| QueryError::NotFound(id.to_string()))?;
-        Ok(NodeView { id, path, kind: self.inner.kind_name(kind), consistency, version, queued, children, stopped, restarts, state })
+        let info = self.inner.info(idx).ok_or_else(|| QueryError::NotFound(id.to_string()))?;
+        let view = self.inner.with_node(idx, |n| (n.version, n.stopped, n.restarts, n.state.as_deref().cloned().unwrap_or_default()));
+        let (version, stopped, restarts, state) = view.ok_or_else(|| QueryError::NotFound(id.to_string()))?;
+        Ok(NodeView {
+            id,
+            path,
+            kind: self.inner.kind_name(info.kind),
+            consistency: info.consistency,
+            version,
+            queued,
+            children: info.children().len(),
+            stopped,
+            restarts,
+            state,
+        })
     }
 
     /// Lists the subtree at `path` (itself first, then breadth-first), at most `limit` entries.
@@ -869,15 +955,16 @@ impl System {
             if out.len() >= limit {
                 break;
             }
-            let Some((id, kind, consistency, children)) = self.inner.with_node(idx, |n| (n.id, n.kind, n.consistency, n.children.clone())) else { continue };
+            let Some(info) = self.inner.info(idx) else { continue };
+            let children = info.children();
             for c in &children {
-                if let Some(name) = self.inner.with_node(*c, |n| n.name.to_string())
-                    && let Ok(cp) = p.child(&name)
+                if let Some(child) = self.inner.info(*c)
+                    && let Ok(cp) = p.child(&child.name)
                 {
                     queue.push_back((*c, cp));
                 }
             }
-            out.push(TreeEntry { id, path: p, kind: self.inner.kind_name(kind), consistency, children: children.len() });
+            out.push(TreeEntry { id: info.id, path: p, kind: self.inner.kind_name(info.kind), consistency: info.consistency, children: children.len() });
         }
         Ok(out)
     }
@@ -887,7 +974,9 @@ impl System {
         let n = self.inner.core.len();
         (0..n)
             .filter_map(|idx| {
-                self.inner.with_node(idx, |node| (node.consistency == Consistency::Eventual).then(|| (self.inner.chain(node), node.state.as_deref().cloned().unwrap_or_default()))).flatten()
+                let info = self.inner.info(idx).filter(|i| i.consistency == Consistency::Eventual)?;
+                let state = self.inner.with_node(idx, |node| node.state.as_deref().cloned().unwrap_or_default())?;
+                Some((self.inner.chain(info), state))
             })
             .collect()
     }

@@ -57,10 +57,7 @@ impl Behaviour for Supervisor {
 
 fn system_with_store(dir: &tempfile::TempDir, cfg: SystemConfig) -> System {
     let store = EventStore::open(&dir.path().join("worknodes.redb"), StoreConfig::default()).unwrap();
-    let sys = System::start(cfg, Some(Arc::new(store)), None).unwrap();
-    sys.register("flaky", Arc::new(Flaky));
-    sys.register("sup", Arc::new(Supervisor));
-    sys
+    System::builder(cfg).store(Arc::new(store)).behaviour("flaky", Arc::new(Flaky)).behaviour("sup", Arc::new(Supervisor)).start().unwrap()
 }
 
 #[test]
