@@ -1,15 +1,19 @@
 //! Worknodes vs a tokio-task-per-actor baseline, in one run: memory per idle actor with one
 //! million actors, and in-process message throughput (a ring: tokens hop from actor to actor).
 //!
-//! Run (release, the machine's 2 cores): `cargo run --release -p referee-worknode --example bench_worknodes`
+//! Run (release, the machine's 2 cores): `cargo run --release -p referee-worknode --no-default-features --example bench_worknodes`
 //! or `bench/worknodes.sh`, which also runs the Erlang baseline. Options: `--actors N` (default
 //! 1000000), `--ring N` (1000), `--tokens N` (1000), `--hops N` (5000), `--workers N` (2).
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "benchmark setup, not reachable from input")]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use referee_worknode::{Authority, Behaviour, BehaviourError, Body, Consistency, Ctx, Envelope, Handle, System, SystemConfig, WnPath};
+use referee_worknode::{
+    Authority, Behaviour, BehaviourError, Body, Consistency, Ctx, Envelope, Handle, System, SystemConfig, WnPath,
+};
 
 fn rss_bytes() -> u64 {
     // /proc/self/statm: size resident shared ... in pages.
@@ -49,7 +53,12 @@ impl Behaviour for Ring {
 }
 
 fn worknodes_memory(actors: u64) -> (f64, System) {
-    let sys = System::start(SystemConfig { max_worknodes: actors as usize + 2000, max_children: 1_000_000, ..SystemConfig::default() }, None, None).unwrap();
+    let sys = System::start(
+        SystemConfig { max_worknodes: actors as usize + 2000, max_children: 1_000_000, ..SystemConfig::default() },
+        None,
+        None,
+    )
+    .unwrap();
     let before = rss_bytes();
     let fanout = 1000u64;
     let mut made = 0u64;
@@ -69,10 +78,21 @@ fn worknodes_memory(actors: u64) -> (f64, System) {
 }
 
 fn worknodes_throughput(workers: usize, ring: u64, tokens: u64, hops: u64) -> f64 {
-    let sys = System::start(SystemConfig { workers, max_per_turn: 64, mailbox_capacity: 1 << 20, ..SystemConfig::default() }, None, None).unwrap();
+    let sys = System::start(
+        SystemConfig { workers, max_per_turn: 64, mailbox_capacity: 1 << 20, ..SystemConfig::default() },
+        None,
+        None,
+    )
+    .unwrap();
     let behaviour = Arc::new(Ring { next: Mutex::new(Vec::new()), table: std::sync::OnceLock::new() });
     sys.register("ring", behaviour.clone());
-    let handles: Vec<Handle> = (0..ring).map(|i| sys.create_handle(&Authority::System, &WnPath::root(), &format!("r{i}"), "ring", Consistency::Local).unwrap().1).collect();
+    let handles: Vec<Handle> = (0..ring)
+        .map(|i| {
+            sys.create_handle(&Authority::System, &WnPath::root(), &format!("r{i}"), "ring", Consistency::Local)
+                .unwrap()
+                .1
+        })
+        .collect();
     *behaviour.next.lock().unwrap() = handles.clone();
     let start = Instant::now();
     for t in 0..tokens {
@@ -146,7 +166,10 @@ fn main() {
     let actors = arg("--actors", 1_000_000);
     let (ring, tokens, hops) = (arg("--ring", 1000), arg("--tokens", 1000), arg("--hops", 5000));
     let workers = arg("--workers", 2) as usize;
-    println!("cores: {}, actors: {actors}, ring: {ring} actors x {tokens} tokens x {hops} hops", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "cores: {}, actors: {actors}, ring: {ring} actors x {tokens} tokens x {hops} hops",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     let (per, sys) = worknodes_memory(actors);
     println!("worknodes  idle memory: {per:8.0} bytes/actor ({} worknodes)", sys.len());

@@ -146,7 +146,12 @@ impl std::fmt::Debug for Grant {
 
 impl Grant {
     fn decide(&self, path: &WnPath, right: Right) -> Result<bool, CapError> {
-        let cached = self.decisions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&(path.clone(), right)).copied();
+        let cached = self
+            .decisions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(path.clone(), right))
+            .copied();
         if let Some(d) = cached {
             return Ok(d);
         }
@@ -155,7 +160,8 @@ impl Grant {
             code.push_str(&format!("within(\"{p}\");\n"));
         }
         code.push_str("allow if scope($s), within($s), operation($op), right($op);\n");
-        let mut authorizer = AuthorizerBuilder::new().code(code).map_err(invalid)?.build(&self.token).map_err(invalid)?;
+        let mut authorizer =
+            AuthorizerBuilder::new().code(code).map_err(invalid)?.build(&self.token).map_err(invalid)?;
         let allowed = authorizer.authorize().is_ok();
         let mut cache = self.decisions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if cache.len() >= MAX_DECISIONS {
@@ -214,7 +220,12 @@ impl Capabilities {
         if let Some(id) = self.is_revoked(&revocation_ids) {
             return Err(CapError::Revoked(id));
         }
-        let grant = Arc::new(Grant { token: parsed, revocation_ids, revoked: AtomicBool::new(false), decisions: Mutex::new(HashMap::new()) });
+        let grant = Arc::new(Grant {
+            token: parsed,
+            revocation_ids,
+            revoked: AtomicBool::new(false),
+            decisions: Mutex::new(HashMap::new()),
+        });
         let mut grants = self.grants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if grants.len() >= MAX_GRANTS {
             grants.clear();

@@ -181,7 +181,9 @@ fn print(json: bool, value: &serde_json::Value) {
 /// Runs one `referee node` command.
 pub fn run(cmd: NodeCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        NodeCommand::Serve { dir, listen, identity, peers, allow, allow_any } => serve(&dir, &listen, identity.as_deref(), &peers, &allow, allow_any),
+        NodeCommand::Serve { dir, listen, identity, peers, allow, allow_any } => {
+            serve(&dir, &listen, identity.as_deref(), &peers, &allow, allow_any)
+        }
         NodeCommand::Create { dir, path, kind, consistency } => {
             let sys = open(&dir)?;
             let id = create(&sys, &path, &kind, &consistency)?;
@@ -224,7 +226,14 @@ fn parse_peer(s: &str) -> anyhow::Result<(Addr, PeerId)> {
     Ok((addr.parse()?, id.parse()?))
 }
 
-fn serve(dir: &Path, listen: &str, identity: Option<&Path>, peers: &[String], allow: &[String], allow_any: bool) -> anyhow::Result<()> {
+fn serve(
+    dir: &Path,
+    listen: &str,
+    identity: Option<&Path>,
+    peers: &[String],
+    allow: &[String],
+    allow_any: bool,
+) -> anyhow::Result<()> {
     let sys = Arc::new(open(dir)?);
     let identity = match identity {
         Some(p) => Identity::load(p).with_context(|| format!("loading identity {}", p.display()))?,

@@ -423,7 +423,7 @@ mod tests {
 
     fn counter_op(c: &mut PnCounter, r: ReplicaId, kind: u8, arg: u8) -> PnCounter {
         let n = i64::from(arg);
-        c.add(r, if kind % 2 == 0 { n } else { -n })
+        c.add(r, if kind.is_multiple_of(2) { n } else { -n })
     }
 
     fn set_op(s: &mut OrSet<u8>, r: ReplicaId, kind: u8, arg: u8) -> OrSet<u8> {
@@ -445,7 +445,7 @@ mod tests {
             let r = run(&h, counter_op);
             laws(&r);
             let total: i64 = h.iter().map(|s| match s {
-                Step::Op { kind, arg, .. } => if kind % 2 == 0 { i64::from(*arg) } else { -i64::from(*arg) },
+                Step::Op { kind, arg, .. } => if kind.is_multiple_of(2) { i64::from(*arg) } else { -i64::from(*arg) },
                 Step::Sync { .. } => 0,
             }).sum();
             prop_assert_eq!(join(&join(&r[0], &r[1]), &r[2]).value(), total);

@@ -21,7 +21,7 @@
 //! Core concepts, one per type:
 //! - [`System`]: one node's worknodes in a slab arena (idle worknodes are plain data, about 200
 //!   bytes), run by a small pool of worker threads. `Send + Sync`; drop it to stop the workers.
-//! - [`Behaviour`]: the code of a worknode kind (a Rust handler, or [`MuscleBehaviour`] hosted in a
+//! - [`Behaviour`]: the code of a worknode kind (a Rust handler, or `MuscleBehaviour` (feature `muscle`) hosted in a
 //!   referee cell). A failing behaviour (error or panic) restarts the worknode from its event log;
 //!   the parent receives [`Signal::ChildRestarted`] (or [`Signal::ChildStopped`] past the limit).
 //! - [`State`] of named CRDTs ([`crdt`]): every change is a delta, and every delta is an event.
@@ -39,6 +39,7 @@ pub mod cli;
 pub mod crdt;
 mod error;
 mod id;
+#[cfg(feature = "muscle")]
 mod muscle;
 pub mod replication;
 mod sched;
@@ -49,9 +50,11 @@ mod system;
 pub use caps::{Authority, Capabilities, Grant, Issuer, Right, attenuate, revocation_ids};
 pub use error::{CapError, CreateError, PathError, QueryError, SendError, StateError, StoreError, Unsupported};
 pub use id::{MAX_SEGMENT_LEN, WnPath, WorknodeId};
+#[cfg(feature = "muscle")]
 pub use muscle::{MuscleBehaviour, decode_f32s};
 pub use state::{Crdt, Delta, Op, State};
 pub use store::{Appended, EventId, EventStore, Expected, NewEvent, StoreConfig, StoreStats, StoredEvent};
 pub use system::{
-    Behaviour, BehaviourError, Body, Consistency, Ctx, DataBehaviour, Envelope, Handle, Meta, NodeView, ROOT_ID, Replicated, Shipment, Signal, Stats, System, SystemBuilder, SystemConfig, TreeEntry,
+    Behaviour, BehaviourError, Body, Consistency, Ctx, DataBehaviour, Envelope, Handle, Meta, NodeView, ROOT_ID,
+    Replicated, Shipment, Signal, Stats, System, SystemBuilder, SystemConfig, TreeEntry,
 };

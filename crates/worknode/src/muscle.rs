@@ -19,7 +19,10 @@ pub struct MuscleBehaviour {
 
 impl std::fmt::Debug for MuscleBehaviour {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MuscleBehaviour").field("muscle", &self.muscle).field("field", &self.field).finish_non_exhaustive()
+        f.debug_struct("MuscleBehaviour")
+            .field("muscle", &self.muscle)
+            .field("field", &self.field)
+            .finish_non_exhaustive()
     }
 }
 
@@ -32,10 +35,13 @@ impl MuscleBehaviour {
 
 /// Decodes a little-endian `f32` vector.
 pub fn decode_f32s(bytes: &[u8]) -> Result<Vec<f32>, BehaviourError> {
-    if bytes.len() % 4 != 0 {
-        return Err(BehaviourError(format!("muscle input is {} bytes, not a whole number of little-endian f32 values", bytes.len())));
+    if !bytes.len().is_multiple_of(4) {
+        return Err(BehaviourError(format!(
+            "muscle input is {} bytes, not a whole number of little-endian f32 values",
+            bytes.len()
+        )));
     }
-    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(bytes.chunks_exact(4).filter_map(|c| <[u8; 4]>::try_from(c).ok()).map(f32::from_le_bytes).collect())
 }
 
 impl Behaviour for MuscleBehaviour {

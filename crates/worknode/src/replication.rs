@@ -65,9 +65,12 @@ fn encode(w: &Wire) -> Vec<u8> {
 
 /// A content-derived event id for anti-entropy states: the same state sent twice is stored once.
 fn content_id(id: &crate::WorknodeId, delta: &Delta) -> [u8; 16] {
-    let digest = Sha256::new().chain_update(id.to_bytes()).chain_update(rmp_serde::to_vec(delta).unwrap_or_default()).finalize();
+    let digest =
+        Sha256::new().chain_update(id.to_bytes()).chain_update(rmp_serde::to_vec(delta).unwrap_or_default()).finalize();
     let mut out = [0u8; 16];
-    out.copy_from_slice(&digest[..16]);
+    for (o, d) in out.iter_mut().zip(digest.iter()) {
+        *o = *d;
+    }
     out
 }
 

@@ -83,6 +83,8 @@ impl SyncFamily for StdSync {
 
 /// A mailbox: allocated only while non-empty, so an idle worknode costs 16 bytes here.
 pub(crate) struct Mail<M> {
+    // Boxed on purpose: 8 bytes when idle instead of a 32-byte empty VecDeque per worknode.
+    #[allow(clippy::box_collection)]
     queue: Option<Box<VecDeque<M>>>,
     scheduled: bool,
     closed: bool,
@@ -109,9 +111,12 @@ struct RunQueue {
     shutdown: bool,
 }
 
+/// One lazily allocated chunk of slots.
+type Chunk<S, M, D, I> = OnceLock<Box<[Slot<S, M, D, I>]>>;
+
 /// The arena plus run queue.
 pub(crate) struct Core<S: SyncFamily, M: Send, D: Send, I> {
-    chunks: Box<[OnceLock<Box<[Slot<S, M, D, I>]>>]>,
+    chunks: Box<[Chunk<S, M, D, I>]>,
     len: S::Lock<u32>,
     runq: S::Monitor<RunQueue>,
 }

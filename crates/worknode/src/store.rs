@@ -110,8 +110,18 @@ enum Aux {
 }
 
 enum Cmd {
-    Append { stream: WorknodeId, expected: Expected, events: Vec<NewEvent>, reply: SyncSender<Result<Appended, StoreError>> },
-    Put { table: Aux, key: Vec<u8>, value: Vec<u8>, reply: SyncSender<Result<(), StoreError>> },
+    Append {
+        stream: WorknodeId,
+        expected: Expected,
+        events: Vec<NewEvent>,
+        reply: SyncSender<Result<Appended, StoreError>>,
+    },
+    Put {
+        table: Aux,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: SyncSender<Result<(), StoreError>>,
+    },
 }
 
 /// A handle on the store; share it with `Arc`. Reads run on the caller's thread, writes on the
@@ -165,11 +175,20 @@ impl EventStore {
         txn.commit().map_err(|e| err(e.into()))?;
         let (tx, rx) = mpsc::channel();
         let (commits, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let writer = Writer { db: db.clone(), path: path.display().to_string(), max_batch: cfg.max_batch.max(1), commits: commits.clone(), requests: requests.clone() };
-        let handle = std::thread::Builder::new()
-            .name("wn-store-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Database { path: path.display().to_string(), reason: format!("cannot start writer thread: {e}") })?;
+        let writer = Writer {
+            db: db.clone(),
+            path: path.display().to_string(),
+            max_batch: cfg.max_batch.max(1),
+            commits: commits.clone(),
+            requests: requests.clone(),
+        };
+        let handle =
+            std::thread::Builder::new().name("wn-store-writer".into()).spawn(move || writer.run(rx)).map_err(|e| {
+                StoreError::Database {
+                    path: path.display().to_string(),
+                    reason: format!("cannot start writer thread: {e}"),
+                }
+            })?;
         Ok(Self { db, path: path.to_owned(), tx: Some(tx), writer: Some(handle), commits, requests })
     }
 
@@ -184,7 +203,12 @@ impl EventStore {
     }
 
     /// Appends `events` to `stream` and returns once they are durable (group-committed).
-    pub fn append(&self, stream: WorknodeId, expected: Expected, events: Vec<NewEvent>) -> Result<Appended, StoreError> {
+    pub fn append(
+        &self,
+        stream: WorknodeId,
+        expected: Expected,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, StoreError> {
         self.submit(|reply| Cmd::Append { stream, expected, events, reply })
     }
 
@@ -223,7 +247,9 @@ impl EventStore {
         for row in table.range::<&[u8; 24]>(&lo..=&hi).map_err(|e| self.db_err(e))? {
             let (k, v) = row.map_err(|e| self.db_err(e))?;
             let v = v.value();
-            let (id, body) = v.split_first_chunk::<16>().ok_or_else(|| corrupt(format!("{stream}/{}", seq_of(k.value())), "event shorter than its id"))?;
+            let (id, body) = v
+                .split_first_chunk::<16>()
+                .ok_or_else(|| corrupt(format!("{stream}/{}", seq_of(k.value())), "event shorter than its id"))?;
             out.push(StoredEvent { seq: seq_of(k.value()), id: *id, body: body.to_vec() });
         }
         Ok(out)
@@ -235,7 +261,9 @@ impl EventStore {
         let table = txn.open_table(SNAPSHOTS).map_err(|e| self.db_err(e))?;
         let Some(v) = table.get(&stream.to_bytes()).map_err(|e| self.db_err(e))? else { return Ok(None) };
         let v = v.value();
-        let (seq, state) = v.split_first_chunk::<8>().ok_or_else(|| corrupt(format!("snapshot of {stream}"), "shorter than its sequence number"))?;
+        let (seq, state) = v
+            .split_first_chunk::<8>()
+            .ok_or_else(|| corrupt(format!("snapshot of {stream}"), "shorter than its sequence number"))?;
         Ok(Some((u64::from_be_bytes(*seq), state.to_vec())))
     }
 
@@ -344,7 +372,10 @@ impl Writer {
             Err(e) => return Err((self.err(e), Self::unanswered(batch))),
         };
         if let Err(e) = txn.set_durability(Durability::Immediate) {
-            return Err((StoreError::Database { path: self.path.clone(), reason: e.to_string() }, Self::unanswered(batch)));
+            return Err((
+                StoreError::Database { path: self.path.clone(), reason: e.to_string() },
+                Self::unanswered(batch),
+            ));
         }
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut failure = None;

@@ -123,7 +123,7 @@ pub struct Envelope {
 #[error("{0}")]
 pub struct BehaviourError(pub String);
 
-/// A worknode's code: a Rust handler, or a muscle (see [`crate::MuscleBehaviour`]). Shared by
+/// A worknode's code: a Rust handler, or a muscle (`MuscleBehaviour`, feature `muscle`). Shared by
 /// every worknode of a kind, so it holds no per-worknode data: that is in the CRDT state.
 pub trait Behaviour: Send + Sync + 'static {
     /// Handles one message. State changes requested through `ctx` are applied (and become events)
@@ -393,7 +393,10 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, S
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>().map(|s| (*s).to_owned()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".to_owned())
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_owned())
 }
 
 impl Inner {
@@ -441,7 +444,8 @@ impl Inner {
     }
 
     fn child_named(&self, parent: u32, name: &str) -> Option<u32> {
-        let idx = *self.names.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&self.name_key(parent, name))?;
+        let idx =
+            *self.names.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&self.name_key(parent, name))?;
         // The map is keyed by a hash: confirm the name.
         (&*self.info(idx)?.name == name).then_some(idx)
     }
@@ -468,12 +472,22 @@ impl Inner {
     }
 
     fn kind_name(&self, kind: u16) -> String {
-        self.kinds.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(usize::from(kind)).map_or_else(String::new, |k| k.0.clone())
+        self.kinds
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(usize::from(kind))
+            .map_or_else(String::new, |k| k.0.clone())
     }
 
     fn meta_of(&self, info: &Info) -> Meta {
         let parent = if info.parent == NO_PARENT { info.id } else { self.info(info.parent).map_or(ROOT_ID, |p| p.id) };
-        Meta { id: info.id, parent, name: info.name.to_string(), kind: self.kind_name(info.kind), consistency: info.consistency }
+        Meta {
+            id: info.id,
+            parent,
+            name: info.name.to_string(),
+            kind: self.kind_name(info.kind),
+            consistency: info.consistency,
+        }
     }
 
     fn check(&self, auth: &Authority, path: &WnPath, right: Right) -> Result<(), CapError> {
@@ -482,7 +496,9 @@ impl Inner {
             // Without a verifier only the system itself may act.
             None => match auth {
                 Authority::System => Ok(()),
-                Authority::Token(_) => Err(CapError::Invalid("this system has no capability verifier configured".into())),
+                Authority::Token(_) => {
+                    Err(CapError::Invalid("this system has no capability verifier configured".into()))
+                }
             },
         }
     }
@@ -539,7 +555,14 @@ impl Inner {
     }
 
     /// Handles one message; `Err` is a behaviour failure.
-    fn handle(&self, info: &Info, node: &mut Node, env: &Envelope, pending: &mut Vec<(EventId, Delta, bool)>, kinds: &Kinds) -> Result<(), String> {
+    fn handle(
+        &self,
+        info: &Info,
+        node: &mut Node,
+        env: &Envelope,
+        pending: &mut Vec<(EventId, Delta, bool)>,
+        kinds: &Kinds,
+    ) -> Result<(), String> {
         let ops = match &env.body {
             Body::Update(ops) => ops.clone(),
             Body::Merge(events) => {
@@ -553,7 +576,9 @@ impl Inner {
                 return Ok(());
             }
             Body::Data(_) | Body::Signal(_) => {
-                let Some((_, behaviour)) = kinds.get(usize::from(info.kind)) else { return Err(format!("kind #{} has no behaviour", info.kind)) };
+                let Some((_, behaviour)) = kinds.get(usize::from(info.kind)) else {
+                    return Err(format!("kind #{} has no behaviour", info.kind));
+                };
                 let state = node.state.as_deref().unwrap_or(&EMPTY_STATE);
                 let mut ctx = Ctx { sys: self, id: info.id, parent: info.parent, state, ops: Vec::new() };
                 match catch_unwind(AssertUnwindSafe(|| behaviour.handle(&mut ctx, env))) {
@@ -582,7 +607,13 @@ impl Inner {
 
     /// Makes the turn's changes durable (one group-committed append), snapshots when due, and
     /// prepares the replication shipment. A failed append reloads the state from the log.
-    fn commit(&self, info: &Info, node: &mut Node, pending: &mut Vec<(EventId, Delta, bool)>, shipment: &mut Option<Shipment>) {
+    fn commit(
+        &self,
+        info: &Info,
+        node: &mut Node,
+        pending: &mut Vec<(EventId, Delta, bool)>,
+        shipment: &mut Option<Shipment>,
+    ) {
         if pending.is_empty() {
             return;
         }
@@ -663,7 +694,11 @@ impl Inner {
 impl System {
     /// Starts a system: registers the built-in kinds (`root`, `data`), loads every worknode from
     /// `store` (replaying its snapshot and events) and starts the workers.
-    pub fn start(cfg: SystemConfig, store: Option<Arc<EventStore>>, caps: Option<Arc<Capabilities>>) -> Result<Self, StoreError> {
+    pub fn start(
+        cfg: SystemConfig,
+        store: Option<Arc<EventStore>>,
+        caps: Option<Arc<Capabilities>>,
+    ) -> Result<Self, StoreError> {
         SystemBuilder { cfg, store, caps, kinds: Vec::new() }.start()
     }
 
@@ -699,7 +734,14 @@ impl System {
             restarts: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
         });
-        let root = Info { id: ROOT_ID, parent: NO_PARENT, kind: 0, consistency: Consistency::Local, name: "".into(), children: Mutex::new(Vec::new()) };
+        let root = Info {
+            id: ROOT_ID,
+            parent: NO_PARENT,
+            kind: 0,
+            consistency: Consistency::Local,
+            name: "".into(),
+            children: Mutex::new(Vec::new()),
+        };
         let root_idx = inner.core.alloc(root, Node { stopped: false, restarts: 0, state: None, version: 0 });
         debug_assert_eq!(root_idx, Some(0));
         inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(ROOT_ID, 0);
@@ -720,7 +762,10 @@ impl System {
                         inner.turn(idx, &mut buf, &cache.kinds);
                     }
                 })
-                .map_err(|e| StoreError::Database { path: String::new(), reason: format!("cannot start worker thread: {e}") })?;
+                .map_err(|e| StoreError::Database {
+                    path: String::new(),
+                    reason: format!("cannot start worker thread: {e}"),
+                })?;
             sys.workers.push(h);
         }
         Ok(sys)
@@ -728,7 +773,8 @@ impl System {
 
     fn load(&mut self) -> Result<(), StoreError> {
         let Some(store) = self.inner.store.clone() else { return Ok(()) };
-        let mut metas: VecDeque<Meta> = store.metas()?.iter().map(|(id, b)| decode(&format!("meta of {id}"), b)).collect::<Result<_, _>>()?;
+        let mut metas: VecDeque<Meta> =
+            store.metas()?.iter().map(|(id, b)| decode(&format!("meta of {id}"), b)).collect::<Result<_, _>>()?;
         // Parents before children: retry a meta whose parent is not loaded yet after the others.
         let mut stalled = 0;
         while let Some(meta) = metas.pop_front() {
@@ -736,13 +782,17 @@ impl System {
                 metas.push_back(meta);
                 stalled += 1;
                 if stalled > metas.len() {
-                    return Err(StoreError::Corrupt { what: "worknode metadata".into(), reason: format!("{} worknodes have no parent", metas.len()) });
+                    return Err(StoreError::Corrupt {
+                        what: "worknode metadata".into(),
+                        reason: format!("{} worknodes have no parent", metas.len()),
+                    });
                 }
                 continue;
             }
             stalled = 0;
             let (state, version) = self.inner.replay(meta.id)?;
-            self.insert(&meta, state, version).map_err(|e| StoreError::Corrupt { what: format!("meta of {}", meta.id), reason: e.to_string() })?;
+            self.insert(&meta, state, version)
+                .map_err(|e| StoreError::Corrupt { what: format!("meta of {}", meta.id), reason: e.to_string() })?;
         }
         Ok(())
     }
@@ -805,7 +855,14 @@ impl System {
             unreserve();
             return Err(CreateError::NoParent(meta.parent.to_string()));
         };
-        let info = Info { id: meta.id, parent, kind, consistency: meta.consistency, name: meta.name.as_str().into(), children: Mutex::new(Vec::new()) };
+        let info = Info {
+            id: meta.id,
+            parent,
+            kind,
+            consistency: meta.consistency,
+            name: meta.name.as_str().into(),
+            children: Mutex::new(Vec::new()),
+        };
         let node = Node { stopped: false, restarts: 0, state: (!state.is_empty()).then(|| Box::new(state)), version };
         // Check and add under the parent's children lock so the bound holds under concurrency.
         let added = {
@@ -831,16 +888,38 @@ impl System {
     }
 
     /// Creates worknode `parent/name` of `kind`. Needs the `create` right on the new path.
-    pub fn create(&self, auth: &Authority, parent: &WnPath, name: &str, kind: &str, consistency: Consistency) -> Result<WorknodeId, CreateError> {
+    pub fn create(
+        &self,
+        auth: &Authority,
+        parent: &WnPath,
+        name: &str,
+        kind: &str,
+        consistency: Consistency,
+    ) -> Result<WorknodeId, CreateError> {
         self.create_with_id(auth, parent, name, kind, consistency, WorknodeId::new()).map(|(id, _)| id)
     }
 
     /// Like [`System::create`], returning the arena handle too.
-    pub fn create_handle(&self, auth: &Authority, parent: &WnPath, name: &str, kind: &str, consistency: Consistency) -> Result<(WorknodeId, Handle), CreateError> {
+    pub fn create_handle(
+        &self,
+        auth: &Authority,
+        parent: &WnPath,
+        name: &str,
+        kind: &str,
+        consistency: Consistency,
+    ) -> Result<(WorknodeId, Handle), CreateError> {
         self.create_with_id(auth, parent, name, kind, consistency, WorknodeId::new())
     }
 
-    fn create_with_id(&self, auth: &Authority, parent: &WnPath, name: &str, kind: &str, consistency: Consistency, id: WorknodeId) -> Result<(WorknodeId, Handle), CreateError> {
+    fn create_with_id(
+        &self,
+        auth: &Authority,
+        parent: &WnPath,
+        name: &str,
+        kind: &str,
+        consistency: Consistency,
+        id: WorknodeId,
+    ) -> Result<(WorknodeId, Handle), CreateError> {
         if consistency == Consistency::Strong {
             return Err(Unsupported("Consistency::Strong").into());
         }
@@ -928,7 +1007,9 @@ impl System {
         self.inner.check(auth, &path, Right::Read)?;
         let queued = self.inner.core.queued(idx);
         let info = self.inner.info(idx).ok_or_else(|| QueryError::NotFound(id.to_string()))?;
-        let view = self.inner.with_node(idx, |n| (n.version, n.stopped, n.restarts, n.state.as_deref().cloned().unwrap_or_default()));
+        let view = self
+            .inner
+            .with_node(idx, |n| (n.version, n.stopped, n.restarts, n.state.as_deref().cloned().unwrap_or_default()));
         let (version, stopped, restarts, state) = view.ok_or_else(|| QueryError::NotFound(id.to_string()))?;
         Ok(NodeView {
             id,
@@ -964,7 +1045,13 @@ impl System {
                     queue.push_back((*c, cp));
                 }
             }
-            out.push(TreeEntry { id: info.id, path: p, kind: self.inner.kind_name(info.kind), consistency: info.consistency, children: children.len() });
+            out.push(TreeEntry {
+                id: info.id,
+                path: p,
+                kind: self.inner.kind_name(info.kind),
+                consistency: info.consistency,
+                children: children.len(),
+            });
         }
         Ok(out)
     }

@@ -1,6 +1,14 @@
 //! Integration tests of referee-worknode: one binary, one module per area. Child processes (crash
 //! and replica tests) re-run this binary's `child_role` test with `WN_CHILD_ROLE` set.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test helpers and child roles"
+)]
+
 mod crash;
 mod replicas;
 mod store;

@@ -10,7 +10,14 @@ use crate::util::ChildProc;
 
 /// Child role: `referee node serve` with `args[0]` as the store directory.
 pub(crate) fn serve(args: &[String]) {
-    let cmd = NodeCommand::Serve { dir: args[0].clone().into(), listen: "tcp://127.0.0.1:0".into(), identity: None, peers: vec![], allow: vec![], allow_any: true };
+    let cmd = NodeCommand::Serve {
+        dir: args[0].clone().into(),
+        listen: "tcp://127.0.0.1:0".into(),
+        identity: None,
+        peers: vec![],
+        allow: vec![],
+        allow_any: true,
+    };
     referee_worknode::cli::run(cmd, true).unwrap();
 }
 
@@ -22,8 +29,13 @@ struct Replica {
 
 fn start(dir: &std::path::Path) -> Replica {
     let proc = ChildProc::spawn("serve", &[dir.display().to_string()]);
-    let hello: Value = serde_json::from_str(&proc.next_with("{", Duration::from_secs(30)).expect("replica did not start")).unwrap();
-    Replica { addr: hello["listening"].as_str().unwrap().to_owned(), id: hello["id"].as_str().unwrap().to_owned(), proc }
+    let hello: Value =
+        serde_json::from_str(&proc.next_with("{", Duration::from_secs(30)).expect("replica did not start")).unwrap();
+    Replica {
+        addr: hello["listening"].as_str().unwrap().to_owned(),
+        id: hello["id"].as_str().unwrap().to_owned(),
+        proc,
+    }
 }
 
 impl Replica {
@@ -79,8 +91,8 @@ fn three_replicas_converge_after_a_partition_with_concurrent_updates() {
     r[0].ok("create /acme data local");
     r[0].ok("create /acme/counter data eventual");
     r[0].add(1, &mut log);
-    for i in 1..3 {
-        wait_for(&mut r[i], "the worknode to replicate", |s| s["hits"] == 1);
+    for replica in r.iter_mut().skip(1) {
+        wait_for(replica, "the worknode to replicate", |s| s["hits"] == 1);
     }
 
     // Partition: replica 2 alone on one side, replicas 0 and 1 on the other.
@@ -116,8 +128,10 @@ fn three_replicas_converge_after_a_partition_with_concurrent_updates() {
     r[2].ok("heal");
     let total: i64 = log.iter().chain(&side_a).chain(&side_b).sum();
     let mut finals = Vec::new();
-    for i in 0..3 {
-        finals.push(wait_for(&mut r[i], "convergence", |s| s["hits"] == total && s["tags"].as_array().is_some_and(|t| t.len() == 2)));
+    for replica in &mut r {
+        finals.push(wait_for(replica, "convergence", |s| {
+            s["hits"] == total && s["tags"].as_array().is_some_and(|t| t.len() == 2)
+        }));
     }
     assert_eq!(finals[0]["tags"], serde_json::json!(["from-0", "from-2"]));
     assert_eq!(finals[0]["notes"], serde_json::json!({"owner": "two"}));

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use referee_worknode::{
-    Authority, Behaviour, BehaviourError, Body, CapError, Capabilities, Consistency, CreateError, Ctx, Envelope, EventStore, Issuer, Op, QueryError, Right, SendError, Signal, StoreConfig,
-    System, SystemConfig, WnPath, attenuate, revocation_ids,
+    Authority, Behaviour, BehaviourError, Body, CapError, Capabilities, Consistency, CreateError, Ctx, Envelope,
+    EventStore, Issuer, Op, QueryError, Right, SendError, Signal, StoreConfig, System, SystemConfig, WnPath, attenuate,
+    revocation_ids,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -57,7 +58,12 @@ impl Behaviour for Supervisor {
 
 fn system_with_store(dir: &tempfile::TempDir, cfg: SystemConfig) -> System {
     let store = EventStore::open(&dir.path().join("worknodes.redb"), StoreConfig::default()).unwrap();
-    System::builder(cfg).store(Arc::new(store)).behaviour("flaky", Arc::new(Flaky)).behaviour("sup", Arc::new(Supervisor)).start().unwrap()
+    System::builder(cfg)
+        .store(Arc::new(store))
+        .behaviour("flaky", Arc::new(Flaky))
+        .behaviour("sup", Arc::new(Supervisor))
+        .start()
+        .unwrap()
 }
 
 #[test]
@@ -116,7 +122,9 @@ impl Behaviour for Gate {
 
 #[test]
 fn full_mailbox_refuses_with_backpressure() {
-    let sys = System::start(SystemConfig { mailbox_capacity: 4, max_per_turn: 1, ..SystemConfig::default() }, None, None).unwrap();
+    let sys =
+        System::start(SystemConfig { mailbox_capacity: 4, max_per_turn: 1, ..SystemConfig::default() }, None, None)
+            .unwrap();
     let (started_tx, started) = mpsc::channel();
     let (release, release_rx) = mpsc::channel();
     sys.register("gate", Arc::new(Gate { started: Mutex::new(started_tx), release: Mutex::new(release_rx) }));
@@ -140,20 +148,37 @@ fn full_mailbox_refuses_with_backpressure() {
 
 #[test]
 fn bounds_and_reserved_consistency_are_enforced() {
-    let sys = System::start(SystemConfig { max_depth: 2, max_children: 2, ..SystemConfig::default() }, None, None).unwrap();
+    let sys =
+        System::start(SystemConfig { max_depth: 2, max_children: 2, ..SystemConfig::default() }, None, None).unwrap();
     let sys_auth = Authority::System;
     sys.create(&sys_auth, &WnPath::root(), "a", "data", Consistency::Local).unwrap();
     sys.create(&sys_auth, &p("/a"), "b", "data", Consistency::Local).unwrap();
-    assert!(matches!(sys.create(&sys_auth, &p("/a/b"), "c", "data", Consistency::Local), Err(CreateError::TooDeep { depth: 3, max: 2, .. })));
+    assert!(matches!(
+        sys.create(&sys_auth, &p("/a/b"), "c", "data", Consistency::Local),
+        Err(CreateError::TooDeep { depth: 3, max: 2, .. })
+    ));
     assert_eq!(sys.create(&sys_auth, &p("/a"), "b", "data", Consistency::Local), Err(CreateError::Exists(p("/a/b"))));
     sys.create(&sys_auth, &p("/a"), "b2", "data", Consistency::Local).unwrap();
-    assert!(matches!(sys.create(&sys_auth, &p("/a"), "b3", "data", Consistency::Local), Err(CreateError::TooManyChildren { max: 2, .. })));
-    assert!(matches!(sys.create(&sys_auth, &p("/a"), "s", "data", Consistency::Strong), Err(CreateError::Unsupported(_))));
-    assert!(matches!(sys.create(&sys_auth, &p("/nope"), "x", "data", Consistency::Local), Err(CreateError::NoParent(_))));
-    assert!(matches!(sys.create(&sys_auth, &p("/a"), "k", "no-such-kind", Consistency::Local), Err(CreateError::UnknownKind(_))));
+    assert!(matches!(
+        sys.create(&sys_auth, &p("/a"), "b3", "data", Consistency::Local),
+        Err(CreateError::TooManyChildren { max: 2, .. })
+    ));
+    assert!(matches!(
+        sys.create(&sys_auth, &p("/a"), "s", "data", Consistency::Strong),
+        Err(CreateError::Unsupported(_))
+    ));
+    assert!(matches!(
+        sys.create(&sys_auth, &p("/nope"), "x", "data", Consistency::Local),
+        Err(CreateError::NoParent(_))
+    ));
+    assert!(matches!(
+        sys.create(&sys_auth, &p("/a"), "k", "no-such-kind", Consistency::Local),
+        Err(CreateError::UnknownKind(_))
+    ));
     let a = sys.resolve(&p("/a")).unwrap();
     assert!(matches!(sys.query(&sys_auth, a, Consistency::Strong), Err(QueryError::Unsupported(_))));
-    let tree: Vec<String> = sys.tree(&sys_auth, &WnPath::root(), 100).unwrap().into_iter().map(|e| e.path.to_string()).collect();
+    let tree: Vec<String> =
+        sys.tree(&sys_auth, &WnPath::root(), 100).unwrap().into_iter().map(|e| e.path.to_string()).collect();
     assert_eq!(tree, vec!["/", "/a", "/a/b", "/a/b2"]);
 }
 
@@ -171,8 +196,14 @@ fn tokens_confine_create_send_and_query_to_their_subtree() {
     sys.update(&auth, mine, vec![("n".into(), Op::Add(2))]).unwrap();
     assert!(sys.wait_idle(WAIT));
     assert_eq!(sys.query(&auth, mine, Consistency::Local).unwrap().state.to_json()["n"], 2);
-    assert!(matches!(sys.create(&auth, &p("/acme/sales"), "t", "data", Consistency::Local), Err(CreateError::Denied(CapError::Denied { .. }))));
-    assert!(matches!(sys.create(&auth, &p("/acme/research2"), "t", "data", Consistency::Local), Err(CreateError::Denied(_))));
+    assert!(matches!(
+        sys.create(&auth, &p("/acme/sales"), "t", "data", Consistency::Local),
+        Err(CreateError::Denied(CapError::Denied { .. }))
+    ));
+    assert!(matches!(
+        sys.create(&auth, &p("/acme/research2"), "t", "data", Consistency::Local),
+        Err(CreateError::Denied(_))
+    ));
     let sales = sys.resolve(&p("/acme/sales")).unwrap();
     assert!(matches!(sys.send(&auth, sales, Bytes::new()), Err(SendError::Denied(_))));
     assert!(matches!(sys.query(&auth, sales, Consistency::Local), Err(QueryError::Denied(_))));
@@ -185,7 +216,10 @@ fn tokens_confine_create_send_and_query_to_their_subtree() {
 
     // Revocation takes effect on the authority already in hand.
     caps.revoke(&hex::decode(&revocation_ids(&token).unwrap()[0]).unwrap());
-    assert!(matches!(sys.update(&auth, mine, vec![("n".into(), Op::Add(1))]), Err(SendError::Denied(CapError::Revoked(_)))));
+    assert!(matches!(
+        sys.update(&auth, mine, vec![("n".into(), Op::Add(1))]),
+        Err(SendError::Denied(CapError::Revoked(_)))
+    ));
 }
 
 #[test]
@@ -234,7 +268,13 @@ fn messages_relayed_between_worknodes_are_all_handled() {
     let sys = System::start(SystemConfig::default(), None, None).unwrap();
     let relay = Arc::new(Relay { next: Mutex::new(Vec::new()) });
     sys.register("relay", relay.clone());
-    let handles: Vec<_> = (0..8).map(|i| sys.create_handle(&Authority::System, &WnPath::root(), &format!("r{i}"), "relay", Consistency::Local).unwrap().1).collect();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            sys.create_handle(&Authority::System, &WnPath::root(), &format!("r{i}"), "relay", Consistency::Local)
+                .unwrap()
+                .1
+        })
+        .collect();
     *relay.next.lock().unwrap() = handles.iter().cycle().skip(1).take(8).copied().collect();
     for (i, h) in handles.iter().enumerate() {
         let mut m = 100u32.to_le_bytes().to_vec();

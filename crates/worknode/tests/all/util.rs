@@ -10,7 +10,8 @@ pub(crate) const ROLE_VAR: &str = "WN_CHILD_ROLE";
 /// Runs the role named in `WN_CHILD_ROLE` (if any).
 pub(crate) fn run_child_role() {
     let Ok(role) = std::env::var(ROLE_VAR) else { return };
-    let args: Vec<String> = std::env::var("WN_CHILD_ARGS").unwrap_or_default().split('\u{1f}').map(str::to_owned).collect();
+    let args: Vec<String> =
+        std::env::var("WN_CHILD_ARGS").unwrap_or_default().split('\u{1f}').map(str::to_owned).collect();
     match role.as_str() {
         "writer" => crate::crash::writer(&args),
         "serve" => crate::replicas::serve(&args),
