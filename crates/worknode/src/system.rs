@@ -746,6 +746,11 @@ impl System {
         debug_assert_eq!(root_idx, Some(0));
         inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(ROOT_ID, 0);
         let mut sys = System { inner, workers: Vec::new() };
+        if let (Some(store), Some(caps)) = (&sys.inner.store, &sys.inner.caps) {
+            for id in store.revoked()? {
+                caps.revoke(&id);
+            }
+        }
         sys.load()?;
         let workers = sys.inner.cfg.workers.max(1);
         for i in 0..workers {
@@ -807,6 +812,18 @@ impl System {
         }
         *kinds = Arc::new(next);
         self.inner.kinds_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// Revokes a token block (see [`crate::revocation_ids`]): refused from now on, and after a
+    /// restart too (the id is stored durably before this returns).
+    pub fn revoke(&self, revocation_id: &[u8]) -> Result<(), StoreError> {
+        if let Some(store) = &self.inner.store {
+            store.put_revoked(revocation_id)?;
+        }
+        if let Some(caps) = &self.inner.caps {
+            caps.revoke(revocation_id);
+        }
+        Ok(())
     }
 
     /// Calls `f` with every batch of committed local events of Eventual worknodes (set once).

@@ -9,6 +9,7 @@
     reason = "test helpers and child roles"
 )]
 
+mod cli;
 mod crash;
 mod replicas;
 mod store;

@@ -284,3 +284,28 @@ fn messages_relayed_between_worknodes_are_all_handled() {
     assert!(sys.wait_idle(WAIT));
     assert_eq!(sys.stats().handled, 8 * 101);
 }
+
+#[test]
+fn revocations_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Issuer::generate();
+    let start = || {
+        let store = EventStore::open(&dir.path().join("worknodes.redb"), StoreConfig::default()).unwrap();
+        let caps = Arc::new(Capabilities::new(issuer.public_key(), []));
+        (
+            System::builder(SystemConfig::default()).store(Arc::new(store)).capabilities(caps.clone()).start().unwrap(),
+            caps,
+        )
+    };
+    let token = issuer.issue(&p("/a"), &Right::ALL).unwrap();
+    {
+        let (sys, caps) = start();
+        sys.create(&caps.verify(&token).unwrap(), &WnPath::root(), "x", "data", Consistency::Local).unwrap_err();
+        sys.create(&Authority::System, &WnPath::root(), "a", "data", Consistency::Local).unwrap();
+        sys.create(&caps.verify(&token).unwrap(), &p("/a"), "b", "data", Consistency::Local).unwrap();
+        sys.revoke(&hex::decode(&revocation_ids(&token).unwrap()[0]).unwrap()).unwrap();
+    }
+    let (sys, caps) = start();
+    assert!(matches!(caps.verify(&token), Err(CapError::Revoked(_))));
+    assert!(sys.resolve(&p("/a/b")).is_some());
+}
