@@ -19,10 +19,11 @@
 //! ```
 //!
 //! Core concepts, one per type:
-//! - [`System`]: one node's worknodes in a slab arena (idle worknodes are plain data, about 200
-//!   bytes), run by a small pool of worker threads. `Send + Sync`; drop it to stop the workers.
-//! - [`Behaviour`]: the code of a worknode kind (a Rust handler, or `MuscleBehaviour` (feature `muscle`) hosted in a
-//!   referee cell). A failing behaviour (error or panic) restarts the worknode from its event log;
+//! - [`System`]: one node's worknodes in a slab arena (idle worknodes are plain data, ~270
+//!   bytes each, measured with a million), run by a small pool of worker threads.
+//!   `Send + Sync`; drop it to stop the workers.
+//! - [`Behaviour`]: the code of a worknode kind (a Rust handler, or `MuscleBehaviour`, feature
+//!   `muscle`, hosted in a referee cell). A failing behaviour (error or panic) restarts the worknode from its event log;
 //!   the parent receives [`Signal::ChildRestarted`] (or [`Signal::ChildStopped`] past the limit).
 //! - [`State`] of named CRDTs ([`crdt`]): every change is a delta, and every delta is an event.
 //! - [`EventStore`]: redb, an append-only stream per worknode with optimistic concurrency,

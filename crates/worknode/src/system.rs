@@ -667,11 +667,18 @@ impl Inner {
     fn restart(&self, idx: u32, info: &Info, node: &mut Node, reason: String, notices: &mut Vec<(u32, Signal)>) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
         node.restarts += 1;
-        let replayed = self.replay(info.id);
+        // Without a store the in-memory state is exactly what a replay would give (a failed
+        // message's updates are never applied), so it is kept.
+        let replayed = match &self.store {
+            Some(_) => self.replay(info.id).map(Some),
+            None => Ok(None),
+        };
         let signal = match replayed {
-            Ok((state, version)) if node.restarts <= self.cfg.max_restarts => {
-                node.state = Some(Box::new(state));
-                node.version = version;
+            Ok(fresh) if node.restarts <= self.cfg.max_restarts => {
+                if let Some((state, version)) = fresh {
+                    node.state = Some(Box::new(state));
+                    node.version = version;
+                }
                 Signal::ChildRestarted { child: info.id, reason, restarts: node.restarts }
             }
             other => {

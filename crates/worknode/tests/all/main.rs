@@ -11,6 +11,7 @@
 
 mod cli;
 mod crash;
+mod muscle;
 mod replicas;
 mod store;
 mod system;
