@@ -103,12 +103,11 @@ impl Replicator {
                 if healed.wait_for(|h| *h).await.is_err() {
                     return;
                 }
-                match me.node.connect_with(&addr, ConnectOptions::default().expect_peer(peer)).await {
-                    Ok(conn) => {
-                        conn.closed().await;
-                    }
-                    Err(_) => tokio::time::sleep(REDIAL).await,
+                // Pause after a drop too, so a peer that refuses us is not redialled in a loop.
+                if let Ok(conn) = me.node.connect_with(&addr, ConnectOptions::default().expect_peer(peer)).await {
+                    drop(conn.closed().await);
                 }
+                tokio::time::sleep(REDIAL).await;
             }
         });
     }
