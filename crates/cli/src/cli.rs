@@ -52,6 +52,9 @@ pub(crate) enum Command {
     /// Noise-encrypted messaging between nodes: keygen, id, listen, send, request, bench.
     #[command(subcommand)]
     Comm(referee_comm::cli::CommCommand),
+    /// Worknodes: create, send, get, tree against a local store; `serve` runs a replica.
+    #[command(subcommand)]
+    Node(referee_worknode::cli::NodeCommand),
     /// Measure the runtime on this machine (a throwaway home; prints a table).
     Bench {
         /// Calls per latency measurement.

@@ -5,6 +5,7 @@ mod bench;
 mod compile;
 mod keys;
 mod muscle;
+mod node;
 mod run;
 mod trust;
 
@@ -49,5 +50,6 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Attest(args) => attest::attest(&home, &args, cli.json),
         Command::Bench { calls } => bench::bench(calls, cli.json),
         Command::Comm(cmd) => referee_comm::cli::run(cmd, cli.json),
+        Command::Node(cmd) => node::run(cmd, cli.json),
     }
 }

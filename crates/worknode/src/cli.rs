@@ -1,0 +1,308 @@
+//! `referee node ...`: worknodes from a shell. The binary wires [`NodeCommand`] into its grammar
+//! and calls [`run`]. `anyhow` is used here only (CLI edge).
+//!
+//! `serve` runs a replica and takes commands on standard input, one per line, answering each with
+//! one JSON line (`{"ok": ...}` or `{"error": "..."}`):
+//!
+//! | command | effect |
+//! |---|---|
+//! | `create PATH KIND local\|eventual` | create a worknode |
+//! | `send PATH OP FIELD [VALUE [VALUE]]` | state operation: `grow`, `add`, `set`, `write`, `insert`, `remove`, `put KEY VALUE`, `delete KEY` |
+//! | `get PATH` | the worknode's state and version |
+//! | `peer ADDR PEER_ID` | keep a connection to a peer replica |
+//! | `isolate` / `heal` | cut this replica off the network / reconnect (anti-entropy runs) |
+//! | `idle` | wait until every accepted message is handled |
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use referee_comm::{Addr, AllowList, Config, Identity, Node, PeerId};
+
+use crate::replication::Replicator;
+use crate::{Authority, Consistency, EventStore, Op, StoreConfig, System, SystemConfig, WnPath, WorknodeId};
+
+/// `referee node` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Run a replica: listen for peers, replicate Eventual worknodes, take commands on stdin.
+    Serve {
+        /// Store directory (holds worknodes.redb and the replica id).
+        #[arg(long, env = "REFEREE_NODE_DIR", default_value = "worknodes")]
+        dir: PathBuf,
+        /// Address to listen on (tcp://HOST:PORT, unix:///PATH, quic://HOST:PORT).
+        #[arg(long)]
+        listen: String,
+        /// Identity file (default: a fresh ephemeral identity).
+        #[arg(long, env = "REFEREE_COMM_IDENTITY")]
+        identity: Option<PathBuf>,
+        /// Peer replica as ADDR@PEER_ID (repeatable).
+        #[arg(long = "peer", value_name = "ADDR@PEER_ID")]
+        peers: Vec<String>,
+        /// Peer id allowed to connect (repeatable).
+        #[arg(long = "allow", value_name = "PEER_ID")]
+        allow: Vec<String>,
+        /// Allow any peer that proves its identity (still encrypted and authenticated).
+        #[arg(long)]
+        allow_any: bool,
+    },
+    /// Create a worknode in the local store.
+    Create {
+        /// Store directory.
+        #[arg(long, env = "REFEREE_NODE_DIR", default_value = "worknodes")]
+        dir: PathBuf,
+        /// Path of the new worknode, e.g. /acme/research.
+        path: String,
+        /// Behaviour kind.
+        #[arg(long, default_value = "data")]
+        kind: String,
+        /// local or eventual.
+        #[arg(long, default_value = "local")]
+        consistency: String,
+    },
+    /// Apply a state operation: OP is grow, add, set, write, insert, remove, put (KEY VALUE) or delete (KEY).
+    Send {
+        /// Store directory.
+        #[arg(long, env = "REFEREE_NODE_DIR", default_value = "worknodes")]
+        dir: PathBuf,
+        /// The worknode.
+        path: String,
+        /// Operation.
+        op: String,
+        /// Field name.
+        field: String,
+        /// Operation arguments.
+        args: Vec<String>,
+    },
+    /// Show a worknode's state.
+    Get {
+        /// Store directory.
+        #[arg(long, env = "REFEREE_NODE_DIR", default_value = "worknodes")]
+        dir: PathBuf,
+        /// The worknode.
+        path: String,
+    },
+    /// List a subtree.
+    Tree {
+        /// Store directory.
+        #[arg(long, env = "REFEREE_NODE_DIR", default_value = "worknodes")]
+        dir: PathBuf,
+        /// Subtree root.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+}
+
+/// Opens the system stored in `dir` (creating it), with a stable replica id.
+pub fn open(dir: &Path) -> anyhow::Result<System> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let id_file = dir.join("replica-id");
+    let replica = match std::fs::read_to_string(&id_file) {
+        Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not a replica id", id_file.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let fresh = SystemConfig::default().replica;
+            std::fs::write(&id_file, fresh.to_string()).with_context(|| format!("writing {}", id_file.display()))?;
+            fresh
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", id_file.display())),
+    };
+    let store = EventStore::open(&dir.join("worknodes.redb"), StoreConfig::default())?;
+    Ok(System::start(SystemConfig { replica, ..SystemConfig::default() }, Some(Arc::new(store)), None)?)
+}
+
+fn consistency(s: &str) -> anyhow::Result<Consistency> {
+    Ok(match s {
+        "local" => Consistency::Local,
+        "eventual" => Consistency::Eventual,
+        "strong" => Consistency::Strong,
+        other => bail!("consistency {other:?} is not local, eventual or strong"),
+    })
+}
+
+/// Parses `OP FIELD ARGS...` into a state operation.
+pub fn parse_op(op: &str, args: &[String]) -> anyhow::Result<Op> {
+    let arg = |i: usize| args.get(i).cloned().with_context(|| format!("operation {op} needs {} argument(s)", i + 1));
+    Ok(match op {
+        "grow" => Op::Grow(arg(0)?.parse().context("grow takes a non-negative integer")?),
+        "add" => Op::Add(arg(0)?.parse().context("add takes an integer")?),
+        "set" => Op::Set(arg(0)?),
+        "write" => Op::Write(arg(0)?),
+        "insert" => Op::Insert(arg(0)?),
+        "remove" => Op::Remove(arg(0)?),
+        "put" => Op::Put(arg(0)?, arg(1)?),
+        "delete" => Op::Delete(arg(0)?),
+        other => bail!("unknown operation {other:?}: use grow, add, set, write, insert, remove, put or delete"),
+    })
+}
+
+fn create(sys: &System, path: &str, kind: &str, cons: &str) -> anyhow::Result<WorknodeId> {
+    let path: WnPath = path.parse()?;
+    let (parent, name) = path.split_last().context("cannot create the root")?;
+    Ok(sys.create(&Authority::System, &parent, name, kind, consistency(cons)?)?)
+}
+
+fn lookup(sys: &System, path: &str) -> anyhow::Result<WorknodeId> {
+    let p: WnPath = path.parse()?;
+    sys.resolve(&p).with_context(|| format!("no worknode at {p}"))
+}
+
+fn send(sys: &System, path: &str, op: &str, field: &str, args: &[String]) -> anyhow::Result<()> {
+    let id = lookup(sys, path)?;
+    sys.update(&Authority::System, id, vec![(field.to_owned(), parse_op(op, args)?)])?;
+    Ok(())
+}
+
+fn get(sys: &System, path: &str) -> anyhow::Result<serde_json::Value> {
+    let id = lookup(sys, path)?;
+    let v = sys.query(&Authority::System, id, Consistency::Local)?;
+    Ok(serde_json::json!({
+        "id": v.id.to_string(), "path": v.path.to_string(), "kind": v.kind, "version": v.version,
+        "children": v.children, "consistency": format!("{:?}", v.consistency).to_lowercase(), "state": v.state.to_json(),
+    }))
+}
+
+fn idle(sys: &System) -> anyhow::Result<()> {
+    if !sys.wait_idle(Duration::from_secs(30)) {
+        bail!("worknodes still busy after 30 s");
+    }
+    Ok(())
+}
+
+fn print(json: bool, value: &serde_json::Value) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{value:#}");
+    }
+}
+
+/// Runs one `referee node` command.
+pub fn run(cmd: NodeCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        NodeCommand::Serve { dir, listen, identity, peers, allow, allow_any } => {
+            serve(&dir, &listen, identity.as_deref(), &peers, &allow, allow_any)
+        }
+        NodeCommand::Create { dir, path, kind, consistency } => {
+            let sys = open(&dir)?;
+            let id = create(&sys, &path, &kind, &consistency)?;
+            print(json, &serde_json::json!({ "id": id.to_string(), "path": path }));
+            Ok(())
+        }
+        NodeCommand::Send { dir, path, op, field, args } => {
+            let sys = open(&dir)?;
+            send(&sys, &path, &op, &field, &args)?;
+            idle(&sys)?;
+            print(json, &get(&sys, &path)?);
+            Ok(())
+        }
+        NodeCommand::Get { dir, path } => {
+            let sys = open(&dir)?;
+            print(json, &get(&sys, &path)?);
+            Ok(())
+        }
+        NodeCommand::Tree { dir, path } => {
+            let sys = open(&dir)?;
+            let entries = sys.tree(&Authority::System, &path.parse()?, usize::MAX)?;
+            if json {
+                let list: Vec<_> = entries
+                    .iter()
+                    .map(|e| serde_json::json!({ "id": e.id.to_string(), "path": e.path.to_string(), "kind": e.kind, "children": e.children }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for e in entries {
+                    println!("{}  {}  {} ({} children)", e.id, e.path, e.kind, e.children);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parse_peer(s: &str) -> anyhow::Result<(Addr, PeerId)> {
+    let (addr, id) = s.rsplit_once('@').with_context(|| format!("peer {s:?} is not ADDR@PEER_ID"))?;
+    Ok((addr.parse()?, id.parse()?))
+}
+
+fn serve(
+    dir: &Path,
+    listen: &str,
+    identity: Option<&Path>,
+    peers: &[String],
+    allow: &[String],
+    allow_any: bool,
+) -> anyhow::Result<()> {
+    let sys = Arc::new(open(dir)?);
+    let identity = match identity {
+        Some(p) => Identity::load(p).with_context(|| format!("loading identity {}", p.display()))?,
+        None => Identity::generate()?,
+    };
+    let mut allowed = if allow_any { AllowList::allow_any() } else { AllowList::new([]) };
+    for a in allow {
+        allowed.insert(a.parse()?);
+    }
+    let mut dial = peers.iter().map(|p| parse_peer(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    for (_, id) in &dial {
+        allowed.insert(*id);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let (node, inbox) = Node::new(identity, allowed, Config::default());
+        let listener = node.listen(&listen.parse()?).await?;
+        let repl = Replicator::start(sys.clone(), node.clone(), inbox);
+        for (addr, id) in dial.drain(..) {
+            repl.add_peer(addr, id);
+        }
+        println!("{}", serde_json::json!({ "listening": listener.local_addr().to_string(), "id": node.id().to_string(), "replica": sys.replica() }));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some(line) = rx.recv().await {
+            let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+            let reply = control(&sys, &repl, &words).await;
+            let out = match reply {
+                Ok(v) => serde_json::json!({ "ok": v }),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            };
+            println!("{out}");
+        }
+        anyhow::Ok(())
+    })
+}
+
+async fn control(sys: &Arc<System>, repl: &Arc<Replicator>, words: &[String]) -> anyhow::Result<serde_json::Value> {
+    let w = |i: usize| words.get(i).map(String::as_str).context("missing argument");
+    match w(0)? {
+        "create" => Ok(serde_json::json!(create(sys, w(1)?, w(2)?, w(3)?)?.to_string())),
+        "send" => {
+            send(sys, w(1)?, w(2)?, w(3)?, words.get(4..).unwrap_or_default())?;
+            Ok(serde_json::json!(true))
+        }
+        "get" => get(sys, w(1)?),
+        "peer" => {
+            repl.add_peer(w(1)?.parse()?, w(2)?.parse()?);
+            Ok(serde_json::json!(true))
+        }
+        "isolate" => {
+            repl.isolate().await;
+            Ok(serde_json::json!(true))
+        }
+        "heal" => {
+            repl.heal();
+            Ok(serde_json::json!(true))
+        }
+        "idle" => {
+            let sys = sys.clone();
+            tokio::task::spawn_blocking(move || idle(&sys)).await??;
+            Ok(serde_json::json!(true))
+        }
+        other => bail!("unknown command {other:?}: create, send, get, peer, isolate, heal or idle"),
+    }
+}

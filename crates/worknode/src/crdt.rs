@@ -1,0 +1,514 @@
+//! Delta-state CRDTs (Almeida, Shoker, Baquero, "Delta state replicated data types", 2018).
+//!
+//! Every mutator returns a *delta*: a small value of the same type which, merged into any replica,
+//! has the effect of the operation. Deltas are what the event log stores and what replication
+//! ships; full states merge the same way (anti-entropy). [`Lattice::merge`] is a join: commutative,
+//! associative and idempotent (property-tested below), so deltas may be duplicated, reordered or
+//! re-delivered after a partition and replicas still converge.
+//!
+//! Representations are canonical (causal contexts are always compacted, zero entries are never
+//! stored), so two replicas that saw the same updates compare equal with `==`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Who made an update: a replica (node) identifier. Unique per node, stable across restarts.
+pub type ReplicaId = u64;
+
+/// One update event of one replica: `(replica, n)`, the replica's `n`-th event (from 1).
+pub type Dot = (ReplicaId, u64);
+
+/// A join-semilattice: `merge` is commutative, associative and idempotent.
+pub trait Lattice: Clone + PartialEq {
+    /// Joins `other` into `self`.
+    fn merge(&mut self, other: &Self);
+}
+
+/// Grow-only counter: one monotone count per replica; the value is their sum.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GCounter(BTreeMap<ReplicaId, u64>);
+
+impl GCounter {
+    /// Adds `n` on behalf of `replica`; returns the delta (empty for `n == 0`).
+    pub fn inc(&mut self, replica: ReplicaId, n: u64) -> GCounter {
+        if n == 0 {
+            return GCounter::default();
+        }
+        let slot = self.0.entry(replica).or_insert(0);
+        *slot = slot.saturating_add(n);
+        GCounter(BTreeMap::from([(replica, *slot)]))
+    }
+
+    /// The sum over all replicas (saturating).
+    pub fn value(&self) -> u64 {
+        self.0.values().fold(0u64, |acc, v| acc.saturating_add(*v))
+    }
+}
+
+impl Lattice for GCounter {
+    fn merge(&mut self, other: &Self) {
+        for (r, v) in &other.0 {
+            let slot = self.0.entry(*r).or_insert(0);
+            *slot = (*slot).max(*v);
+        }
+    }
+}
+
+/// Positive-negative counter: two grow-only counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PnCounter {
+    p: GCounter,
+    n: GCounter,
+}
+
+impl PnCounter {
+    /// Adds `delta` (may be negative) on behalf of `replica`; returns the delta state.
+    pub fn add(&mut self, replica: ReplicaId, delta: i64) -> PnCounter {
+        let mut out = PnCounter::default();
+        if delta >= 0 {
+            out.p = self.p.inc(replica, delta.unsigned_abs());
+        } else {
+            out.n = self.n.inc(replica, delta.unsigned_abs());
+        }
+        out
+    }
+
+    /// Increments minus decrements (saturating to the i64 range).
+    pub fn value(&self) -> i64 {
+        let v = i128::from(self.p.value()) - i128::from(self.n.value());
+        i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+    }
+}
+
+impl Lattice for PnCounter {
+    fn merge(&mut self, other: &Self) {
+        self.p.merge(&other.p);
+        self.n.merge(&other.n);
+    }
+}
+
+/// Last-writer-wins register: the write with the highest `(timestamp, replica)` wins (the value
+/// breaks the remaining tie, which only a misbehaving replica could create, so merge stays a join).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LwwRegister<T> {
+    entry: Option<(u64, ReplicaId, T)>,
+}
+
+impl<T> Default for LwwRegister<T> {
+    fn default() -> Self {
+        Self { entry: None }
+    }
+}
+
+impl<T: Ord + Clone> LwwRegister<T> {
+    /// Writes `value` at `now` (milliseconds; raised above the current timestamp so a write always
+    /// supersedes what this replica has seen, even with a clock behind). Returns the delta.
+    pub fn set(&mut self, replica: ReplicaId, now: u64, value: T) -> LwwRegister<T> {
+        let ts = match &self.entry {
+            Some((ts, _, _)) => now.max(ts.saturating_add(1)),
+            None => now,
+        };
+        let delta = LwwRegister { entry: Some((ts, replica, value)) };
+        self.merge(&delta);
+        delta
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Option<&T> {
+        self.entry.as_ref().map(|(_, _, v)| v)
+    }
+}
+
+impl<T: Ord + Clone> Lattice for LwwRegister<T> {
+    fn merge(&mut self, other: &Self) {
+        if let Some(theirs) = &other.entry {
+            let newer = match &self.entry {
+                None => true,
+                Some(mine) => (theirs.0, theirs.1, &theirs.2) > (mine.0, mine.1, &mine.2),
+            };
+            if newer {
+                self.entry = other.entry.clone();
+            }
+        }
+    }
+}
+
+/// The set of dots a replica has seen: a version vector plus the dots beyond it ("dot cloud").
+/// Always compacted, so the representation of a given set of dots is unique.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CausalContext {
+    vv: BTreeMap<ReplicaId, u64>,
+    cloud: BTreeSet<Dot>,
+}
+
+impl CausalContext {
+    /// Whether `dot` has been seen.
+    pub fn contains(&self, dot: &Dot) -> bool {
+        self.vv.get(&dot.0).is_some_and(|n| dot.1 <= *n) || self.cloud.contains(dot)
+    }
+
+    /// A fresh dot for `replica`: one past everything seen from it.
+    fn next_dot(&self, replica: ReplicaId) -> Dot {
+        let in_vv = self.vv.get(&replica).copied().unwrap_or(0);
+        let in_cloud = self.cloud.range((replica, 0)..=(replica, u64::MAX)).next_back().map_or(0, |d| d.1);
+        (replica, in_vv.max(in_cloud) + 1)
+    }
+
+    fn insert(&mut self, dot: Dot) {
+        if !self.contains(&dot) {
+            self.cloud.insert(dot);
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let cloud = std::mem::take(&mut self.cloud);
+        for dot in cloud {
+            let n = self.vv.entry(dot.0).or_insert(0);
+            if dot.1 == *n + 1 {
+                *n = dot.1;
+            } else if dot.1 > *n {
+                self.cloud.insert(dot);
+            }
+        }
+        self.vv.retain(|_, n| *n > 0);
+        // A dot moved into the vv may make later cloud dots contiguous: compact to a fixpoint.
+        let mergeable = self.cloud.iter().any(|d| self.vv.get(&d.0).is_some_and(|n| d.1 <= *n + 1));
+        if mergeable {
+            self.compact();
+        }
+    }
+
+    fn merge(&mut self, other: &Self) {
+        for (r, n) in &other.vv {
+            let mine = self.vv.entry(*r).or_insert(0);
+            *mine = (*mine).max(*n);
+        }
+        self.cloud.extend(other.cloud.iter().copied());
+        self.compact();
+    }
+}
+
+/// A dot store mapping each live dot to a value, with the causal context that says which dots were
+/// seen (and so, when absent from the store, were removed). The core of [`MvRegister`] and [`OrSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DotFun<T> {
+    live: BTreeMap<Dot, T>,
+    ctx: CausalContext,
+}
+
+impl<T> Default for DotFun<T> {
+    fn default() -> Self {
+        Self { live: BTreeMap::new(), ctx: CausalContext::default() }
+    }
+}
+
+impl<T: Clone + PartialEq> DotFun<T> {
+    /// A delta that removes `dots` and, if given, adds `value` under a fresh dot; applied to `self`.
+    fn replace(&mut self, replica: ReplicaId, dots: Vec<Dot>, value: Option<T>) -> DotFun<T> {
+        let mut delta = DotFun::default();
+        for d in dots {
+            delta.ctx.insert(d);
+        }
+        if let Some(v) = value {
+            let dot = self.ctx.next_dot(replica);
+            delta.ctx.insert(dot);
+            delta.live.insert(dot, v);
+        }
+        self.merge(&delta);
+        delta
+    }
+
+    fn merge(&mut self, other: &Self) {
+        // Keep a dot if both have it, or one has it and the other never saw it.
+        self.live.retain(|d, _| other.live.contains_key(d) || !other.ctx.contains(d));
+        for (d, v) in &other.live {
+            if !self.live.contains_key(d) && !self.ctx.contains(d) {
+                self.live.insert(*d, v.clone());
+            }
+        }
+        self.ctx.merge(&other.ctx);
+    }
+}
+
+/// Multi-value register: a write replaces every value it has seen; concurrent writes all survive
+/// until a later write supersedes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MvRegister<T>(DotFun<T>);
+
+impl<T> Default for MvRegister<T> {
+    fn default() -> Self {
+        Self(DotFun::default())
+    }
+}
+
+impl<T: Clone + Ord> MvRegister<T> {
+    /// Writes `value`; returns the delta.
+    pub fn set(&mut self, replica: ReplicaId, value: T) -> MvRegister<T> {
+        let seen = self.0.live.keys().copied().collect();
+        MvRegister(self.0.replace(replica, seen, Some(value)))
+    }
+
+    /// The concurrent values, sorted, without duplicates.
+    pub fn values(&self) -> Vec<T> {
+        let set: BTreeSet<&T> = self.0.live.values().collect();
+        set.into_iter().cloned().collect()
+    }
+}
+
+impl<T: Clone + Ord> Lattice for MvRegister<T> {
+    fn merge(&mut self, other: &Self) {
+        self.0.merge(&other.0);
+    }
+}
+
+/// Observed-remove (add-wins) set: a remove only removes the additions it has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrSet<T>(DotFun<T>);
+
+impl<T> Default for OrSet<T> {
+    fn default() -> Self {
+        Self(DotFun::default())
+    }
+}
+
+impl<T: Clone + Ord> OrSet<T> {
+    fn dots_of(&self, elem: &T) -> Vec<Dot> {
+        self.0.live.iter().filter(|(_, v)| *v == elem).map(|(d, _)| *d).collect()
+    }
+
+    /// Adds `elem`; returns the delta.
+    pub fn add(&mut self, replica: ReplicaId, elem: T) -> OrSet<T> {
+        let old = self.dots_of(&elem);
+        OrSet(self.0.replace(replica, old, Some(elem)))
+    }
+
+    /// Removes `elem` as observed here; returns the delta (empty if absent).
+    pub fn remove(&mut self, replica: ReplicaId, elem: &T) -> OrSet<T> {
+        let old = self.dots_of(elem);
+        OrSet(self.0.replace(replica, old, None))
+    }
+
+    /// Whether `elem` is present.
+    pub fn contains(&self, elem: &T) -> bool {
+        self.0.live.values().any(|v| v == elem)
+    }
+
+    /// The elements, sorted.
+    pub fn elements(&self) -> Vec<T> {
+        let set: BTreeSet<&T> = self.0.live.values().collect();
+        set.into_iter().cloned().collect()
+    }
+}
+
+impl<T: Clone + Ord> Lattice for OrSet<T> {
+    fn merge(&mut self, other: &Self) {
+        self.0.merge(&other.0);
+    }
+}
+
+/// Observed-remove map of embedded CRDTs: key presence is an add-wins [`OrSet`]; values merge
+/// pointwise. Removing a key hides it; its value is not reset, so a concurrent or later update
+/// of that key shows the merged value again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrMap<K: Ord, V> {
+    keys: OrSet<K>,
+    values: BTreeMap<K, V>,
+}
+
+impl<K: Ord, V> Default for OrMap<K, V> {
+    fn default() -> Self {
+        Self { keys: OrSet::default(), values: BTreeMap::new() }
+    }
+}
+
+impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
+    /// Updates the value at `key` with `f`, which mutates it and returns the value's delta.
+    /// Returns the map delta (presence of `key` plus the value delta).
+    pub fn update(&mut self, replica: ReplicaId, key: K, f: impl FnOnce(&mut V) -> V) -> OrMap<K, V> {
+        let keys = self.keys.add(replica, key.clone());
+        let vdelta = f(self.values.entry(key.clone()).or_default());
+        OrMap { keys, values: BTreeMap::from([(key, vdelta)]) }
+    }
+
+    /// Removes `key` as observed here; returns the delta.
+    pub fn remove(&mut self, replica: ReplicaId, key: &K) -> OrMap<K, V> {
+        OrMap { keys: self.keys.remove(replica, key), values: BTreeMap::new() }
+    }
+
+    /// The value at `key`, if the key is present.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.keys.contains(key).then(|| self.values.get(key)).flatten()
+    }
+
+    /// The present entries, sorted by key.
+    pub fn entries(&self) -> Vec<(&K, &V)> {
+        self.values.iter().filter(|(k, _)| self.keys.contains(k)).collect()
+    }
+}
+
+impl<K: Clone + Ord, V: Lattice> Lattice for OrMap<K, V> {
+    fn merge(&mut self, other: &Self) {
+        self.keys.merge(&other.keys);
+        for (k, v) in &other.values {
+            match self.values.get_mut(k) {
+                Some(mine) => mine.merge(v),
+                None => {
+                    self.values.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One step of a random history over three replicas: an operation at a replica, or a sync.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Op { at: usize, kind: u8, arg: u8 },
+        Sync { from: usize, to: usize },
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        let step = prop_oneof![
+            3 => (0..3usize, 0..4u8, 0..6u8).prop_map(|(at, kind, arg)| Step::Op { at, kind, arg }),
+            1 => (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
+        ];
+        prop::collection::vec(step, 0..40)
+    }
+
+    /// Runs `history` on three replicas with `op` (which must return the delta and has already
+    /// applied it), checking on the way that merging the delta into a stale copy agrees.
+    fn run<T: Lattice + Default + Debug>(history: &[Step], op: impl Fn(&mut T, ReplicaId, u8, u8) -> T) -> [T; 3] {
+        let mut r: [T; 3] = Default::default();
+        for s in history {
+            match *s {
+                Step::Op { at, kind, arg } => {
+                    let before = r[at].clone();
+                    let delta = op(&mut r[at], at as ReplicaId + 1, kind, arg);
+                    let mut via_delta = before;
+                    via_delta.merge(&delta);
+                    assert_eq!(via_delta, r[at], "delta disagrees with the mutation");
+                }
+                Step::Sync { from, to } => {
+                    let src = r[from].clone();
+                    r[to].merge(&src);
+                }
+            }
+        }
+        r
+    }
+
+    fn join<T: Lattice>(a: &T, b: &T) -> T {
+        let mut out = a.clone();
+        out.merge(b);
+        out
+    }
+
+    fn laws<T: Lattice + Debug>([a, b, c]: &[T; 3]) {
+        assert_eq!(join(a, b), join(b, a), "not commutative");
+        assert_eq!(join(&join(a, b), c), join(a, &join(b, c)), "not associative");
+        assert_eq!(join(a, a), *a, "not idempotent");
+        let all = join(&join(a, b), c);
+        assert_eq!(join(&all, a), all, "join is not an upper bound");
+    }
+
+    fn counter_op(c: &mut PnCounter, r: ReplicaId, kind: u8, arg: u8) -> PnCounter {
+        let n = i64::from(arg);
+        c.add(r, if kind.is_multiple_of(2) { n } else { -n })
+    }
+
+    fn set_op(s: &mut OrSet<u8>, r: ReplicaId, kind: u8, arg: u8) -> OrSet<u8> {
+        if kind < 2 { s.add(r, arg) } else { s.remove(r, &arg) }
+    }
+
+    proptest! {
+        #[test]
+        fn gcounter_laws(h in steps()) {
+            let r = run(&h, |c: &mut GCounter, r, _, arg| c.inc(r, u64::from(arg)));
+            laws(&r);
+            // Independent expectation: the converged value is the sum of every increment.
+            let total: u64 = h.iter().map(|s| match s { Step::Op { arg, .. } => u64::from(*arg), Step::Sync { .. } => 0 }).sum();
+            prop_assert_eq!(join(&join(&r[0], &r[1]), &r[2]).value(), total);
+        }
+
+        #[test]
+        fn pncounter_laws(h in steps()) {
+            let r = run(&h, counter_op);
+            laws(&r);
+            let total: i64 = h.iter().map(|s| match s {
+                Step::Op { kind, arg, .. } => if kind.is_multiple_of(2) { i64::from(*arg) } else { -i64::from(*arg) },
+                Step::Sync { .. } => 0,
+            }).sum();
+            prop_assert_eq!(join(&join(&r[0], &r[1]), &r[2]).value(), total);
+        }
+
+        #[test]
+        fn lww_laws(h in steps()) {
+            let r = run(&h, |reg: &mut LwwRegister<u8>, r, kind, arg| reg.set(r, u64::from(kind), arg));
+            laws(&r);
+        }
+
+        #[test]
+        fn mvregister_laws(h in steps()) {
+            let r = run(&h, |reg: &mut MvRegister<u8>, r, _, arg| reg.set(r, arg));
+            laws(&r);
+        }
+
+        #[test]
+        fn orset_laws(h in steps()) {
+            let r = run(&h, set_op);
+            laws(&r);
+        }
+
+        #[test]
+        fn ormap_laws(h in steps()) {
+            let r = run(&h, |m: &mut OrMap<u8, PnCounter>, r, kind, arg| {
+                if kind == 3 { m.remove(r, &arg) } else { m.update(r, arg % 3, |c| counter_op(c, r, kind, arg)) }
+            });
+            laws(&r);
+        }
+    }
+
+    #[test]
+    fn orset_add_wins_over_concurrent_remove() {
+        let (mut a, mut b) = (OrSet::default(), OrSet::default());
+        let d = a.add(1, "x");
+        b.merge(&d);
+        let removed = b.remove(2, &"x");
+        let readded = a.add(1, "x");
+        a.merge(&removed);
+        b.merge(&readded);
+        assert!(a.contains(&"x") && b.contains(&"x"));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn mvregister_keeps_concurrent_writes_until_overwritten() {
+        let (mut a, mut b) = (MvRegister::default(), MvRegister::default());
+        let da = a.set(1, "left");
+        let db = b.set(2, "right");
+        a.merge(&db);
+        b.merge(&da);
+        assert_eq!(a.values(), vec!["left", "right"]);
+        let dc = a.set(1, "both");
+        b.merge(&dc);
+        assert_eq!(b.values(), vec!["both"]);
+    }
+
+    #[test]
+    fn lww_later_write_wins_even_with_clock_behind() {
+        let mut reg = LwwRegister::default();
+        reg.set(1, 100, "first");
+        reg.set(1, 5, "second");
+        assert_eq!(reg.get(), Some(&"second"));
+    }
+}

@@ -1,0 +1,188 @@
+//! EVENTUAL consistency: CRDT deltas shipped between nodes over referee-comm.
+//!
+//! - Every committed batch of *local* events of an Eventual worknode is sent to every connected
+//!   peer as [`Wire::Deltas`] (with the worknode's metadata chain, so a peer creates it on first
+//!   sight). Events keep their origin ids, so a redelivered delta is a no-op in the peer's store.
+//! - On every (re)connection both sides send [`Wire::Sync`]: the full state of every Eventual
+//!   worknode (anti-entropy). Merge is a join, so replicas converge after a partition heals no
+//!   matter which deltas were lost while it lasted.
+//! - Peers are dialled with retry; a replica can be [`Replicator::isolate`]d (all connections
+//!   closed and refused, shipments dropped) and [`Replicator::heal`]ed, which is how the partition
+//!   tests cut the network.
+//!
+//! Payloads are MessagePack (`rmp-serde`) inside referee-comm's authenticated, encrypted messages.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use referee_comm::{Addr, ConnectOptions, Event, Inbox, Node, PeerId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use crate::state::{Delta, State};
+use crate::system::{Meta, Replicated, Shipment, System};
+
+/// What replicas say to each other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Wire {
+    /// New local events of one worknode.
+    Deltas {
+        /// Metadata from the root's child down to the worknode.
+        chain: Vec<Meta>,
+        /// Events with their origin ids.
+        events: Vec<Replicated>,
+    },
+    /// Full states of every Eventual worknode (anti-entropy).
+    Sync {
+        /// `(chain, state)` per worknode.
+        nodes: Vec<(Vec<Meta>, State)>,
+    },
+}
+
+/// How long to wait between dial attempts to a peer that is down.
+const REDIAL: Duration = Duration::from_millis(200);
+
+/// Replication of one [`System`] over one referee-comm [`Node`].
+pub struct Replicator {
+    system: Arc<System>,
+    node: Node,
+    isolated: AtomicBool,
+    /// Mirrors `isolated` for tasks that wait for the partition to heal.
+    healed: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator").field("node", &self.node.id()).finish_non_exhaustive()
+    }
+}
+
+fn encode(w: &Wire) -> Vec<u8> {
+    rmp_serde::to_vec(w).unwrap_or_default()
+}
+
+/// A content-derived event id for anti-entropy states: the same state sent twice is stored once.
+fn content_id(id: &crate::WorknodeId, delta: &Delta) -> [u8; 16] {
+    let digest =
+        Sha256::new().chain_update(id.to_bytes()).chain_update(rmp_serde::to_vec(delta).unwrap_or_default()).finalize();
+    let mut out = [0u8; 16];
+    for (o, d) in out.iter_mut().zip(digest.iter()) {
+        *o = *d;
+    }
+    out
+}
+
+impl Replicator {
+    /// Starts replicating `system` over `node` (whose inbox is `inbox`). Must be called inside a
+    /// tokio runtime; spawns the tasks that ship deltas, answer peers and run anti-entropy.
+    pub fn start(system: Arc<System>, node: Node, inbox: Inbox) -> Arc<Self> {
+        let me = Arc::new(Self { system, node, isolated: AtomicBool::new(false), healed: watch::Sender::new(true) });
+        let (tx, rx) = mpsc::unbounded_channel::<Shipment>();
+        me.system.set_replication_sink(move |s| {
+            let _ = tx.send(s);
+        });
+        tokio::spawn(me.clone().ship(rx));
+        tokio::spawn(me.clone().receive(inbox));
+        tokio::spawn(me.clone().on_connect());
+        me
+    }
+
+    /// The comm node (its id and listeners).
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Keeps a connection to the peer at `addr` (identity `peer`), redialling when it drops.
+    pub fn add_peer(self: &Arc<Self>, addr: Addr, peer: PeerId) {
+        let me = self.clone();
+        let mut healed = self.healed.subscribe();
+        tokio::spawn(async move {
+            loop {
+                if healed.wait_for(|h| *h).await.is_err() {
+                    return;
+                }
+                // Pause after a drop too, so a peer that refuses us is not redialled in a loop.
+                if let Ok(conn) = me.node.connect_with(&addr, ConnectOptions::default().expect_peer(peer)).await {
+                    drop(conn.closed().await);
+                }
+                tokio::time::sleep(REDIAL).await;
+            }
+        });
+    }
+
+    /// Cuts this replica off: closes every connection, refuses new ones, drops outgoing deltas.
+    pub async fn isolate(&self) {
+        self.isolated.store(true, Ordering::Release);
+        self.healed.send_replace(false);
+        self.node.close_all("isolated").await;
+    }
+
+    /// Ends isolation: peers are dialled again and anti-entropy runs on reconnection.
+    pub fn heal(&self) {
+        self.isolated.store(false, Ordering::Release);
+        self.healed.send_replace(true);
+    }
+
+    async fn ship(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Shipment>) {
+        while let Some(s) = rx.recv().await {
+            if self.isolated.load(Ordering::Acquire) {
+                continue;
+            }
+            let bytes = bytes::Bytes::from(encode(&Wire::Deltas { chain: s.chain, events: s.events }));
+            for conn in self.node.connections() {
+                // A lost delta is repaired by anti-entropy on reconnection.
+                let _ = conn.send(bytes.clone()).await;
+            }
+        }
+    }
+
+    async fn on_connect(self: Arc<Self>) {
+        let mut events = self.node.events();
+        loop {
+            let ev = match events.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let Event::Connected { peer, .. } = ev else { continue };
+            for conn in self.node.connections().into_iter().filter(|c| c.peer().id == peer) {
+                if self.isolated.load(Ordering::Acquire) {
+                    conn.close("isolated").await;
+                    continue;
+                }
+                let sync = Wire::Sync { nodes: self.system.eventual_states() };
+                let _ = conn.send(encode(&sync)).await;
+            }
+        }
+    }
+
+    async fn receive(self: Arc<Self>, mut inbox: Inbox) {
+        while let Some(msg) = inbox.recv().await {
+            if self.isolated.load(Ordering::Acquire) {
+                msg.connection().close("isolated").await;
+                continue;
+            }
+            let Ok(wire) = rmp_serde::from_slice::<Wire>(msg.payload()) else { continue };
+            match wire {
+                Wire::Deltas { chain, events } => self.apply(&chain, events),
+                Wire::Sync { nodes } => {
+                    for (chain, state) in nodes {
+                        let Some(last) = chain.last() else { continue };
+                        let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();
+                        self.apply(&chain, events);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, chain: &[Meta], events: Vec<Replicated>) {
+        let Some(last) = chain.last() else { return };
+        // A chain we cannot create here (unknown kind, limits) is skipped; the peer keeps it.
+        if self.system.ensure_chain(chain).is_ok() {
+            let _ = self.system.merge_remote(last.id, events);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! A worknode's state: named CRDT fields. Operations ([`Op`]) turn into deltas ([`Delta`]); a delta
+//! is exactly what an event records and what replication ships.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crdt::{GCounter, Lattice, LwwRegister, MvRegister, OrMap, OrSet, PnCounter, ReplicaId};
+use crate::error::StateError;
+
+/// One CRDT value of a field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Crdt {
+    /// Grow-only counter.
+    GCounter(GCounter),
+    /// Increment/decrement counter.
+    PnCounter(PnCounter),
+    /// Last-writer-wins register of text.
+    Lww(LwwRegister<String>),
+    /// Multi-value register of text.
+    Mv(MvRegister<String>),
+    /// Observed-remove set of text.
+    Set(OrSet<String>),
+    /// Observed-remove map from text to last-writer-wins text.
+    Map(OrMap<String, LwwRegister<String>>),
+}
+
+impl Crdt {
+    fn kind(&self) -> &'static str {
+        match self {
+            Crdt::GCounter(_) => "gcounter",
+            Crdt::PnCounter(_) => "pncounter",
+            Crdt::Lww(_) => "lww",
+            Crdt::Mv(_) => "mv",
+            Crdt::Set(_) => "set",
+            Crdt::Map(_) => "map",
+        }
+    }
+
+    /// Joins `other` (same kind) into `self`.
+    fn merge(&mut self, other: &Crdt) -> Result<(), StateError> {
+        match (self, other) {
+            (Crdt::GCounter(a), Crdt::GCounter(b)) => a.merge(b),
+            (Crdt::PnCounter(a), Crdt::PnCounter(b)) => a.merge(b),
+            (Crdt::Lww(a), Crdt::Lww(b)) => a.merge(b),
+            (Crdt::Mv(a), Crdt::Mv(b)) => a.merge(b),
+            (Crdt::Set(a), Crdt::Set(b)) => a.merge(b),
+            (Crdt::Map(a), Crdt::Map(b)) => a.merge(b),
+            (a, b) => return Err(StateError::TypeMismatch { have: a.kind(), got: b.kind() }),
+        }
+        Ok(())
+    }
+
+    /// The value as JSON (for queries, the CLI and the gateway).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Crdt::GCounter(c) => json!(c.value()),
+            Crdt::PnCounter(c) => json!(c.value()),
+            Crdt::Lww(r) => json!(r.get()),
+            Crdt::Mv(r) => json!(r.values()),
+            Crdt::Set(s) => json!(s.elements()),
+            Crdt::Map(m) => {
+                serde_json::Value::Object(m.entries().into_iter().map(|(k, v)| (k.clone(), json!(v.get()))).collect())
+            }
+        }
+    }
+}
+
+/// An operation on one field. The field is created with the operation's CRDT kind on first use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Op {
+    /// Grow-only counter: add `n`.
+    Grow(u64),
+    /// PN counter: add `n` (negative decrements).
+    Add(i64),
+    /// LWW register: set.
+    Set(String),
+    /// MV register: write.
+    Write(String),
+    /// OR-set: add an element.
+    Insert(String),
+    /// OR-set: remove an element.
+    Remove(String),
+    /// OR-map: put `key -> value`.
+    Put(String, String),
+    /// OR-map: delete a key.
+    Delete(String),
+}
+
+impl Op {
+    fn empty(&self) -> Crdt {
+        match self {
+            Op::Grow(_) => Crdt::GCounter(GCounter::default()),
+            Op::Add(_) => Crdt::PnCounter(PnCounter::default()),
+            Op::Set(_) => Crdt::Lww(LwwRegister::default()),
+            Op::Write(_) => Crdt::Mv(MvRegister::default()),
+            Op::Insert(_) | Op::Remove(_) => Crdt::Set(OrSet::default()),
+            Op::Put(..) | Op::Delete(_) => Crdt::Map(OrMap::default()),
+        }
+    }
+}
+
+/// A change to one field: a CRDT delta. The unit of events and of replication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// Field name.
+    pub field: String,
+    /// The delta, merged into the field.
+    pub delta: Crdt,
+}
+
+/// All fields of one worknode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    fields: BTreeMap<String, Crdt>,
+}
+
+impl State {
+    /// No fields.
+    pub(crate) const EMPTY: State = State { fields: BTreeMap::new() };
+
+    /// Computes the delta of `op` on `field` without changing `self` (a behaviour's changes are
+    /// applied only once its turn commits).
+    pub fn prepare(&self, replica: ReplicaId, now_ms: u64, field: &str, op: &Op) -> Result<Delta, StateError> {
+        let mut scratch = match self.fields.get(field) {
+            Some(c) => c.clone(),
+            None => op.empty(),
+        };
+        let delta = match (&mut scratch, op) {
+            (Crdt::GCounter(c), Op::Grow(n)) => Crdt::GCounter(c.inc(replica, *n)),
+            (Crdt::PnCounter(c), Op::Add(n)) => Crdt::PnCounter(c.add(replica, *n)),
+            (Crdt::Lww(r), Op::Set(v)) => Crdt::Lww(r.set(replica, now_ms, v.clone())),
+            (Crdt::Mv(r), Op::Write(v)) => Crdt::Mv(r.set(replica, v.clone())),
+            (Crdt::Set(s), Op::Insert(v)) => Crdt::Set(s.add(replica, v.clone())),
+            (Crdt::Set(s), Op::Remove(v)) => Crdt::Set(s.remove(replica, v)),
+            (Crdt::Map(m), Op::Put(k, v)) => {
+                Crdt::Map(m.update(replica, k.clone(), |reg| reg.set(replica, now_ms, v.clone())))
+            }
+            (Crdt::Map(m), Op::Delete(k)) => Crdt::Map(m.remove(replica, k)),
+            (have, _) => return Err(StateError::TypeMismatch { have: have.kind(), got: op.empty().kind() }),
+        };
+        Ok(Delta { field: field.to_owned(), delta })
+    }
+
+    /// Merges a delta (or a whole field state) in.
+    pub fn apply(&mut self, d: &Delta) -> Result<(), StateError> {
+        match self.fields.get_mut(&d.field) {
+            Some(c) => c.merge(&d.delta),
+            None => {
+                self.fields.insert(d.field.clone(), d.delta.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Merges a whole state in (anti-entropy).
+    pub fn merge(&mut self, other: &State) -> Result<(), StateError> {
+        for (field, c) in &other.fields {
+            self.apply(&Delta { field: field.clone(), delta: c.clone() })?;
+        }
+        Ok(())
+    }
+
+    /// One field.
+    pub fn get(&self, field: &str) -> Option<&Crdt> {
+        self.fields.get(field)
+    }
+
+    /// All fields as a JSON object of values.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.fields.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+    }
+
+    /// Every field as a delta carrying its whole state (anti-entropy).
+    pub fn into_deltas(self) -> Vec<Delta> {
+        self.fields.into_iter().map(|(field, delta)| Delta { field, delta }).collect()
+    }
+
+    /// Whether no field was ever written.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_build_fields_and_refuse_kind_changes() {
+        let mut s = State::default();
+        let d = s.prepare(1, 0, "n", &Op::Add(5)).unwrap();
+        s.apply(&d).unwrap();
+        let d = s.prepare(1, 0, "n", &Op::Add(-2)).unwrap();
+        s.apply(&d).unwrap();
+        assert_eq!(s.to_json()["n"], 3);
+        assert!(matches!(s.prepare(1, 0, "n", &Op::Set("x".into())), Err(StateError::TypeMismatch { .. })));
+        let d = s.prepare(1, 7, "m", &Op::Put("k".into(), "v".into())).unwrap();
+        s.apply(&d).unwrap();
+        assert_eq!(s.to_json()["m"]["k"], "v");
+    }
+}

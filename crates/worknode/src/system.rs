@@ -1,0 +1,1138 @@
+//! The worknode system: an arena of worknodes, a pool of worker threads running their turns,
+//! supervision, persistence through the event store and the hooks replication uses.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::caps::{Authority, Capabilities, Right};
+use crate::crdt::ReplicaId;
+use crate::error::{CapError, CreateError, QueryError, SendError, StoreError, Unsupported};
+use crate::id::{WnPath, WorknodeId};
+use crate::sched::{Core, Lock as _, PushError, StdSync};
+use crate::state::{Delta, Op, State};
+use crate::store::{EventId, EventStore, Expected, NewEvent};
+
+/// Consistency level of a worknode, fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Consistency {
+    /// State lives on this node only.
+    Local,
+    /// State is a CRDT replicated to peer nodes; replicas converge once they can talk.
+    Eventual,
+    /// Linearizable (Raft): reserved for the cluster issue; refused with [`Unsupported`] today.
+    Strong,
+}
+
+/// Limits and tuning.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    /// Worker threads running turns.
+    pub workers: usize,
+    /// Most messages a worknode handles per turn before others get a turn.
+    pub max_per_turn: usize,
+    /// Mailbox bound; a full mailbox refuses with [`SendError::Full`].
+    pub mailbox_capacity: u32,
+    /// Deepest allowed path (segments).
+    pub max_depth: usize,
+    /// Most children per worknode.
+    pub max_children: usize,
+    /// Most worknodes on this node.
+    pub max_worknodes: usize,
+    /// Snapshot a worknode's state every this many events.
+    pub snapshot_every: u64,
+    /// Restarts after which a failing worknode is stopped.
+    pub max_restarts: u32,
+    /// This node's replica id (CRDT dots); must differ between replicas.
+    pub replica: ReplicaId,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            max_per_turn: 64,
+            mailbox_capacity: 1024,
+            max_depth: 32,
+            max_children: 100_000,
+            max_worknodes: 4 << 20,
+            snapshot_every: 100,
+            max_restarts: 10,
+            replica: u64::from_le_bytes(uuid::Uuid::now_v7().as_bytes()[8..].try_into().unwrap_or([1; 8])),
+        }
+    }
+}
+
+/// What a supervisor is told about its children.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Signal {
+    /// A child's behaviour failed; the child was restarted from its event log.
+    ChildRestarted {
+        /// The child.
+        child: WorknodeId,
+        /// The error or panic message.
+        reason: String,
+        /// Restarts so far.
+        restarts: u32,
+    },
+    /// A child failed more than `max_restarts` times and was stopped.
+    ChildStopped {
+        /// The child.
+        child: WorknodeId,
+        /// The last error.
+        reason: String,
+    },
+}
+
+/// An event received from a peer: its origin id (so redelivery is a no-op) and delta.
+pub type Replicated = (EventId, Delta);
+
+/// A message body.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Body {
+    /// Application data for the behaviour.
+    Data(Bytes),
+    /// State operations applied by the system (no behaviour involved).
+    Update(Vec<(String, Op)>),
+    /// Supervision notice for the behaviour.
+    Signal(Signal),
+    /// Deltas from a peer replica.
+    Merge(Vec<Replicated>),
+}
+
+/// A message and the authority of whoever sent it.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The sender's authority.
+    pub from: Authority,
+    /// What it says.
+    pub body: Body,
+}
+
+/// A behaviour failure; the worknode restarts from its event log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BehaviourError(pub String);
+
+/// A worknode's code: a Rust handler, or a muscle (`MuscleBehaviour`, feature `muscle`). Shared by
+/// every worknode of a kind, so it holds no per-worknode data: that is in the CRDT state.
+pub trait Behaviour: Send + Sync + 'static {
+    /// Handles one message. State changes requested through `ctx` are applied (and become events)
+    /// only if this returns `Ok`; an `Err` or a panic restarts the worknode.
+    fn handle(&self, ctx: &mut Ctx<'_>, msg: &Envelope) -> Result<(), BehaviourError>;
+}
+
+/// The no-op behaviour of the built-in `data` kind: a worknode that is only state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DataBehaviour;
+
+impl Behaviour for DataBehaviour {
+    fn handle(&self, _: &mut Ctx<'_>, _: &Envelope) -> Result<(), BehaviourError> {
+        Ok(())
+    }
+}
+
+/// What a behaviour sees and can do during one message.
+pub struct Ctx<'a> {
+    sys: &'a Inner,
+    id: WorknodeId,
+    parent: u32,
+    state: &'a State,
+    ops: Vec<(String, Op)>,
+}
+
+impl Ctx<'_> {
+    /// This worknode.
+    pub fn id(&self) -> WorknodeId {
+        self.id
+    }
+
+    /// Its parent (`None` for the root).
+    pub fn parent(&self) -> Option<WorknodeId> {
+        (self.parent != NO_PARENT).then(|| self.sys.info(self.parent).map(|p| p.id)).flatten()
+    }
+
+    /// The state before this message's own updates.
+    pub fn state(&self) -> &State {
+        self.state
+    }
+
+    /// Requests a state change (applied when the handler returns `Ok`).
+    pub fn update(&mut self, field: &str, op: Op) {
+        self.ops.push((field.to_owned(), op));
+    }
+
+    /// Sends data to another worknode of this system (as the system: behaviours act inside the
+    /// authority that reached them).
+    pub fn send(&self, to: WorknodeId, data: Bytes) -> Result<(), SendError> {
+        let idx = self.sys.index(to).ok_or_else(|| SendError::NotFound(to.to_string()))?;
+        self.sys.push(idx, Some(to), Envelope { from: Authority::System, body: Body::Data(data) }, true)
+    }
+
+    /// Sends to a worknode by arena handle (the fast path: no id lookup).
+    pub fn send_to(&self, to: Handle, data: Bytes) -> Result<(), SendError> {
+        self.sys.push(to.0, None, Envelope { from: Authority::System, body: Body::Data(data) }, true)
+    }
+}
+
+/// An arena handle: the fast path for sending without an id lookup. Valid for the life of the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Handle(u32);
+
+/// Persisted description of a worknode (everything but its state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Id.
+    pub id: WorknodeId,
+    /// Parent id (the root's is itself).
+    pub parent: WorknodeId,
+    /// Last path segment.
+    pub name: String,
+    /// Behaviour kind.
+    pub kind: String,
+    /// Consistency level.
+    pub consistency: Consistency,
+}
+
+/// The id of every system's root worknode `/` (the nil UUID, the same on every replica).
+pub const ROOT_ID: WorknodeId = WorknodeId::nil();
+
+/// What never changes about a worknode: readable without waiting for its turn (paths, sends).
+struct Info {
+    id: WorknodeId,
+    parent: u32,
+    kind: u16,
+    consistency: Consistency,
+    name: Box<str>,
+    /// Its own short lock, so creating a child never waits for the parent's turn.
+    children: Mutex<Vec<u32>>,
+}
+
+impl Info {
+    fn children(&self) -> Vec<u32> {
+        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// What a worknode's turn changes (locked by the worker for the turn). Kept small: idle
+/// worknodes are plain data.
+struct Node {
+    stopped: bool,
+    restarts: u32,
+    /// Allocated on the first change.
+    state: Option<Box<State>>,
+    /// Last event sequence number.
+    version: u64,
+}
+
+const NO_PARENT: u32 = u32::MAX;
+
+static EMPTY_STATE: State = State::EMPTY;
+
+/// One worknode's view for queries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    /// Id.
+    pub id: WorknodeId,
+    /// Path.
+    pub path: WnPath,
+    /// Behaviour kind.
+    pub kind: String,
+    /// Consistency level.
+    pub consistency: Consistency,
+    /// Last event sequence number.
+    pub version: u64,
+    /// Messages waiting.
+    pub queued: usize,
+    /// Number of children.
+    pub children: usize,
+    /// Stopped after repeated failures.
+    pub stopped: bool,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// The CRDT state.
+    pub state: State,
+}
+
+/// An entry of a tree listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Id.
+    pub id: WorknodeId,
+    /// Path.
+    pub path: WnPath,
+    /// Behaviour kind.
+    pub kind: String,
+    /// Consistency level.
+    pub consistency: Consistency,
+    /// Number of children.
+    pub children: usize,
+}
+
+/// Committed local events of an Eventual worknode, for replication: the worknode's chain of
+/// metadata from the root's child down to itself, and the events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shipment {
+    /// Ancestors then the worknode itself (the root excluded).
+    pub chain: Vec<Meta>,
+    /// The events, in order.
+    pub events: Vec<Replicated>,
+}
+
+type Sink = Box<dyn Fn(Shipment) + Send + Sync>;
+
+type Kinds = Vec<(String, Arc<dyn Behaviour>)>;
+
+/// A worker's copy of the kind table (avoids a shared lock per message).
+struct KindCache {
+    generation: u64,
+    kinds: Arc<Kinds>,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages handled.
+    pub handled: u64,
+    /// Restarts performed.
+    pub restarts: u64,
+    /// Operations refused at apply time (a field of another CRDT kind).
+    pub rejected: u64,
+}
+
+pub(crate) struct Inner {
+    core: Core<StdSync, Envelope, Node, Info>,
+    ids: RwLock<HashMap<WorknodeId, u32>>,
+    names: RwLock<HashMap<(u32, u64), u32>>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Registered kinds (index = `Node::kind`); workers keep a copy, refreshed when `kinds_gen` moves.
+    kinds: RwLock<Arc<Kinds>>,
+    kinds_gen: AtomicU64,
+    store: Option<Arc<EventStore>>,
+    caps: Option<Arc<Capabilities>>,
+    cfg: SystemConfig,
+    sink: OnceLock<Sink>,
+    in_flight: AtomicU64,
+    idle: (Mutex<()>, Condvar),
+    handled: AtomicU64,
+    restarts: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// Assembles a [`System`] (see [`System::builder`]).
+pub struct SystemBuilder {
+    cfg: SystemConfig,
+    store: Option<Arc<EventStore>>,
+    caps: Option<Arc<Capabilities>>,
+    kinds: Kinds,
+}
+
+impl std::fmt::Debug for SystemBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemBuilder").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+impl SystemBuilder {
+    /// Persist to (and replay from) `store`.
+    pub fn store(mut self, store: Arc<EventStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Verify tokens with `caps`.
+    pub fn capabilities(mut self, caps: Arc<Capabilities>) -> Self {
+        self.caps = Some(caps);
+        self
+    }
+
+    /// Registers the behaviour of `kind`.
+    pub fn behaviour(mut self, kind: &str, behaviour: Arc<dyn Behaviour>) -> Self {
+        self.kinds.push((kind.to_owned(), behaviour));
+        self
+    }
+
+    /// Replays the store and starts the workers.
+    pub fn start(self) -> Result<System, StoreError> {
+        System::start_with(self)
+    }
+}
+
+/// The worknode runtime of one node. Dropping it stops the workers.
+pub struct System {
+    inner: Arc<Inner>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for System {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("System").field("worknodes", &self.inner.core.len()).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain data types to a Vec cannot fail.
+    rmp_serde::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { what: what.to_owned(), reason: e.to_string() })
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_owned())
+}
+
+impl Inner {
+    fn kind_cache(&self) -> KindCache {
+        let generation = self.kinds_gen.load(Ordering::Acquire);
+        KindCache { generation, kinds: self.kinds.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone() }
+    }
+
+    fn index(&self, id: WorknodeId) -> Option<u32> {
+        self.ids.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).copied()
+    }
+
+    fn info(&self, idx: u32) -> Option<&Info> {
+        self.core.slot(idx)?.info.get()
+    }
+
+    fn with_node<R>(&self, idx: u32, f: impl FnOnce(&mut Node) -> R) -> Option<R> {
+        self.core.slot(idx)?.data.with(|d| d.as_mut().map(f))
+    }
+
+    fn push(&self, idx: u32, id: Option<WorknodeId>, env: Envelope, bounded: bool) -> Result<(), SendError> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let r = self.core.push(idx, env, self.cfg.mailbox_capacity, bounded);
+        if let Err(e) = r {
+            self.done(1);
+            let id = id.or_else(|| self.info(idx).map(|i| i.id)).unwrap_or(ROOT_ID);
+            return Err(match e {
+                PushError::Full(_) => SendError::Full { id, capacity: self.cfg.mailbox_capacity },
+                PushError::Closed(_) => SendError::Stopped(id),
+                PushError::NoSlot(_) => SendError::NotFound(id.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    fn done(&self, n: u64) {
+        if n > 0 && self.in_flight.fetch_sub(n, Ordering::AcqRel) == n {
+            let _g = self.idle.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.idle.1.notify_all();
+        }
+    }
+
+    fn name_key(&self, parent: u32, name: &str) -> (u32, u64) {
+        (parent, self.hasher.hash_one((parent, name)))
+    }
+
+    fn child_named(&self, parent: u32, name: &str) -> Option<u32> {
+        let idx =
+            *self.names.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&self.name_key(parent, name))?;
+        // The map is keyed by a hash: confirm the name.
+        (&*self.info(idx)?.name == name).then_some(idx)
+    }
+
+    fn resolve(&self, path: &WnPath) -> Option<u32> {
+        let mut cur = 0u32;
+        for seg in path.segments() {
+            cur = self.child_named(cur, seg)?;
+        }
+        Some(cur)
+    }
+
+    fn path_of(&self, mut idx: u32) -> WnPath {
+        let mut names = Vec::new();
+        while let Some(info) = self.info(idx) {
+            if info.parent == NO_PARENT {
+                break;
+            }
+            names.push(&*info.name);
+            idx = info.parent;
+        }
+        let text = format!("/{}", names.iter().rev().copied().collect::<Vec<_>>().join("/"));
+        text.parse().unwrap_or_else(|_| WnPath::root())
+    }
+
+    fn kind_name(&self, kind: u16) -> String {
+        self.kinds
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(usize::from(kind))
+            .map_or_else(String::new, |k| k.0.clone())
+    }
+
+    fn meta_of(&self, info: &Info) -> Meta {
+        let parent = if info.parent == NO_PARENT { info.id } else { self.info(info.parent).map_or(ROOT_ID, |p| p.id) };
+        Meta {
+            id: info.id,
+            parent,
+            name: info.name.to_string(),
+            kind: self.kind_name(info.kind),
+            consistency: info.consistency,
+        }
+    }
+
+    fn check(&self, auth: &Authority, path: &WnPath, right: Right) -> Result<(), CapError> {
+        match &self.caps {
+            Some(caps) => caps.check(auth, path, right),
+            // Without a verifier only the system itself may act.
+            None => match auth {
+                Authority::System => Ok(()),
+                Authority::Token(_) => {
+                    Err(CapError::Invalid("this system has no capability verifier configured".into()))
+                }
+            },
+        }
+    }
+
+    /// Loads a worknode's state from its snapshot and the events after it.
+    fn replay(&self, id: WorknodeId) -> Result<(State, u64), StoreError> {
+        let Some(store) = &self.store else { return Ok((State::default(), 0)) };
+        let (mut state, from) = match store.snapshot(id)? {
+            Some((seq, bytes)) => (decode::<State>(&format!("snapshot of {id}"), &bytes)?, seq),
+            None => (State::default(), 0),
+        };
+        let mut version = from;
+        for ev in store.read(id, from + 1)? {
+            let delta: Delta = decode(&format!("event {id}/{}", ev.seq), &ev.body)?;
+            // A kind mismatch was refused before it was logged, so it cannot occur here.
+            let _ = state.apply(&delta);
+            version = ev.seq;
+        }
+        Ok((state, version))
+    }
+
+    /// Runs one turn of slot `idx` (the caller owns it).
+    fn turn(&self, idx: u32, buf: &mut Vec<Envelope>, kinds: &Kinds) {
+        self.core.take(idx, self.cfg.max_per_turn, buf);
+        let n = buf.len() as u64;
+        let mut notices = Vec::new();
+        let mut shipment = None;
+        let Some(info) = self.info(idx) else { return };
+        self.with_node(idx, |node| {
+            let mut pending: Vec<(EventId, Delta, bool)> = Vec::new();
+            let mut msgs = buf.drain(..);
+            for env in msgs.by_ref() {
+                if node.stopped {
+                    break;
+                }
+                if let Err(reason) = self.handle(info, node, &env, &mut pending, kinds) {
+                    self.commit(info, node, &mut pending, &mut shipment);
+                    self.restart(idx, info, node, reason, &mut notices);
+                }
+            }
+            // Anything left was queued behind a stop: dropped with the mailbox.
+            msgs.for_each(drop);
+            self.commit(info, node, &mut pending, &mut shipment);
+        });
+        self.handled.fetch_add(n, Ordering::Relaxed);
+        self.core.finish(idx);
+        for (parent, signal) in notices {
+            let _ = self.push(parent, None, Envelope { from: Authority::System, body: Body::Signal(signal) }, false);
+        }
+        if let (Some(s), Some(sink)) = (shipment, self.sink.get()) {
+            sink(s);
+        }
+        self.done(n);
+    }
+
+    /// Handles one message; `Err` is a behaviour failure.
+    fn handle(
+        &self,
+        info: &Info,
+        node: &mut Node,
+        env: &Envelope,
+        pending: &mut Vec<(EventId, Delta, bool)>,
+        kinds: &Kinds,
+    ) -> Result<(), String> {
+        let ops = match &env.body {
+            Body::Update(ops) => ops.clone(),
+            Body::Merge(events) => {
+                let state = node.state.get_or_insert_with(Box::default);
+                for (eid, delta) in events {
+                    match state.apply(delta) {
+                        Ok(()) => pending.push((*eid, delta.clone(), false)),
+                        Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
+                    }
+                }
+                return Ok(());
+            }
+            Body::Data(_) | Body::Signal(_) => {
+                let Some((_, behaviour)) = kinds.get(usize::from(info.kind)) else {
+                    return Err(format!("kind #{} has no behaviour", info.kind));
+                };
+                let state = node.state.as_deref().unwrap_or(&EMPTY_STATE);
+                let mut ctx = Ctx { sys: self, id: info.id, parent: info.parent, state, ops: Vec::new() };
+                match catch_unwind(AssertUnwindSafe(|| behaviour.handle(&mut ctx, env))) {
+                    Ok(Ok(())) => ctx.ops,
+                    Ok(Err(e)) => return Err(e.0),
+                    Err(p) => return Err(format!("panicked: {}", panic_text(&*p))),
+                }
+            }
+        };
+        if ops.is_empty() {
+            return Ok(());
+        }
+        // State is allocated on the first change only: idle worknodes carry none.
+        let state = node.state.get_or_insert_with(Box::default);
+        for (field, op) in &ops {
+            match state.prepare(self.cfg.replica, now_ms(), field, op) {
+                Ok(delta) => {
+                    let _ = state.apply(&delta);
+                    pending.push((*uuid::Uuid::now_v7().as_bytes(), delta, true));
+                }
+                Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the turn's changes durable (one group-committed append), snapshots when due, and
+    /// prepares the replication shipment. A failed append reloads the state from the log.
+    fn commit(
+        &self,
+        info: &Info,
+        node: &mut Node,
+        pending: &mut Vec<(EventId, Delta, bool)>,
+        shipment: &mut Option<Shipment>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let events: Vec<(EventId, Delta, bool)> = std::mem::take(pending);
+        if let Some(store) = &self.store {
+            let batch = events.iter().map(|(id, d, _)| NewEvent { id: *id, body: encode(d) }).collect();
+            match store.append(info.id, Expected::Exact(node.version), batch) {
+                Ok(a) => {
+                    let every = self.cfg.snapshot_every.max(1);
+                    if a.version / every != node.version / every
+                        && let Some(state) = &node.state
+                    {
+                        // A failed snapshot only makes the next replay longer.
+                        let _ = store.save_snapshot(info.id, a.version, &encode(state));
+                    }
+                    node.version = a.version;
+                }
+                Err(_) => {
+                    // The in-memory state is ahead of the log: fall back to what is durable.
+                    if let Ok((state, version)) = self.replay(info.id) {
+                        node.state = Some(Box::new(state));
+                        node.version = version;
+                    }
+                    return;
+                }
+            }
+        } else {
+            node.version += events.len() as u64;
+        }
+        if info.consistency == Consistency::Eventual && self.sink.get().is_some() {
+            let local: Vec<Replicated> = events.into_iter().filter(|e| e.2).map(|(id, d, _)| (id, d)).collect();
+            if !local.is_empty() {
+                let s = shipment.get_or_insert_with(|| Shipment { chain: self.chain(info), events: Vec::new() });
+                s.events.extend(local);
+            }
+        }
+    }
+
+    fn chain(&self, info: &Info) -> Vec<Meta> {
+        let mut chain = vec![self.meta_of(info)];
+        let mut cur = self.info(info.parent);
+        while let Some(i) = cur.filter(|i| i.parent != NO_PARENT) {
+            chain.push(self.meta_of(i));
+            cur = self.info(i.parent);
+        }
+        chain.reverse();
+        chain
+    }
+
+    /// Supervision: restart from the event log, or stop after too many failures; tell the parent.
+    fn restart(&self, idx: u32, info: &Info, node: &mut Node, reason: String, notices: &mut Vec<(u32, Signal)>) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        node.restarts += 1;
+        // Without a store the in-memory state is exactly what a replay would give (a failed
+        // message's updates are never applied), so it is kept.
+        let replayed = match &self.store {
+            Some(_) => self.replay(info.id).map(Some),
+            None => Ok(None),
+        };
+        let signal = match replayed {
+            Ok(fresh) if node.restarts <= self.cfg.max_restarts => {
+                if let Some((state, version)) = fresh {
+                    node.state = Some(Box::new(state));
+                    node.version = version;
+                }
+                Signal::ChildRestarted { child: info.id, reason, restarts: node.restarts }
+            }
+            other => {
+                let reason = match other {
+                    Err(e) => format!("{reason}; replay failed: {e}"),
+                    Ok(_) => reason,
+                };
+                node.stopped = true;
+                let dropped = self.core.close(idx).len() as u64;
+                self.done(dropped);
+                Signal::ChildStopped { child: info.id, reason }
+            }
+        };
+        if info.parent != NO_PARENT {
+            notices.push((info.parent, signal));
+        }
+    }
+}
+
+impl System {
+    /// Starts a system: registers the built-in kinds (`root`, `data`), loads every worknode from
+    /// `store` (replaying its snapshot and events) and starts the workers.
+    pub fn start(
+        cfg: SystemConfig,
+        store: Option<Arc<EventStore>>,
+        caps: Option<Arc<Capabilities>>,
+    ) -> Result<Self, StoreError> {
+        SystemBuilder { cfg, store, caps, kinds: Vec::new() }.start()
+    }
+
+    /// A builder, for registering behaviours before the store is replayed (a stored worknode
+    /// whose kind is not registered refuses to load).
+    pub fn builder(cfg: SystemConfig) -> SystemBuilder {
+        SystemBuilder { cfg, store: None, caps: None, kinds: Vec::new() }
+    }
+
+    fn start_with(b: SystemBuilder) -> Result<Self, StoreError> {
+        let SystemBuilder { cfg, store, caps, kinds: extra } = b;
+        let mut kinds: Kinds = vec![("root".into(), Arc::new(DataBehaviour)), ("data".into(), Arc::new(DataBehaviour))];
+        for (name, behaviour) in extra {
+            match kinds.iter_mut().find(|k| k.0 == name) {
+                Some(k) => k.1 = behaviour,
+                None => kinds.push((name, behaviour)),
+            }
+        }
+        let inner = Arc::new(Inner {
+            core: Core::new(cfg.max_worknodes.saturating_add(1)),
+            ids: RwLock::new(HashMap::new()),
+            names: RwLock::new(HashMap::new()),
+            hasher: std::collections::hash_map::RandomState::new(),
+            kinds: RwLock::new(Arc::new(kinds)),
+            kinds_gen: AtomicU64::new(0),
+            store,
+            caps,
+            cfg,
+            sink: OnceLock::new(),
+            in_flight: AtomicU64::new(0),
+            idle: (Mutex::new(()), Condvar::new()),
+            handled: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        });
+        let root = Info {
+            id: ROOT_ID,
+            parent: NO_PARENT,
+            kind: 0,
+            consistency: Consistency::Local,
+            name: "".into(),
+            children: Mutex::new(Vec::new()),
+        };
+        let root_idx = inner.core.alloc(root, Node { stopped: false, restarts: 0, state: None, version: 0 });
+        debug_assert_eq!(root_idx, Some(0));
+        inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(ROOT_ID, 0);
+        let mut sys = System { inner, workers: Vec::new() };
+        if let (Some(store), Some(caps)) = (&sys.inner.store, &sys.inner.caps) {
+            for id in store.revoked()? {
+                caps.revoke(&id);
+            }
+        }
+        sys.load()?;
+        let workers = sys.inner.cfg.workers.max(1);
+        for i in 0..workers {
+            let inner = sys.inner.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("wn-worker-{i}"))
+                .spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut cache = inner.kind_cache();
+                    while let Some(idx) = inner.core.next() {
+                        if cache.generation != inner.kinds_gen.load(Ordering::Acquire) {
+                            cache = inner.kind_cache();
+                        }
+                        inner.turn(idx, &mut buf, &cache.kinds);
+                    }
+                })
+                .map_err(|e| StoreError::Database {
+                    path: String::new(),
+                    reason: format!("cannot start worker thread: {e}"),
+                })?;
+            sys.workers.push(h);
+        }
+        Ok(sys)
+    }
+
+    fn load(&mut self) -> Result<(), StoreError> {
+        let Some(store) = self.inner.store.clone() else { return Ok(()) };
+        let mut metas: VecDeque<Meta> =
+            store.metas()?.iter().map(|(id, b)| decode(&format!("meta of {id}"), b)).collect::<Result<_, _>>()?;
+        // Parents before children: retry a meta whose parent is not loaded yet after the others.
+        let mut stalled = 0;
+        while let Some(meta) = metas.pop_front() {
+            if self.inner.index(meta.parent).is_none() {
+                metas.push_back(meta);
+                stalled += 1;
+                if stalled > metas.len() {
+                    return Err(StoreError::Corrupt {
+                        what: "worknode metadata".into(),
+                        reason: format!("{} worknodes have no parent", metas.len()),
+                    });
+                }
+                continue;
+            }
+            stalled = 0;
+            let (state, version) = self.inner.replay(meta.id)?;
+            self.insert(&meta, state, version)
+                .map_err(|e| StoreError::Corrupt { what: format!("meta of {}", meta.id), reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Registers (or replaces) the behaviour of `kind`.
+    pub fn register(&self, kind: &str, behaviour: Arc<dyn Behaviour>) {
+        let mut kinds = self.inner.kinds.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next: Kinds = kinds.as_ref().clone();
+        match next.iter_mut().find(|k| k.0 == kind) {
+            Some(k) => k.1 = behaviour,
+            None => next.push((kind.to_owned(), behaviour)),
+        }
+        *kinds = Arc::new(next);
+        self.inner.kinds_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// Revokes a token block (see [`crate::revocation_ids`]): refused from now on, and after a
+    /// restart too (the id is stored durably before this returns).
+    pub fn revoke(&self, revocation_id: &[u8]) -> Result<(), StoreError> {
+        if let Some(store) = &self.inner.store {
+            store.put_revoked(revocation_id)?;
+        }
+        if let Some(caps) = &self.inner.caps {
+            caps.revoke(revocation_id);
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every batch of committed local events of Eventual worknodes (set once).
+    pub fn set_replication_sink(&self, f: impl Fn(Shipment) + Send + Sync + 'static) {
+        let _ = self.inner.sink.set(Box::new(f));
+    }
+
+    /// This node's replica id.
+    pub fn replica(&self) -> ReplicaId {
+        self.inner.cfg.replica
+    }
+
+    /// The event store, if any.
+    pub fn store(&self) -> Option<&Arc<EventStore>> {
+        self.inner.store.as_ref()
+    }
+
+    /// The capability verifier, if any.
+    pub fn capabilities(&self) -> Option<&Arc<Capabilities>> {
+        self.inner.caps.as_ref()
+    }
+
+    /// Inserts a worknode described by `meta` (checks bounds and uniqueness, not authority).
+    fn insert(&self, meta: &Meta, state: State, version: u64) -> Result<u32, CreateError> {
+        let inner = &self.inner;
+        let parent = inner.index(meta.parent).ok_or_else(|| CreateError::NoParent(meta.parent.to_string()))?;
+        let kind = {
+            let kinds = inner.kinds.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            kinds.iter().position(|k| k.0 == meta.kind).ok_or_else(|| CreateError::UnknownKind(meta.kind.clone()))?
+        };
+        let kind = u16::try_from(kind).map_err(|_| CreateError::UnknownKind(meta.kind.clone()))?;
+        let key = inner.name_key(parent, &meta.name);
+        {
+            // Reserve the name first so two concurrent creates cannot both succeed.
+            let mut names = inner.names.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if names.contains_key(&key) {
+                let path = inner.path_of(parent).child(&meta.name)?;
+                return Err(CreateError::Exists(path));
+            }
+            names.insert(key, u32::MAX);
+        }
+        let unreserve = || {
+            inner.names.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+        };
+        let Some(parent_info) = inner.info(parent) else {
+            unreserve();
+            return Err(CreateError::NoParent(meta.parent.to_string()));
+        };
+        let info = Info {
+            id: meta.id,
+            parent,
+            kind,
+            consistency: meta.consistency,
+            name: meta.name.as_str().into(),
+            children: Mutex::new(Vec::new()),
+        };
+        let node = Node { stopped: false, restarts: 0, state: (!state.is_empty()).then(|| Box::new(state)), version };
+        // Check and add under the parent's children lock so the bound holds under concurrency.
+        let added = {
+            let mut children = parent_info.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if children.len() >= inner.cfg.max_children {
+                Err(CreateError::TooManyChildren { parent: inner.path_of(parent), max: inner.cfg.max_children })
+            } else {
+                let idx = inner.core.alloc(info, node).ok_or(CreateError::Capacity(inner.cfg.max_worknodes))?;
+                children.push(idx);
+                Ok(idx)
+            }
+        };
+        let idx = match added {
+            Ok(idx) => idx,
+            Err(e) => {
+                unreserve();
+                return Err(e);
+            }
+        };
+        inner.names.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, idx);
+        inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(meta.id, idx);
+        Ok(idx)
+    }
+
+    /// Creates worknode `parent/name` of `kind`. Needs the `create` right on the new path.
+    pub fn create(
+        &self,
+        auth: &Authority,
+        parent: &WnPath,
+        name: &str,
+        kind: &str,
+        consistency: Consistency,
+    ) -> Result<WorknodeId, CreateError> {
+        self.create_with_id(auth, parent, name, kind, consistency, WorknodeId::new()).map(|(id, _)| id)
+    }
+
+    /// Like [`System::create`], returning the arena handle too.
+    pub fn create_handle(
+        &self,
+        auth: &Authority,
+        parent: &WnPath,
+        name: &str,
+        kind: &str,
+        consistency: Consistency,
+    ) -> Result<(WorknodeId, Handle), CreateError> {
+        self.create_with_id(auth, parent, name, kind, consistency, WorknodeId::new())
+    }
+
+    fn create_with_id(
+        &self,
+        auth: &Authority,
+        parent: &WnPath,
+        name: &str,
+        kind: &str,
+        consistency: Consistency,
+        id: WorknodeId,
+    ) -> Result<(WorknodeId, Handle), CreateError> {
+        if consistency == Consistency::Strong {
+            return Err(Unsupported("Consistency::Strong").into());
+        }
+        let path = parent.child(name)?;
+        if path.depth() > self.inner.cfg.max_depth {
+            return Err(CreateError::TooDeep { depth: path.depth(), path, max: self.inner.cfg.max_depth });
+        }
+        self.inner.check(auth, &path, Right::Create)?;
+        let pidx = self.inner.resolve(parent).ok_or_else(|| CreateError::NoParent(parent.to_string()))?;
+        let pid = self.inner.info(pidx).map(|p| p.id).ok_or_else(|| CreateError::NoParent(parent.to_string()))?;
+        let meta = Meta { id, parent: pid, name: name.to_owned(), kind: kind.to_owned(), consistency };
+        let idx = self.insert(&meta, State::default(), 0)?;
+        if let Some(store) = &self.inner.store {
+            // Durable before the caller learns the id. On failure the worknode stays in memory
+            // only; report it so the caller does not rely on it surviving a restart.
+            store.put_meta(id, &encode(&meta))?;
+        }
+        Ok((id, Handle(idx)))
+    }
+
+    /// Makes sure every worknode of a replicated chain exists here (creating missing ones with
+    /// the origin's ids); returns the last one's id.
+    pub fn ensure_chain(&self, chain: &[Meta]) -> Result<(), CreateError> {
+        for meta in chain {
+            if self.inner.index(meta.id).is_some() {
+                continue;
+            }
+            self.insert(meta, State::default(), 0)?;
+            if let Some(store) = &self.inner.store {
+                store.put_meta(meta.id, &encode(meta))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn target(&self, id: WorknodeId) -> Result<(u32, WnPath), SendError> {
+        let idx = self.inner.index(id).ok_or_else(|| SendError::NotFound(id.to_string()))?;
+        Ok((idx, self.inner.path_of(idx)))
+    }
+
+    /// Sends application data to worknode `id`. Needs the `write` right on its path.
+    pub fn send(&self, auth: &Authority, id: WorknodeId, data: Bytes) -> Result<(), SendError> {
+        let (idx, path) = self.target(id)?;
+        self.inner.check(auth, &path, Right::Write)?;
+        self.inner.push(idx, Some(id), Envelope { from: auth.clone(), body: Body::Data(data) }, true)
+    }
+
+    /// Applies state operations to worknode `id` (asynchronously, in its turn). Needs `write`.
+    pub fn update(&self, auth: &Authority, id: WorknodeId, ops: Vec<(String, Op)>) -> Result<(), SendError> {
+        let (idx, path) = self.target(id)?;
+        self.inner.check(auth, &path, Right::Write)?;
+        self.inner.push(idx, Some(id), Envelope { from: auth.clone(), body: Body::Update(ops) }, true)
+    }
+
+    /// Merges replicated events into worknode `id` (the replication layer's entry point).
+    pub fn merge_remote(&self, id: WorknodeId, events: Vec<Replicated>) -> Result<(), SendError> {
+        let idx = self.inner.index(id).ok_or_else(|| SendError::NotFound(id.to_string()))?;
+        self.inner.push(idx, Some(id), Envelope { from: Authority::System, body: Body::Merge(events) }, false)
+    }
+
+    /// Sends data by handle: the fast path (no lookup, no capability check: the system's own sends).
+    pub fn send_handle(&self, to: Handle, data: Bytes) -> Result<(), SendError> {
+        self.inner.push(to.0, None, Envelope { from: Authority::System, body: Body::Data(data) }, true)
+    }
+
+    /// The id for a path.
+    pub fn resolve(&self, path: &WnPath) -> Option<WorknodeId> {
+        let idx = self.inner.resolve(path)?;
+        self.inner.info(idx).map(|n| n.id)
+    }
+
+    /// The arena handle of worknode `id`.
+    pub fn handle(&self, id: WorknodeId) -> Option<Handle> {
+        self.inner.index(id).map(Handle)
+    }
+
+    /// Reads worknode `id`. Needs `read`. `Strong` is reserved ([`Unsupported`]); `Local` and
+    /// `Eventual` both read this replica's state.
+    pub fn query(&self, auth: &Authority, id: WorknodeId, consistency: Consistency) -> Result<NodeView, QueryError> {
+        if consistency == Consistency::Strong {
+            return Err(Unsupported("Consistency::Strong reads").into());
+        }
+        let idx = self.inner.index(id).ok_or_else(|| QueryError::NotFound(id.to_string()))?;
+        let path = self.inner.path_of(idx);
+        self.inner.check(auth, &path, Right::Read)?;
+        let queued = self.inner.core.queued(idx);
+        let info = self.inner.info(idx).ok_or_else(|| QueryError::NotFound(id.to_string()))?;
+        let view = self
+            .inner
+            .with_node(idx, |n| (n.version, n.stopped, n.restarts, n.state.as_deref().cloned().unwrap_or_default()));
+        let (version, stopped, restarts, state) = view.ok_or_else(|| QueryError::NotFound(id.to_string()))?;
+        Ok(NodeView {
+            id,
+            path,
+            kind: self.inner.kind_name(info.kind),
+            consistency: info.consistency,
+            version,
+            queued,
+            children: info.children().len(),
+            stopped,
+            restarts,
+            state,
+        })
+    }
+
+    /// Lists the subtree at `path` (itself first, then breadth-first), at most `limit` entries.
+    /// Needs `read` on `path`.
+    pub fn tree(&self, auth: &Authority, path: &WnPath, limit: usize) -> Result<Vec<TreeEntry>, QueryError> {
+        self.inner.check(auth, path, Right::Read)?;
+        let start = self.inner.resolve(path).ok_or_else(|| QueryError::NotFound(path.to_string()))?;
+        let mut out = Vec::new();
+        let mut queue = VecDeque::from([(start, path.clone())]);
+        while let Some((idx, p)) = queue.pop_front() {
+            if out.len() >= limit {
+                break;
+            }
+            let Some(info) = self.inner.info(idx) else { continue };
+            let children = info.children();
+            for c in &children {
+                if let Some(child) = self.inner.info(*c)
+                    && let Ok(cp) = p.child(&child.name)
+                {
+                    queue.push_back((*c, cp));
+                }
+            }
+            out.push(TreeEntry {
+                id: info.id,
+                path: p,
+                kind: self.inner.kind_name(info.kind),
+                consistency: info.consistency,
+                children: children.len(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every Eventual worknode: its metadata chain and full state (for anti-entropy).
+    pub fn eventual_states(&self) -> Vec<(Vec<Meta>, State)> {
+        let n = self.inner.core.len();
+        (0..n)
+            .filter_map(|idx| {
+                let info = self.inner.info(idx).filter(|i| i.consistency == Consistency::Eventual)?;
+                let state = self.inner.with_node(idx, |node| node.state.as_deref().cloned().unwrap_or_default())?;
+                Some((self.inner.chain(info), state))
+            })
+            .collect()
+    }
+
+    /// Number of worknodes, the root included.
+    pub fn len(&self) -> usize {
+        self.inner.core.len() as usize
+    }
+
+    /// Whether only the root exists.
+    pub fn is_empty(&self) -> bool {
+        self.len() <= 1
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            handled: self.inner.handled.load(Ordering::Relaxed),
+            restarts: self.inner.restarts.load(Ordering::Relaxed),
+            rejected: self.inner.rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every accepted message has been handled, or `timeout`; returns whether idle.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.inner.idle.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if self.inner.in_flight.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self.inner.idle.1.wait_timeout(g, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        self.inner.core.shutdown();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
