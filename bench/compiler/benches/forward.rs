@@ -96,14 +96,14 @@ impl Mlp {
 fn initializer(model: &InferenceModel, name: &str) -> Vec<f32> {
     let node = model.node_by_name(name).unwrap_or_else(|_| panic!("initializer {name}"));
     let konst = node.op_as::<tract_onnx::tract_hir::ops::konst::Const>().expect("a constant");
-    konst.val().as_slice::<f32>().unwrap().to_vec()
+    konst.val().to_plain_array_view::<f32>().unwrap().iter().copied().collect()
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| w[r * cols + c]).collect()
 }
 
-type Plan = TypedRunnableModel;
+type Plan = std::sync::Arc<TypedRunnableModel>;
 
 fn tract_plan(name: &str, inputs: usize) -> Plan {
     tract_onnx::onnx()
@@ -120,7 +120,7 @@ fn tract_plan(name: &str, inputs: usize) -> Plan {
 fn tract_run(plan: &Plan, x: &[f32]) -> Vec<f32> {
     let input = Tensor::from_shape(&[1, x.len()], x).unwrap();
     let out = plan.run(tvec!(input.into())).unwrap();
-    out[0].as_slice::<f32>().unwrap().to_vec()
+    out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
 }
 
 fn close(a: &[f32], b: &[f32]) -> bool {
