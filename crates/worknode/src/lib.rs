@@ -47,6 +47,7 @@ mod sched;
 mod state;
 mod store;
 mod system;
+pub mod tools;
 
 pub use caps::{Authority, Capabilities, Grant, Issuer, Right, attenuate, revocation_ids};
 pub use error::{CapError, CreateError, PathError, QueryError, SendError, StateError, StoreError, Unsupported};
