@@ -545,5 +545,8 @@ fn mcp_over_http_lists_and_calls_tools_for_the_token() {
         Some(&limited),
         json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "muscle.feanor", "arguments": {"input": [1, 2, 3, 4]}}}),
     );
-    assert!(call.contains("4.475"), "{call}");
+    let body: Value = serde_json::from_str(call.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["result"]["isError"], false, "{call}");
+    let y = body["result"]["structuredContent"]["output"][0].as_f64().unwrap();
+    assert!((y - 4.475).abs() < 1e-5, "{call}");
 }
