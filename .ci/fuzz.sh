@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of the `.muscle` format (targets in fuzz/: `parse`, `open`).
+# Bounded fuzzing (targets in fuzz/: `parse`, `open` for the `.muscle` format, `comm_frame`,
+# `reality_path` for the tools' reality check).
 # Fails if any target finds a crash, a panic, a timeout or an out-of-memory input.
 #
 # Environment:

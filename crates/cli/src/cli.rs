@@ -264,6 +264,9 @@ pub(crate) struct GatewayArgs {
     /// Do not compile and load the bundled example muscles.
     #[arg(long)]
     pub(crate) no_examples: bool,
+    /// Directory the file and git tools may use (repeatable; default HOME/files).
+    #[arg(long = "root", env = "REFEREE_ROOTS", value_delimiter = ':', value_name = "DIR")]
+    pub(crate) roots: Vec<PathBuf>,
     /// Per-token requests a second (0: unlimited).
     #[arg(long, env = "REFEREE_RATE", value_name = "N")]
     pub(crate) rate: Option<f64>,

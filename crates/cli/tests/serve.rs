@@ -48,11 +48,19 @@ fn lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
     rx
 }
 
+/// The text of the file every test serves from its root.
+const HELLO: &str = "hello from the referee\n";
+
+/// Starts `referee serve` on an ephemeral port with `root_of(home)` holding `hello.txt`.
 fn serve(home: &Path, extra: &[&str]) -> Result<Served, Box<dyn std::error::Error>> {
+    let root = root_of(home);
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("hello.txt"), HELLO)?;
     let mut child = referee()
         .arg("--home")
         .arg(home)
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(&root)
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -65,6 +73,11 @@ fn serve(home: &Path, extra: &[&str]) -> Result<Served, Box<dyn std::error::Erro
     let ready: Value = serde_json::from_str(&line)?;
     assert_eq!(ready["event"], "ready", "{line}");
     Ok(Served { child, ready, home: home.to_owned(), _stdout: rx })
+}
+
+/// Tests keep HOME and ROOT side by side in one temporary directory.
+fn root_of(home: &Path) -> PathBuf {
+    home.parent().unwrap_or(home).join("root")
 }
 
 impl Served {
@@ -113,7 +126,7 @@ fn cli_json(home: &Path, args: &[&str]) -> Result<Value, Box<dyn std::error::Err
 #[test]
 fn serve_runs_the_examples_over_tcp_and_the_socket_and_stops_on_sigterm() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let mut s = serve(dir.path(), &[])?;
+    let mut s = serve(&dir.path().join("home"), &[])?;
     assert_eq!(s.ready["muscles"], json!(["feanor", "mlp"]));
     let (base, sock, admin) = (s.base(), s.socket(), s.admin());
     let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)?;
@@ -145,6 +158,19 @@ fn serve_runs_the_examples_over_tcp_and_the_socket_and_stops_on_sigterm() -> Tes
     let (code, body) = curl(None, "POST", &format!("{base}/v1/muscles/mlp/train"), Some(&admin), Some(&train));
     assert_eq!(code, 200, "{body}");
     assert!(json_of(&body)["data"]["loss"].as_f64().is_some_and(|l| l > 0.0), "{body}");
+
+    // fs_read of a small file, REST over both listeners, with a path-limited token.
+    let hello = root_of(&s.home).join("hello.txt").canonicalize()?;
+    let read = json!({"tool": "fs_read", "params": {"path": hello}});
+    for unix in [None, Some(sock.as_str())] {
+        let url = if unix.is_some() { "http://localhost/tool".to_owned() } else { format!("{base}/tool") };
+        let (code, body) = curl(unix, "POST", &url, Some(&admin), Some(&read));
+        assert_eq!(code, 200, "{body}");
+        let v = json_of(&body);
+        assert_eq!((v["data"]["content"].as_str(), v["reality_index"].as_f64()), (Some(HELLO), Some(1.0)), "{body}");
+    }
+    let (code, body) = curl(None, "POST", &format!("{base}/tool"), Some(&admin), Some(&json!({"tool": "fs_read", "params": {"path": "/etc/passwd"}})));
+    assert_eq!((code, json_of(&body)["error"]["code"].clone()), (403, json!("reality_violation")), "{body}");
 
     // Tokens through the CLI while the server holds the stores: it goes over the socket.
     let created = cli_json(&s.home, &["token", "create", "--muscle", "feanor", "--ttl", "1h", "--label", "e2e"])?;
@@ -198,20 +224,30 @@ fn check_mcp_report(report: &Value) {
     assert_eq!(report["output_schema"]["muscle.feanor"], true);
     assert_eq!(report["feanor"]["is_error"], false);
     assert_eq!(report["feanor"]["structured"]["output"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["annotations"]["fs_read"]["read_only"], true, "{report}");
+    assert_eq!(report["annotations"]["fs_write"]["read_only"], false, "{report}");
+    assert_eq!(report["fs_read"]["is_error"], false, "{report}");
+    assert_eq!(report["fs_read"]["structured"]["content"], HELLO, "{report}");
 }
 
 #[test]
 fn python_mcp_client_over_streamable_http_and_stdio() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let s = serve(dir.path(), &["--no-unix"])?;
+    let s = serve(&dir.path().join("home"), &["--no-unix"])?;
     let url = format!("{}/mcp", s.base());
-    let http = python_client(&["http", &url, &s.admin()], &[])?;
+    let root = root_of(&dir.path().join("home"));
+    let hello = root.join("hello.txt").canonicalize()?.to_string_lossy().into_owned();
+    let http = python_client(&["http", &url, &s.admin()], &[("MCP_READ_PATH", &hello)])?;
     check_mcp_report(&http);
     drop(s);
 
     let stdio_home = tempfile::tempdir()?;
     let home = stdio_home.path().to_string_lossy().into_owned();
-    let stdio = python_client(&["stdio", env!("CARGO_BIN_EXE_referee"), "--home", &home, "mcp"], &[])?;
+    let root = root.to_string_lossy().into_owned();
+    let stdio = python_client(
+        &["stdio", env!("CARGO_BIN_EXE_referee"), "--home", &home, "mcp", "--root", &root],
+        &[("MCP_READ_PATH", &hello)],
+    )?;
     check_mcp_report(&stdio);
     assert_eq!(http["feanor"], stdio["feanor"]);
     Ok(())

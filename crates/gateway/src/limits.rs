@@ -67,10 +67,15 @@ impl Limiter {
         self.take(key, Instant::now())?;
         let counter = {
             let mut map = self.in_flight.lock().map_err(|_| Refusal::Concurrency)?;
-            if map.len() >= MAX_KEYS {
-                map.retain(|_, c| Arc::strong_count(c) > 1);
+            match map.get(key) {
+                Some(c) => c.clone(),
+                None => {
+                    if map.len() >= MAX_KEYS {
+                        map.retain(|_, c| Arc::strong_count(c) > 1);
+                    }
+                    map.entry(key.to_owned()).or_default().clone()
+                }
             }
-            map.entry(key.to_owned()).or_default().clone()
         };
         let before = counter.fetch_add(1, Ordering::AcqRel);
         let permit = Permit { counter };
@@ -89,7 +94,11 @@ impl Limiter {
             let (rate, burst) = (self.rate, self.burst);
             buckets.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
         }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket { tokens: self.burst, last: now });
+        // Look up before inserting: the hot path must not allocate the key.
+        if !buckets.contains_key(key) {
+            buckets.insert(key.to_owned(), Bucket { tokens: self.burst, last: now });
+        }
+        let Some(bucket) = buckets.get_mut(key) else { return Err(Refusal::Rate { retry_after: 1 }) };
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.last = now;

@@ -15,6 +15,18 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::Value;
 
+pub mod config;
+pub mod exec;
+pub mod fs;
+#[cfg(feature = "git")]
+pub mod git;
+pub mod process;
+pub mod reality;
+mod util;
+
+pub use config::{CommandSpec, ConfigError, ExecConfig, Limits, ToolsConfig};
+pub use reality::Reality;
+
 /// How a tool behaves, as MCP annotations describe it (hints for agents and UIs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ToolAnnotations {
@@ -109,3 +121,19 @@ pub trait Tool: Send + Sync {
 
 /// A shared, type-erased tool.
 pub type SharedTool = Arc<dyn Tool>;
+
+/// Every built-in tool, configured: `fs_read`, `fs_write`, `fs_list`, `fs_stat`, `fs_search`,
+/// `process_list`, `git_status`, `git_log`, `git_diff` (feature `git`, on by default) and `exec`.
+///
+/// Validates the roots (they must exist, be directories and not be symlinks) and the `exec`
+/// allow-list. `exec` is always listed; when bubblewrap cannot sandbox on this host it answers
+/// [`ToolError::Unavailable`] instead of running anything.
+pub fn builtin_tools(config: &ToolsConfig) -> Result<Vec<SharedTool>, ConfigError> {
+    let reality = Arc::new(Reality::new(&config.roots, &config.limits)?);
+    let mut tools = fs::tools(&reality, &config.limits);
+    tools.extend(process::tools(&config.limits));
+    #[cfg(feature = "git")]
+    tools.extend(git::tools(&reality, &config.limits));
+    tools.push(Arc::new(exec::ExecTool::new(&config.exec, &config.limits)?));
+    Ok(tools)
+}

@@ -1,14 +1,15 @@
 //! `referee serve` (alias `up`) and `referee mcp`: configuration from file, environment and
 //! flags; the bundled example muscles; the ready line and example calls.
 
-use std::path::Path;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use referee_compiler::SourceKind;
 use referee_gateway::GatewayConfig;
 use referee_gateway::launch::{self, Ready};
 use referee_muscle::MuscleSpec;
-use referee_tools::SharedTool;
+use referee_tools::{SharedTool, ToolsConfig};
 use referee_trust::Home;
 
 use crate::cli::{GatewayArgs, McpArgs, ServeArgs};
@@ -52,9 +53,23 @@ fn config(args: &GatewayArgs) -> Result<GatewayConfig> {
     Ok(config)
 }
 
-/// The native tools the configuration enables.
-fn native_tools(_config: &GatewayConfig) -> Result<Vec<SharedTool>> {
-    Ok(Vec::new())
+/// The native tools: `[tools]` from the file, `--root` on top; with no root at all, the
+/// home's own `files/` directory (created 0700), so nothing outside it is reachable by default.
+fn native_tools(home: &Home, config: &GatewayConfig, roots: &[PathBuf]) -> Result<Vec<SharedTool>> {
+    let mut tools: ToolsConfig = toml::Value::Table(config.tools.clone()).try_into().context("config [tools]")?;
+    if !roots.is_empty() {
+        tools.roots = roots.to_vec();
+    }
+    if tools.roots.is_empty() {
+        let files = home.root().join("files");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&files)
+            .with_context(|| format!("create {}", files.display()))?;
+        tools.roots = vec![files];
+    }
+    referee_tools::builtin_tools(&tools).context("configure the native tools")
 }
 
 fn preload(home: &Home, config: &GatewayConfig) -> Result<Vec<Vec<u8>>> {
@@ -109,7 +124,7 @@ pub(crate) fn serve(home: &Home, args: &ServeArgs, json: bool) -> Result<()> {
     }
     config.listen.no_unix |= args.no_unix;
     referee_gateway::telemetry::init_json_logs();
-    let native = native_tools(&config)?;
+    let native = native_tools(home, &config, &args.common.roots)?;
     let preload = preload(home, &config)?;
     launch::serve(home, config, native, &preload, |ready| print_ready(ready, home.root(), json))?;
     Ok(())
@@ -119,7 +134,7 @@ pub(crate) fn mcp(home: &Home, args: &McpArgs) -> Result<()> {
     let config = config(&args.common)?;
     // stdout carries the protocol: logs go to stderr only.
     referee_gateway::telemetry::init_json_logs();
-    let native = native_tools(&config)?;
+    let native = native_tools(home, &config, &args.common.roots)?;
     let preload = preload(home, &config)?;
     launch::mcp_stdio(home, config, native, &preload)?;
     Ok(())

@@ -1,0 +1,460 @@
+//! `exec`: an allow-listed command inside bubblewrap with a seccomp filter.
+//!
+//! The sandbox: every namespace unshared (so no network: only a down loopback), all
+//! capabilities dropped, the system directories bound read-only, a private `/tmp`, `/proc` and
+//! `/dev`, the work root the only writable host path, a new session, killed with its parent.
+//! A seccomp filter (built with seccompiler, handed to `bwrap --seccomp FD` through a pipe)
+//! refuses mounts, namespaces, tracing, kernel modules, keyrings, BPF, io_uring and every
+//! socket that is not a Unix socket. The command runs under a wall-clock limit (the whole
+//! sandbox is killed at the deadline) and keeps at most the configured bytes of output.
+//!
+//! If bubblewrap cannot build this sandbox on the host (missing, or namespaces not permitted)
+//! the tool answers [`ToolError::Unavailable`]; it never runs anything unsandboxed.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::FdFlags;
+use rustix::process::{Pid, PidfdFlags};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::config::{CommandSpec, ConfigError, ExecConfig, Limits};
+use crate::reality::{Access, Reality};
+use crate::util::{SANDBOXED, output, params, spec, to_value};
+use crate::{CallScope, Tool, ToolAnnotations, ToolError, ToolOutput, ToolSpec};
+
+/// The `exec` tool.
+pub struct ExecTool {
+    spec: ToolSpec,
+    /// The sandbox, or why it cannot run here.
+    sandbox: Result<Sandbox, String>,
+}
+
+struct Sandbox {
+    bwrap: PathBuf,
+    work_root: PathBuf,
+    work: Reality,
+    commands: BTreeMap<String, CommandSpec>,
+    ro_binds: Vec<PathBuf>,
+    timeout: Duration,
+    max_output: usize,
+    seccomp: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecParams {
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    cwd: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ExecResult {
+    command: String,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    duration_ms: u64,
+}
+
+impl ExecTool {
+    /// Validates the allow-list and the work root, builds the seccomp filter and checks once
+    /// that bubblewrap can create the sandbox here.
+    pub fn new(config: &ExecConfig, limits: &Limits) -> Result<Self, ConfigError> {
+        for (name, command) in &config.commands {
+            let bad = |reason: &str| ConfigError::BadCommand { name: name.clone(), reason: reason.to_owned() };
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(bad("names may only use ASCII letters, digits, '_' and '-'"));
+            }
+            if !command.program.is_absolute() {
+                return Err(bad("program must be an absolute path"));
+            }
+        }
+        let sandbox = match &config.work_root {
+            None => {
+                Err("exec is disabled: set tools.exec.work_root and allow-list commands in tools.exec.commands"
+                    .to_owned())
+            }
+            Some(root) => {
+                let work_root = crate::reality::validate_dir(root)?;
+                let work = Reality::new(std::slice::from_ref(&work_root), limits)?;
+                Sandbox::new(config, work_root, work).and_then(|s| s.probe().map(|()| s))
+            }
+        };
+        let names: Vec<&str> = config.commands.keys().map(String::as_str).collect();
+        let spec = spec(
+            "exec",
+            &format!(
+                "Runs an allow-listed command ({}) in a sandbox: no network, read-only system, writable only inside the work root, killed after {} ms, output cut at {} bytes per stream.",
+                if names.is_empty() { "none configured".to_owned() } else { names.join(", ") },
+                config.timeout_ms,
+                config.max_output_bytes
+            ),
+            json!({
+                "type": "object",
+                "properties": {
+                    "command": { "enum": names },
+                    "args": { "type": "array", "items": { "type": "string" }, "description": "appended to the command's fixed arguments" },
+                    "cwd": { "type": "string", "description": "working directory inside the work root (absolute, or relative to it); default the work root" }
+                },
+                "required": ["command"],
+                "additionalProperties": false
+            }),
+            json!({
+                "type": "object",
+                "properties": {
+                    "command": { "type": "string" },
+                    "exit_code": { "type": ["integer", "null"] },
+                    "signal": { "type": ["integer", "null"] },
+                    "stdout": { "type": "string" },
+                    "stderr": { "type": "string" },
+                    "stdout_truncated": { "type": "boolean" },
+                    "stderr_truncated": { "type": "boolean" },
+                    "duration_ms": { "type": "integer" }
+                },
+                "required": ["command", "exit_code", "signal", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "duration_ms"]
+            }),
+            ToolAnnotations { read_only: false, destructive: true, idempotent: false, open_world: false },
+            SANDBOXED,
+        );
+        Ok(Self { spec, sandbox })
+    }
+
+    /// Whether commands can run here, or why not.
+    pub fn availability(&self) -> Result<(), &str> {
+        self.sandbox.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+}
+
+impl Tool for ExecTool {
+    fn spec(&self) -> &ToolSpec {
+        &self.spec
+    }
+
+    fn call(&self, params_json: Value, scope: &CallScope) -> Result<ToolOutput, ToolError> {
+        let sandbox = self.sandbox.as_ref().map_err(|why| ToolError::Unavailable(why.clone()))?;
+        let p: ExecParams = params(params_json)?;
+        if let Some(prefixes) = &scope.path_prefixes
+            && !prefixes.iter().any(|prefix| sandbox.work_root.starts_with(prefix))
+        {
+            return Err(ToolError::Forbidden(format!(
+                "the caller's path prefixes do not cover the exec work root {}",
+                sandbox.work_root.display()
+            )));
+        }
+        let command = sandbox.commands.get(&p.command).ok_or_else(|| {
+            let allowed: Vec<&str> = sandbox.commands.keys().map(String::as_str).collect();
+            ToolError::Forbidden(format!(
+                "command {:?} is not allow-listed (allowed: {})",
+                p.command,
+                allowed.join(", ")
+            ))
+        })?;
+        if p.args.iter().any(|a| a.contains('\0')) {
+            return Err(ToolError::InvalidParams("an argument contains a NUL byte".into()));
+        }
+        let cwd = match &p.cwd {
+            Some(cwd) => sandbox.work.open(&CallScope::default(), Path::new(cwd), Access::Dir)?.path,
+            None => sandbox.work_root.clone(),
+        };
+        let mut timeout = sandbox.timeout;
+        if let Some(deadline) = scope.deadline {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        let mut argv: Vec<OsString> = command.args.iter().map(OsString::from).collect();
+        argv.extend(p.args.iter().map(OsString::from));
+        let run = sandbox.run(&command.program, &argv, &cwd, timeout)?;
+        if run.timed_out {
+            return Err(ToolError::Timeout(format!("{} was killed after {} ms", p.command, timeout.as_millis())));
+        }
+        let result = ExecResult {
+            command: p.command,
+            exit_code: run.status.code(),
+            signal: std::os::unix::process::ExitStatusExt::signal(&run.status),
+            stdout: String::from_utf8_lossy(&run.stdout.0).into_owned(),
+            stderr: String::from_utf8_lossy(&run.stderr.0).into_owned(),
+            stdout_truncated: run.stdout.1,
+            stderr_truncated: run.stderr.1,
+            duration_ms: u64::try_from(run.elapsed.as_millis()).unwrap_or(u64::MAX),
+        };
+        Ok(output(to_value(&result)?, SANDBOXED))
+    }
+}
+
+/// What a sandboxed run produced: each stream with whether it was cut.
+struct Run {
+    status: std::process::ExitStatus,
+    stdout: (Vec<u8>, bool),
+    stderr: (Vec<u8>, bool),
+    timed_out: bool,
+    elapsed: Duration,
+}
+
+impl Sandbox {
+    fn new(config: &ExecConfig, work_root: PathBuf, work: Reality) -> Result<Self, String> {
+        if !config.bwrap.is_file() {
+            return Err(format!(
+                "bubblewrap not found at {} (install it: apt-get install -y bubblewrap)",
+                config.bwrap.display()
+            ));
+        }
+        Ok(Self {
+            bwrap: config.bwrap.clone(),
+            work_root,
+            work,
+            commands: config.commands.clone(),
+            ro_binds: config.ro_binds.clone(),
+            timeout: Duration::from_millis(config.timeout_ms),
+            max_output: config.max_output_bytes,
+            seccomp: seccomp_program()?,
+        })
+    }
+
+    /// Runs `bwrap --version` inside the full sandbox once, so a host without user namespaces
+    /// (or with a broken bwrap) is reported at start-up, not on the first call.
+    fn probe(&self) -> Result<(), String> {
+        let run = self
+            .run(&self.bwrap, &[OsString::from("--version")], &self.work_root, Duration::from_secs(10))
+            .map_err(|e| format!("bubblewrap sandbox probe failed: {e}"))?;
+        if run.timed_out || !run.status.success() {
+            return Err(format!(
+                "bubblewrap cannot create the sandbox on this host (namespaces not permitted?): {}",
+                String::from_utf8_lossy(&run.stderr.0).trim()
+            ));
+        }
+        Ok(())
+    }
+
+    fn bwrap_args(&self, seccomp_fd: i32, cwd: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = [
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--clearenv",
+            "--setenv",
+            "PATH",
+            "/usr/local/bin:/usr/bin:/bin",
+            "--setenv",
+            "LANG",
+            "C.UTF-8",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let mut push = |items: &[&std::ffi::OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
+        push(&["--setenv".as_ref(), "HOME".as_ref(), self.work_root.as_os_str()]);
+        for bind in &self.ro_binds {
+            match std::fs::read_link(bind) {
+                // Merged-usr hosts: /bin -> usr/bin is recreated as a symlink, not bound.
+                Ok(target) => push(&["--symlink".as_ref(), target.as_os_str(), bind.as_os_str()]),
+                Err(_) if bind.exists() => push(&["--ro-bind".as_ref(), bind.as_os_str(), bind.as_os_str()]),
+                Err(_) => {}
+            }
+        }
+        if !self.ro_binds.iter().any(|b| self.bwrap.starts_with(b)) {
+            push(&["--ro-bind".as_ref(), self.bwrap.as_os_str(), self.bwrap.as_os_str()]);
+        }
+        push(&[
+            "--proc".as_ref(),
+            "/proc".as_ref(),
+            "--dev".as_ref(),
+            "/dev".as_ref(),
+            "--tmpfs".as_ref(),
+            "/tmp".as_ref(),
+        ]);
+        push(&["--bind".as_ref(), self.work_root.as_os_str(), self.work_root.as_os_str()]);
+        push(&["--chdir".as_ref(), cwd.as_os_str()]);
+        let fd = seccomp_fd.to_string();
+        push(&["--seccomp".as_ref(), fd.as_ref(), "--".as_ref()]);
+        args
+    }
+
+    fn run(&self, program: &Path, argv: &[OsString], cwd: &Path, timeout: Duration) -> Result<Run, ToolError> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| ToolError::Failed(format!("exec: {what}: {e}"));
+        let seccomp = self.seccomp_fd().map_err(|e| failed("passing the seccomp filter", &e))?;
+        let start = Instant::now();
+        let mut child = Command::new(&self.bwrap)
+            .args(self.bwrap_args(seccomp.as_raw_fd(), cwd))
+            .arg(program)
+            .args(argv)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(&format!("starting {}", self.bwrap.display()), &e))?;
+        drop(seccomp);
+        let stdout = child.stdout.take().map(|s| capped_reader(s, self.max_output));
+        let stderr = child.stderr.take().map(|s| capped_reader(s, self.max_output));
+        let waited = wait_until(&child, timeout);
+        let timed_out = !matches!(waited, Ok(true));
+        if timed_out {
+            // Killing bwrap kills the sandbox: it is pid 1's parent and --die-with-parent is set,
+            // and the pid namespace dies with its init. Also done when waiting itself failed, so
+            // no sandbox outlives the call.
+            let _ = child.kill();
+        }
+        let status = child.wait().map_err(|e| failed("waiting", &e))?;
+        waited.map_err(|e| failed("waiting", &e))?;
+        let join =
+            |h: Option<std::thread::JoinHandle<(Vec<u8>, bool)>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
+        Ok(Run { status, stdout: join(stdout), stderr: join(stderr), timed_out, elapsed: start.elapsed() })
+    }
+
+    /// A pipe holding the BPF program, its read end inheritable (`FD_CLOEXEC` cleared) for
+    /// `bwrap --seccomp`. The program is far smaller than a pipe buffer, so writing never blocks.
+    fn seccomp_fd(&self) -> std::io::Result<OwnedFd> {
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        rustix::io::write(&write, &self.seccomp)?;
+        drop(write);
+        rustix::io::fcntl_setfd(&read, FdFlags::empty())?;
+        Ok(read)
+    }
+}
+
+/// Waits for the child to exit; `false` if `timeout` passed first.
+fn wait_until(child: &Child, timeout: Duration) -> std::io::Result<bool> {
+    let pidfd = rustix::process::pidfd_open(Pid::from_child(child), PidfdFlags::empty())?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let wait =
+            Timespec { tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX), tv_nsec: left.subsec_nanos().into() };
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&wait)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => {}
+            Ok(_) => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads a stream to its end on a thread, keeping the first `max` bytes.
+fn capped_reader(mut stream: impl Read + Send + 'static, max: usize) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut truncated = false;
+        let mut chunk = [0u8; 8192];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = max.saturating_sub(kept.len());
+                    let take = n.min(room);
+                    kept.extend_from_slice(chunk.get(..take).unwrap_or_default());
+                    truncated |= take < n;
+                }
+            }
+        }
+        (kept, truncated)
+    })
+}
+
+/// Syscalls a sandboxed command never needs and that widen the attack surface.
+const DENIED_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kexec_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+];
+
+/// The syscall numbers, plus on x86_64 their x32-ABI aliases (`nr | __X32_SYSCALL_BIT`): the
+/// x32 ABI shares the x86_64 audit architecture, so without them a filter keyed on numbers
+/// could be bypassed where the kernel enables x32.
+fn with_x32_aliases(numbers: &[libc::c_long]) -> Vec<i64> {
+    const X32_SYSCALL_BIT: i64 = 0x4000_0000;
+    let x32 = cfg!(target_arch = "x86_64");
+    numbers.iter().flat_map(|&nr| [Some(nr), x32.then_some(nr | X32_SYSCALL_BIT)]).flatten().collect()
+}
+
+/// The seccomp program as the bytes of `struct sock_filter[]`, as `bwrap --seccomp` reads it.
+fn seccomp_program() -> Result<Vec<u8>, String> {
+    let err = |e: seccompiler::BackendError| format!("building the seccomp filter: {e}");
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for nr in with_x32_aliases(DENIED_SYSCALLS) {
+        rules.insert(nr, Vec::new());
+    }
+    // Only Unix sockets: no IP, netlink, packet or any other family.
+    for nr in with_x32_aliases(&[libc::SYS_socket]) {
+        let not_unix =
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::AF_UNIX as u64).map_err(err)?;
+        rules.insert(nr, vec![SeccompRule::new(vec![not_unix]).map_err(err)?]);
+    }
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| format!("seccomp on {}: {e}", std::env::consts::ARCH))?;
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch).map_err(err)?;
+    let program: BpfProgram = filter.try_into().map_err(err)?;
+    Ok(program
+        .iter()
+        .flat_map(|ins| {
+            let mut bytes = Vec::with_capacity(8);
+            bytes.extend_from_slice(&ins.code.to_ne_bytes());
+            bytes.push(ins.jt);
+            bytes.push(ins.jf);
+            bytes.extend_from_slice(&ins.k.to_ne_bytes());
+            bytes
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seccomp_program_is_whole_instructions_and_denies_each_listed_syscall() {
+        let program = seccomp_program().unwrap();
+        assert_eq!(program.len() % 8, 0);
+        // Each denied syscall number appears as the immediate of a jump instruction (k field).
+        let immediates: Vec<u32> =
+            program.chunks_exact(8).map(|ins| u32::from_ne_bytes([ins[4], ins[5], ins[6], ins[7]])).collect();
+        for nr in with_x32_aliases(DENIED_SYSCALLS).into_iter().chain(with_x32_aliases(&[libc::SYS_socket])) {
+            assert!(immediates.contains(&u32::try_from(nr).unwrap()), "syscall {nr} missing");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! `exec` inside bubblewrap + seccomp (needs `apt-get install -y bubblewrap` and user
+//! namespaces), and `process_list`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test helpers")]
+
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use referee_tools::config::{CommandSpec, ExecConfig, Limits};
+use referee_tools::exec::ExecTool;
+use referee_tools::{CallScope, Tool, ToolError, ToolOutput};
+use serde_json::{Value, json};
+
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    outside: PathBuf,
+    tool: ExecTool,
+}
+
+fn sandbox(timeout_ms: u64, max_output_bytes: usize) -> Sandbox {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let (work, outside) = (base.join("work"), base.join("outside"));
+    std::fs::create_dir_all(work.join("sub")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    let sh = |args: &[&str]| CommandSpec {
+        program: PathBuf::from("/bin/sh"),
+        args: args.iter().map(|s| s.to_string()).collect(),
+    };
+    let commands: BTreeMap<String, CommandSpec> = [
+        ("sh".to_owned(), sh(&["-c"])),
+        ("echo".to_owned(), CommandSpec { program: PathBuf::from("/bin/echo"), args: vec!["fixed".into()] }),
+    ]
+    .into();
+    let config =
+        ExecConfig { work_root: Some(work.clone()), commands, timeout_ms, max_output_bytes, ..ExecConfig::default() };
+    let tool = ExecTool::new(&config, &Limits::default()).unwrap();
+    if let Err(why) = tool.availability() {
+        panic!("bubblewrap cannot sandbox here, so exec cannot be tested: {why}");
+    }
+    Sandbox { _dir: dir, work, outside, tool }
+}
+
+impl Sandbox {
+    fn sh(&self, script: &str) -> Result<ToolOutput, ToolError> {
+        self.tool.call(json!({ "command": "sh", "args": [script] }), &CallScope::default())
+    }
+}
+
+fn text(out: &ToolOutput, key: &str) -> String {
+    out.data[key].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn allowed_command_runs_with_fixed_and_caller_arguments() {
+    let sb = sandbox(10_000, 4096);
+    let out = sb.tool.call(json!({ "command": "echo", "args": ["hello", "world"] }), &CallScope::default()).unwrap();
+    assert_eq!(text(&out, "stdout"), "fixed hello world\n");
+    assert_eq!(out.data["exit_code"], 0);
+    assert_eq!(out.torsion, 0.1);
+    let failing = sb.sh("echo oops >&2; exit 3").unwrap();
+    assert_eq!(failing.data["exit_code"], 3);
+    assert_eq!(text(&failing, "stderr"), "oops\n");
+    let cwd = sb.tool.call(json!({ "command": "sh", "args": ["pwd"], "cwd": "sub" }), &CallScope::default()).unwrap();
+    assert_eq!(text(&cwd, "stdout").trim(), sb.work.join("sub").display().to_string());
+    let escape = sb.tool.call(json!({ "command": "sh", "args": ["pwd"], "cwd": "../outside" }), &CallScope::default());
+    assert!(matches!(escape, Err(ToolError::RealityViolation(_))), "{escape:?}");
+}
+
+#[test]
+fn commands_not_allow_listed_are_refused() {
+    let sb = sandbox(10_000, 4096);
+    for command in ["bash", "/bin/sh", "../sh", ""] {
+        let result = sb.tool.call(json!({ "command": command }), &CallScope::default());
+        assert!(matches!(result, Err(ToolError::Forbidden(_))), "{command}: {result:?}");
+    }
+    // A caller scoped to other paths may not run anything in the work root.
+    let scoped = CallScope { path_prefixes: Some(vec![sb.outside.clone()]), deadline: None };
+    let result = sb.tool.call(json!({ "command": "echo" }), &scoped);
+    assert!(matches!(result, Err(ToolError::Forbidden(_))), "{result:?}");
+    let covering = CallScope { path_prefixes: Some(vec![sb.work.clone()]), deadline: None };
+    assert!(sb.tool.call(json!({ "command": "echo" }), &covering).is_ok());
+}
+
+#[test]
+fn network_is_unavailable_inside() {
+    let sb = sandbox(10_000, 4096);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // /bin/sh may be dash (no /dev/tcp): use bash when present, else python3; both try a TCP
+    // connection to a listener on the host's loopback.
+    let script = format!(
+        "if [ -x /bin/bash ]; then exec /bin/bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected'; \
+         else exec python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 2); print(\"connected\")'; fi"
+    );
+    let out = sb.sh(&script).unwrap();
+    assert_ne!(out.data["exit_code"], 0, "stdout: {}", text(&out, "stdout"));
+    // EPERM comes from the seccomp filter refusing an AF_INET socket (without it: ENETUNREACH).
+    assert!(text(&out, "stderr").contains("Operation not permitted"), "stderr: {}", text(&out, "stderr"));
+    assert!(!text(&out, "stdout").contains("connected"));
+    assert_eq!(listener.accept().map(|_| ()).map_err(|e| e.kind()), Err(ErrorKind::WouldBlock));
+    let links = sb.sh("cat /proc/net/dev").unwrap();
+    let owned = text(&links, "stdout");
+    let names: Vec<&str> = owned.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    assert_eq!(names, ["lo"], "only a loopback interface");
+}
+
+#[test]
+fn writes_land_only_inside_the_work_root() {
+    let sb = sandbox(10_000, 4096);
+    let target = sb.outside.join("escaped");
+    let out = sb
+        .sh(&format!(
+            "echo in > {work}/made; echo out > {target}; echo sys > /usr/escaped; echo etc > /etc/escaped; true",
+            work = sb.work.display(),
+            target = target.display()
+        ))
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(sb.work.join("made")).unwrap(), "in\n");
+    assert!(!target.exists());
+    assert!(!Path::new("/usr/escaped").exists() && !Path::new("/etc/escaped").exists());
+    let stderr = text(&out, "stderr");
+    assert_eq!(stderr.lines().count(), 3, "three refused writes: {stderr}");
+}
+
+#[test]
+fn the_deadline_kills_the_sandbox() {
+    let sb = sandbox(500, 4096);
+    let start = Instant::now();
+    let result = sb.sh("sleep 30");
+    assert!(matches!(result, Err(ToolError::Timeout(_))), "{result:?}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn output_is_cut_at_the_limit() {
+    let sb = sandbox(10_000, 1000);
+    let out = sb.sh("i=0; while [ $i -lt 500 ]; do echo 0123456789; i=$((i+1)); done").unwrap();
+    assert_eq!(text(&out, "stdout").len(), 1000);
+    assert_eq!(out.data["stdout_truncated"], true);
+    assert_eq!(out.data["stderr_truncated"], false);
+}
+
+#[test]
+fn seccomp_refuses_namespaces_and_non_unix_sockets() {
+    let sb = sandbox(10_000, 4096);
+    let out = sb.sh("unshare --user true; echo rc=$?").unwrap();
+    assert!(text(&out, "stdout").contains("rc=") && !text(&out, "stdout").contains("rc=0"), "{out:?}");
+}
+
+#[test]
+fn a_missing_bwrap_makes_exec_unavailable_not_unsandboxed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ExecConfig {
+        bwrap: dir.path().join("no-bwrap"),
+        work_root: Some(dir.path().to_path_buf()),
+        ..ExecConfig::default()
+    };
+    let tool = ExecTool::new(&config, &Limits::default()).unwrap();
+    let result = tool.call(json!({ "command": "sh" }), &CallScope::default());
+    assert!(matches!(result, Err(ToolError::Unavailable(_))), "{result:?}");
+}
+
+#[test]
+fn process_list_includes_this_process() {
+    let tools = referee_tools::process::tools(&Limits::default());
+    let out = tools[0].call(json!({}), &CallScope::default()).unwrap();
+    let me = std::process::id() as i64;
+    let processes = out.data["processes"].as_array().unwrap();
+    let mine: Vec<&Value> = processes.iter().filter(|p| p["pid"] == me).collect();
+    assert_eq!(mine.len(), 1);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).unwrap().trim().parse::<i64>().unwrap();
+    assert_eq!(mine[0]["ppid"], ppid);
+    let one = tools[0].call(json!({ "max": 1 }), &CallScope::default()).unwrap();
+    assert_eq!(one.data["processes"].as_array().unwrap().len(), 1);
+    assert_eq!(one.data["truncated"], true);
+}
+
+#[test]
+fn the_sandboxed_process_has_no_capabilities_and_a_clean_environment() {
+    let sb = sandbox(10_000, 4096);
+    let out = sb.sh("grep -E '^Cap(Eff|Prm|Bnd):' /proc/self/status; env | sort").unwrap();
+    let stdout = text(&out, "stdout");
+    for cap in ["CapEff", "CapPrm", "CapBnd"] {
+        let line = stdout.lines().find(|l| l.starts_with(cap)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    let vars: Vec<&str> =
+        stdout.lines().filter(|l| !l.starts_with("Cap")).filter_map(|l| l.split('=').next()).collect();
+    assert!(vars.iter().all(|v| ["HOME", "LANG", "PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(v)), "{vars:?}");
+}
