@@ -2,6 +2,8 @@
 //! example muscles, curl over TCP and the Unix socket, and the official Python MCP client
 //! (`pip install mcp==2.3.0`) over Streamable HTTP and stdio.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test helpers")]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -169,7 +171,13 @@ fn serve_runs_the_examples_over_tcp_and_the_socket_and_stops_on_sigterm() -> Tes
         let v = json_of(&body);
         assert_eq!((v["data"]["content"].as_str(), v["reality_index"].as_f64()), (Some(HELLO), Some(1.0)), "{body}");
     }
-    let (code, body) = curl(None, "POST", &format!("{base}/tool"), Some(&admin), Some(&json!({"tool": "fs_read", "params": {"path": "/etc/passwd"}})));
+    let (code, body) = curl(
+        None,
+        "POST",
+        &format!("{base}/tool"),
+        Some(&admin),
+        Some(&json!({"tool": "fs_read", "params": {"path": "/etc/passwd"}})),
+    );
     assert_eq!((code, json_of(&body)["error"]["code"].clone()), (403, json!("reality_violation")), "{body}");
 
     // Tokens through the CLI while the server holds the stores: it goes over the socket.
@@ -178,14 +186,31 @@ fn serve_runs_the_examples_over_tcp_and_the_socket_and_stops_on_sigterm() -> Tes
     let id = created["record"]["id"].as_str().ok_or("no id")?.to_owned();
     let (code, body) = curl(None, "GET", &format!("{base}/v1/tools"), Some(&token), None);
     assert_eq!(code, 200, "{body}");
-    let names: Vec<String> =
-        json_of(&body)["tools"].as_array().ok_or("tools")?.iter().filter_map(|t| t["name"].as_str().map(str::to_owned)).collect();
+    let names: Vec<String> = json_of(&body)["tools"]
+        .as_array()
+        .ok_or("tools")?
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
     assert_eq!(names, vec!["muscle.feanor"]);
-    assert_eq!(curl(None, "POST", &format!("{base}/tool"), Some(&token), Some(&json!({"tool": "muscle.mlp", "params": {"input": x}}))).0, 403);
+    assert_eq!(
+        curl(
+            None,
+            "POST",
+            &format!("{base}/tool"),
+            Some(&token),
+            Some(&json!({"tool": "muscle.mlp", "params": {"input": x}}))
+        )
+        .0,
+        403
+    );
     // Attenuation is offline and cannot add the mlp back.
     let narrowed = cli_json(&s.home, &["token", "attenuate", &token, "--muscle", "feanor", "--muscle", "mlp"])?;
     let narrowed = narrowed["token"].as_str().ok_or("no token")?.to_owned();
-    assert_eq!(curl(None, "POST", &format!("{base}/v1/muscles/mlp/invoke"), Some(&narrowed), Some(&json!({"input": x}))).0, 403);
+    assert_eq!(
+        curl(None, "POST", &format!("{base}/v1/muscles/mlp/invoke"), Some(&narrowed), Some(&json!({"input": x}))).0,
+        403
+    );
     assert_eq!(curl(None, "POST", &format!("{base}/tool"), Some(&narrowed), Some(&call)).0, 200);
     let listed = cli_json(&s.home, &["token", "list"])?;
     assert!(listed["tokens"].as_array().ok_or("tokens")?.iter().any(|t| t["id"] == id.as_str() && t["label"] == "e2e"));
@@ -202,9 +227,12 @@ fn serve_runs_the_examples_over_tcp_and_the_socket_and_stops_on_sigterm() -> Tes
 }
 
 fn python_client(args: &[&str], envs: &[(&str, &str)]) -> Result<Value, Box<dyn std::error::Error>> {
-    let out = Command::new("python3").arg(MCP_CLIENT).args(args).envs(envs.iter().copied()).output().map_err(|e| {
-        format!("python3 is needed for the MCP client test (and `pip install mcp==2.3.0`): {e}")
-    })?;
+    let out = Command::new("python3")
+        .arg(MCP_CLIENT)
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .map_err(|e| format!("python3 is needed for the MCP client test (and `pip install mcp==2.3.0`): {e}"))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if stderr.contains("No module named 'mcp'") {
         return Err("the Python MCP SDK is missing: pip install mcp==2.3.0".into());
@@ -219,7 +247,10 @@ fn check_mcp_report(report: &Value) {
     let tools = report["tools"].as_array().expect("tools");
     assert!(tools.contains(&json!("muscle.feanor")) && tools.contains(&json!("muscle.mlp")), "{report}");
     assert!(tools.contains(&json!("train.mlp")), "{report}");
-    assert_eq!(report["annotations"]["muscle.feanor"], json!({"read_only": true, "destructive": false, "idempotent": true}));
+    assert_eq!(
+        report["annotations"]["muscle.feanor"],
+        json!({"read_only": true, "destructive": false, "idempotent": true})
+    );
     assert_eq!(report["annotations"]["train.mlp"]["read_only"], false);
     assert_eq!(report["output_schema"]["muscle.feanor"], true);
     assert_eq!(report["feanor"]["is_error"], false);

@@ -89,14 +89,7 @@ impl Grant {
     /// Everything, for the operator.
     pub fn admin(label: &str, expires_at: Option<u64>) -> Self {
         let all = vec!["*".to_owned()];
-        Self {
-            tools: all.clone(),
-            muscles: all.clone(),
-            paths: all,
-            admin: true,
-            expires_at,
-            label: label.into(),
-        }
+        Self { tools: all.clone(), muscles: all.clone(), paths: all, admin: true, expires_at, label: label.into() }
     }
 }
 
@@ -144,12 +137,7 @@ fn rfc3339(unix: u64) -> Result<String, AuthError> {
     if !(1970..=9999).contains(&year) {
         return Err(AuthError::Build(format!("expiry {unix} is out of range")));
     }
-    Ok(format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    ))
+    Ok(format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60))
 }
 
 fn expiry_code(expires_at: Option<u64>) -> Result<String, AuthError> {
@@ -406,8 +394,7 @@ impl Authority {
     }
 
     fn verify_uncached(&self, token: &str) -> Result<Scope, AuthError> {
-        let parsed =
-            Biscuit::from_base64(token, self.root.public()).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+        let parsed = Biscuit::from_base64(token, self.root.public()).map_err(|e| AuthError::Invalid(format!("{e}")))?;
         let ids: Vec<String> = parsed.revocation_identifiers().iter().map(hex::encode).collect();
         if let Ok(set) = self.revoked.read()
             && let Some(id) = ids.iter().find(|id| set.contains(*id))
@@ -510,12 +497,8 @@ fn load_or_create_root(keys_dir: &Path) -> Result<KeyPair, AuthError> {
         let pair = KeyPair::new();
         let text = format!("{KEY_MAGIC}\n{}\n", pair.private().to_bytes_hex());
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| key_err(&tmp, e))?;
+        let mut file =
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| key_err(&tmp, e))?;
         let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
         let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
         let _ = fs::remove_file(&tmp);
@@ -602,7 +585,11 @@ mod tests {
         let (token, _) = auth.mint(&grant).unwrap();
         let narrowed = attenuate(
             &token,
-            &Narrowing { tools: vec!["fs_read".into(), "fs_write".into()], paths: vec!["/data/sub".into(), "/etc".into()], ..Narrowing::default() },
+            &Narrowing {
+                tools: vec!["fs_read".into(), "fs_write".into()],
+                paths: vec!["/data/sub".into(), "/etc".into()],
+                ..Narrowing::default()
+            },
         )
         .unwrap();
         let scope = auth.verify(&narrowed).unwrap();
@@ -610,7 +597,8 @@ mod tests {
         assert!(!scope.allows_tool("fs_write"), "attenuation must not add a tool");
         assert_eq!(scope.path_prefixes, Some(vec![PathBuf::from("/data/sub")]));
         // `/data/` must not be confused with `/database/`.
-        let sibling = attenuate(&token, &Narrowing { paths: vec!["/database".into()], ..Narrowing::default() }).unwrap();
+        let sibling =
+            attenuate(&token, &Narrowing { paths: vec!["/database".into()], ..Narrowing::default() }).unwrap();
         assert_eq!(auth.verify(&sibling).unwrap().path_prefixes, Some(vec![]));
     }
 

@@ -316,13 +316,18 @@ impl Gateway {
         started: Instant,
     ) -> Result<CallOutcome, ApiError> {
         if !self.permits(scope, name) {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("the token does not allow `{name}`")));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("the token does not allow `{name}`"),
+            ));
         }
         let tool = self.registry.get(name).ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "unknown_tool", format!("no tool `{name}`; GET /v1/tools lists them"))
         })?;
         let timeout = Duration::from_millis(self.config.limits.tool_timeout_ms);
-        let call_scope = CallScope { path_prefixes: scope.path_prefixes.clone(), deadline: started.checked_add(timeout) };
+        let call_scope =
+            CallScope { path_prefixes: scope.path_prefixes.clone(), deadline: started.checked_add(timeout) };
         let task = tokio::task::spawn_blocking(move || tool.call(params, &call_scope));
         let output = match tokio::time::timeout(timeout, task).await {
             Err(_) => {

@@ -147,7 +147,7 @@ pub fn mcp_stdio(
 /// Where token commands go.
 enum Backend {
     Server { socket: PathBuf, token: String },
-    Local(Authority),
+    Local(Box<Authority>),
 }
 
 fn backend(home: &Home, socket: &Path) -> Result<Backend, LaunchError> {
@@ -158,7 +158,7 @@ fn backend(home: &Home, socket: &Path) -> Result<Backend, LaunchError> {
     }
     home.ensure_dirs().map_err(setup)?;
     let store = Arc::new(GatewayStore::open(&home.root().join(STORE_FILE))?);
-    Ok(Backend::Local(Authority::open(&keys, store, Duration::from_secs(1))?))
+    Ok(Backend::Local(Box::new(Authority::open(&keys, store, Duration::from_secs(1))?)))
 }
 
 /// One HTTP/1.1 request over the Unix socket; returns the JSON body of a 2xx response.
@@ -172,7 +172,10 @@ fn request(socket: &Path, token: &str, method: &str, path: &str, body: Option<&V
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body.as_bytes())).map_err(|e| fail(e.to_string()))?;
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body.as_bytes()))
+        .map_err(|e| fail(e.to_string()))?;
     let mut raw = Vec::new();
     stream.take(16 << 20).read_to_end(&mut raw).map_err(|e| fail(e.to_string()))?;
     let text = String::from_utf8_lossy(&raw);

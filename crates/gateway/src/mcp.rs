@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use referee_tools::SharedTool;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListToolsResult,
     PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool as McpTool, ToolAnnotations as McpAnnotations,
@@ -12,7 +13,6 @@ use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
-use referee_tools::SharedTool;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(gateway: Arc<Gateway>, shutdown:
         config = config.with_allowed_hosts(mcp.allowed_hosts.clone());
     }
     let server = McpServer::http(gateway.clone());
-    let service = StreamableHttpService::new(move || Ok(server.clone()), Arc::new(NeverSessionManager::default()), config);
+    let service =
+        StreamableHttpService::new(move || Ok(server.clone()), Arc::new(NeverSessionManager::default()), config);
     Router::new().route_service("/mcp", service)
 }
 

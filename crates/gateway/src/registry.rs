@@ -98,7 +98,10 @@ impl MuscleTool {
         let (name, description, input_schema, output_schema, annotations) = if train {
             (
                 format!("{TRAIN_PREFIX}{}", h.name),
-                format!("One training step of muscle `{}` v{}; returns the loss. Parameters persist.", h.name, h.version),
+                format!(
+                    "One training step of muscle `{}` v{}; returns the loss. Parameters persist.",
+                    h.name, h.version
+                ),
                 json!({
                     "type": "object",
                     "properties": {
@@ -171,8 +174,9 @@ pub fn runtime_to_tool(e: RuntimeError) -> ToolError {
     match e {
         RuntimeError::NotLoaded(_) => ToolError::NotFound(e.to_string()),
         RuntimeError::BadInput { .. } => ToolError::InvalidParams(e.to_string()),
-        RuntimeError::Busy { .. }
-        | RuntimeError::Quarantined { .. } | RuntimeError::ShuttingDown => ToolError::Unavailable(e.to_string()),
+        RuntimeError::Busy { .. } | RuntimeError::Quarantined { .. } | RuntimeError::ShuttingDown => {
+            ToolError::Unavailable(e.to_string())
+        }
         RuntimeError::NoEntry { .. } => ToolError::NotFound(e.to_string()),
         RuntimeError::Fault { fault: referee_runtime::Fault::Deadline, .. } => ToolError::Timeout(e.to_string()),
         _ => ToolError::Failed(e.to_string()),

@@ -484,11 +484,7 @@ async fn run_batch(gw: Arc<Gateway>, scope: Arc<Scope>, req: BatchRequest) -> Re
         .buffered(limits.batch_concurrency.max(1))
         .collect::<Vec<_>>()
         .await;
-    Ok(Json(BatchResponse {
-        results,
-        total_execution_time_ms: started.elapsed().as_secs_f64() * 1000.0,
-        batch_size,
-    }))
+    Ok(Json(BatchResponse { results, total_execution_time_ms: started.elapsed().as_secs_f64() * 1000.0, batch_size }))
 }
 
 /// Runs calls concurrently (bounded); results in request order.
@@ -516,13 +512,8 @@ async fn v1_batch(
 /// Loaded muscles the token may use.
 #[utoipa::path(get, path = "/v1/muscles", responses((status = 200, body = MuscleList), (status = 401, body = ErrorResponse)))]
 async fn list_muscles(State(gw): Shared, Extension(scope): Caller) -> Json<MuscleList> {
-    let muscles = gw
-        .runtime()
-        .list()
-        .iter()
-        .filter(|m| scope.allows_muscle(&m.header.name))
-        .map(MuscleView::from)
-        .collect();
+    let muscles =
+        gw.runtime().list().iter().filter(|m| scope.allows_muscle(&m.header.name)).map(MuscleView::from).collect();
     ok(MuscleList { muscles })
 }
 

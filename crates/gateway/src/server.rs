@@ -91,19 +91,18 @@ impl Server {
     /// drain time) for requests in flight.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
         let token = CancellationToken::new();
-        let mcp = self
-            .gateway
-            .config()
-            .mcp
-            .enabled
-            .then(|| crate::mcp::router(self.gateway.clone(), token.child_token()));
+        let mcp =
+            self.gateway.config().mcp.enabled.then(|| crate::mcp::router(self.gateway.clone(), token.child_token()));
         let app: Router = crate::rest::router(self.gateway.clone(), mcp);
         let drain = Duration::from_millis(self.gateway.config().limits.drain_ms);
         let mut tasks = tokio::task::JoinSet::new();
         if let Some((listener, addr)) = self.tcp {
             let (app, stop) = (app.clone(), token.clone());
             tasks.spawn(async move {
-                axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await.map_err(listen_err(addr))
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .map_err(listen_err(addr))
             });
         }
         let socket = self.unix.as_ref().map(|(_, p)| p.clone());

@@ -1,6 +1,8 @@
 //! The gateway in-process over real TCP and Unix sockets: auth, tools, batches, muscles,
 //! limits, metrics, OpenAPI, shutdown. Clients are raw HTTP/1.1 so nothing hides a header.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test helpers")]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -22,9 +24,12 @@ const FEANOR_WAT: &str = include_str!("../../../examples/feanor.wat");
 const LINEAR_WAT: &str = include_str!("../../../examples/linear-trainable.wat");
 
 /// A test tool whose behaviour is a closure.
+/// What a test tool does.
+type Behaviour = Box<dyn Fn(Value, &CallScope) -> Result<ToolOutput, ToolError> + Send + Sync>;
+
 struct FnTool {
     spec: ToolSpec,
-    run: Box<dyn Fn(Value, &CallScope) -> Result<ToolOutput, ToolError> + Send + Sync>,
+    run: Behaviour,
 }
 
 impl Tool for FnTool {
@@ -67,13 +72,18 @@ struct Gate {
 fn gate() -> (Gate, mpsc::Receiver<()>, mpsc::Sender<()>) {
     let (entered_tx, entered_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
-    (Gate { entered: Arc::new(Mutex::new(entered_tx)), release: Arc::new(Mutex::new(release_rx)) }, entered_rx, release_tx)
+    (
+        Gate { entered: Arc::new(Mutex::new(entered_tx)), release: Arc::new(Mutex::new(release_rx)) },
+        entered_rx,
+        release_tx,
+    )
 }
 
 fn test_tools(gate: Gate) -> Vec<SharedTool> {
     vec![
         tool("echo", |params, scope| {
-            let prefixes = scope.path_prefixes.as_ref().map(|p| p.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
+            let prefixes =
+                scope.path_prefixes.as_ref().map(|p| p.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
             out(json!({ "params": params, "prefixes": prefixes }))
         }),
         tool("other", |_, _| out(json!({}))),
@@ -166,7 +176,17 @@ fn start(tune: impl FnOnce(&mut GatewayConfig)) -> Running {
         });
     });
     let tcp = ready_rx.recv().unwrap();
-    Running { home: dir, tcp, unix: socket, admin, gateway, stop: Some(stop_tx), thread: Some(thread), entered, release }
+    Running {
+        home: dir,
+        tcp,
+        unix: socket,
+        admin,
+        gateway,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+        entered,
+        release,
+    }
 }
 
 /// A parsed HTTP response.
@@ -294,7 +314,9 @@ fn tokens_are_required_and_checked() {
     assert_eq!(s.get("/v1/tools", Some(&expired)).json()["error"]["code"], "token_refused");
 
     let echo_only = s.token(&Grant { tools: vec!["echo".into()], paths: vec!["*".into()], ..Grant::default() });
-    let wider = attenuate(&echo_only, &Narrowing { tools: vec!["echo".into(), "other".into()], ..Narrowing::default() }).unwrap();
+    let wider =
+        attenuate(&echo_only, &Narrowing { tools: vec!["echo".into(), "other".into()], ..Narrowing::default() })
+            .unwrap();
     assert_eq!(s.post("/v1/tools/echo", Some(&wider), &json!({})).status, 200);
     let r = s.post("/v1/tools/other", Some(&wider), &json!({}));
     assert_eq!(r.status, 403, "attenuation must not widen: {}", r.text());
@@ -322,8 +344,12 @@ fn tool_lists_are_filtered_and_calls_carry_the_seed_shape() {
     for expected in ["echo", "other", "escape", "sleep", "gate", "muscle.feanor"] {
         assert!(all.contains(&expected.to_owned()), "{expected} missing from {all:?}");
     }
-    let limited =
-        s.token(&Grant { tools: vec!["echo".into()], muscles: vec!["feanor".into()], paths: vec!["/srv/data".into()], ..Grant::default() });
+    let limited = s.token(&Grant {
+        tools: vec!["echo".into()],
+        muscles: vec!["feanor".into()],
+        paths: vec!["/srv/data".into()],
+        ..Grant::default()
+    });
     assert_eq!(names(&limited), vec!["echo", "muscle.feanor"]);
 
     let r = s.post("/tool", Some(&limited), &json!({"tool": "echo", "params": {"a": 1}}));
@@ -402,7 +428,8 @@ fn muscles_list_invoke_train_upload_and_unload() {
 
     // Training on y = 2 for x = e0 lowers the loss step after step.
     let step = |lr: f64| {
-        let r = s.post("/v1/muscles/linear/train", Some(&user), &json!({"input": [1, 0, 0, 0], "target": [2], "lr": lr}));
+        let r =
+            s.post("/v1/muscles/linear/train", Some(&user), &json!({"input": [1, 0, 0, 0], "target": [2], "lr": lr}));
         assert_eq!(r.status, 200, "{}", r.text());
         r.json()["data"]["loss"].as_f64().unwrap()
     };
@@ -453,7 +480,9 @@ fn rate_limits_answer_429_with_retry_after() {
 fn concurrency_per_token_is_bounded_and_shutdown_drains() {
     let mut s = start(|c| c.limits.concurrency = 1);
     let (addr, admin) = (s.tcp, s.admin.clone());
-    let held = std::thread::spawn(move || http(Via::Tcp(addr), "POST", "/v1/tools/gate", Some(&admin), "application/json", b"{}"));
+    let held = std::thread::spawn(move || {
+        http(Via::Tcp(addr), "POST", "/v1/tools/gate", Some(&admin), "application/json", b"{}")
+    });
     s.entered.recv().unwrap();
     let r = s.post("/v1/tools/echo", Some(&s.admin), &json!({}));
     assert_eq!(r.status, 429);
@@ -487,7 +516,9 @@ fn metrics_count_calls_by_tool_and_status() {
     assert!(text.contains("referee_gateway_calls_total{"), "{text}");
     let has = |tool: &str, status: &str| {
         text.lines().any(|l| {
-            l.starts_with("referee_gateway_calls_total{") && l.contains(&format!("tool=\"{tool}\"")) && l.contains(&format!("status=\"{status}\""))
+            l.starts_with("referee_gateway_calls_total{")
+                && l.contains(&format!("tool=\"{tool}\""))
+                && l.contains(&format!("status=\"{status}\""))
         })
     };
     assert!(has("echo", "ok"), "{text}");
@@ -503,8 +534,20 @@ fn openapi_document_is_3_1_and_lists_every_route() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
     let paths = doc["paths"].as_object().unwrap();
     for p in [
-        "/health", "/metrics", "/tool", "/batch", "/v1/batch", "/v1/tools", "/v1/tools/{tool}", "/v1/stats", "/vdr",
-        "/v1/muscles", "/v1/muscles/{name}", "/v1/muscles/{name}/invoke", "/v1/muscles/{name}/train", "/v1/tokens",
+        "/health",
+        "/metrics",
+        "/tool",
+        "/batch",
+        "/v1/batch",
+        "/v1/tools",
+        "/v1/tools/{tool}",
+        "/v1/stats",
+        "/vdr",
+        "/v1/muscles",
+        "/v1/muscles/{name}",
+        "/v1/muscles/{name}/invoke",
+        "/v1/muscles/{name}/train",
+        "/v1/tokens",
     ] {
         assert!(paths.contains_key(p), "{p} missing");
     }

@@ -26,7 +26,8 @@ fn examples(home: &Home) -> Result<Vec<Vec<u8>>> {
         .map(|(name, source)| {
             let module = referee_compiler::compile(SourceKind::Python, source.as_bytes())
                 .with_context(|| format!("compile bundled example {name}"))?;
-            let dims = |s: &Option<Vec<u32>>| s.clone().with_context(|| format!("example {name} has no inferred shape"));
+            let dims =
+                |s: &Option<Vec<u32>>| s.clone().with_context(|| format!("example {name} has no inferred shape"));
             let mut spec = MuscleSpec::new(*name, &dims(&module.input_shape)?, &dims(&module.output_shape)?);
             spec.capabilities = module.capabilities();
             home.seal_for_self(&spec, &module.bytes).with_context(|| format!("seal bundled example {name}"))
@@ -92,7 +93,10 @@ fn print_ready(ready: &Ready, home: &Path, json: bool) {
         text.push_str(&format!("  Unix socket {}\n", sock.display()));
     }
     text.push_str(&format!("  muscles     {}\n  home        {}\n", ready.muscles.join(", "), home.display()));
-    text.push_str(&format!("\nadmin token (7 days; revoke with `referee token revoke {}`):\n  {token}\n", ready.admin_token_id));
+    text.push_str(&format!(
+        "\nadmin token (7 days; revoke with `referee token revoke {}`):\n  {token}\n",
+        ready.admin_token_id
+    ));
     if let Some(base) = &base {
         text.push_str(&format!(
             "\ntry:\n  export TOKEN={token}\n  curl -s {base}/health\n  curl -s -H \"Authorization: Bearer $TOKEN\" {base}/v1/tools\n  \

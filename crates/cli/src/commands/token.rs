@@ -84,7 +84,11 @@ pub(crate) fn run(home: &Home, cmd: TokenCommand, json_out: bool) -> Result<()> 
                     .iter()
                     .map(|t| {
                         let state = if t.revoked { "revoked" } else { "active" };
-                        let rights = if t.admin { "admin".to_owned() } else { format!("tools {:?} muscles {:?} paths {:?}", t.tools, t.muscles, t.paths) };
+                        let rights = if t.admin {
+                            "admin".to_owned()
+                        } else {
+                            format!("tools {:?} muscles {:?} paths {:?}", t.tools, t.muscles, t.paths)
+                        };
                         let exp = t.expires_at.map_or_else(|| "never".to_owned(), |e| e.to_string());
                         format!("{}  {state:7}  {:12}  expires {exp}  {rights}", t.id, t.label)
                     })
