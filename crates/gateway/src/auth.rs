@@ -206,17 +206,25 @@ pub struct Scope {
     token: Biscuit,
     verified_at: Instant,
     valid_until: Instant,
-    decisions: Mutex<HashMap<(Kind, String), bool>>,
+    /// Memoised decisions, one map per kind (looked up by `&str`: no allocation on a hit).
+    decisions: [Mutex<HashMap<String, bool>>; 2],
 }
 
 /// What a request touches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Tool,
     Muscle,
 }
 
 impl Kind {
+    fn index(self) -> usize {
+        match self {
+            Self::Tool => 0,
+            Self::Muscle => 1,
+        }
+    }
+
     fn fact(self) -> &'static str {
         match self {
             Self::Tool => "tool",
@@ -257,15 +265,17 @@ impl Scope {
     }
 
     fn decide(&self, kind: Kind, name: &str) -> bool {
-        let key = (kind, name.to_owned());
-        if let Ok(cache) = self.decisions.lock()
-            && let Some(d) = cache.get(&key)
+        let Some(map) = self.decisions.get(kind.index()) else { return false };
+        if let Ok(cache) = map.lock()
+            && let Some(d) = cache.get(name)
         {
             return *d;
         }
         let allowed = quoted(name).is_ok_and(|q| probe(&self.token, &format!("{}({q})", kind.fact())).is_ok());
-        if let Ok(mut cache) = self.decisions.lock() {
-            cache.insert(key, allowed);
+        if let Ok(mut cache) = map.lock()
+            && cache.len() < MAX_CACHED
+        {
+            cache.insert(name.to_owned(), allowed);
         }
         allowed
     }
@@ -428,7 +438,7 @@ impl Authority {
             token: parsed,
             verified_at,
             valid_until: verified_at.checked_add(left).unwrap_or(verified_at + self.cache_ttl),
-            decisions: Mutex::new(HashMap::new()),
+            decisions: [Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
         })
     }
 }

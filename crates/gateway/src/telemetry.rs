@@ -31,9 +31,11 @@ pub fn prometheus() -> Option<PrometheusHandle> {
 
 /// Counts one call and its latency.
 pub fn record_call(tool: &str, result: &Result<CallOutcome, ApiError>, elapsed: Duration) {
-    let status = match result {
-        Ok(_) => "ok",
-        Err(e) => e.code,
+    let (tool, status) = match result {
+        Ok(_) => (tool, "ok"),
+        // Names from refused calls are caller-chosen: one label keeps the series bounded.
+        Err(e) if matches!(e.code, "unknown_tool" | "forbidden") => ("_refused", e.code),
+        Err(e) => (tool, e.code),
     };
     metrics::counter!(CALLS, "tool" => tool.to_owned(), "status" => status).increment(1);
     metrics::histogram!(LATENCY, "tool" => tool.to_owned()).record(elapsed.as_secs_f64());
