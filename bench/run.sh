@@ -6,7 +6,7 @@
 #   apt-get install -y wrk
 #   npm install --prefix bench/node @modelcontextprotocol/server-filesystem@2026.8.31
 #   pip install mcp==2.3.0
-#   bench/run.sh [SECONDS]   (default 10)
+#   bench/run.sh [SECONDS]   (default 10; PROFILE=dev to skip the release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-10}"
@@ -14,10 +14,12 @@ TARGET="${CARGO_TARGET_DIR:-target}"
 REF="${REF_SERVER:-bench/node/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js}"
 command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
 [ -f "$REF" ] || { echo "reference server missing: npm install --prefix bench/node @modelcontextprotocol/server-filesystem@2026.8.31" >&2; exit 1; }
-cargo build -q --release -p referee
-cargo build -q --release -p referee-gateway --example load
-BIN="$TARGET/release/referee"
-LOAD="$TARGET/release/examples/load"
+PROFILE="${PROFILE:-release}"
+DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
+cargo build -q --profile "$PROFILE" -p referee
+cargo build -q --profile "$PROFILE" -p referee-gateway --example load
+BIN="$TARGET/$DIR/referee"
+LOAD="$TARGET/$DIR/examples/load"
 
 WORK="$(mktemp -d)"
 cleanup() { [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
@@ -49,7 +51,7 @@ LUA
   wrk -t2 -c64 -d"${SECS}s" --latency -s "$WORK/post.lua" "http://$ADDR$1" | grep -E "Requests/sec|Non-2xx|50%|99%|requests in"
 }
 
-echo "# machine: $(nproc) cores, $(uname -sr)"
+echo "# machine: $(nproc) cores, $(uname -sr), profile $PROFILE, load average $(cut -d" " -f1-3 /proc/loadavg)"
 wrk_post /v1/tools/fs_read "$READ_BODY"
 wrk_post /v1/muscles/feanor/invoke "$INVOKE_BODY"
 for kind in tcp unix; do
