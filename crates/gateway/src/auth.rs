@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use biscuit_auth::builder::{Algorithm, AuthorizerBuilder, BlockBuilder};
-use biscuit_auth::{Biscuit, KeyPair, PrivateKey, PublicKey, UnverifiedBiscuit};
+use biscuit_auth::{AuthorizerLimits, Biscuit, KeyPair, PrivateKey, PublicKey, UnverifiedBiscuit};
 
 use crate::store::{GatewayStore, StoreError, TokenRecord};
 
@@ -243,8 +243,15 @@ allow if path($p), right("path", $r), $p.starts_with($r);
 allow if admin(true), right("admin", "*");
 "#;
 
+/// The default 1 ms Datalog budget is too tight on a loaded machine; tokens are small, so a
+/// larger time budget costs nothing in the normal case (facts and iterations stay bounded).
+fn authorizer() -> AuthorizerBuilder {
+    AuthorizerBuilder::new()
+        .set_limits(AuthorizerLimits { max_time: Duration::from_millis(100), ..AuthorizerLimits::default() })
+}
+
 fn probe(token: &Biscuit, fact: &str) -> Result<(), AuthError> {
-    let mut authorizer = AuthorizerBuilder::new()
+    let mut authorizer = authorizer()
         .code(format!("{fact};\n{POLICIES}"))
         .map_err(build_err)?
         .time()
@@ -413,16 +420,17 @@ impl Authority {
         }
         let id = ids.first().cloned().ok_or_else(|| AuthError::Invalid("token has no blocks".into()))?;
         // Expiry and any holder checks are evaluated by a neutral probe first.
-        let mut authorizer = AuthorizerBuilder::new()
+        let mut authorizer = authorizer()
             .code("allow if true;")
             .map_err(build_err)?
             .time()
             .build(&parsed)
             .map_err(|e| AuthError::Refused(e.to_string()))?;
         authorizer.authorize().map_err(|e| AuthError::Refused(format!("{e} (expired or malformed)")))?;
-        let expiries: Vec<(i64,)> = authorizer.query_all("e($t) <- expires($t)").map_err(build_err)?;
-        let rights: Vec<(String, String)> = authorizer.query("r($k, $v) <- right($k, $v)").map_err(build_err)?;
-        let hints: Vec<(String,)> = authorizer.query_all("h($p) <- narrow_path($p)").map_err(build_err)?;
+        let refused = |e: biscuit_auth::error::Token| AuthError::Refused(e.to_string());
+        let expiries: Vec<(i64,)> = authorizer.query_all("e($t) <- expires($t)").map_err(refused)?;
+        let rights: Vec<(String, String)> = authorizer.query("r($k, $v) <- right($k, $v)").map_err(refused)?;
+        let hints: Vec<(String,)> = authorizer.query_all("h($p) <- narrow_path($p)").map_err(refused)?;
 
         let admin = rights.iter().any(|(k, _)| k == "admin") && probe(&parsed, "admin(true)").is_ok();
         let path_prefixes = effective_paths(&parsed, &rights, &hints);
