@@ -55,6 +55,14 @@ pub(crate) enum Command {
     /// Worknodes: create, send, get, tree against a local store; `serve` runs a replica.
     #[command(subcommand)]
     Node(referee_worknode::cli::NodeCommand),
+    /// Serve tools and muscles over REST and MCP on TCP and a Unix socket (prints an admin token).
+    #[command(visible_alias = "up")]
+    Serve(ServeArgs),
+    /// Serve MCP over stdin/stdout for a local client (tools and muscles, operator rights).
+    Mcp(McpArgs),
+    /// Create, attenuate, revoke and list the gateway's capability tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Measure the runtime on this machine (a throwaway home; prints a table).
     Bench {
         /// Calls per latency measurement.
@@ -247,5 +255,117 @@ pub(crate) enum TrustCommand {
         /// Lowest version to accept from now on.
         #[arg(long)]
         to: u64,
+    },
+}
+
+/// Options shared by `serve` and `mcp`.
+#[derive(Debug, Args)]
+pub(crate) struct GatewayArgs {
+    /// TOML configuration file (see docs/gateway.md); flags and environment override it.
+    #[arg(long, env = "REFEREE_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Do not compile and load the bundled example muscles.
+    #[arg(long)]
+    pub(crate) no_examples: bool,
+    /// Directory the file and git tools may use (repeatable; default HOME/files).
+    #[arg(long = "root", env = "REFEREE_ROOTS", value_delimiter = ':', value_name = "DIR")]
+    pub(crate) roots: Vec<PathBuf>,
+    /// Per-token requests a second (0: unlimited).
+    #[arg(long, env = "REFEREE_RATE", value_name = "N")]
+    pub(crate) rate: Option<f64>,
+    /// Per-token burst (requests saved up).
+    #[arg(long, env = "REFEREE_BURST", value_name = "N")]
+    pub(crate) burst: Option<u32>,
+    /// Per-token requests in flight.
+    #[arg(long, env = "REFEREE_CONCURRENCY", value_name = "N")]
+    pub(crate) concurrency: Option<usize>,
+    /// Largest request body, bytes.
+    #[arg(long, env = "REFEREE_BODY_LIMIT", value_name = "BYTES")]
+    pub(crate) body_limit: Option<usize>,
+    /// Deadline of one tool call, milliseconds.
+    #[arg(long, env = "REFEREE_TOOL_TIMEOUT_MS", value_name = "MS")]
+    pub(crate) tool_timeout_ms: Option<u64>,
+    /// Most calls in one batch.
+    #[arg(long, env = "REFEREE_BATCH_MAX", value_name = "N")]
+    pub(crate) batch_max: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) common: GatewayArgs,
+    /// TCP address (port 0 picks a free one; the ready line says which).
+    #[arg(long, env = "REFEREE_LISTEN", value_name = "ADDR")]
+    pub(crate) listen: Option<std::net::SocketAddr>,
+    /// No TCP listener (Unix socket only).
+    #[arg(long)]
+    pub(crate) no_tcp: bool,
+    /// Unix socket path (default: HOME/gateway.sock).
+    #[arg(long, env = "REFEREE_SOCKET", value_name = "PATH")]
+    pub(crate) unix: Option<PathBuf>,
+    /// No Unix socket.
+    #[arg(long, conflicts_with = "unix")]
+    pub(crate) no_unix: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct McpArgs {
+    #[command(flatten)]
+    pub(crate) common: GatewayArgs,
+}
+
+/// Narrowing options shared by `token create` and `token attenuate`.
+#[derive(Debug, Args)]
+pub(crate) struct TokenScopeArgs {
+    /// Allowed tool (repeatable; `*` for all).
+    #[arg(long = "tool", value_name = "NAME")]
+    pub(crate) tools: Vec<String>,
+    /// Allowed muscle (repeatable; `*` for all).
+    #[arg(long = "muscle", value_name = "NAME")]
+    pub(crate) muscles: Vec<String>,
+    /// Allowed path prefix (repeatable, absolute; `*` for every root).
+    #[arg(long = "path", value_name = "PREFIX")]
+    pub(crate) paths: Vec<String>,
+    /// Lifetime: seconds or 30s, 15m, 2h, 7d.
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) ttl: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Mint a token with the gateway's root key (through the running server if there is one).
+    Create {
+        #[command(flatten)]
+        scope: TokenScopeArgs,
+        /// May manage muscles and tokens (implies every tool, muscle and path).
+        #[arg(long)]
+        admin: bool,
+        /// Label shown by `token list`.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// The server's Unix socket (default: HOME/gateway.sock).
+        #[arg(long, env = "REFEREE_SOCKET", value_name = "PATH")]
+        unix: Option<PathBuf>,
+    },
+    /// Narrow a token offline (no key needed); the result can never do more than the original.
+    Attenuate {
+        /// The token to narrow.
+        token: String,
+        #[command(flatten)]
+        scope: TokenScopeArgs,
+    },
+    /// Revoke a token id (and every token attenuated from it).
+    Revoke {
+        /// Revocation id (from `token create` or `token list`).
+        id: String,
+        /// The server's Unix socket (default: HOME/gateway.sock).
+        #[arg(long, env = "REFEREE_SOCKET", value_name = "PATH")]
+        unix: Option<PathBuf>,
+    },
+    /// List issued tokens (ids, rights, expiry, revoked).
+    List {
+        /// The server's Unix socket (default: HOME/gateway.sock).
+        #[arg(long, env = "REFEREE_SOCKET", value_name = "PATH")]
+        unix: Option<PathBuf>,
     },
 }

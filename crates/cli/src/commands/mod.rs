@@ -7,6 +7,8 @@ mod keys;
 mod muscle;
 mod node;
 mod run;
+mod serve;
+mod token;
 mod trust;
 
 use std::path::PathBuf;
@@ -48,6 +50,9 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(&home, &args, cli.json),
         Command::Audit(cmd) => attest::audit(&home, &cmd, cli.json),
         Command::Attest(args) => attest::attest(&home, &args, cli.json),
+        Command::Serve(args) => serve::serve(&home, &args, cli.json),
+        Command::Mcp(args) => serve::mcp(&home, &args),
+        Command::Token(cmd) => token::run(&home, cmd, cli.json),
         Command::Bench { calls } => bench::bench(calls, cli.json),
         Command::Comm(cmd) => referee_comm::cli::run(cmd, cli.json),
         Command::Node(cmd) => node::run(cmd, cli.json),

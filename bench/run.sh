@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Gateway benchmarks (release build): fs_read of a small file and a muscle invoke over TCP
+# keep-alive (wrk, and our closed-loop loader) and over the Unix socket (our loader; wrk
+# cannot reach a socket); MCP tool calls over Streamable HTTP; MCP over stdio against the
+# reference @modelcontextprotocol/server-filesystem, same client, same file, same run.
+#   apt-get install -y wrk
+#   npm install --prefix bench/node @modelcontextprotocol/server-filesystem@2026.8.31
+#   pip install mcp==2.3.0
+#   bench/run.sh [SECONDS]   (default 10; PROFILE=dev to skip the release build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS="${1:-10}"
+TARGET="${CARGO_TARGET_DIR:-target}"
+REF="${REF_SERVER:-bench/node/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js}"
+command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
+[ -f "$REF" ] || { echo "reference server missing: npm install --prefix bench/node @modelcontextprotocol/server-filesystem@2026.8.31" >&2; exit 1; }
+PROFILE="${PROFILE:-release}"
+DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
+cargo build -q --profile "$PROFILE" -p referee
+cargo build -q --profile "$PROFILE" -p referee-gateway --example load
+BIN="$TARGET/$DIR/referee"
+LOAD="$TARGET/$DIR/examples/load"
+
+WORK="$(mktemp -d)"
+cleanup() { [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+mkdir -p "$WORK/root"
+head -c 1024 /dev/zero | tr '\0' 'x' > "$WORK/root/small.txt"   # a 1 KiB text file
+FILE="$(cd "$WORK/root" && pwd -P)/small.txt"
+
+"$BIN" --home "$WORK/home" serve --listen 127.0.0.1:0 --root "$WORK/root" --rate 0 --json \
+  >"$WORK/out" 2>/dev/null &
+PID=$!
+for _ in $(seq 1 600); do [ -s "$WORK/out" ] && break; sleep 0.2; done
+READY="$(head -n1 "$WORK/out")"
+field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$READY" "$1"; }
+ADDR="$(field tcp)"; SOCK="$(field unix)"; TOKEN="$(field admin_token)"
+
+READ_BODY="{\"path\":\"$FILE\"}"
+INVOKE_BODY='{"input":[1,2,3,4]}'
+MCP_BODY="{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"fs_read\",\"arguments\":{\"path\":\"$FILE\"}}}"
+
+wrk_post() { # path body
+  cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$2'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $TOKEN"
+LUA
+  echo "## wrk -t2 -c64 -d${SECS}s --latency POST $1"
+  wrk -t2 -c64 -d"${SECS}s" --latency -s "$WORK/post.lua" "http://$ADDR$1" | grep -E "Requests/sec|Non-2xx|50%|99%|requests in"
+}
+
+echo "# machine: $(nproc) cores, $(uname -sr), profile $PROFILE, load average $(cut -d" " -f1-3 /proc/loadavg)"
+wrk_post /v1/tools/fs_read "$READ_BODY"
+wrk_post /v1/muscles/feanor/invoke "$INVOKE_BODY"
+for kind in tcp unix; do
+  target="$ADDR"; [ "$kind" = unix ] && target="$SOCK"
+  echo "## load $kind 64 connections: fs_read";      "$LOAD" "$kind" "$target" 64 "$SECS" /v1/tools/fs_read "$TOKEN" "$READ_BODY"
+  echo "## load $kind 64 connections: muscle invoke"; "$LOAD" "$kind" "$target" 64 "$SECS" /v1/muscles/feanor/invoke "$TOKEN" "$INVOKE_BODY"
+  echo "## load $kind 1 connection: fs_read (latency)"; "$LOAD" "$kind" "$target" 1 "$SECS" /v1/tools/fs_read "$TOKEN" "$READ_BODY"
+done
+echo "## MCP Streamable HTTP tools/call fs_read, 64 connections"
+"$LOAD" tcp "$ADDR" 64 "$SECS" /mcp "$TOKEN" "$MCP_BODY"
+kill -TERM "$PID"; wait "$PID" || true; PID=
+
+N=5000
+echo "## MCP stdio, pipelined JSON-RPC client (32 in flight), $N reads of the same file"
+echo -n "referee mcp:        "; python3 bench/mcp_stdio.py raw $N fs_read "$READ_BODY" -- "$BIN" --home "$WORK/home" mcp --no-examples --root "$WORK/root"
+echo -n "server-filesystem:  "; python3 bench/mcp_stdio.py raw $N read_text_file "$READ_BODY" -- node "$REF" "$WORK/root"
+N=1000
+echo "## MCP stdio, official Python SDK client, $N sequential reads"
+echo -n "referee mcp:        "; python3 bench/mcp_stdio.py sdk $N fs_read "$READ_BODY" -- "$BIN" --home "$WORK/home" mcp --no-examples --root "$WORK/root"
+echo -n "server-filesystem:  "; python3 bench/mcp_stdio.py sdk $N read_text_file "$READ_BODY" -- node "$REF" "$WORK/root"

@@ -1,0 +1,285 @@
+//! `referee serve`, `referee token` and `referee mcp` end to end: the real binary, the bundled
+//! example muscles, curl over TCP and the Unix socket, and the official Python MCP client
+//! (`pip install mcp==2.3.0`) over Streamable HTTP and stdio.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test helpers")]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const MCP_CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
+
+fn referee() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_referee"));
+    cmd.env_remove("REFEREE_HOME").env_remove("REFEREE_SOCKET").env_remove("REFEREE_CONFIG");
+    cmd
+}
+
+/// A running `referee serve`; killed (SIGKILL) if a test fails before stopping it.
+struct Served {
+    child: Child,
+    ready: Value,
+    home: PathBuf,
+    _stdout: mpsc::Receiver<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Forwards stdout lines to a channel so the ready line can be awaited with a deadline.
+fn lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The text of the file every test serves from its root.
+const HELLO: &str = "hello from the referee\n";
+
+/// Starts `referee serve` on an ephemeral port with `root_of(home)` holding `hello.txt`.
+fn serve(home: &Path, extra: &[&str]) -> Result<Served, Box<dyn std::error::Error>> {
+    let root = root_of(home);
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("hello.txt"), HELLO)?;
+    let mut child = referee()
+        .arg("--home")
+        .arg(home)
+        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(&root)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let rx = lines(stdout);
+    // Waiting on an external process to come up: bounded, generous for a debug build that
+    // compiles the bundled examples first.
+    let line = rx.recv_timeout(Duration::from_secs(120)).map_err(|_| "no ready line within 120 s")?;
+    let ready: Value = serde_json::from_str(&line)?;
+    assert_eq!(ready["event"], "ready", "{line}");
+    Ok(Served { child, ready, home: home.to_owned(), _stdout: rx })
+}
+
+/// Tests keep HOME and ROOT side by side in one temporary directory.
+fn root_of(home: &Path) -> PathBuf {
+    home.parent().unwrap_or(home).join("root")
+}
+
+impl Served {
+    fn base(&self) -> String {
+        format!("http://{}", self.ready["tcp"].as_str().unwrap_or_default())
+    }
+    fn socket(&self) -> String {
+        self.ready["unix"].as_str().unwrap_or_default().to_owned()
+    }
+    fn admin(&self) -> String {
+        self.ready["admin_token"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// curl: returns (status, body). `unix` routes through the socket.
+fn curl(unix: Option<&str>, method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, url]);
+    if let Some(sock) = unix {
+        cmd.args(["--unix-socket", sock]);
+    }
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary"]).arg(b.to_string());
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("curl is needed for these tests (apt-get install -y curl): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+fn cli_json(home: &Path, args: &[&str]) -> Result<Value, Box<dyn std::error::Error>> {
+    let out = referee().arg("--home").arg(home).arg("--json").args(args).output()?;
+    if !out.status.success() {
+        return Err(format!("referee {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn serve_runs_the_examples_over_tcp_and_the_socket_and_stops_on_sigterm() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut s = serve(&dir.path().join("home"), &[])?;
+    assert_eq!(s.ready["muscles"], json!(["feanor", "mlp"]));
+    let (base, sock, admin) = (s.base(), s.socket(), s.admin());
+    let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)?;
+    assert_eq!(mode, 0o600);
+
+    assert_eq!(curl(None, "GET", &format!("{base}/health"), None, None).0, 200);
+    assert_eq!(curl(Some(&sock), "GET", "http://localhost/health", None, None).0, 200);
+    assert_eq!(curl(None, "GET", &format!("{base}/v1/muscles"), None, None).0, 401);
+
+    // feanor.py: the seeds' Fëanor, relu of a weighted sum; check it against numpy-free maths
+    // by asking for the same input twice (deterministic) and over both listeners.
+    let call = json!({"tool": "muscle.feanor", "params": {"input": [1, 2, 3, 4]}});
+    let (code, tcp_body) = curl(None, "POST", &format!("{base}/tool"), Some(&admin), Some(&call));
+    assert_eq!(code, 200, "{tcp_body}");
+    let (code, uds_body) = curl(Some(&sock), "POST", "http://localhost/tool", Some(&admin), Some(&call));
+    assert_eq!(code, 200, "{uds_body}");
+    assert_eq!(json_of(&tcp_body)["data"], json_of(&uds_body)["data"]);
+    assert_eq!(json_of(&tcp_body)["torsion_score"], 0.1);
+
+    // mlp.py: 16 inputs → 4 class probabilities that sum to 1; one training step returns a loss.
+    let x: Vec<f64> = (0..16).map(|i| -1.0 + 2.0 * f64::from(i) / 15.0).collect();
+    let (code, body) =
+        curl(None, "POST", &format!("{base}/v1/muscles/mlp/invoke"), Some(&admin), Some(&json!({"input": x})));
+    assert_eq!(code, 200, "{body}");
+    let probs: Vec<f64> = serde_json::from_value(json_of(&body)["data"]["output"].clone())?;
+    assert_eq!(probs.len(), 4);
+    assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{probs:?}");
+    let train = json!({"input": x, "target": [1, 0, 0, 0], "lr": 0.05});
+    let (code, body) = curl(None, "POST", &format!("{base}/v1/muscles/mlp/train"), Some(&admin), Some(&train));
+    assert_eq!(code, 200, "{body}");
+    assert!(json_of(&body)["data"]["loss"].as_f64().is_some_and(|l| l > 0.0), "{body}");
+
+    // fs_read of a small file, REST over both listeners, with a path-limited token.
+    let hello = root_of(&s.home).join("hello.txt").canonicalize()?;
+    let read = json!({"tool": "fs_read", "params": {"path": hello}});
+    for unix in [None, Some(sock.as_str())] {
+        let url = if unix.is_some() { "http://localhost/tool".to_owned() } else { format!("{base}/tool") };
+        let (code, body) = curl(unix, "POST", &url, Some(&admin), Some(&read));
+        assert_eq!(code, 200, "{body}");
+        let v = json_of(&body);
+        assert_eq!((v["data"]["content"].as_str(), v["reality_index"].as_f64()), (Some(HELLO), Some(1.0)), "{body}");
+    }
+    let (code, body) = curl(
+        None,
+        "POST",
+        &format!("{base}/tool"),
+        Some(&admin),
+        Some(&json!({"tool": "fs_read", "params": {"path": "/etc/passwd"}})),
+    );
+    assert_eq!((code, json_of(&body)["error"]["code"].clone()), (403, json!("reality_violation")), "{body}");
+
+    // Tokens through the CLI while the server holds the stores: it goes over the socket.
+    let created = cli_json(&s.home, &["token", "create", "--muscle", "feanor", "--ttl", "1h", "--label", "e2e"])?;
+    let token = created["token"].as_str().ok_or("no token")?.to_owned();
+    let id = created["record"]["id"].as_str().ok_or("no id")?.to_owned();
+    let (code, body) = curl(None, "GET", &format!("{base}/v1/tools"), Some(&token), None);
+    assert_eq!(code, 200, "{body}");
+    let names: Vec<String> = json_of(&body)["tools"]
+        .as_array()
+        .ok_or("tools")?
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(names, vec!["muscle.feanor"]);
+    assert_eq!(
+        curl(
+            None,
+            "POST",
+            &format!("{base}/tool"),
+            Some(&token),
+            Some(&json!({"tool": "muscle.mlp", "params": {"input": x}}))
+        )
+        .0,
+        403
+    );
+    // Attenuation is offline and cannot add the mlp back.
+    let narrowed = cli_json(&s.home, &["token", "attenuate", &token, "--muscle", "feanor", "--muscle", "mlp"])?;
+    let narrowed = narrowed["token"].as_str().ok_or("no token")?.to_owned();
+    assert_eq!(
+        curl(None, "POST", &format!("{base}/v1/muscles/mlp/invoke"), Some(&narrowed), Some(&json!({"input": x}))).0,
+        403
+    );
+    assert_eq!(curl(None, "POST", &format!("{base}/tool"), Some(&narrowed), Some(&call)).0, 200);
+    let listed = cli_json(&s.home, &["token", "list"])?;
+    assert!(listed["tokens"].as_array().ok_or("tokens")?.iter().any(|t| t["id"] == id.as_str() && t["label"] == "e2e"));
+    cli_json(&s.home, &["token", "revoke", &id])?;
+    assert_eq!(curl(None, "POST", &format!("{base}/tool"), Some(&token), Some(&call)).0, 401);
+    assert_eq!(curl(None, "POST", &format!("{base}/tool"), Some(&narrowed), Some(&call)).0, 401);
+
+    // SIGTERM: graceful exit, socket removed.
+    let status = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status()?;
+    assert!(status.success());
+    assert!(s.child.wait()?.success());
+    assert!(!Path::new(&sock).exists());
+    Ok(())
+}
+
+fn python_client(args: &[&str], envs: &[(&str, &str)]) -> Result<Value, Box<dyn std::error::Error>> {
+    let out = Command::new("python3")
+        .arg(MCP_CLIENT)
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .map_err(|e| format!("python3 is needed for the MCP client test (and `pip install mcp==2.3.0`): {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'mcp'") {
+        return Err("the Python MCP SDK is missing: pip install mcp==2.3.0".into());
+    }
+    if !out.status.success() {
+        return Err(format!("MCP client failed: {stderr}\n{}", String::from_utf8_lossy(&out.stdout)).into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn check_mcp_report(report: &Value) {
+    let tools = report["tools"].as_array().expect("tools");
+    assert!(tools.contains(&json!("muscle.feanor")) && tools.contains(&json!("muscle.mlp")), "{report}");
+    assert!(tools.contains(&json!("train.mlp")), "{report}");
+    assert_eq!(
+        report["annotations"]["muscle.feanor"],
+        json!({"read_only": true, "destructive": false, "idempotent": true})
+    );
+    assert_eq!(report["annotations"]["train.mlp"]["read_only"], false);
+    assert_eq!(report["output_schema"]["muscle.feanor"], true);
+    assert_eq!(report["feanor"]["is_error"], false);
+    assert_eq!(report["feanor"]["structured"]["output"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["annotations"]["fs_read"]["read_only"], true, "{report}");
+    assert_eq!(report["annotations"]["fs_write"]["read_only"], false, "{report}");
+    assert_eq!(report["fs_read"]["is_error"], false, "{report}");
+    assert_eq!(report["fs_read"]["structured"]["content"], HELLO, "{report}");
+}
+
+#[test]
+fn python_mcp_client_over_streamable_http_and_stdio() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = serve(&dir.path().join("home"), &["--no-unix"])?;
+    let url = format!("{}/mcp", s.base());
+    let root = root_of(&dir.path().join("home"));
+    let hello = root.join("hello.txt").canonicalize()?.to_string_lossy().into_owned();
+    let http = python_client(&["http", &url, &s.admin()], &[("MCP_READ_PATH", &hello)])?;
+    check_mcp_report(&http);
+    drop(s);
+
+    let stdio_home = tempfile::tempdir()?;
+    let home = stdio_home.path().to_string_lossy().into_owned();
+    let root = root.to_string_lossy().into_owned();
+    let stdio = python_client(
+        &["stdio", env!("CARGO_BIN_EXE_referee"), "--home", &home, "mcp", "--root", &root],
+        &[("MCP_READ_PATH", &hello)],
+    )?;
+    check_mcp_report(&stdio);
+    assert_eq!(http["feanor"], stdio["feanor"]);
+    Ok(())
+}
