@@ -283,3 +283,42 @@ fn python_mcp_client_over_streamable_http_and_stdio() -> TestResult {
     assert_eq!(http["feanor"], stdio["feanor"]);
     Ok(())
 }
+
+#[test]
+fn serve_exposes_the_worknode_tree_as_tools_over_rest() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = serve(&dir.path().join("home"), &[])?;
+    let (base, sock, admin) = (s.base(), s.socket(), s.admin());
+    let tool = |unix: Option<&str>, name: &str, params: Value| {
+        let url = match unix {
+            Some(_) => format!("http://localhost/v1/tools/{name}"),
+            None => format!("{base}/v1/tools/{name}"),
+        };
+        curl(unix, "POST", &url, Some(&admin), Some(&params))
+    };
+    for path in ["/acme", "/acme/research"] {
+        let (code, body) = tool(None, "node_create", json!({"path": path, "consistency": "eventual"}));
+        assert_eq!(code, 200, "{body}");
+    }
+    // Two increments over the two listeners; the counter is their sum.
+    for (unix, n) in [(None, "3"), (Some(sock.as_str()), "4")] {
+        let (code, body) =
+            tool(unix, "node_update", json!({"path": "/acme/research", "field": "hits", "op": "grow", "args": [n]}));
+        assert_eq!(code, 200, "{body}");
+    }
+    let (code, body) = tool(None, "node_get", json!({"path": "/acme/research"}));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json_of(&body)["data"]["state"]["hits"], json!(7), "{body}");
+    let (code, body) = tool(Some(&sock), "node_tree", json!({"path": "/acme"}));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("/acme/research"), "{body}");
+    let (code, body) = tool(None, "node_create", json!({"path": "/"}));
+    assert_eq!(code, 400, "{body}");
+    // A token for one muscle cannot touch the tree.
+    let created = cli_json(&s.home, &["token", "create", "--muscle", "feanor", "--ttl", "1h"])?;
+    let token = created["token"].as_str().ok_or("no token")?;
+    let (code, _) =
+        curl(None, "POST", &format!("{base}/v1/tools/node_get"), Some(token), Some(&json!({"path": "/acme"})));
+    assert_eq!(code, 403);
+    Ok(())
+}
