@@ -20,13 +20,16 @@ token="$(field admin_token)"
 socket="$(field unix)"
 curl -fsS "$base/health"
 echo
-for via in "" "--unix-socket $socket"; do
-    # shellcheck disable=SC2086
-    out="$(curl -fsS $via -H "Authorization: Bearer $token" -H 'content-type: application/json' \
-        -d '{"input": [1, 2, 3, 4]}' "${via:+http://localhost}${via:-$base}/v1/muscles/feanor/invoke")"
-    echo "feanor via ${via:-tcp}: $out"
-    python3 -c 'import json,sys; o=json.loads(sys.argv[1]); v=o.get("output", o.get("data", {}).get("output")); assert abs(v[0]-4.475)<1e-5, o' "$out"
-done
+call() { # call LABEL URL [curl options...]: invokes feanor and checks 1·0.5 - 2·0.25 + 3·0.125 + 4·1 + 0.1
+    local label="$1" url="$2"
+    shift 2
+    out="$(curl -fsS "$@" -H "Authorization: Bearer $token" -H 'content-type: application/json' \
+        -d '{"input": [1, 2, 3, 4]}' "$url/v1/muscles/feanor/invoke")"
+    echo "feanor via $label: $out"
+    python3 -c 'import json,sys; o=json.loads(sys.argv[1]); assert abs(o["data"]["output"][0]-4.475)<1e-5, o' "$out"
+}
+call tcp "$base"
+call "unix socket" http://localhost --unix-socket "$socket"
 kill -TERM "$pid"
 wait "$pid"
 echo "serve: ready, answered over TCP and the Unix socket, stopped cleanly"
