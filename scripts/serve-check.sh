@@ -4,20 +4,13 @@
 # the Unix socket with the printed admin token, then stops it with SIGTERM (graceful drain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/serve-bg.sh
 work="$(mktemp -d)"
-trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
-REFEREE_HOME="$work/home" bash scripts/serve.sh --listen 127.0.0.1:0 >"$work/out" 2>"$work/log" &
-pid=$!
-for _ in $(seq 1 900); do
-    [ -s "$work/out" ] && break
-    kill -0 "$pid" 2>/dev/null || { cat "$work/log" >&2; exit 1; }
-    sleep 0.2
-done
-ready="$(head -n1 "$work/out")"
-field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$ready" "$1"; }
-base="http://$(field tcp)"
-token="$(field admin_token)"
-socket="$(field unix)"
+trap 'kill "${serve_pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+start_serve "$work" --listen 127.0.0.1:0
+base="http://$(ready_field tcp)"
+token="$(ready_field admin_token)"
+socket="$(ready_field unix)"
 curl -fsS "$base/health"
 echo
 call() { # call LABEL URL [curl options...]: invokes feanor and checks 1·0.5 - 2·0.25 + 3·0.125 + 4·1 + 0.1
@@ -30,6 +23,6 @@ call() { # call LABEL URL [curl options...]: invokes feanor and checks 1·0.5 - 
 }
 call tcp "$base"
 call "unix socket" http://localhost --unix-socket "$socket"
-kill -TERM "$pid"
-wait "$pid"
+kill -TERM "$serve_pid"
+wait "$serve_pid"
 echo "serve: ready, answered over TCP and the Unix socket, stopped cleanly"
