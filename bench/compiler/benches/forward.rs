@@ -134,7 +134,8 @@ fn bench(c: &mut Criterion) {
     let runtime = Runtime::open(&home, RuntimeOptions { policy: Policy::permissive_default() }).unwrap();
     for (name, file) in [("feanor", "feanor.py"), ("mlp", "mlp.py"), ("feanor-onnx", "feanor.onnx"), ("mlp-onnx", "mlp.onnx")] {
         let module = referee_compiler::compile_path(&examples().join(file)).unwrap();
-        let spec = MuscleSpec::new(name, &module.input_shape.unwrap(), &module.output_shape.unwrap());
+        let mut spec = MuscleSpec::new(name, &module.input_shape.unwrap(), &module.output_shape.unwrap());
+        spec.declare_nan_blind(module.nan_blind);
         runtime.load(&home.seal_for_self(&spec, &module.bytes).unwrap()).unwrap();
     }
     let onnx = |name: &str| tract_onnx::onnx().model_for_path(examples().join(format!("{name}.onnx"))).unwrap();

@@ -146,6 +146,11 @@ pub struct WasmModule {
     pub output_shape: Option<Vec<u32>>,
     /// What the compiler built (Python/ONNX models; `None` for raw wasm/wat).
     pub summary: Option<Summary>,
+    /// Whether the code provably never lets a NaN's sign or payload bits reach an output, the
+    /// loss or the state region: true for compiled models, whose code never reinterprets a
+    /// float's bits and canonicalises the parameters `train` stores. Seal it as the header's
+    /// `nan-blind` extension so the runtime can skip per-instruction NaN canonicalisation.
+    pub nan_blind: bool,
 }
 
 /// A compiled model's vital statistics, for `referee compile` to print.
@@ -308,6 +313,7 @@ fn compile_model(
     }
     module.summary =
         Some(Summary { parameters: trainable + folded, trainable_parameters: trainable, entry_points, code_bytes });
+    module.nan_blind = true;
     Ok(module)
 }
 
@@ -338,7 +344,7 @@ pub fn validate(bytes: Vec<u8>) -> Result<WasmModule, CompileError> {
             _ => {}
         }
     }
-    Ok(WasmModule { bytes, imports, exports, input_shape: None, output_shape: None, summary: None })
+    Ok(WasmModule { bytes, imports, exports, input_shape: None, output_shape: None, summary: None, nan_blind: false })
 }
 
 #[cfg(test)]

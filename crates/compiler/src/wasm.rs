@@ -664,7 +664,9 @@ impl<'g> Emitter<'g> {
         })
     }
 
-    /// `p -= lr * g` over `n` elements (`lr` is the third parameter of `train`).
+    /// `p -= lr * g` over `n` elements (`lr` is the third parameter of `train`). Stored
+    /// parameters are NaN-canonicalised: they outlive the call (snapshots, restores), and the
+    /// module may run without per-instruction canonicalisation (`nan-blind`).
     fn sgd(&mut self, p: u64, g: u64, n: usize) -> Result<(), CompileError> {
         let chunks = n / 4;
         self.for_range(J, chunks, &mut |e| {
@@ -677,6 +679,14 @@ impl<'g> Emitter<'g> {
             e.push(I::V128Load(mem(0, 2)));
             e.push(I::F32x4Mul);
             e.push(I::F32x4Sub);
+            e.set(VACC);
+            e.get(VACC);
+            e.push(I::V128Const(CANONICAL_NANS));
+            e.get(VACC);
+            e.get(VACC);
+            e.push(I::F32x4Eq);
+            // bitselect(a, b, mask) = (a & mask) | (b & !mask): the value where it equals itself.
+            e.push(I::V128Bitselect);
             e.push(I::V128Store(mem(0, 2)));
             Ok(())
         })?;
@@ -690,6 +700,13 @@ impl<'g> Emitter<'g> {
             self.push(I::F32Load(mem(0, 2)));
             self.push(I::F32Mul);
             self.push(I::F32Sub);
+            self.set(ACC);
+            self.get(ACC);
+            self.push(I::F32Const(f32::NAN.into()));
+            self.get(ACC);
+            self.get(ACC);
+            self.push(I::F32Eq);
+            self.push(I::Select);
             self.push(I::F32Store(mem(0, 2)));
         }
         Ok(())
@@ -704,6 +721,8 @@ enum Kernel {
 }
 
 const ONES: i128 = 0x3f80_0000_3f80_0000_3f80_0000_3f80_0000;
+/// Four canonical quiet NaNs (`f32::NAN`, the bits wasm engines canonicalise to).
+const CANONICAL_NANS: i128 = 0x7fc0_0000_7fc0_0000_7fc0_0000_7fc0_0000;
 
 impl Kernel {
     fn vectorises(self) -> bool {

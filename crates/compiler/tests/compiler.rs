@@ -292,6 +292,31 @@ fn gradients_match_finite_differences() -> TestResult {
     Ok(())
 }
 
+/// Compiled models run without per-instruction NaN canonicalisation (`nan-blind`): a NaN with a
+/// payload fed into `train` must still leave only canonical NaNs in the loss, the stored
+/// parameters and later outputs.
+#[test]
+fn a_nan_with_a_payload_leaves_only_canonical_nans_behind() -> TestResult {
+    let h = Harness::new()?;
+    let module = compile_path(&examples().join("mlp.py"))?;
+    assert!(module.nan_blind);
+    h.load("mlp", &module)?;
+    assert!(!h.runtime.info("mlp")?.grant.canonicalize_every_nan, "the fast engine runs compiled models");
+    let canonical = f32::NAN.to_bits();
+    let mut x = Rng(3).vec(16, 1.0);
+    x[0] = f32::from_bits(0x7fc0_1234);
+    let loss = h.runtime.train("mlp", &x, &one_hot(2), 0.1)?;
+    assert_eq!(loss.to_bits(), canonical);
+    let state = h.runtime.snapshot("mlp")?;
+    let words: Vec<u32> = state.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+    let nans: Vec<u32> = words.iter().copied().filter(|w| f32::from_bits(*w).is_nan()).collect();
+    assert!(!nans.is_empty(), "the NaN reached the parameters");
+    assert!(nans.iter().all(|&w| w == canonical), "non-canonical NaNs stored: {:x?}", &nans[..nans.len().min(8)]);
+    let y = h.runtime.invoke("mlp", &Rng(4).vec(16, 1.0))?;
+    assert!(y.iter().all(|v| v.to_bits() == canonical), "outputs {y:?}");
+    Ok(())
+}
+
 #[test]
 fn ten_sgd_steps_match_a_numpy_implementation_of_the_same_steps() -> TestResult {
     let h = Harness::new()?;

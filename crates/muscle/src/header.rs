@@ -213,6 +213,18 @@ pub struct Extension {
 }
 
 impl Extension {
+    /// Non-critical, empty: the publisher declares that the payload never lets a NaN's sign or
+    /// payload bits reach anything observable (outputs, the loss, the state region), so a
+    /// referee may run it without canonicalising the NaN of every float instruction and
+    /// canonicalise its outputs instead. `referee compile` writes it for Python and ONNX models,
+    /// whose code only ever moves NaNs through arithmetic. See docs/muscle-format.md §9.
+    pub const NAN_BLIND: u16 = 0x0001;
+
+    /// The [`Self::NAN_BLIND`] declaration.
+    pub fn nan_blind() -> Self {
+        Self { tag: Self::NAN_BLIND, data: Vec::new() }
+    }
+
     /// Whether a reader must understand this extension to accept the muscle.
     pub fn is_critical(&self) -> bool {
         self.tag & 0x8000 != 0
@@ -256,6 +268,13 @@ pub struct Header {
     pub payload_len: u64,
     /// Extensions, sorted by tag, unique.
     pub extensions: Vec<Extension>,
+}
+
+impl Header {
+    /// Whether the publisher declared the payload NaN-blind ([`Extension::NAN_BLIND`]).
+    pub fn declares_nan_blind(&self) -> bool {
+        self.extensions.iter().any(|e| e.tag == Extension::NAN_BLIND)
+    }
 }
 
 fn check_text(field: &'static str, value: &str, rule: &'static str, ok: bool) -> Result<(), FormatError> {

@@ -61,6 +61,14 @@ impl MuscleSpec {
             extensions: Vec::new(),
         }
     }
+
+    /// Declares the payload NaN-blind ([`Extension::NAN_BLIND`]), or withdraws the declaration.
+    pub fn declare_nan_blind(&mut self, declared: bool) {
+        self.extensions.retain(|e| e.tag != Extension::NAN_BLIND);
+        if declared {
+            self.extensions.push(Extension::nan_blind());
+        }
+    }
 }
 
 /// How the content key is delivered to referees.

@@ -53,6 +53,9 @@ pub struct PolicyRule {
     pub faults_before_quarantine: Option<u32>,
     /// Window for counting faults.
     pub fault_window_secs: Option<u64>,
+    /// Canonicalise the NaN of every float instruction even for muscles that declare
+    /// themselves `nan-blind` (docs/muscle-abi.md, "Determinism"); default false.
+    pub canonicalize_every_nan: Option<bool>,
 }
 
 /// The policy file.
@@ -101,6 +104,10 @@ pub struct Grant {
     pub fault_window_secs: u64,
     /// Deterministic mode.
     pub deterministic: bool,
+    /// Whether the engine canonicalises the NaN of every float instruction; when false (a
+    /// `nan-blind` muscle, not overridden by policy) the outputs and the loss are canonicalised
+    /// at the host boundary instead.
+    pub canonicalize_every_nan: bool,
 }
 
 const BUILTIN: Grant = Grant {
@@ -116,6 +123,7 @@ const BUILTIN: Grant = Grant {
     faults_before_quarantine: 5,
     fault_window_secs: 60,
     deterministic: false,
+    canonicalize_every_nan: true,
 };
 
 impl Policy {
@@ -160,6 +168,7 @@ impl Policy {
             [Some(&self.defaults), self.publishers.get(&header.publisher.to_string()), self.muscles.get(&header.name)];
         let mut g = BUILTIN;
         let mut allowed: Vec<String> = Vec::new();
+        let mut every_nan = false;
         for rule in layers.into_iter().flatten() {
             if let Some(caps) = &rule.capabilities {
                 allowed.clone_from(caps);
@@ -174,7 +183,9 @@ impl Policy {
             g.clock_granularity_us = rule.clock_granularity_us.unwrap_or(g.clock_granularity_us);
             g.faults_before_quarantine = rule.faults_before_quarantine.unwrap_or(g.faults_before_quarantine);
             g.fault_window_secs = rule.fault_window_secs.unwrap_or(g.fault_window_secs);
+            every_nan = rule.canonicalize_every_nan.unwrap_or(every_nan);
         }
+        g.canonicalize_every_nan = every_nan || !header.declares_nan_blind();
         g.capabilities = header.capabilities.iter().filter(|c| allowed.contains(c)).cloned().collect();
         let limits = header.limits;
         if limits.memory_bytes > 0 {
@@ -238,6 +249,24 @@ mod tests {
         assert_eq!(g.memory_bytes, 1 << 20, "policy caps the header's request");
         assert_eq!(g.time_ms, 5);
         assert_eq!(g.fuel, Some(9));
+        Ok(())
+    }
+
+    #[test]
+    fn only_a_nan_blind_declaration_skips_per_instruction_canonicalisation() -> Result<(), RuntimeError> {
+        let plain = header(&[], Limits::default());
+        let mut blind = plain.clone();
+        blind.extensions = vec![referee_muscle::Extension::nan_blind()];
+        let default = Policy::default();
+        assert!(default.grant(&plain).canonicalize_every_nan, "undeclared code is canonicalised everywhere");
+        assert!(!default.grant(&blind).canonicalize_every_nan, "a declared muscle is canonicalised at the boundary");
+        let strict = Policy::from_toml("[muscles.feanor]\ncanonicalize_every_nan = true\n")?;
+        assert!(strict.grant(&blind).canonicalize_every_nan, "the operator may refuse the declaration");
+        let relaxed_default = Policy::from_toml(
+            "[defaults]\ncanonicalize_every_nan = true\n[muscles.feanor]\ncanonicalize_every_nan = false\n",
+        )?;
+        assert!(!relaxed_default.grant(&blind).canonicalize_every_nan, "a narrower layer overrides a wider one");
+        assert!(relaxed_default.grant(&plain).canonicalize_every_nan, "no policy turns it off for undeclared code");
         Ok(())
     }
 

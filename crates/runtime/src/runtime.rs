@@ -13,7 +13,7 @@ use wasmtime::{InstancePre, Module};
 
 use crate::audit::AuditLog;
 use crate::cell::{CallBudget, Cell};
-use crate::engine::{Engines, MAX_CELL_MEMORY, TICK};
+use crate::engine::{EngineKind, Engines, MAX_CELL_MEMORY, TICK};
 use crate::error::{Fault, RuntimeError};
 use crate::host::{CellState, LogLine, LogRing, MuscleContext, linker};
 use crate::kv::{Kv, namespace};
@@ -179,7 +179,7 @@ pub struct Runtime {
     kv: Kv,
     logs: Arc<LogRing>,
     muscles: RwLock<BTreeMap<String, Arc<Loaded>>>,
-    compiled: Mutex<HashMap<([u8; 32], bool), Module>>,
+    compiled: Mutex<HashMap<([u8; 32], EngineKind), Module>>,
     started: Instant,
 }
 
@@ -299,9 +299,9 @@ impl Runtime {
 
         let mut grant = self.policy.grant(&header);
         grant.memory_bytes = grant.memory_bytes.min(MAX_CELL_MEMORY);
-        let fueled = grant.fuel.is_some();
-        let engine = self.engines.get(fueled);
-        let module = self.compile(&header, &opened.payload, fueled)?;
+        let kind = EngineKind { fueled: grant.fuel.is_some(), canonical_nans: grant.canonicalize_every_nan };
+        let engine = self.engines.get(kind);
+        let module = self.compile(&header, &opened.payload, kind)?;
 
         for import in module.imports() {
             let name = import.name();
@@ -366,12 +366,12 @@ impl Runtime {
     }
 
     /// Compiles (or reuses, by code hash) the module.
-    fn compile(&self, header: &Header, wasm: &[u8], fueled: bool) -> Result<Module, RuntimeError> {
-        let key = (header.code_hash, fueled);
+    fn compile(&self, header: &Header, wasm: &[u8], kind: EngineKind) -> Result<Module, RuntimeError> {
+        let key = (header.code_hash, kind);
         if let Some(module) = self.compiled.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok(module);
         }
-        let module = Module::new(self.engines.get(fueled), wasm)
+        let module = Module::new(self.engines.get(kind), wasm)
             .map_err(|e| RuntimeError::Compile { muscle: header.name.clone(), why: e.to_string() })?;
         if let Ok(mut cache) = self.compiled.lock() {
             cache.insert(key, module.clone());
@@ -426,7 +426,11 @@ impl Runtime {
                 ),
             });
         }
-        self.call(muscle, |cell, budget| cell.forward(input, out, budget))
+        self.call(muscle, |cell, budget| cell.forward(input, out, budget))?;
+        if !muscle.ctx.grant.canonicalize_every_nan {
+            canonicalize_nans(out);
+        }
+        Ok(())
     }
 
     /// Runs one training step (`train`) and returns the loss; parameters stay in the cell.
@@ -448,7 +452,9 @@ impl Runtime {
             });
         }
         let loss = self.call(&muscle, |cell, budget| cell.train(x, y, lr, budget))?;
-        Ok(loss)
+        // A NaN-blind muscle's loss may carry any NaN bits; every other engine already
+        // canonicalised it, so this is exact either way.
+        Ok(if loss.is_nan() { f32::NAN } else { loss })
     }
 
     /// A trainable muscle's current parameters (its declared state region).
@@ -591,6 +597,14 @@ impl Runtime {
 /// The state database (audit log, kv) of a home.
 pub fn state_db_path(home: &Home) -> std::path::PathBuf {
     home.root().join("state.redb")
+}
+
+/// Rewrites every NaN to the canonical quiet NaN (the bits Cranelift's canonicalisation uses),
+/// so a `nan-blind` muscle's outputs are bit-identical on every machine.
+fn canonicalize_nans(values: &mut [f32]) {
+    for v in values.iter_mut().filter(|v| v.is_nan()) {
+        *v = f32::NAN;
+    }
 }
 
 fn shapes(specs: &[referee_muscle::TensorSpec]) -> Vec<Vec<u32>> {

@@ -321,6 +321,66 @@ fn outputs_are_bit_identical_across_runs_and_restarts() -> TestResult {
     Ok(())
 }
 
+/// Output 0: the sign bit of the NaN `0/0` makes inside the module (observable only to a module
+/// that reinterprets float bits, which a `nan-blind` one promises not to do); output 1: a raw
+/// non-canonical NaN written with an integer store; outputs 2–3: `0/0` itself and the input.
+const NAN_PROBE: &str = r#"(module
+    (memory (export "memory") 1)
+    (func (export "input_ptr") (result i32) i32.const 0)
+    (func (export "output_ptr") (result i32) i32.const 16)
+    (func (export "forward") (param $in i32) (param $out i32) (result i32)
+        (local $nan f32)
+        (local.set $nan (f32.div (f32.load (local.get $in)) (f32.load (local.get $in))))
+        (f32.store (local.get $out)
+            (f32.convert_i32_u (i32.shr_u (i32.reinterpret_f32 (local.get $nan)) (i32.const 31))))
+        (i32.store offset=4 (local.get $out) (i32.const 0xffc00001))
+        (f32.store offset=8 (local.get $out) (local.get $nan))
+        (f32.store offset=12 (local.get $out) (f32.load offset=4 (local.get $in)))
+        (i32.const 0)))"#;
+
+#[test]
+fn nan_blind_muscles_skip_per_instruction_canonicalisation_and_get_canonical_outputs() -> TestResult {
+    let f = Fixture::new()?;
+    let wasm = referee_compiler::compile(referee_compiler::SourceKind::Wat, NAN_PROBE.as_bytes())?;
+    let seal = |name: &str, blind: bool| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let mut spec = MuscleSpec::new(name, &[1, 4], &[1, 4]);
+        if blind {
+            spec.extensions = vec![referee_muscle::Extension::nan_blind()];
+        }
+        Ok(f.home.seal_for_self(&spec, &wasm.bytes)?)
+    };
+    let input = [0.0, f32::from_bits(0xffc0_0002), 0.0, 0.0];
+    let bits = |runtime: &Runtime, name: &str| -> Result<Vec<u32>, RuntimeError> {
+        Ok(runtime.invoke(name, &input)?.iter().map(|v| v.to_bits()).collect())
+    };
+    let canonical = f32::NAN.to_bits();
+    assert_eq!(canonical, 0x7fc0_0000, "wasm's canonical NaN is Rust's f32::NAN");
+
+    let runtime = f.runtime(Policy::permissive_default())?;
+    runtime.load(&seal("plain", false)?)?;
+    runtime.load(&seal("blind", true)?)?;
+    assert!(runtime.info("plain")?.grant.canonicalize_every_nan);
+    assert!(!runtime.info("blind")?.grant.canonicalize_every_nan);
+
+    // Per-instruction canonicalisation: float results are canonical, so the module sees a
+    // positive NaN; bits written by integer stores (and the input, moved by f32 load/store)
+    // are passed through as they are, which is deterministic too.
+    assert_eq!(bits(&runtime, "plain")?, vec![0, 0xffc0_0001, canonical, 0xffc0_0002]);
+    // Boundary canonicalisation: every NaN the host hands back is canonical.
+    let blind = bits(&runtime, "blind")?;
+    assert_eq!(blind[1..], [canonical, canonical, canonical]);
+    // x86's default NaN is negative: proof that the fast engine really runs without it.
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(blind[0], 1.0f32.to_bits(), "the nan-blind muscle ran in the canonicalising engine");
+    drop(runtime);
+
+    let strict = f.runtime(Policy::from_toml("[defaults]\ncanonicalize_every_nan = true\n")?)?;
+    strict.load(&seal("blind", true)?)?;
+    assert!(strict.info("blind")?.grant.canonicalize_every_nan);
+    assert_eq!(bits(&strict, "blind")?, vec![0, 0xffc0_0001, canonical, 0xffc0_0002]);
+    Ok(())
+}
+
 #[test]
 fn trainable_muscle_learns_and_keeps_its_parameters() -> TestResult {
     let f = Fixture::new()?;

@@ -93,7 +93,7 @@ pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()>
 
     let name = args.name.clone().unwrap_or_else(|| name_from_path(input));
     let capabilities = if args.capabilities.is_empty() { module.capabilities() } else { args.capabilities.clone() };
-    let spec = MuscleSpec {
+    let mut spec = MuscleSpec {
         name,
         muscle_id: args.muscle_id.as_deref().map(MuscleId::from_hex).transpose().context("--muscle-id")?,
         version: args.version,
@@ -107,6 +107,7 @@ pub(crate) fn compile(home: &Home, args: &CompileArgs, json: bool) -> Result<()>
         outputs: shape_or("y", args.output_shape.as_deref(), module.output_shape.as_ref())?,
         extensions: vec![],
     };
+    spec.declare_nan_blind(module.nan_blind);
     let publisher = home.publisher_secret()?;
     let options = SealOptions {
         suite: match args.suite {

@@ -30,6 +30,7 @@ fn examples(home: &Home) -> Result<Vec<Vec<u8>>> {
                 |s: &Option<Vec<u32>>| s.clone().with_context(|| format!("example {name} has no inferred shape"));
             let mut spec = MuscleSpec::new(*name, &dims(&module.input_shape)?, &dims(&module.output_shape)?);
             spec.capabilities = module.capabilities();
+            spec.declare_nan_blind(module.nan_blind);
             home.seal_for_self(&spec, &module.bytes).with_context(|| format!("seal bundled example {name}"))
         })
         .collect()

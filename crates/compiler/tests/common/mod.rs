@@ -50,7 +50,8 @@ impl Harness {
     pub fn load(&self, name: &str, module: &WasmModule) -> TestResult {
         let input = module.input_shape.clone().ok_or("no input shape")?;
         let output = module.output_shape.clone().ok_or("no output shape")?;
-        let spec = MuscleSpec::new(name, &input, &output);
+        let mut spec = MuscleSpec::new(name, &input, &output);
+        spec.declare_nan_blind(module.nan_blind);
         let blob = seal(
             &spec,
             &module.bytes,
