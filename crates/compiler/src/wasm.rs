@@ -44,12 +44,20 @@ const VSPLAT: u32 = 14;
 /// Matrix products with an inner dimension up to this are fully unrolled.
 const UNROLL_K: usize = 64;
 
+/// In an unrolled product, the running sums are stored every this many steps (and overwritten
+/// by the final store). Cranelift keeps loads in program order but places pure arithmetic at
+/// its first side-effecting use, so without these stores every load of the whole unrolled
+/// sequence would run before the first multiply and the loaded values would spill to the stack.
+const FLUSH_EVERY: u64 = 2;
+
 /// One step `p` of a matrix product's inner loop: constant byte offsets when unrolled
 /// (`a_offset` is `None` inside a loop, where `P` indexes `a` and `PB` has advanced).
 #[derive(Clone, Copy)]
 struct KStep {
     a_offset: Option<u64>,
     b_offset: u64,
+    /// Store the running sums after this step (see [`FLUSH_EVERY`]).
+    flush: bool,
 }
 
 /// Sizes the lead prints in the summary.
@@ -459,10 +467,14 @@ impl<'g> Emitter<'g> {
         body: &mut dyn FnMut(&mut Self, KStep) -> Result<(), CompileError>,
     ) -> Result<(), CompileError> {
         if k <= UNROLL_K {
-            return (0..k as u64).try_for_each(|p| body(self, KStep { a_offset: Some(p * 4), b_offset: p * b_row }));
+            let k = k as u64;
+            return (0..k).try_for_each(|p| {
+                let flush = (p + 1) % FLUSH_EVERY == 0 && p + 1 < k;
+                body(self, KStep { a_offset: Some(p * 4), b_offset: p * b_row, flush })
+            });
         }
         self.for_range(P, k, &mut |e| {
-            body(e, KStep { a_offset: None, b_offset: 0 })?;
+            body(e, KStep { a_offset: None, b_offset: 0, flush: false })?;
             e.get(PB);
             e.push(I::I32Const(i32c(b_row)?));
             e.push(I::I32Add);
@@ -546,6 +558,13 @@ impl<'g> Emitter<'g> {
                         e.push(I::F32x4Add);
                         e.set(VBLOCK + q);
                     }
+                    if step.flush {
+                        for q in 0..4u32 {
+                            e.addr(0, &[(PO, 1), (J, 64)])?;
+                            e.get(VBLOCK + q);
+                            e.push(I::V128Store(mem(u64::from(q) * 16, 2)));
+                        }
+                    }
                     Ok(())
                 })?;
                 for q in 0..4u32 {
@@ -571,6 +590,11 @@ impl<'g> Emitter<'g> {
                     e.push(I::F32x4Mul);
                     e.push(I::F32x4Add);
                     e.set(VACC);
+                    if step.flush {
+                        e.get(PO);
+                        e.get(VACC);
+                        e.push(I::V128Store(mem(c as u64 * 16, 2)));
+                    }
                     Ok(())
                 })?;
                 e.get(PO);
@@ -597,6 +621,11 @@ impl<'g> Emitter<'g> {
                     e.push(I::F32Mul);
                     e.push(I::F32Add);
                     e.set(ACC);
+                    if step.flush {
+                        e.get(PO);
+                        e.get(ACC);
+                        e.push(I::F32Store(mem(t as u64 * 4, 2)));
+                    }
                     Ok(())
                 })?;
                 e.get(PO);

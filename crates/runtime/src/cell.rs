@@ -178,6 +178,17 @@ impl Cell {
         self.memory.data(&self.store).get(ptr as usize..ptr as usize + len as usize).map(<[u8]>::to_vec)
     }
 
+    /// Copies the declared state region into `into`, reusing its allocation (left unchanged
+    /// when there is no region).
+    pub(crate) fn copy_state_into(&self, into: &mut Option<Vec<u8>>) {
+        let Some((ptr, len)) = self.layout.state else { return };
+        if let Some(region) = self.memory.data(&self.store).get(ptr as usize..ptr as usize + len as usize) {
+            let buffer = into.get_or_insert_with(Vec::new);
+            buffer.clear();
+            buffer.extend_from_slice(region);
+        }
+    }
+
     /// Overwrites the declared state region; false if the sizes differ or there is none.
     pub(crate) fn set_state(&mut self, bytes: &[u8]) -> bool {
         let Some((ptr, len)) = self.layout.state else { return false };

@@ -426,7 +426,7 @@ impl Runtime {
                 ),
             });
         }
-        self.call(muscle, |cell, budget| cell.forward(input, out, budget))?;
+        self.call(muscle, false, |cell, budget| cell.forward(input, out, budget))?;
         if !muscle.ctx.grant.canonicalize_every_nan {
             canonicalize_nans(out);
         }
@@ -451,7 +451,7 @@ impl Runtime {
                 ),
             });
         }
-        let loss = self.call(&muscle, |cell, budget| cell.train(x, y, lr, budget))?;
+        let loss = self.call(&muscle, true, |cell, budget| cell.train(x, y, lr, budget))?;
         // A NaN-blind muscle's loss may carry any NaN bits; every other engine already
         // canonicalised it, so this is exact either way.
         Ok(if loss.is_nan() { f32::NAN } else { loss })
@@ -475,7 +475,7 @@ impl Runtime {
                 why: format!("snapshot is {} bytes, the state region is {expected:?}", state.len()),
             });
         }
-        self.call(&muscle, |cell, _| {
+        self.call(&muscle, false, |cell, _| {
             if cell.set_state(state) { Ok(()) } else { Err(Fault::Other("state region moved".into())) }
         })?;
         *muscle.last_state.lock().map_err(|_| RuntimeError::ShuttingDown)? = Some(state.to_vec());
@@ -483,9 +483,13 @@ impl Runtime {
         Ok(())
     }
 
+    /// Runs `run` in a checked-out cell. With `keeps_state` (a `train` step), the parameters a
+    /// successful call leaves behind become the muscle's last good state; `forward` never
+    /// changes them, so it does not pay for the copy.
     fn call<T>(
         &self,
         muscle: &Loaded,
+        keeps_state: bool,
         run: impl FnOnce(&mut Cell, CallBudget) -> Result<T, Fault>,
     ) -> Result<T, RuntimeError> {
         if muscle.quarantined.load(Ordering::Acquire) {
@@ -508,10 +512,8 @@ impl Runtime {
         };
         match run(&mut cell, muscle.budget()) {
             Ok(value) => {
-                if muscle.trainable
-                    && let (Some(state), Ok(mut last)) = (cell.state(), muscle.last_state.lock())
-                {
-                    *last = Some(state);
+                if keeps_state && let Ok(mut last) = muscle.last_state.lock() {
+                    cell.copy_state_into(&mut last);
                 }
                 muscle.calls.fetch_add(1, Ordering::Relaxed);
                 muscle.checkin(Some(cell));
