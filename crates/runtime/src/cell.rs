@@ -129,7 +129,7 @@ impl Cell {
             .memory
             .data_mut(&mut self.store)
             .get_mut(start..start + values.len() * 4)
-            .ok_or(Fault::Capability("the muscle's input buffer lies outside its memory".into()))?;
+            .ok_or_else(|| Fault::Capability("the muscle's input buffer lies outside its memory".into()))?;
         for (chunk, v) in bytes.chunks_exact_mut(4).zip(values) {
             chunk.copy_from_slice(&v.to_le_bytes());
         }
@@ -142,7 +142,7 @@ impl Cell {
             .memory
             .data(&self.store)
             .get(start..start + out.len() * 4)
-            .ok_or(Fault::Capability("the muscle's output buffer lies outside its memory".into()))?;
+            .ok_or_else(|| Fault::Capability("the muscle's output buffer lies outside its memory".into()))?;
         for (v, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
             *v = <[u8; 4]>::try_from(c).map_or(f32::NAN, f32::from_le_bytes);
         }

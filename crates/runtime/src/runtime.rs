@@ -66,7 +66,8 @@ pub enum Entry {
 
 /// Cells and waiting callers of one muscle.
 struct Slots {
-    idle: Vec<Cell>,
+    /// Boxed so checkout and checkin move a pointer, not the whole cell.
+    idle: Vec<Box<Cell>>,
     busy: usize,
     waiting: usize,
 }
@@ -107,8 +108,9 @@ impl Loaded {
         }
     }
 
-    fn new_cell(&self) -> Result<Cell, RuntimeError> {
-        let mut cell = Cell::new(&self.header.name, &self.pre, CellState::new(self.ctx.clone()), self.budget())?;
+    fn new_cell(&self) -> Result<Box<Cell>, RuntimeError> {
+        let mut cell =
+            Box::new(Cell::new(&self.header.name, &self.pre, CellState::new(self.ctx.clone()), self.budget())?);
         if let Ok(state) = self.last_state.lock()
             && let Some(bytes) = state.as_ref()
         {
@@ -118,7 +120,7 @@ impl Loaded {
     }
 
     /// Takes an idle cell or makes one, waiting while all `concurrency` cells are busy.
-    fn checkout(&self, queue: usize) -> Result<Option<Cell>, RuntimeError> {
+    fn checkout(&self, queue: usize) -> Result<Option<Box<Cell>>, RuntimeError> {
         let limit = if self.trainable { 1 } else { self.ctx.grant.concurrency };
         let mut slots = self.slots.lock().map_err(|_| RuntimeError::ShuttingDown)?;
         if slots.busy >= limit {
@@ -136,7 +138,7 @@ impl Loaded {
     }
 
     /// Returns a healthy cell to the pool, or just frees the slot after a fault.
-    fn checkin(&self, cell: Option<Cell>) {
+    fn checkin(&self, cell: Option<Box<Cell>>) {
         let waiting = match self.slots.lock() {
             Ok(mut slots) => {
                 slots.busy -= 1;

@@ -616,7 +616,7 @@ impl Lowering {
                         data.data
                             .get(usize::try_from(j).unwrap_or(usize::MAX))
                             .copied()
-                            .ok_or(format!("index {i} is out of range for {len} elements"))
+                            .ok_or_else(|| format!("index {i} is out of range for {len} elements"))
                     })
                     .collect::<Result<Vec<i64>, _>>()?;
                 Ok(vec![Value::Int(IntTensor { data: picked, shape: idx.shape })])
@@ -671,7 +671,9 @@ fn reshape_target(input: &[usize], spec: &[i64], allowzero: bool) -> Result<Shap
                 infer = Some(i);
                 out.push(1);
             }
-            0 if !allowzero => out.push(*input.get(i).ok_or(format!("shape {spec:?} copies a missing axis {i}"))?),
+            0 if !allowzero => {
+                out.push(*input.get(i).ok_or_else(|| format!("shape {spec:?} copies a missing axis {i}"))?)
+            }
             d if d >= 0 => out.push(usize::try_from(d).map_err(|_| format!("dimension {d} is too large"))?),
             _ => return Err(format!("shape {spec:?} is not a valid reshape target")),
         }
