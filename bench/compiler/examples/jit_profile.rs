@@ -10,7 +10,8 @@
 //! perf annotate -i perf.jit.data --stdio -s 'wasm[0]::function[6]'
 //! ```
 //!
-//! Arguments: `MODEL [--canonical-nans] [--no-epoch] [--iterations N]`. Prints ns per call.
+//! Arguments: `MODEL [--train] [--canonical-nans] [--no-epoch] [--iterations N]` (`--train`
+//! runs `train` with a zero learning rate instead of `forward`). Prints ns per call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, reason = "profiling tool")]
 
@@ -46,10 +47,21 @@ fn main() {
         instance.get_typed_func::<(), i32>(&mut *store, name).expect(name).call(&mut *store, ()).expect(name)
     };
     let (input, output) = (pointer(&mut store, "input_ptr"), pointer(&mut store, "output_ptr"));
-    let forward = instance.get_typed_func::<(i32, i32), i32>(&mut store, "forward").expect("forward");
-    let start = Instant::now();
-    for _ in 0..iterations {
-        forward.call(&mut store, (input, output)).expect("forward");
-    }
+    let start = if flag("--train") {
+        let target = pointer(&mut store, "target_ptr");
+        let train = instance.get_typed_func::<(i32, i32, f32), f32>(&mut store, "train").expect("train");
+        let start = Instant::now();
+        for _ in 0..iterations {
+            train.call(&mut store, (input, target, 0.0)).expect("train");
+        }
+        start
+    } else {
+        let forward = instance.get_typed_func::<(i32, i32), i32>(&mut store, "forward").expect("forward");
+        let start = Instant::now();
+        for _ in 0..iterations {
+            forward.call(&mut store, (input, output)).expect("forward");
+        }
+        start
+    };
     println!("{:.1} ns/call", start.elapsed().as_nanos() as f64 / iterations as f64);
 }

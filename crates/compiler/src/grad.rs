@@ -171,7 +171,9 @@ pub(crate) fn gradients(g: &mut Graph, loss: NodeId) -> Result<Vec<NodeId>, Stri
                 contrib.push((a, g.reshape(gy, sa)?));
             }
             Op::Concat(..) => return Err("training through a concatenation is not supported".to_owned()),
-            Op::Dense(..) => return Err("internal: fused nodes are built after differentiation".to_owned()),
+            Op::Dense(..) | Op::MatMulBt(..) => {
+                return Err("internal: fused nodes are built after differentiation".to_owned());
+            }
         }
         for (target, d) in contrib {
             if !needs[target] {

@@ -110,6 +110,10 @@ pub(crate) enum Op {
     /// Fused `[m,k] @ [k,n] + bias[n]`, then ReLU when the flag is set: built only by
     /// [`Graph::fuse`] after differentiation, so gradients never see it.
     Dense(NodeId, NodeId, NodeId, bool),
+    /// `[m,k] @ [n,k]ᵀ` without materialising the transpose (rows of both operands are
+    /// contiguous); `k` and `n` are multiples of 4. Built only by [`Graph::fuse`] from
+    /// `MatMul(a, Transpose(b))`, which training graphs contain for every `g @ Wᵀ`.
+    MatMulBt(NodeId, NodeId),
 }
 
 /// A node: its operation and its static shape.
@@ -269,7 +273,7 @@ impl Graph {
             Op::Unary(_, a) | Op::Reduce(_, a, _) | Op::Transpose(a, _) | Op::Reshape(a) => self.is_const(*a),
             Op::Binary(_, a, b) | Op::MatMul(a, b) => self.is_const(*a) && self.is_const(*b),
             Op::Concat(parts, _) => parts.iter().all(|&p| self.is_const(p)),
-            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) | Op::Dense(..) => false,
+            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) | Op::Dense(..) | Op::MatMulBt(..) => false,
         }
     }
 
@@ -354,7 +358,7 @@ impl Graph {
                 }
                 out
             }
-            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) | Op::Dense(..) => Vec::new(),
+            Op::Input | Op::Target | Op::Param(_) | Op::Const(_) | Op::Dense(..) | Op::MatMulBt(..) => Vec::new(),
         }
     }
 
@@ -526,15 +530,16 @@ impl Graph {
     pub(crate) fn operands(&self, id: NodeId) -> Vec<NodeId> {
         match &self.nodes[id].op {
             Op::Unary(_, a) | Op::Reduce(_, a, _) | Op::Transpose(a, _) | Op::Reshape(a) => vec![*a],
-            Op::Binary(_, a, b) | Op::MatMul(a, b) => vec![*a, *b],
+            Op::Binary(_, a, b) | Op::MatMul(a, b) | Op::MatMulBt(a, b) => vec![*a, *b],
             Op::Concat(parts, _) => parts.clone(),
             Op::Dense(a, b, bias, _) => vec![*a, *b, *bias],
             Op::Input | Op::Target | Op::Param(_) | Op::Const(_) => Vec::new(),
         }
     }
 
-    /// Fuses `matmul + bias` and `relu(matmul + bias)` into [`Op::Dense`] where the
-    /// intermediate results have no other reader among the nodes `roots` need.
+    /// Fuses `matmul + bias` and `relu(matmul + bias)` into [`Op::Dense`], and a product with a
+    /// transposed matrix into [`Op::MatMulBt`], where the intermediate results have no other
+    /// reader among the nodes `roots` need.
     ///
     /// The fused node takes the id of the outermost node it replaces, so every reader (and
     /// the roots) keeps pointing at the right value; the swallowed nodes become dead.
@@ -552,6 +557,18 @@ impl Graph {
         for &id in &live {
             let Some((a, b, bias)) = self.bias_add(id, &uses) else { continue };
             self.nodes[id].op = Op::Dense(a, b, bias, false);
+        }
+        for &id in &live {
+            if let Op::MatMul(a, t) = self.nodes[id].op
+                && uses[t] == 1
+                && let Op::Transpose(b, ref perm) = self.nodes[t].op
+                && perm[..] == [1, 0]
+                && let [n, k] = self.nodes[b].shape[..]
+                && n % 4 == 0
+                && k % 4 == 0
+            {
+                self.nodes[id].op = Op::MatMulBt(a, b);
+            }
         }
         for &id in &live {
             if let Op::Binary(Binary::Max, x, zero) = self.nodes[id].op

@@ -80,6 +80,8 @@ struct Layout {
     output: u64,
     state: u64,
     state_len: u64,
+    /// 64 bytes that kernels store running sums into (see [`FLUSH_EVERY`]); nothing reads them.
+    scratch: u64,
     total: u64,
 }
 
@@ -102,6 +104,7 @@ fn plan(model: &Model, live: &[bool], data: &mut DataSection) -> Result<Layout, 
     let input = take(bytes_of(g, model.input));
     let target = model.training.as_ref().map_or(0, |t| take(bytes_of(g, t.target)));
     let output = take(bytes_of(g, model.output));
+    let scratch = take(64);
     let mut loc = vec![0u64; g.nodes.len()];
     let state = take(0);
     let mut state_end = state;
@@ -143,7 +146,7 @@ fn plan(model: &Model, live: &[bool], data: &mut DataSection) -> Result<Layout, 
             "the model needs {at2} bytes of memory; the limit is {MAX_MEMORY}"
         )));
     }
-    Ok(Layout { loc, input, target, output, state, state_len, total: at2 })
+    Ok(Layout { loc, input, target, output, state, state_len, scratch, total: at2 })
 }
 
 /// Emits the module.
@@ -364,6 +367,7 @@ impl<'g> Emitter<'g> {
             Op::Unary(..) | Op::Binary(..) | Op::Transpose(..) => self.map(id),
             Op::MatMul(a, b) => self.matmul(*a, *b, None, id),
             Op::Dense(a, b, bias, relu) => self.matmul(*a, *b, Some((*bias, *relu)), id),
+            Op::MatMulBt(a, b) => self.matmul_bt(*a, *b, id),
             Op::Concat(parts, axis) => self.concat(parts, *axis, id),
             Op::Reduce(kind, a, axis) => self.reduce(*kind, *a, *axis, id),
         }
@@ -637,6 +641,82 @@ impl<'g> Emitter<'g> {
                 e.push(I::F32Store(mem(t as u64 * 4, 2)));
             }
             Ok(())
+        })
+    }
+
+    /// `out = a @ bᵀ` with `b` stored `[n, k]` (rows of both operands contiguous). Four rows of
+    /// `b` at a time: each accumulates a vector of partial sums over `k` in steps of four
+    /// (sharing one load of `a`), then a transposing add folds the four vectors into four
+    /// adjacent outputs, `(p0 + p2) + (p1 + p3)` per output.
+    fn matmul_bt(&mut self, a: NodeId, b: NodeId, id: NodeId) -> Result<(), CompileError> {
+        let (m, k, n) = (self.g.shape(a)[0], self.g.shape(a)[1], self.g.shape(b)[0]);
+        let (la, lb, lo) = (self.layout.loc[a], self.layout.loc[b], self.layout.loc[id]);
+        let (row, scratch) = (k as u64 * 4, self.layout.scratch);
+        // Byte lanes of `i8x16.shuffle` picking f32 lanes (0-3 from the first operand, 4-7 from
+        // the second).
+        let lanes = |l: [u8; 4]| -> [u8; 16] { std::array::from_fn(|i| l[i / 4] * 4 + (i % 4) as u8) };
+        // Pushes shuffle(x, l) + shuffle(x, h) of two vector locals.
+        let pair_sum = |e: &mut Self, x: u32, y: u32, l: [u8; 4], h: [u8; 4]| {
+            for pick in [l, h] {
+                e.get(x);
+                e.get(y);
+                e.push(I::I8x16Shuffle(lanes(pick)));
+            }
+            e.push(I::F32x4Add);
+        };
+        self.for_range(I0, m, &mut |e| {
+            e.addr(la, &[(I0, row)])?;
+            e.set(PA);
+            e.addr(lo, &[(I0, n as u64 * 4)])?;
+            e.set(PO);
+            e.for_range(J, n / 4, &mut |e| {
+                for q in 0..4u32 {
+                    e.push(I::V128Const(0));
+                    e.set(VBLOCK + q);
+                }
+                e.addr(lb, &[(J, 4 * row)])?;
+                e.set(PB);
+                // Steps over chunks of four along k: `b_offset` is the chunk's byte offset in
+                // both rows when unrolled; in a loop `PB` advances and `P` counts chunks.
+                e.over_k(k / 4, 16, &mut |e, step| {
+                    match step.a_offset {
+                        Some(_) => {
+                            e.get(PA);
+                            e.push(I::V128Load(mem(step.b_offset, 2)));
+                        }
+                        None => {
+                            e.addr(0, &[(PA, 1), (P, 16)])?;
+                            e.push(I::V128Load(mem(0, 2)));
+                        }
+                    }
+                    e.set(VSPLAT);
+                    for q in 0..4u32 {
+                        e.get(VBLOCK + q);
+                        e.get(VSPLAT);
+                        e.get(PB);
+                        e.push(I::V128Load(mem(step.b_offset + u64::from(q) * row, 2)));
+                        e.push(I::F32x4Mul);
+                        e.push(I::F32x4Add);
+                        e.set(VBLOCK + q);
+                    }
+                    if step.flush {
+                        for q in 0..4u32 {
+                            e.push(I::I32Const(i32c(scratch + u64::from(q) * 16)?));
+                            e.get(VBLOCK + q);
+                            e.push(I::V128Store(mem(0, 2)));
+                        }
+                    }
+                    Ok(())
+                })?;
+                pair_sum(e, VBLOCK, VBLOCK + 1, [0, 1, 4, 5], [2, 3, 6, 7]);
+                e.set(VSPLAT);
+                pair_sum(e, VBLOCK + 2, VBLOCK + 3, [0, 1, 4, 5], [2, 3, 6, 7]);
+                e.set(VACC);
+                e.addr(0, &[(PO, 1), (J, 16)])?;
+                pair_sum(e, VSPLAT, VACC, [0, 2, 4, 6], [1, 3, 5, 7]);
+                e.push(I::V128Store(mem(0, 2)));
+                Ok(())
+            })
         })
     }
 

@@ -246,6 +246,42 @@ fn mlp_training_loss_matches_numpy_and_decreases() -> TestResult {
     Ok(())
 }
 
+/// Takes one SGD step on (x, y) and checks the update of every parameter slot `pick` selects
+/// against a central finite difference of the loss; returns how many slots it checked.
+fn check_gradients(
+    h: &Harness,
+    name: &str,
+    x: &[f32],
+    y: &[f32],
+    pick: &mut dyn FnMut(usize) -> bool,
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let floats =
+        |b: &[u8]| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let p0 = floats(&h.runtime.snapshot(name)?);
+    let lr = 0.01f32;
+    h.runtime.train(name, x, y, lr)?;
+    let p1 = floats(&h.runtime.snapshot(name)?);
+    let eps = 1e-2f32;
+    let mut checked = 0;
+    for i in (0..p0.len()).filter(|&i| pick(i)) {
+        let grad = (p0[i] - p1[i]) / lr;
+        let loss_at = |delta: f32| -> Result<f32, Box<dyn std::error::Error>> {
+            let mut p = p0.clone();
+            p[i] += delta;
+            let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
+            h.runtime.restore(name, &bytes)?;
+            Ok(h.runtime.train(name, x, y, 0.0)?)
+        };
+        let fd = (loss_at(eps)? - loss_at(-eps)?) / (2.0 * eps);
+        assert!(
+            (grad - fd).abs() <= 2e-3 + 2e-2 * fd.abs(),
+            "{name}, parameter slot {i}: gradient {grad} vs finite difference {fd}"
+        );
+        checked += 1;
+    }
+    Ok(checked)
+}
+
 #[test]
 fn gradients_match_finite_differences() -> TestResult {
     let h = Harness::new()?;
@@ -263,31 +299,7 @@ fn gradients_match_finite_differences() -> TestResult {
     h.load("fd", &module)?;
     let x = rng.vec(6, 1.0);
     let y = vec![0.25, -0.5];
-    let s0 = h.runtime.snapshot("fd")?;
-    let lr = 0.01f32;
-    h.runtime.train("fd", &x, &y, lr)?;
-    let s1 = h.runtime.snapshot("fd")?;
-    let floats =
-        |b: &[u8]| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
-    let (p0, p1) = (floats(&s0), floats(&s1));
-    let eps = 1e-2f32;
-    let mut checked = 0;
-    for i in 0..p0.len() {
-        let grad = (p0[i] - p1[i]) / lr;
-        let loss_at = |delta: f32| -> Result<f32, Box<dyn std::error::Error>> {
-            let mut p = p0.clone();
-            p[i] += delta;
-            let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
-            h.runtime.restore("fd", &bytes)?;
-            Ok(h.runtime.train("fd", &x, &y, 0.0)?)
-        };
-        let fd = (loss_at(eps)? - loss_at(-eps)?) / (2.0 * eps);
-        assert!(
-            (grad - fd).abs() <= 2e-3 + 2e-2 * fd.abs(),
-            "parameter slot {i}: gradient {grad} vs finite difference {fd}"
-        );
-        checked += 1;
-    }
+    let checked = check_gradients(&h, "fd", &x, &y, &mut |_| true)?;
     assert!(checked > 3 * 4 + 4 + 4);
     Ok(())
 }
@@ -345,6 +357,29 @@ fn ten_sgd_steps_match_a_numpy_implementation_of_the_same_steps() -> TestResult 
     for (i, (g, w)) in got.iter().zip(floats(&want["probe"])).enumerate() {
         assert!(close(*g, w, 1e-5), "after 10 steps, output {i}: {g} vs numpy {w}");
     }
+    Ok(())
+}
+
+/// A batch of three through layers 8 → 16 → 260 → 4: the backward pass multiplies by `W3ᵀ`
+/// (an unrolled transposed product) and by `W2ᵀ` (k = 260: the looped one), with m = 3 rows.
+#[test]
+fn gradients_through_transposed_products_match_finite_differences() -> TestResult {
+    let h = Harness::new()?;
+    let mut rng = Rng(260);
+    let source = format!(
+        "import numpy as np\nLOSS = \"mse\"\nINPUT_SHAPE = (3, 8)\nW1 = np.array({})\nW2 = np.array({})\nW3 = np.array({})\n\
+         def forward(x):\n    h = np.tanh(x @ W1)\n    g = np.tanh(h @ W2)\n    return g @ W3\n",
+        rng.literal(&[8, 16]),
+        rng.literal(&[16, 260]),
+        rng.literal(&[260, 4]),
+    );
+    let path = h.write("bt.py", &source)?;
+    h.load("bt", &compile_path(&path)?)?;
+    let x = rng.vec(24, 1.0);
+    let y = rng.vec(12, 1.0);
+    // Every W1 slot (its gradient flows through both transposed products) and a sample of the rest.
+    let checked = check_gradients(&h, "bt", &x, &y, &mut |i| i < 8 * 16 || i % 97 == 0)?;
+    assert!(checked > 8 * 16 + 40);
     Ok(())
 }
 
