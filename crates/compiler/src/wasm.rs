@@ -777,15 +777,16 @@ impl<'g> Emitter<'g> {
     /// parameters are NaN-canonicalised: they outlive the call (snapshots, restores), and the
     /// module may run without per-instruction canonicalisation (`nan-blind`).
     fn sgd(&mut self, p: u64, g: u64, n: usize) -> Result<(), CompileError> {
+        // Four vectors per loop iteration (fewer loop and deadline checks), then the rest.
         let chunks = n / 4;
-        self.for_range(J, chunks, &mut |e| {
-            e.addr(p, &[(J, 16)])?;
-            e.addr(p, &[(J, 16)])?;
-            e.push(I::V128Load(mem(0, 2)));
+        let update = |e: &mut Self, terms: &[(u32, u64)], offset: u64| -> Result<(), CompileError> {
+            e.addr(p, terms)?;
+            e.addr(p, terms)?;
+            e.push(I::V128Load(mem(offset, 2)));
             e.push(I::LocalGet(2));
             e.push(I::F32x4Splat);
-            e.addr(g, &[(J, 16)])?;
-            e.push(I::V128Load(mem(0, 2)));
+            e.addr(g, terms)?;
+            e.push(I::V128Load(mem(offset, 2)));
             e.push(I::F32x4Mul);
             e.push(I::F32x4Sub);
             e.set(VACC);
@@ -796,9 +797,13 @@ impl<'g> Emitter<'g> {
             e.push(I::F32x4Eq);
             // bitselect(a, b, mask) = (a & mask) | (b & !mask): the value where it equals itself.
             e.push(I::V128Bitselect);
-            e.push(I::V128Store(mem(0, 2)));
+            e.push(I::V128Store(mem(offset, 2)));
             Ok(())
-        })?;
+        };
+        self.for_range(J, chunks / 4, &mut |e| (0..4).try_for_each(|q| update(e, &[(J, 64)], q * 16)))?;
+        for c in chunks / 4 * 4..chunks {
+            update(self, &[], c as u64 * 16)?;
+        }
         for t in chunks * 4..n {
             let (pt, gt) = (p + t as u64 * 4, g + t as u64 * 4);
             self.push(I::I32Const(i32c(pt)?));
