@@ -74,14 +74,15 @@ fn handshake(to: &mut BufWriter<ChildStdin>, out: &mut BufReader<ChildStdout>, t
             "clientInfo": {"name": "referee-mcp-load", "version": env!("CARGO_PKG_VERSION")}}}),
     )?;
     let init = wait_for(out, 0)?;
-    let info = &init["result"]["serverInfo"];
-    let server = format!("{} {}", info["name"].as_str().unwrap_or("?"), info["version"].as_str().unwrap_or("?"));
+    let field = |name: &str| init.pointer(&format!("/result/serverInfo/{name}")).and_then(Value::as_str).unwrap_or("?");
+    let server = format!("{} {}", field("name"), field("version"));
     send(to, &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))?;
     send(to, &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))?;
     let list = wait_for(out, 1)?;
-    let names: Vec<&str> = list["result"]["tools"]
-        .as_array()
-        .map(|tools| tools.iter().filter_map(|t| t["name"].as_str()).collect())
+    let names: Vec<&str> = list
+        .pointer("/result/tools")
+        .and_then(Value::as_array)
+        .map(|tools| tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)).collect())
         .unwrap_or_default();
     if !names.contains(&tool) {
         return Err(format!("{server} has no tool `{tool}`; it lists {names:?}").into());
