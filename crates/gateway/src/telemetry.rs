@@ -96,8 +96,15 @@ mod tests {
     fn installing_the_recorder_starts_the_upkeep_thread_once() {
         let Some(handle) = prometheus() else { return };
         assert!(prometheus().is_some());
-        let upkeep = thread_names().iter().filter(|n| *n == UPKEEP_THREAD).count();
-        assert_eq!(upkeep, 1, "one upkeep thread: {:?}", thread_names());
+        // A new thread names itself once it runs: give it a moment.
+        let upkeeps = || thread_names().iter().filter(|n| *n == UPKEEP_THREAD).count();
+        for _ in 0..100 {
+            if upkeeps() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(upkeeps(), 1, "one upkeep thread: {:?}", thread_names());
         // Samples recorded between scrapes end up in the histogram.
         let ok: Result<CallOutcome, ApiError> = Ok(CallOutcome {
             data: serde_json::Value::Null,
