@@ -1,7 +1,8 @@
-"""MCP tool-call throughput over stdio, same client for both servers.
+"""MCP tool calls over stdio through the official Python SDK (`mcp==2.3.0`), sequential: what a
+typical Python agent sees (the client, not the server, is the bottleneck here; server throughput
+is measured by crates/gateway/examples/mcp_load).
 
-    mcp_stdio.py raw N TOOL ARGS_JSON -- CMD...   pipelined JSON-RPC (32 in flight): server throughput
-    mcp_stdio.py sdk N TOOL ARGS_JSON -- CMD...   the official Python SDK (`mcp==2.3.0`), sequential calls
+    mcp_stdio.py N TOOL ARGS_JSON -- CMD...
 
 Prints one JSON line: mode, calls, seconds, calls/s, errors.
 """
@@ -9,55 +10,8 @@ Prints one JSON line: mode, calls, seconds, calls/s, errors.
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
-
-
-def raw(n, tool, args, cmd):
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    out = p.stdout
-
-    def send(msg):
-        p.stdin.write((json.dumps(msg) + "\n").encode())
-        p.stdin.flush()
-
-    send({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}})
-    out.readline()
-    send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-    window = threading.Semaphore(32)
-    body = [json.dumps({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call",
-                        "params": {"name": tool, "arguments": args}}) + "\n" for i in range(n)]
-
-    def writer():
-        for line in body:
-            window.acquire()
-            p.stdin.write(line.encode())
-            p.stdin.flush()
-
-    start = time.perf_counter()
-    t = threading.Thread(target=writer)
-    t.start()
-    errors = 0
-    got = 0
-    while got < n:
-        line = out.readline()
-        if not line:
-            raise SystemExit("server closed stdout")
-        msg = json.loads(line)
-        if "id" not in msg:
-            continue
-        got += 1
-        window.release()
-        if "error" in msg or msg.get("result", {}).get("isError"):
-            errors += 1
-    elapsed = time.perf_counter() - start
-    t.join()
-    p.stdin.close()
-    p.wait(timeout=10)
-    return elapsed, errors
 
 
 async def sdk(n, tool, args, cmd):
@@ -75,13 +29,10 @@ async def sdk(n, tool, args, cmd):
 
 
 def main():
-    mode, n, tool, args = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+    n, tool, args = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     cmd = sys.argv[sys.argv.index("--") + 1:]
-    if mode == "raw":
-        elapsed, errors = raw(n, tool, args, cmd)
-    else:
-        elapsed, errors = asyncio.run(sdk(n, tool, args, cmd))
-    print(json.dumps({"mode": mode, "calls": n, "seconds": round(elapsed, 3),
+    elapsed, errors = asyncio.run(sdk(n, tool, args, cmd))
+    print(json.dumps({"mode": "sdk", "calls": n, "seconds": round(elapsed, 3),
                       "calls_per_s": round(n / elapsed), "errors": errors}))
 
 

@@ -2,7 +2,8 @@
 # Gateway benchmarks (release build): fs_read of a small file and a muscle invoke over TCP
 # keep-alive (wrk, and our closed-loop loader) and over the Unix socket (our loader; wrk
 # cannot reach a socket); MCP tool calls over Streamable HTTP; MCP over stdio against the
-# reference @modelcontextprotocol/server-filesystem, same client, same file, same run.
+# reference @modelcontextprotocol/server-filesystem, same client (examples/mcp_load, Rust,
+# many requests in flight, so the client is not the bottleneck), same file, same run.
 #   apt-get install -y wrk
 #   npm install --prefix bench/node @modelcontextprotocol/server-filesystem@2026.8.31
 #   pip install mcp==2.3.0
@@ -17,9 +18,10 @@ command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; e
 PROFILE="${PROFILE:-release}"
 DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
 cargo build -q --profile "$PROFILE" -p referee
-cargo build -q --profile "$PROFILE" -p referee-gateway --example load
+cargo build -q --profile "$PROFILE" -p referee-gateway --example load --example mcp_load
 BIN="$TARGET/$DIR/referee"
 LOAD="$TARGET/$DIR/examples/load"
+MCP_LOAD="$TARGET/$DIR/examples/mcp_load"
 
 WORK="$(mktemp -d)"
 cleanup() { [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
@@ -64,11 +66,16 @@ echo "## MCP Streamable HTTP tools/call fs_read, 64 connections"
 "$LOAD" tcp "$ADDR" 64 "$SECS" /mcp "$TOKEN" "$MCP_BODY"
 kill -TERM "$PID"; wait "$PID" || true; PID=
 
-N=5000
-echo "## MCP stdio, pipelined JSON-RPC client (32 in flight), $N reads of the same file"
-echo -n "referee mcp:        "; python3 bench/mcp_stdio.py raw $N fs_read "$READ_BODY" -- "$BIN" --home "$WORK/home" mcp --no-examples --root "$WORK/root"
-echo -n "server-filesystem:  "; python3 bench/mcp_stdio.py raw $N read_text_file "$READ_BODY" -- node "$REF" "$WORK/root"
+echo "## MCP stdio, examples/mcp_load (Rust, newline-delimited JSON-RPC), same 1 KiB file"
+OURS=(-- "$BIN" --home "$WORK/home" mcp --no-examples --root "$WORK/root")
+THEIRS=(-- node "$REF" "$WORK/root")
+for K in 1 32; do
+  echo "# $K in flight"
+  echo -n "referee mcp:        "; "$MCP_LOAD" $((K == 1 ? 20000 : 200000)) "$K" fs_read "$READ_BODY" "${OURS[@]}"
+  echo -n "server-filesystem:  "; "$MCP_LOAD" $((K == 1 ? 5000 : 30000)) "$K" read_text_file "$READ_BODY" "${THEIRS[@]}"
+done
 N=1000
 echo "## MCP stdio, official Python SDK client, $N sequential reads"
-echo -n "referee mcp:        "; python3 bench/mcp_stdio.py sdk $N fs_read "$READ_BODY" -- "$BIN" --home "$WORK/home" mcp --no-examples --root "$WORK/root"
-echo -n "server-filesystem:  "; python3 bench/mcp_stdio.py sdk $N read_text_file "$READ_BODY" -- node "$REF" "$WORK/root"
+echo -n "referee mcp:        "; python3 bench/mcp_stdio.py $N fs_read "$READ_BODY" "${OURS[@]}" 2>&1 | tail -n1
+echo -n "server-filesystem:  "; python3 bench/mcp_stdio.py $N read_text_file "$READ_BODY" "${THEIRS[@]}" 2>&1 | tail -n1
+echo "# load average after: $(cut -d" " -f1-3 /proc/loadavg)"

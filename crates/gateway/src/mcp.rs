@@ -123,10 +123,15 @@ pub fn router<S: Clone + Send + Sync + 'static>(gateway: Arc<Gateway>, shutdown:
 }
 
 /// Serves MCP on stdin/stdout until the client closes it.
+///
+/// When both streams are pipes (how MCP clients start a server) they are driven by the I/O
+/// reactor on descriptors of their own (`rmcp::transport::stdio_pipes`), instead of Tokio's
+/// blocking stdio, which hands every read and write to another thread; anything else (a
+/// terminal, a file) falls back to the blocking handles.
 pub async fn serve_stdio(gateway: Arc<Gateway>, scope: Arc<Scope>) -> Result<(), std::io::Error> {
     use rmcp::ServiceExt;
     let running = McpServer::fixed(gateway, scope)
-        .serve(rmcp::transport::stdio())
+        .serve(rmcp::transport::stdio_pipes())
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     running.waiting().await.map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()))

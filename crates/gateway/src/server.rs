@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use tokio::net::{TcpListener, UnixListener};
+use axum::serve::{Listener, ListenerExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Gateway, StartError};
@@ -27,6 +28,17 @@ pub struct Server {
 
 fn listen_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StartError {
     move |source| StartError::Listen { what: what.to_string(), source }
+}
+
+/// Sets `TCP_NODELAY` on every accepted connection: a response must not wait for the
+/// client's delayed ACK of the previous one (Nagle), which costs keep-alive clients that
+/// pipeline or send a request in more than one write up to tens of milliseconds.
+fn no_delay(listener: TcpListener) -> impl Listener<Io = TcpStream, Addr = SocketAddr> {
+    listener.tap_io(|stream: &mut TcpStream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
+        }
+    })
 }
 
 /// Removes a socket file left by a server that is gone; refuses to touch anything else or a
@@ -99,7 +111,7 @@ impl Server {
         if let Some((listener, addr)) = self.tcp {
             let (app, stop) = (app.clone(), token.clone());
             tasks.spawn(async move {
-                axum::serve(listener, app)
+                axum::serve(no_delay(listener), app)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
                     .map_err(listen_err(addr))
@@ -161,5 +173,22 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminated => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_tcp_connections_have_nodelay() -> Result<(), Box<dyn std::error::Error>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut listener = no_delay(listener);
+        let client = TcpStream::connect(addr).await?;
+        let (accepted, _) = listener.accept().await;
+        assert!(accepted.nodelay()?, "the server side of the connection must have TCP_NODELAY");
+        drop(client);
+        Ok(())
     }
 }

@@ -15,16 +15,38 @@ pub const CALLS: &str = "referee_gateway_calls_total";
 /// Call latency by tool.
 pub const LATENCY: &str = "referee_gateway_call_duration_seconds";
 
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP: Duration = Duration::from_secs(1);
+/// Name of the thread that does it.
+const UPKEEP_THREAD: &str = "metrics-upkeep";
+
 /// The process-wide recorder (installed once; `None` if another recorder was installed first).
+///
+/// The recorder keeps every histogram sample until upkeep folds it into the buckets; an
+/// installed recorder does not do that by itself (only a scrape would), so without a scraper
+/// a busy gateway would grow by every call's latency sample. A background thread runs the
+/// upkeep every second (`UPKEEP`).
 pub fn prometheus() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(LATENCY.into()), BUCKETS)
                 .ok()?
                 .install_recorder()
-                .ok()
+                .ok()?;
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name(UPKEEP_THREAD.into()).spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP);
+                    upkeep.run_upkeep();
+                }
+            });
+            if let Err(e) = spawned {
+                // Scrapes still drain the samples; only an unscraped gateway grows.
+                tracing::warn!(error = %e, "could not start the metrics upkeep thread");
+            }
+            Some(handle)
         })
         .clone()
 }
@@ -52,4 +74,47 @@ pub fn init_json_logs() {
         .with_writer(std::io::stderr)
         .with_current_span(true)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .filter_map(Result::ok)
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                    .map(|name| name.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn installing_the_recorder_starts_the_upkeep_thread_once() {
+        let Some(handle) = prometheus() else { return };
+        assert!(prometheus().is_some());
+        // A new thread names itself once it runs: give it a moment.
+        let upkeeps = || thread_names().iter().filter(|n| *n == UPKEEP_THREAD).count();
+        for _ in 0..100 {
+            if upkeeps() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(upkeeps(), 1, "one upkeep thread: {:?}", thread_names());
+        // Samples recorded between scrapes end up in the histogram.
+        let ok: Result<CallOutcome, ApiError> = Ok(CallOutcome {
+            data: serde_json::Value::Null,
+            reality_index: 1.0,
+            execution_time_ms: 0.0,
+            torsion_score: 0.0,
+        });
+        record_call("upkeep_probe", &ok, Duration::from_micros(70));
+        std::thread::sleep(UPKEEP * 2);
+        let text = handle.render();
+        assert!(text.contains("referee_gateway_call_duration_seconds_count{tool=\"upkeep_probe\"} 1"), "{text}");
+    }
 }
