@@ -28,7 +28,7 @@ for group in ("forward", "train"):
 def fmt(ns):
     return "%.0f ns" % ns if ns < 1000 else "%.2f µs" % (ns / 1000)
 
-impls = ["muscle-py", "muscle-onnx", "native", "tract", "numpy", "onnxruntime"]
+impls = ["muscle-py", "muscle-onnx", "native", "tract", "numpy", "onnxruntime", "muscle-canonical"]
 print("| benchmark | " + " | ".join(impls) + " | muscle / native | tract / muscle |")
 print("|---|" + "---|" * (len(impls) + 2))
 for bench in ("forward/feanor", "forward/mlp", "train/mlp"):
