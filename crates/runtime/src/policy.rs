@@ -53,6 +53,10 @@ pub struct PolicyRule {
     pub faults_before_quarantine: Option<u32>,
     /// Window for counting faults.
     pub fault_window_secs: Option<u64>,
+    /// Give every call of a stateless muscle a new cell (discarded afterwards), so nothing a
+    /// call leaves in memory or globals can reach the next caller; costs an instantiation
+    /// (a few µs) per call. Default false (warm cells are reused).
+    pub fresh_cells: Option<bool>,
     /// Canonicalise the NaN of every float instruction even for muscles that declare
     /// themselves `nan-blind` (docs/muscle-abi.md, "Determinism"); default false.
     pub canonicalize_every_nan: Option<bool>,
@@ -104,6 +108,8 @@ pub struct Grant {
     pub fault_window_secs: u64,
     /// Deterministic mode.
     pub deterministic: bool,
+    /// Whether every call of a stateless muscle gets a new cell.
+    pub fresh_cells: bool,
     /// Whether the engine canonicalises the NaN of every float instruction; when false (a
     /// `nan-blind` muscle, not overridden by policy) the outputs and the loss are canonicalised
     /// at the host boundary instead.
@@ -123,6 +129,7 @@ const BUILTIN: Grant = Grant {
     faults_before_quarantine: 5,
     fault_window_secs: 60,
     deterministic: false,
+    fresh_cells: false,
     canonicalize_every_nan: true,
 };
 
@@ -183,6 +190,7 @@ impl Policy {
             g.clock_granularity_us = rule.clock_granularity_us.unwrap_or(g.clock_granularity_us);
             g.faults_before_quarantine = rule.faults_before_quarantine.unwrap_or(g.faults_before_quarantine);
             g.fault_window_secs = rule.fault_window_secs.unwrap_or(g.fault_window_secs);
+            g.fresh_cells = rule.fresh_cells.unwrap_or(g.fresh_cells);
             every_nan = rule.canonicalize_every_nan.unwrap_or(every_nan);
         }
         g.canonicalize_every_nan = every_nan || !header.declares_nan_blind();

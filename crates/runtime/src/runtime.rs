@@ -519,7 +519,8 @@ impl Runtime {
                     cell.copy_state_into(&mut last);
                 }
                 muscle.calls.fetch_add(1, Ordering::Relaxed);
-                muscle.checkin(Some(cell));
+                let reuse = muscle.trainable || !muscle.ctx.grant.fresh_cells;
+                muscle.checkin(reuse.then_some(cell));
                 Ok(value)
             }
             Err(fault) => {

@@ -381,6 +381,44 @@ fn nan_blind_muscles_skip_per_instruction_canonicalisation_and_get_canonical_out
     Ok(())
 }
 
+/// A muscle that remembers: each call increments a global and returns it (and leaves the
+/// caller's first input in memory, returning the previous caller's).
+#[test]
+fn fresh_cells_keep_one_callers_leftovers_from_the_next() -> TestResult {
+    let f = Fixture::new()?;
+    let wat = hostile(
+        "",
+        r#"(memory (export "memory") 1)"#,
+        "(global $calls (mut i32) (i32.const 0))",
+        "(global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+         (f32.store (local.get $out) (f32.convert_i32_u (global.get $calls)))
+         (f32.store offset=4 (local.get $out) (f32.load (i32.const 64)))
+         (f32.store (i32.const 64) (f32.load (local.get $in)))
+         (i32.const 0)",
+    );
+    let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
+    let blob = f.home.seal_for_self(&MuscleSpec::new("memo", &[1, 4], &[1, 2]), &module.bytes)?;
+    let calls = |runtime: &Runtime| -> Result<Vec<Vec<f32>>, RuntimeError> {
+        (1..=3).map(|i| runtime.invoke("memo", &[i as f32 * 10.0, 0.0, 0.0, 0.0])).collect()
+    };
+
+    let mut policy = Policy::permissive_default();
+    policy.muscles.insert("memo".into(), referee_runtime::PolicyRule { concurrency: Some(1), ..Default::default() });
+    let reused = f.runtime(policy.clone())?;
+    reused.load(&blob)?;
+    assert!(!reused.info("memo")?.grant.fresh_cells);
+    // Warm cells are reused by default: the second caller sees the first caller's input.
+    assert_eq!(calls(&reused)?, vec![vec![1.0, 0.0], vec![2.0, 10.0], vec![3.0, 20.0]]);
+    drop(reused);
+
+    policy.defaults.fresh_cells = Some(true);
+    let fresh = f.runtime(policy)?;
+    fresh.load(&blob)?;
+    assert!(fresh.info("memo")?.grant.fresh_cells);
+    assert_eq!(calls(&fresh)?, vec![vec![1.0, 0.0]; 3], "every call starts from the image");
+    Ok(())
+}
+
 #[test]
 fn trainable_muscle_learns_and_keeps_its_parameters() -> TestResult {
     let f = Fixture::new()?;
