@@ -172,12 +172,6 @@ impl Cell {
         train.call(&mut self.store, (self.layout.input as i32, target as i32, lr)).map_err(|e| classify(&e))
     }
 
-    /// The bytes of the declared state region, if any.
-    pub(crate) fn state(&self) -> Option<Vec<u8>> {
-        let (ptr, len) = self.layout.state?;
-        self.memory.data(&self.store).get(ptr as usize..ptr as usize + len as usize).map(<[u8]>::to_vec)
-    }
-
     /// Copies the declared state region into `into`, reusing its allocation (left unchanged
     /// when there is no region).
     pub(crate) fn copy_state_into(&self, into: &mut Option<Vec<u8>>) {

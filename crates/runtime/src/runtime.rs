@@ -355,9 +355,13 @@ impl Runtime {
         // limit are refused at load, not at the first call.
         let probe = loaded.new_cell()?;
         let trainable = probe.has_train();
+        let mut state = None;
+        if trainable {
+            probe.copy_state_into(&mut state);
+        }
         let loaded = Loaded {
             trainable,
-            last_state: Mutex::new(if trainable { probe.state() } else { None }),
+            last_state: Mutex::new(state),
             slots: Mutex::new(Slots { idle: vec![probe], busy: 0, waiting: 0 }),
             ..loaded
         };

@@ -48,12 +48,16 @@ impl Fixture {
         caps: &[&str],
         limits: Limits,
     ) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
-        let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
         let mut spec = MuscleSpec::new(name, &[1, 4], &[1, 1]);
         spec.version = version;
         spec.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
         spec.limits = limits;
-        Ok(self.home.seal_for_self(&spec, &module.bytes)?)
+        self.seal_spec(&spec, wat)
+    }
+
+    fn seal_spec(&self, spec: &MuscleSpec, wat: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
+        Ok(self.home.seal_for_self(spec, &module.bytes)?)
     }
 
     fn runtime(&self, policy: Policy) -> Result<Runtime, RuntimeError> {
@@ -341,13 +345,10 @@ const NAN_PROBE: &str = r#"(module
 #[test]
 fn nan_blind_muscles_skip_per_instruction_canonicalisation_and_get_canonical_outputs() -> TestResult {
     let f = Fixture::new()?;
-    let wasm = referee_compiler::compile(referee_compiler::SourceKind::Wat, NAN_PROBE.as_bytes())?;
     let seal = |name: &str, blind: bool| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
         let mut spec = MuscleSpec::new(name, &[1, 4], &[1, 4]);
-        if blind {
-            spec.extensions = vec![referee_muscle::Extension::nan_blind()];
-        }
-        Ok(f.home.seal_for_self(&spec, &wasm.bytes)?)
+        spec.declare_nan_blind(blind);
+        f.seal_spec(&spec, NAN_PROBE)
     };
     let input = [0.0, f32::from_bits(0xffc0_0002), 0.0, 0.0];
     let bits = |runtime: &Runtime, name: &str| -> Result<Vec<u32>, RuntimeError> {
@@ -396,8 +397,7 @@ fn fresh_cells_keep_one_callers_leftovers_from_the_next() -> TestResult {
          (f32.store (i32.const 64) (f32.load (local.get $in)))
          (i32.const 0)",
     );
-    let module = referee_compiler::compile(referee_compiler::SourceKind::Wat, wat.as_bytes())?;
-    let blob = f.home.seal_for_self(&MuscleSpec::new("memo", &[1, 4], &[1, 2]), &module.bytes)?;
+    let blob = f.seal_spec(&MuscleSpec::new("memo", &[1, 4], &[1, 2]), &wat)?;
     let calls = |runtime: &Runtime| -> Result<Vec<Vec<f32>>, RuntimeError> {
         (1..=3).map(|i| runtime.invoke("memo", &[i as f32 * 10.0, 0.0, 0.0, 0.0])).collect()
     };
