@@ -2,7 +2,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use redb::Database;
@@ -181,7 +183,9 @@ pub struct Runtime {
     audit: AuditLog,
     kv: Kv,
     logs: Arc<LogRing>,
-    muscles: RwLock<BTreeMap<String, Arc<Loaded>>>,
+    /// Read on every by-name call, replaced on load and unload: a snapshot readers take
+    /// without a lock or a reference count.
+    muscles: ArcSwap<BTreeMap<String, Arc<Loaded>>>,
     compiled: Mutex<HashMap<([u8; 32], EngineKind), Module>>,
     started: Instant,
 }
@@ -222,7 +226,7 @@ impl Runtime {
             audit,
             kv,
             logs: Arc::new(LogRing::default()),
-            muscles: RwLock::new(BTreeMap::new()),
+            muscles: ArcSwap::from_pointee(BTreeMap::new()),
             compiled: Mutex::new(HashMap::new()),
             started: Instant::now(),
         };
@@ -367,8 +371,12 @@ impl Runtime {
         };
         self.trust.record_accepted(&header).map_err(|e| RuntimeError::Store(e.to_string()))?;
         let info = loaded.info();
-        let mut muscles = self.muscles.write().map_err(|_| RuntimeError::ShuttingDown)?;
-        muscles.insert(header.name.clone(), Arc::new(loaded));
+        let loaded = Arc::new(loaded);
+        self.muscles.rcu(|muscles| {
+            let mut muscles = BTreeMap::clone(muscles);
+            muscles.insert(header.name.clone(), loaded.clone());
+            muscles
+        });
         Ok(info)
     }
 
@@ -387,13 +395,12 @@ impl Runtime {
     }
 
     fn get(&self, name: &str) -> Result<Arc<Loaded>, RuntimeError> {
-        let muscles = self.muscles.read().map_err(|_| RuntimeError::ShuttingDown)?;
-        muscles.get(name).cloned().ok_or_else(|| RuntimeError::NotLoaded(name.into()))
+        self.muscles.load().get(name).cloned().ok_or_else(|| RuntimeError::NotLoaded(name.into()))
     }
 
     /// Loaded muscles, by name.
     pub fn list(&self) -> Vec<MuscleInfo> {
-        self.muscles.read().map(|m| m.values().map(|l| l.info()).collect()).unwrap_or_default()
+        self.muscles.load().values().map(|l| l.info()).collect()
     }
 
     /// Information about one loaded muscle.
@@ -403,9 +410,13 @@ impl Runtime {
 
     /// Runs `forward` on a flat f32 input of the declared input size.
     pub fn invoke(&self, name: &str, input: &[f32]) -> Result<Vec<f32>, RuntimeError> {
-        let handle = self.handle(name)?;
-        let mut out = vec![0.0; handle.muscle.outputs];
-        self.invoke_into(&handle, input, &mut out)?;
+        // Borrowed from the snapshot, not cloned: no reference count on the hot path.
+        let muscles = self.muscles.load();
+        let muscle = muscles.get(name).ok_or_else(|| RuntimeError::NotLoaded(name.into()))?;
+        // Not `vec![0.0; n]`: that is `calloc`, which glibc serves without its thread cache.
+        let mut out = Vec::with_capacity(muscle.outputs);
+        out.resize(muscle.outputs, 0.0);
+        self.forward_into(muscle, input, &mut out)?;
         Ok(out)
     }
 
@@ -419,7 +430,10 @@ impl Runtime {
     /// The allocation-free hot path: `forward` on `input`, outputs written to `out`
     /// (whose length must be the declared output size).
     pub fn invoke_into(&self, handle: &MuscleHandle, input: &[f32], out: &mut [f32]) -> Result<(), RuntimeError> {
-        let muscle = &handle.muscle;
+        self.forward_into(&handle.muscle, input, out)
+    }
+
+    fn forward_into(&self, muscle: &Loaded, input: &[f32], out: &mut [f32]) -> Result<(), RuntimeError> {
         if input.len() != muscle.inputs || out.len() != muscle.outputs {
             return Err(RuntimeError::BadInput {
                 muscle: muscle.header.name.clone(),
@@ -579,8 +593,12 @@ impl Runtime {
 
     /// Unloads a muscle; calls in flight finish on their cells.
     pub fn unload(&self, name: &str) -> Result<(), RuntimeError> {
-        let removed = self.muscles.write().map_err(|_| RuntimeError::ShuttingDown)?.remove(name);
-        let muscle = removed.ok_or_else(|| RuntimeError::NotLoaded(name.into()))?;
+        let before = self.muscles.rcu(|muscles| {
+            let mut muscles = BTreeMap::clone(muscles);
+            muscles.remove(name);
+            muscles
+        });
+        let muscle = before.get(name).ok_or_else(|| RuntimeError::NotLoaded(name.into()))?;
         self.audit.append(&fault_event("unload", &muscle.header, json!({})))?;
         Ok(())
     }

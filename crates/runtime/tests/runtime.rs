@@ -537,3 +537,53 @@ fn fuel_budget_stops_a_loop_that_the_deadline_would_not() -> TestResult {
     assert_eq!(runtime.info("feanor")?.grant.fuel, Some(10_000));
     Ok(())
 }
+
+#[test]
+fn concurrent_loads_and_unloads_lose_nothing_and_calls_see_a_muscle_or_not_loaded() -> TestResult {
+    let f = Fixture::new()?;
+    let runtime = Arc::new(f.runtime(Policy::permissive_default())?);
+    let names: Vec<Vec<String>> = (0..2).map(|t| (0..8).map(|i| format!("m{t}-{i}")).collect()).collect();
+    let blobs = names
+        .iter()
+        .map(|group| group.iter().map(|n| f.seal(n, 1, FEANOR, &[], Limits::default())).collect())
+        .collect::<Result<Vec<Vec<Vec<u8>>>, _>>()?;
+    runtime.load(&f.seal("churn", 1, FEANOR, &[], Limits::default())?)?;
+    let churn = f.seal("churn", 1, FEANOR, &[], Limits::default())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = {
+        let (runtime, stop) = (runtime.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let x = [1.0, 2.0, 3.0, 4.0];
+            while !stop.load(Ordering::Relaxed) {
+                match runtime.invoke("churn", &x) {
+                    Ok(y) if y == vec![feanor_native(x)] => {}
+                    Err(RuntimeError::NotLoaded(_)) => {}
+                    other => return Err(format!("a call during load/unload got {other:?}")),
+                }
+            }
+            Ok(())
+        })
+    };
+    // Two threads load disjoint names while the main thread unloads and reloads `churn`.
+    let loaders: Vec<_> = blobs
+        .into_iter()
+        .map(|group| {
+            let runtime = runtime.clone();
+            std::thread::spawn(move || group.iter().try_for_each(|blob| runtime.load(blob).map(drop)))
+        })
+        .collect();
+    for _ in 0..8 {
+        runtime.unload("churn")?;
+        runtime.load(&churn)?;
+    }
+    for loader in loaders {
+        loader.join().map_err(|_| "loader panicked")??;
+    }
+    stop.store(true, Ordering::Relaxed);
+    caller.join().map_err(|_| "caller panicked")??;
+    let listed: std::collections::BTreeSet<String> = runtime.list().into_iter().map(|m| m.header.name).collect();
+    let expected: std::collections::BTreeSet<String> =
+        names.into_iter().flatten().chain(std::iter::once("churn".to_owned())).collect();
+    assert_eq!(listed, expected, "every load is in the table once, every unload was undone by its reload");
+    Ok(())
+}
