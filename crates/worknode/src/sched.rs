@@ -88,6 +88,10 @@ pub(crate) struct Mail<M> {
     queue: Option<Box<VecDeque<M>>>,
     scheduled: bool,
     closed: bool,
+    /// Messages ever queued here, and how many of them are done (handled or dropped): a
+    /// reader waits for `done` to reach the `accepted` it saw, not for the whole system.
+    accepted: u64,
+    done: u64,
 }
 
 /// Why a push failed; the message is handed back.
@@ -160,7 +164,7 @@ impl<S: SyncFamily, M: Send, D: Send, I> Core<S, M, D, I> {
             (0..CHUNK)
                 .map(|_| Slot {
                     info: OnceLock::new(),
-                    mail: S::Lock::new(Mail { queue: None, scheduled: false, closed: false }),
+                    mail: S::Lock::new(Mail { queue: None, scheduled: false, closed: false, accepted: 0, done: 0 }),
                     data: S::Lock::new(None),
                 })
                 .collect()
@@ -185,6 +189,7 @@ impl<S: SyncFamily, M: Send, D: Send, I> Core<S, M, D, I> {
                 return Err(PushError::Full(msg));
             }
             q.push_back(msg);
+            mail.accepted += 1;
             Ok(!std::mem::replace(&mut mail.scheduled, true))
         })?;
         if wake {
@@ -215,11 +220,13 @@ impl<S: SyncFamily, M: Send, D: Send, I> Core<S, M, D, I> {
         }
     }
 
-    /// Ends the caller's turn: idle again if the mailbox is empty (freeing it), else re-queued
-    /// behind the other ready slots (fairness: at most `max` messages per turn).
-    pub(crate) fn finish(&self, idx: u32) {
+    /// Ends the caller's turn, in which `handled` messages were taken: idle again if the
+    /// mailbox is empty (freeing it), else re-queued behind the other ready slots (fairness:
+    /// at most `max` messages per turn).
+    pub(crate) fn finish(&self, idx: u32, handled: u64) {
         let Some(slot) = self.slot(idx) else { return };
         let again = slot.mail.with(|mail| {
+            mail.done += handled;
             if mail.queue.as_ref().is_some_and(|q| !q.is_empty()) {
                 true
             } else {
@@ -238,9 +245,21 @@ impl<S: SyncFamily, M: Send, D: Send, I> Core<S, M, D, I> {
         self.slot(idx).map_or_else(Vec::new, |slot| {
             slot.mail.with(|mail| {
                 mail.closed = true;
-                mail.queue.take().map(|q| q.into_iter().collect()).unwrap_or_default()
+                let dropped: Vec<M> = mail.queue.take().map(|q| q.into_iter().collect()).unwrap_or_default();
+                mail.done += dropped.len() as u64;
+                dropped
             })
         })
+    }
+
+    /// How many messages `idx` has accepted so far: the mark [`Core::reached`] waits for.
+    pub(crate) fn accepted(&self, idx: u32) -> u64 {
+        self.slot(idx).map_or(0, |s| s.mail.with(|m| m.accepted))
+    }
+
+    /// Whether every message `idx` accepted up to `mark` is done (handled or dropped).
+    pub(crate) fn reached(&self, idx: u32, mark: u64) -> bool {
+        self.slot(idx).is_none_or(|s| s.mail.with(|m| m.done >= mark))
     }
 
     /// Queued messages of `idx`.
@@ -339,7 +358,7 @@ mod tests {
                             seen.handled.append(&mut buf);
                             seen.in_turn = false;
                         });
-                        core.finish(idx);
+                        core.finish(idx, u64::from(n));
                         let done = total.with(|t| {
                             *t += n;
                             *t == 2 * 2 * PER_PRODUCER
@@ -363,10 +382,25 @@ mod tests {
                 })
             })
             .collect();
-        for t in producers.into_iter().chain(workers) {
+        // A reader's mark: once reached, everything accepted before it has been handled.
+        let checker = {
+            let core = core.clone();
+            shuttle::thread::spawn(move || {
+                for _ in 0..PER_PRODUCER {
+                    let mark = core.accepted(0);
+                    if core.reached(0, mark) {
+                        let handled = core.slot(0).unwrap().data.with(|d| d.as_ref().unwrap().handled.len());
+                        assert!(handled as u64 >= mark, "mark {mark} reached with only {handled} handled");
+                    }
+                }
+            })
+        };
+        for t in producers.into_iter().chain(workers).chain([checker]) {
             t.join().unwrap();
         }
         for idx in 0..2 {
+            assert_eq!(core.accepted(idx), u64::from(2 * PER_PRODUCER));
+            assert!(core.reached(idx, core.accepted(idx)), "every accepted message of {idx} is done");
             let slot = core.slot(idx).unwrap();
             slot.data.with(|d| {
                 let seen = d.as_ref().unwrap();

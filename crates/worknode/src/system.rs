@@ -323,6 +323,9 @@ pub(crate) struct Inner {
     sink: OnceLock<Sink>,
     in_flight: AtomicU64,
     idle: (Mutex<()>, Condvar),
+    /// Threads in [`System::settle`]; turns notify `settled` only while there are any.
+    settle_waiters: AtomicU64,
+    settled: (Mutex<()>, Condvar),
     handled: AtomicU64,
     restarts: AtomicU64,
     rejected: AtomicU64,
@@ -544,7 +547,13 @@ impl Inner {
             self.commit(info, node, &mut pending, &mut shipment);
         });
         self.handled.fetch_add(n, Ordering::Relaxed);
-        self.core.finish(idx);
+        self.core.finish(idx, n);
+        // A waiter registers before it reads the mark under the mailbox lock that `finish`
+        // also takes, so either it sees this turn's messages done or this load sees it.
+        if self.settle_waiters.load(Ordering::Acquire) > 0 {
+            let _g = self.settled.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.settled.1.notify_all();
+        }
         for (parent, signal) in notices {
             let _ = self.push(parent, None, Envelope { from: Authority::System, body: Body::Signal(signal) }, false);
         }
@@ -737,6 +746,8 @@ impl System {
             sink: OnceLock::new(),
             in_flight: AtomicU64::new(0),
             idle: (Mutex::new(()), Condvar::new()),
+            settle_waiters: AtomicU64::new(0),
+            settled: (Mutex::new(()), Condvar::new()),
             handled: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -1109,6 +1120,35 @@ impl System {
             restarts: self.inner.restarts.load(Ordering::Relaxed),
             rejected: self.inner.rejected.load(Ordering::Relaxed),
         }
+    }
+
+    /// Waits until every message worknode `id` accepted before this call has been handled
+    /// (or dropped by a stop), or `timeout`; returns whether it got there. Unlike
+    /// [`System::wait_idle`], traffic to other worknodes, or to `id` after the call, does not
+    /// delay it: this is read-your-writes for one worknode.
+    pub fn settle(&self, id: WorknodeId, timeout: Duration) -> bool {
+        let Some(idx) = self.inner.index(id) else { return true };
+        let inner = &self.inner;
+        let mark = inner.core.accepted(idx);
+        if inner.core.reached(idx, mark) {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        inner.settle_waiters.fetch_add(1, Ordering::AcqRel);
+        let mut g = inner.settled.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reached = loop {
+            if inner.core.reached(idx, mark) {
+                break true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            g = inner.settled.1.wait_timeout(g, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        };
+        drop(g);
+        inner.settle_waiters.fetch_sub(1, Ordering::AcqRel);
+        reached
     }
 
     /// Waits until every accepted message has been handled, or `timeout`; returns whether idle.

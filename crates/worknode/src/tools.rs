@@ -194,8 +194,8 @@ impl NodeTool {
             Kind::Get => {
                 let path = wn_path(required(params, "path")?)?;
                 let id = self.lookup(&path)?;
-                // Updates apply in the worknode's turn; let queued ones land first.
-                self.system.wait_idle(SETTLE);
+                // Updates apply in the worknode's turn; let the ones queued to it land first.
+                self.system.settle(id, SETTLE);
                 let v = self.system.query(&auth, id, Consistency::Local).map_err(|e| refused(&e))?;
                 Ok(json!({
                     "id": v.id.to_string(), "path": v.path.to_string(), "kind": v.kind,

@@ -147,6 +147,28 @@ fn full_mailbox_refuses_with_backpressure() {
 }
 
 #[test]
+fn settle_waits_for_one_worknodes_mail_not_for_a_busy_system() {
+    let sys = System::start(SystemConfig::default(), None, None).unwrap();
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    sys.register("gate", Arc::new(Gate { started: Mutex::new(started_tx), release: Mutex::new(release_rx) }));
+    let gate = sys.create(&Authority::System, &WnPath::root(), "g", "gate", Consistency::Local).unwrap();
+    let data = sys.create(&Authority::System, &WnPath::root(), "d", "data", Consistency::Local).unwrap();
+    sys.send(&Authority::System, gate, Bytes::new()).unwrap();
+    started.recv_timeout(WAIT).unwrap(); // one worker is held inside the gate: the system is busy
+    for n in 1..=50 {
+        sys.update(&Authority::System, data, vec![("n".into(), Op::Add(n))]).unwrap();
+    }
+    assert!(sys.settle(data, WAIT), "the other worker drains `d` while the gate is held");
+    assert_eq!(counter(&sys, data, "n"), 50 * 51 / 2, "settle returned before every update landed");
+    assert!(!sys.wait_idle(Duration::from_millis(50)), "the gate still holds a message");
+    assert!(!sys.settle(gate, Duration::from_millis(50)), "the gate's own message is not done");
+    release.send(()).unwrap();
+    assert!(sys.settle(gate, WAIT));
+    assert!(sys.wait_idle(WAIT));
+}
+
+#[test]
 fn bounds_and_reserved_consistency_are_enforced() {
     let sys =
         System::start(SystemConfig { max_depth: 2, max_children: 2, ..SystemConfig::default() }, None, None).unwrap();
