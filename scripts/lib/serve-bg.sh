@@ -5,6 +5,8 @@
 start_serve() {
     local dir="$1"
     shift
+    # Build first, in the foreground: the wait below times the server's start, not a build.
+    cargo build --locked -q -p referee
     REFEREE_HOME="$dir/home" bash scripts/serve.sh "$@" >"$dir/out" 2>"$dir/log" &
     serve_pid=$!
     for _ in $(seq 1 900); do
