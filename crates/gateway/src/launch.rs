@@ -141,7 +141,11 @@ pub fn mcp_stdio(
     let (gateway, _) = open_gateway(home, config, native, preload)?;
     let token = RootKey::load_or_create(&home.root().join("keys"))?.mint(&Grant::admin("stdio", None))?;
     let scope = gateway.authority().verify(&token)?;
-    tokio_runtime()?.block_on(crate::mcp::serve_stdio(gateway, scope)).map_err(setup)
+    // One client on one pair of pipes: the transport, rmcp's service loop and the handlers
+    // all run on this thread, so a call crosses threads only to run its tool (on the blocking
+    // pool) and back, never between workers.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(setup)?;
+    rt.block_on(crate::mcp::serve_stdio(gateway, scope)).map_err(setup)
 }
 
 /// Where token commands go.

@@ -507,6 +507,26 @@ fn slow_tools_time_out_with_504() {
     assert_eq!(r.status, 504, "{}", r.text());
 }
 
+/// A tool stuck in a call (here: until released) holds one blocking thread: other calls still
+/// answer, and the stuck call's own caller gets its 504 at the deadline.
+#[test]
+fn a_stuck_tool_does_not_stall_other_calls_and_times_out() {
+    let s = start(|c| c.limits.tool_timeout_ms = 300);
+    let (addr, admin) = (s.tcp, s.admin.clone());
+    let held = std::thread::spawn(move || {
+        http(Via::Tcp(addr), "POST", "/v1/tools/gate", Some(&admin), "application/json", b"{}")
+    });
+    s.entered.recv().unwrap();
+    for i in 0..20 {
+        let r = s.post("/v1/tools/echo", Some(&s.admin), &json!({ "i": i }));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let stuck = held.join().unwrap();
+    assert_eq!(stuck.status, 504, "{}", stuck.text());
+    assert_eq!(stuck.json()["error"]["code"], "timeout");
+    s.release.send(()).unwrap();
+}
+
 #[test]
 fn metrics_count_calls_by_tool_and_status() {
     let s = start(|_| {});
