@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use std::time::{Duration, Instant};
 
 use redb::Database;
 use referee_muscle::{Header, RefereeKeys, open};
@@ -372,11 +372,7 @@ impl Runtime {
         self.trust.record_accepted(&header).map_err(|e| RuntimeError::Store(e.to_string()))?;
         let info = loaded.info();
         let loaded = Arc::new(loaded);
-        self.muscles.rcu(|muscles| {
-            let mut muscles = BTreeMap::clone(muscles);
-            muscles.insert(header.name.clone(), loaded.clone());
-            muscles
-        });
+        self.edit_muscles(|muscles| drop(muscles.insert(header.name.clone(), loaded.clone())));
         Ok(info)
     }
 
@@ -395,7 +391,17 @@ impl Runtime {
     }
 
     fn get(&self, name: &str) -> Result<Arc<Loaded>, RuntimeError> {
-        self.muscles.load().get(name).cloned().ok_or_else(|| RuntimeError::NotLoaded(name.into()))
+        lookup(&self.muscles.load(), name).cloned()
+    }
+
+    /// Replaces the muscle table with an edited copy (retried if another edit raced it);
+    /// returns the table the edit was applied to.
+    fn edit_muscles(&self, edit: impl Fn(&mut BTreeMap<String, Arc<Loaded>>)) -> Arc<BTreeMap<String, Arc<Loaded>>> {
+        self.muscles.rcu(|muscles| {
+            let mut muscles = BTreeMap::clone(muscles);
+            edit(&mut muscles);
+            muscles
+        })
     }
 
     /// Loaded muscles, by name.
@@ -412,7 +418,7 @@ impl Runtime {
     pub fn invoke(&self, name: &str, input: &[f32]) -> Result<Vec<f32>, RuntimeError> {
         // Borrowed from the snapshot, not cloned: no reference count on the hot path.
         let muscles = self.muscles.load();
-        let muscle = muscles.get(name).ok_or_else(|| RuntimeError::NotLoaded(name.into()))?;
+        let muscle = lookup(&muscles, name)?;
         // Not `vec![0.0; n]`: that is `calloc`, which glibc serves without its thread cache.
         let mut out = Vec::with_capacity(muscle.outputs);
         out.resize(muscle.outputs, 0.0);
@@ -593,12 +599,8 @@ impl Runtime {
 
     /// Unloads a muscle; calls in flight finish on their cells.
     pub fn unload(&self, name: &str) -> Result<(), RuntimeError> {
-        let before = self.muscles.rcu(|muscles| {
-            let mut muscles = BTreeMap::clone(muscles);
-            muscles.remove(name);
-            muscles
-        });
-        let muscle = before.get(name).ok_or_else(|| RuntimeError::NotLoaded(name.into()))?;
+        let before = self.edit_muscles(|muscles| drop(muscles.remove(name)));
+        let muscle = lookup(&before, name)?;
         self.audit.append(&fault_event("unload", &muscle.header, json!({})))?;
         Ok(())
     }
@@ -629,6 +631,10 @@ pub fn state_db_path(home: &Home) -> std::path::PathBuf {
 
 /// Rewrites every NaN to the canonical quiet NaN (the bits Cranelift's canonicalisation uses),
 /// so a `nan-blind` muscle's outputs are bit-identical on every machine.
+fn lookup<'a>(muscles: &'a BTreeMap<String, Arc<Loaded>>, name: &str) -> Result<&'a Arc<Loaded>, RuntimeError> {
+    muscles.get(name).ok_or_else(|| RuntimeError::NotLoaded(name.into()))
+}
+
 fn canonicalize_nans(values: &mut [f32]) {
     for v in values.iter_mut().filter(|v| v.is_nan()) {
         *v = f32::NAN;

@@ -1133,38 +1133,32 @@ impl System {
         if inner.core.reached(idx, mark) {
             return true;
         }
-        let deadline = Instant::now() + timeout;
         inner.settle_waiters.fetch_add(1, Ordering::AcqRel);
-        let mut g = inner.settled.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let reached = loop {
-            if inner.core.reached(idx, mark) {
-                break true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break false;
-            }
-            g = inner.settled.1.wait_timeout(g, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
-        };
-        drop(g);
+        let reached = wait_until(&inner.settled, timeout, || inner.core.reached(idx, mark));
         inner.settle_waiters.fetch_sub(1, Ordering::AcqRel);
         reached
     }
 
     /// Waits until every accepted message has been handled, or `timeout`; returns whether idle.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.inner.idle.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        loop {
-            if self.inner.in_flight.load(Ordering::Acquire) == 0 {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            g = self.inner.idle.1.wait_timeout(g, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        wait_until(&self.inner.idle, timeout, || self.inner.in_flight.load(Ordering::Acquire) == 0)
+    }
+}
+
+/// Waits on `signal` until `done` holds (checked under its lock, so a notify after the
+/// condition changed is never missed) or `timeout`; returns whether it holds.
+fn wait_until(signal: &(Mutex<()>, Condvar), timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut g = signal.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        if done() {
+            return true;
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        g = signal.1.wait_timeout(g, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
     }
 }
 
