@@ -9,8 +9,10 @@
 //! - it is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` relative to an
 //!   `O_PATH` descriptor of that root, so neither `..` nor a symlink (absolute, relative, or a
 //!   chain, even one swapped in concurrently) can lead outside: the kernel refuses with
-//!   `EXDEV`. Without `openat2` (`ENOSYS`) a component-by-component walk with `O_NOFOLLOW`
-//!   refuses every symlink;
+//!   `EXDEV`. The first attempt adds `RESOLVE_NO_SYMLINKS`: when it succeeds (most paths) the
+//!   opened file is the lexical path and needs no `readlink`; only a path through a symlink is
+//!   opened again following it, and named by `/proc/self/fd`. Without `openat2` (`ENOSYS`) a
+//!   component-by-component walk with `O_NOFOLLOW` refuses every symlink;
 //! - devices, fifos and sockets are refused: the path is opened `O_PATH` first (never blocks,
 //!   no driver side effects), `fstat`ed, and only then reopened for reading, `O_NONBLOCK`, and
 //!   checked again to be the same inode.
@@ -263,6 +265,19 @@ pub(crate) fn violation(path: &Path, reason: &str) -> ToolError {
     ToolError::RealityViolation(format!("{}: {reason}", path.display()))
 }
 
+/// How a path is resolved beneath its anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolve {
+    /// `openat2` refusing every symlink: what opens is the lexical path, no `readlink` needed.
+    /// Tried first, since most paths have no symlink.
+    NoSymlinks,
+    /// `openat2` following symlinks while they stay beneath the anchor; the physical path comes
+    /// from `/proc/self/fd`.
+    FollowBeneath,
+    /// No `openat2`: the `O_NOFOLLOW` component walk (no symlink is ever followed).
+    Walk,
+}
+
 fn open_beneath(
     anchor: &Anchor,
     rel: &Path,
@@ -271,45 +286,76 @@ fn open_beneath(
     openat2: bool,
 ) -> Result<Resolved, ToolError> {
     let base = anchor.fd.as_fd();
-    let open = |flags: OFlags| -> Result<OwnedFd, ToolError> {
-        let result = if openat2 {
-            match open2(base, rel, flags) {
+    let open = |flags: OFlags, resolve: Resolve| match resolve {
+        Resolve::Walk => walk(base, rel, flags),
+        Resolve::NoSymlinks | Resolve::FollowBeneath => {
+            match open2(base, rel, flags, resolve == Resolve::NoSymlinks) {
+                // No openat2: the walk follows no symlink either, so the path stays the lexical one.
                 Err(Errno::NOSYS) => walk(base, rel, flags),
                 other => other,
             }
-        } else {
-            walk(base, rel, flags)
-        };
-        result.map_err(|e| errno_to_error(e, shown))
+        }
     };
-    let path_fd = open(OFlags::PATH)?;
+    let first = if openat2 { Resolve::NoSymlinks } else { Resolve::Walk };
+    let (path_fd, resolve) = match open(OFlags::PATH, first) {
+        Err(Errno::LOOP) if first == Resolve::NoSymlinks => {
+            (open(OFlags::PATH, Resolve::FollowBeneath), Resolve::FollowBeneath)
+        }
+        other => (other, first),
+    };
+    let path_fd = path_fd.map_err(|e| errno_to_error(e, shown))?;
     let stat = check_kind(&path_fd, shown, access)?;
     let (fd, stat) = match access {
         Access::Path => (path_fd, stat),
         Access::ReadFile | Access::Dir => {
             let extra = if access == Access::Dir { OFlags::DIRECTORY } else { OFlags::empty() };
-            let fd = open(OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | extra)?;
+            let fd = match open(OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | extra, resolve) {
+                // Symlink-free a moment ago: one was swapped in.
+                Err(Errno::LOOP) if resolve == Resolve::NoSymlinks => Err(changed(shown)),
+                other => other.map_err(|e| errno_to_error(e, shown)),
+            }?;
             let again = check_kind(&fd, shown, access)?;
             if (again.st_dev, again.st_ino) != (stat.st_dev, stat.st_ino) {
-                return Err(violation(shown, "changed while being opened (concurrent rename or symlink swap)"));
+                return Err(changed(shown));
             }
             (fd, again)
         }
     };
-    let path = physical_path(&fd, anchor, rel);
-    if !path.starts_with(&anchor.path) {
-        return Err(violation(shown, &format!("resolves to {} outside its root", path.display())));
-    }
+    let path = match resolve {
+        Resolve::NoSymlinks | Resolve::Walk => lexical_beneath(&anchor.path, rel),
+        Resolve::FollowBeneath => {
+            let path = physical_path(&fd).unwrap_or_else(|| lexical_beneath(&anchor.path, rel));
+            if !path.starts_with(&anchor.path) {
+                return Err(violation(shown, &format!("resolves to {} outside its root", path.display())));
+            }
+            path
+        }
+    };
     Ok(Resolved { fd, stat, path })
 }
 
-/// The kernel's name for an open descriptor (physical path), or the lexical join when
-/// `/proc` is unavailable.
-fn physical_path(fd: &OwnedFd, anchor: &Anchor, rel: &Path) -> PathBuf {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .ok()
-        .filter(|p| p.is_absolute())
-        .unwrap_or_else(|| anchor.path.join(lexical_normal(rel).unwrap_or_default()))
+/// `rel` with `.` and `..` folded, still relative; `None` if `..` climbs above its base.
+fn fold_relative(rel: &Path) -> Option<PathBuf> {
+    let normal = lexical_normal(&Path::new("/").join(rel))?;
+    normal.strip_prefix("/").map(Path::to_path_buf).ok()
+}
+
+/// The path a resolution that followed no symlink opened: `anchor` and the folded `rel` (the
+/// kernel has already refused any `..` above the anchor).
+fn lexical_beneath(anchor: &Path, rel: &Path) -> PathBuf {
+    match fold_relative(rel) {
+        Some(rest) if !rest.as_os_str().is_empty() => anchor.join(rest),
+        _ => anchor.to_path_buf(),
+    }
+}
+
+fn changed(shown: &Path) -> ToolError {
+    violation(shown, "changed while being opened (concurrent rename or symlink swap)")
+}
+
+/// The kernel's name for an open descriptor (physical path); `None` without `/proc`.
+fn physical_path(fd: &OwnedFd) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok().filter(|p| p.is_absolute())
 }
 
 /// `fstat` and refuse anything but a regular file or directory (and the kind `access` needs).
@@ -338,9 +384,12 @@ fn check_kind(fd: &OwnedFd, shown: &Path, access: Access) -> Result<Stat, ToolEr
     }
 }
 
-fn open2(base: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
+fn open2(base: BorrowedFd<'_>, rel: &Path, flags: OFlags, no_symlinks: bool) -> Result<OwnedFd, Errno> {
     let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
-    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    let mut resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    if no_symlinks {
+        resolve |= ResolveFlags::NO_SYMLINKS;
+    }
     let mut last = Errno::AGAIN;
     for _ in 0..OPENAT2_RETRIES {
         match rustix::fs::openat2(base, rel, flags | OFlags::CLOEXEC, Mode::empty(), resolve) {
@@ -354,9 +403,7 @@ fn open2(base: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> Result<OwnedFd, Err
 /// The fallback without `openat2`: `..` folded lexically (refused above the base), then one
 /// `openat(O_NOFOLLOW)` per component, so no symlink is ever followed.
 fn walk(base: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
-    let normal = lexical_normal(&Path::new("/").join(rel)).ok_or(Errno::XDEV)?;
-    let rel = normal.strip_prefix("/").map_err(|_| Errno::XDEV)?;
-    walk_no_symlinks(base, rel, flags)
+    walk_no_symlinks(base, &fold_relative(rel).ok_or(Errno::XDEV)?, flags)
 }
 
 /// Opens a `..`-free relative path one component at a time with `O_NOFOLLOW`; `ELOOP` on a
@@ -432,6 +479,15 @@ mod tests {
         assert_eq!(lexical_normal(Path::new("/a/./b/../c")), Some(PathBuf::from("/a/c")));
         assert_eq!(lexical_normal(Path::new("/a/../..")), None);
         assert_eq!(lexical_normal(Path::new("/..")), None);
+    }
+
+    #[test]
+    fn lexical_beneath_folds_below_the_anchor_and_never_appends_a_slash() {
+        let anchor = Path::new("/data");
+        assert_eq!(lexical_beneath(anchor, Path::new("")), PathBuf::from("/data"));
+        assert_eq!(lexical_beneath(anchor, Path::new("a/..")), PathBuf::from("/data"));
+        assert_eq!(lexical_beneath(anchor, Path::new("a/../b/./c")), PathBuf::from("/data/b/c"));
+        assert_eq!(fold_relative(Path::new("a/../../b")), None);
     }
 
     #[test]

@@ -84,8 +84,10 @@ fn dot_dot_escapes_are_refused_and_inner_dot_dot_works() {
             assert_no_secret(&result);
             assert_violation(result);
         }
-        let out = call(&tools, "fs_read", json!({ "path": "sub/../file.txt" })).unwrap();
+        let out = call(&tools, "fs_read", json!({ "path": "sub/./../file.txt" })).unwrap();
         assert_eq!(out.data["content"], "inside");
+        // No symlink on the way: the reported path is the folded one.
+        assert_eq!(out.data["path"], fx.root.join("file.txt").display().to_string());
     }
 }
 
