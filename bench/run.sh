@@ -3,7 +3,8 @@
 # keep-alive (wrk, and our closed-loop loader) and over the Unix socket (our loader; wrk
 # cannot reach a socket); MCP tool calls over Streamable HTTP; MCP over stdio against the
 # reference @modelcontextprotocol/server-filesystem, same client (examples/mcp_load, Rust,
-# many requests in flight, so the client is not the bottleneck), same file, same run.
+# many requests in flight, so the client is not the bottleneck), same file, same run, and
+# against examples/mcp_floor: the least an MCP answer over stdio costs here (no checks).
 #   apt-get install -y wrk
 #   npm install --prefix bench/node @modelcontextprotocol/server-filesystem@2026.8.31
 #   pip install mcp==2.3.0
@@ -21,10 +22,11 @@ ONLY="${ONLY:-all}"
 PROFILE="${PROFILE:-release}"
 DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
 cargo build -q --profile "$PROFILE" -p referee
-cargo build -q --profile "$PROFILE" -p referee-gateway --example load --example mcp_load
+cargo build -q --profile "$PROFILE" -p referee-gateway --example load --example mcp_load --example mcp_floor
 BIN="$TARGET/$DIR/referee"
 LOAD="$TARGET/$DIR/examples/load"
 MCP_LOAD="$TARGET/$DIR/examples/mcp_load"
+FLOOR="$TARGET/$DIR/examples/mcp_floor"
 
 WORK="$(mktemp -d)"
 cleanup() { [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
@@ -78,6 +80,7 @@ for K in 1 32; do
   echo "# $K in flight"
   echo -n "referee mcp:        "; "$MCP_LOAD" $((K == 1 ? 20000 : 200000)) "$K" fs_read "$READ_BODY" "${OURS[@]}"
   echo -n "server-filesystem:  "; "$MCP_LOAD" $((K == 1 ? 5000 : 30000)) "$K" read_text_file "$READ_BODY" "${THEIRS[@]}"
+  echo -n "floor (no checks):  "; "$MCP_LOAD" $((K == 1 ? 20000 : 200000)) "$K" fs_read "$READ_BODY" -- "$FLOOR"
 done
 N=1000
 [ "$ONLY" = mcp ] && { echo "# load average after: $(cut -d" " -f1-3 /proc/loadavg)"; exit 0; }

@@ -8,8 +8,9 @@
 //! Spawns the server as a child, does the MCP handshake (`initialize`, its response,
 //! `notifications/initialized`), checks with `tools/list` that TOOL exists, then sends CALLS
 //! `tools/call` requests of TOOL with ARGS_JSON, newline-delimited JSON-RPC with distinct ids,
-//! keeping IN_FLIGHT outstanding (MCP allows concurrent requests). One writer thread, one
-//! reader thread, no async runtime. Prints one JSON line: calls, errors (JSON-RPC errors and
+//! keeping IN_FLIGHT outstanding (MCP allows concurrent requests). With IN_FLIGHT 1 one thread
+//! writes a call and reads its reply; above that one writer thread and one reader thread; no
+//! async runtime. Prints one JSON line: calls, errors (JSON-RPC errors and
 //! `isError` results), seconds, calls/s and latency percentiles (µs).
 
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -101,14 +102,73 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// Ids of the calls start here (0 and 1 are the handshake's).
 const FIRST_ID: u64 = 2;
 
-fn run(mut child: Child, calls: u64, in_flight: u64, tool: &str, args: &Value) -> Result<(), Error> {
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        return Err("child has no stdin/stdout".into());
-    };
-    let mut to = BufWriter::with_capacity(1 << 16, stdin);
-    let mut out = BufReader::with_capacity(1 << 16, stdout);
-    let server = handshake(&mut to, &mut out, tool)?;
+/// What the calls came to: one latency (µs) per reply, and the replies that were errors.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<u64>,
+    errors: u64,
+}
 
+impl Tally {
+    fn record(&mut self, reply: &Reply, latency_ns: u64) {
+        self.latencies.push(latency_ns / 1000);
+        if reply.error.is_some() || reply.result.as_ref().is_some_and(|r| r.is_error) {
+            self.errors += 1;
+        }
+    }
+}
+
+/// The `tools/call` request with `id`, newline-terminated, into `buf`.
+fn call_line(buf: &mut Vec<u8>, id: u64, tool: &str, args: &Value) -> Result<(), Error> {
+    buf.clear();
+    let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+    serde_json::to_writer(&mut *buf, &msg)?;
+    buf.push(b'\n');
+    Ok(())
+}
+
+/// One call at a time on this thread: write, flush, read until its reply. Nothing crosses a
+/// thread, so the client adds no wake-up of its own to a round trip.
+fn run_sequential(
+    to: &mut BufWriter<ChildStdin>,
+    out: &mut BufReader<ChildStdout>,
+    calls: u64,
+    tool: &str,
+    args: &Value,
+) -> Result<Tally, Error> {
+    let mut tally = Tally { latencies: Vec::with_capacity(usize::try_from(calls)?), errors: 0 };
+    let (mut buf, mut line) = (Vec::with_capacity(512), Vec::new());
+    for i in 0..calls {
+        let id = i + FIRST_ID;
+        call_line(&mut buf, id, tool, args)?;
+        let sent = Instant::now();
+        to.write_all(&buf)?;
+        to.flush()?;
+        loop {
+            line.clear();
+            if out.read_until(b'\n', &mut line)? == 0 {
+                return Err("server closed stdout".into());
+            }
+            let reply: Reply = serde_json::from_slice(&line)?;
+            if reply.id == Some(id) {
+                tally.record(&reply, sent.elapsed().as_nanos() as u64);
+                break;
+            }
+        }
+    }
+    Ok(tally)
+}
+
+/// `in_flight` calls outstanding: this thread writes while a reader thread takes the replies
+/// and hands back one credit per reply.
+fn run_pipelined(
+    mut to: BufWriter<ChildStdin>,
+    mut out: BufReader<ChildStdout>,
+    calls: u64,
+    in_flight: u64,
+    tool: &str,
+    args: &Value,
+) -> Result<Tally, Error> {
     // Send times (ns since `start`) by call index, read by the reader thread.
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..calls).map(|_| AtomicU64::new(0)).collect());
     let (credit, credits) = mpsc::channel::<()>();
@@ -118,11 +178,10 @@ fn run(mut child: Child, calls: u64, in_flight: u64, tool: &str, args: &Value) -
     let start = Instant::now();
     let reader = {
         let sent = sent.clone();
-        std::thread::spawn(move || -> Result<(Vec<u64>, u64), Error> {
-            let mut latencies = Vec::with_capacity(usize::try_from(calls).unwrap_or(0));
-            let mut errors = 0;
+        std::thread::spawn(move || -> Result<Tally, Error> {
+            let mut tally = Tally { latencies: Vec::with_capacity(usize::try_from(calls)?), errors: 0 };
             let mut line = Vec::new();
-            while (latencies.len() as u64) < calls {
+            while (tally.latencies.len() as u64) < calls {
                 line.clear();
                 if out.read_until(b'\n', &mut line)? == 0 {
                     return Err("server closed stdout".into());
@@ -131,14 +190,11 @@ fn run(mut child: Child, calls: u64, in_flight: u64, tool: &str, args: &Value) -
                 let Some(i) = reply.id.and_then(|id| id.checked_sub(FIRST_ID)) else { continue };
                 let now = start.elapsed().as_nanos() as u64;
                 let at = sent.get(usize::try_from(i)?).ok_or("reply to an id never sent")?.load(Ordering::Acquire);
-                latencies.push(now.saturating_sub(at) / 1000);
-                if reply.error.is_some() || reply.result.is_some_and(|r| r.is_error) {
-                    errors += 1;
-                }
+                tally.record(&reply, now.saturating_sub(at));
                 // The writer may have finished: a closed channel is fine.
                 let _ = credit.send(());
             }
-            Ok((latencies, errors))
+            Ok(tally)
         })
     };
     let mut buf = Vec::with_capacity(512);
@@ -156,21 +212,34 @@ fn run(mut child: Child, calls: u64, in_flight: u64, tool: &str, args: &Value) -
             }
         }
         available -= 1;
-        buf.clear();
-        let msg = json!({"jsonrpc": "2.0", "id": i + FIRST_ID, "method": "tools/call",
-            "params": {"name": tool, "arguments": args}});
-        serde_json::to_writer(&mut buf, &msg)?;
-        buf.push(b'\n');
+        call_line(&mut buf, i + FIRST_ID, tool, args)?;
         if let Some(slot) = usize::try_from(i).ok().and_then(|i| sent.get(i)) {
             slot.store(start.elapsed().as_nanos() as u64, Ordering::Release);
         }
         to.write_all(&buf)?;
     }
     to.flush()?;
-    let (mut latencies, errors) = reader.join().map_err(|_| "reader thread panicked")??;
+    reader.join().map_err(|_| "reader thread panicked")?
+}
+
+fn run(mut child: Child, calls: u64, in_flight: u64, tool: &str, args: &Value) -> Result<(), Error> {
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err("child has no stdin/stdout".into());
+    };
+    let mut to = BufWriter::with_capacity(1 << 16, stdin);
+    let mut out = BufReader::with_capacity(1 << 16, stdout);
+    let server = handshake(&mut to, &mut out, tool)?;
+    let start = Instant::now();
+    let tally = if in_flight == 1 {
+        let tally = run_sequential(&mut to, &mut out, calls, tool, args)?;
+        drop(to);
+        tally
+    } else {
+        run_pipelined(to, out, calls, in_flight, tool, args)?
+    };
     let seconds = start.elapsed().as_secs_f64();
-    drop(to);
     let _ = child.wait();
+    let Tally { mut latencies, errors } = tally;
     latencies.sort_unstable();
     println!(
         "{}",
