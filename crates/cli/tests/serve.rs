@@ -284,6 +284,56 @@ fn python_mcp_client_over_streamable_http_and_stdio() -> TestResult {
     Ok(())
 }
 
+/// A client that writes its requests and closes stdin at once still gets every reply: the
+/// replies queued when the input ends are written before `referee mcp` exits.
+#[test]
+fn mcp_stdio_answers_every_request_sent_before_stdin_closes() -> TestResult {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("hello.txt"), HELLO)?;
+    let hello = root.join("hello.txt").canonicalize()?.to_string_lossy().into_owned();
+    let home = dir.path().join("home").to_string_lossy().into_owned();
+    let root = root.to_string_lossy().into_owned();
+    let mut child = referee()
+        .args(["--home", &home, "mcp", "--no-examples", "--root", &root])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    const CALLS: u64 = 200;
+    let mut input = vec![
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    ];
+    input.extend((1..=CALLS).map(|id| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "fs_read", "arguments": {"path": hello}}})
+    }));
+    let text: String = input.iter().map(|m| format!("{m}\n")).collect();
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin.write_all(text.as_bytes())?;
+    drop(stdin);
+    let mut out = String::new();
+    child.stdout.take().ok_or("no stdout")?.read_to_string(&mut out)?;
+    assert!(child.wait()?.success());
+    let mut answered: Vec<u64> = Vec::new();
+    for line in out.lines() {
+        let reply = json_of(line);
+        let id = reply["id"].as_u64().ok_or("reply without a numeric id")?;
+        if id > 0 {
+            assert_eq!(reply["result"]["isError"], false, "{line}");
+            assert_eq!(reply["result"]["structuredContent"]["content"], HELLO, "{line}");
+        }
+        answered.push(id);
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, (0..=CALLS).collect::<Vec<_>>());
+    Ok(())
+}
+
 #[test]
 fn serve_exposes_the_worknode_tree_as_tools_over_rest() -> TestResult {
     let dir = tempfile::tempdir()?;
