@@ -57,7 +57,8 @@ pub struct Resolved {
     pub fd: OwnedFd,
     /// `fstat` of `fd`; a regular file or a directory.
     pub stat: Stat,
-    /// The physical absolute path (symlinks inside the root resolved), for display.
+    /// The absolute name of the opened file at open time, for display: the physical path
+    /// (symlinks inside the root resolved). A later rename does not change what was opened.
     pub path: PathBuf,
 }
 
@@ -271,8 +272,9 @@ enum Resolve {
     /// `openat2` refusing every symlink: what opens is the lexical path, no `readlink` needed.
     /// Tried first, since most paths have no symlink.
     NoSymlinks,
-    /// `openat2` following symlinks while they stay beneath the anchor; the physical path comes
-    /// from `/proc/self/fd`.
+    /// `openat2` following symlinks while they stay beneath the anchor. The readable open goes
+    /// through `/proc/self/fd` of the `O_PATH` descriptor (the inode already checked, never the
+    /// path again, which a swapped symlink could retarget), and so does the name.
     FollowBeneath,
     /// No `openat2`: the `O_NOFOLLOW` component walk (no symlink is ever followed).
     Walk,
@@ -309,11 +311,15 @@ fn open_beneath(
         Access::Path => (path_fd, stat),
         Access::ReadFile | Access::Dir => {
             let extra = if access == Access::Dir { OFlags::DIRECTORY } else { OFlags::empty() };
-            let fd = match open(OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | extra, resolve) {
-                // Symlink-free a moment ago: one was swapped in.
-                Err(Errno::LOOP) if resolve == Resolve::NoSymlinks => Err(changed(shown)),
-                other => other.map_err(|e| errno_to_error(e, shown)),
-            }?;
+            let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | extra;
+            let fd = match resolve {
+                Resolve::FollowBeneath => reopen(&path_fd, flags).map_err(|e| no_proc(shown, e))?,
+                Resolve::NoSymlinks | Resolve::Walk => match open(flags, resolve) {
+                    // Symlink-free a moment ago: one was swapped in.
+                    Err(Errno::LOOP) if resolve == Resolve::NoSymlinks => Err(changed(shown)),
+                    other => other.map_err(|e| errno_to_error(e, shown)),
+                }?,
+            };
             let again = check_kind(&fd, shown, access)?;
             if (again.st_dev, again.st_ino) != (stat.st_dev, stat.st_ino) {
                 return Err(changed(shown));
@@ -324,7 +330,7 @@ fn open_beneath(
     let path = match resolve {
         Resolve::NoSymlinks | Resolve::Walk => lexical_beneath(&anchor.path, rel),
         Resolve::FollowBeneath => {
-            let path = physical_path(&fd).unwrap_or_else(|| lexical_beneath(&anchor.path, rel));
+            let path = physical_path(&fd).map_err(|e| no_proc(shown, e))?;
             if !path.starts_with(&anchor.path) {
                 return Err(violation(shown, &format!("resolves to {} outside its root", path.display())));
             }
@@ -353,9 +359,32 @@ fn changed(shown: &Path) -> ToolError {
     violation(shown, "changed while being opened (concurrent rename or symlink swap)")
 }
 
-/// The kernel's name for an open descriptor (physical path); `None` without `/proc`.
-fn physical_path(fd: &OwnedFd) -> Option<PathBuf> {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok().filter(|p| p.is_absolute())
+/// `/proc/self/fd/N`: the kernel's handle on an open descriptor.
+fn proc_fd(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Opens the very inode `path_fd` holds (no path resolution) with `flags`.
+fn reopen(path_fd: &OwnedFd, flags: OFlags) -> Result<OwnedFd, std::io::Error> {
+    Ok(rustix::fs::open(proc_fd(path_fd), flags | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+/// The kernel's name for an open descriptor (physical path).
+fn physical_path(fd: &OwnedFd) -> Result<PathBuf, std::io::Error> {
+    let path = std::fs::read_link(proc_fd(fd))?;
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(std::io::Error::other(format!("the kernel names it {}", path.display())))
+    }
+}
+
+/// A path through a symlink needs `/proc/self/fd` to be opened and named safely.
+fn no_proc(shown: &Path, e: std::io::Error) -> ToolError {
+    ToolError::Failed(format!(
+        "{}: goes through a symlink, and following it safely needs /proc/self/fd ({e}); mount /proc or use the symlink's target",
+        shown.display()
+    ))
 }
 
 /// `fstat` and refuse anything but a regular file or directory (and the kind `access` needs).

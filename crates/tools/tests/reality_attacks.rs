@@ -65,6 +65,13 @@ fn symlinks_staying_inside_follow_with_openat2_only() {
         assert_eq!(out.data["content"], "inner");
         assert_eq!(out.data["path"], fx.root.join("sub/inner.txt").display().to_string());
     }
+    // `..` after a symlink climbs from its target: the reported path is the physical one,
+    // not the lexical fold of `in_dir/..`.
+    std::fs::create_dir(fx.root.join("sub/deep")).unwrap();
+    symlink("sub/deep", fx.root.join("in_dir")).unwrap();
+    let out = call(&tools, "fs_read", json!({ "path": "in_dir/../inner.txt" })).unwrap();
+    assert_eq!(out.data["content"], "inner");
+    assert_eq!(out.data["path"], fx.root.join("sub/inner.txt").display().to_string());
     // The fallback walk refuses every symlink.
     assert_violation(call(&fx.tools(true), "fs_read", json!({ "path": "in_link" })));
 }
