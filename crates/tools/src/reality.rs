@@ -15,7 +15,8 @@
 //!   component-by-component walk with `O_NOFOLLOW` refuses every symlink;
 //! - devices, fifos and sockets are refused: the path is opened `O_PATH` first (never blocks,
 //!   no driver side effects), `fstat`ed, and only then reopened for reading, `O_NONBLOCK`, and
-//!   checked again to be the same inode.
+//!   checked again to be the same inode (through `/proc/self/fd` when the path has a symlink,
+//!   so the path is never resolved a second time).
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
