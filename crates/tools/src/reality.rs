@@ -314,7 +314,11 @@ fn open_beneath(
             let extra = if access == Access::Dir { OFlags::DIRECTORY } else { OFlags::empty() };
             let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | extra;
             let fd = match resolve {
-                Resolve::FollowBeneath => reopen(&path_fd, flags).map_err(|e| no_proc(shown, e))?,
+                Resolve::FollowBeneath => reopen(&path_fd, flags).map_err(|e| match e {
+                    // The descriptor is open, so a missing entry means a missing /proc.
+                    Errno::NOENT => no_proc(shown, e),
+                    other => errno_to_error(other, shown),
+                })?,
                 Resolve::NoSymlinks | Resolve::Walk => match open(flags, resolve) {
                     // Symlink-free a moment ago: one was swapped in.
                     Err(Errno::LOOP) if resolve == Resolve::NoSymlinks => Err(changed(shown)),
@@ -366,8 +370,8 @@ fn proc_fd(fd: &OwnedFd) -> String {
 }
 
 /// Opens the very inode `path_fd` holds (no path resolution) with `flags`.
-fn reopen(path_fd: &OwnedFd, flags: OFlags) -> Result<OwnedFd, std::io::Error> {
-    Ok(rustix::fs::open(proc_fd(path_fd), flags | OFlags::CLOEXEC, Mode::empty())?)
+fn reopen(path_fd: &OwnedFd, flags: OFlags) -> Result<OwnedFd, Errno> {
+    rustix::fs::open(proc_fd(path_fd), flags | OFlags::CLOEXEC, Mode::empty())
 }
 
 /// The kernel's name for an open descriptor (physical path).
@@ -381,7 +385,7 @@ fn physical_path(fd: &OwnedFd) -> Result<PathBuf, std::io::Error> {
 }
 
 /// A path through a symlink needs `/proc/self/fd` to be opened and named safely.
-fn no_proc(shown: &Path, e: std::io::Error) -> ToolError {
+fn no_proc(shown: &Path, e: impl std::fmt::Display) -> ToolError {
     ToolError::Failed(format!(
         "{}: goes through a symlink, and following it safely needs /proc/self/fd ({e}); mount /proc or use the symlink's target",
         shown.display()
