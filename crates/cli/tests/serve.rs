@@ -55,9 +55,7 @@ const HELLO: &str = "hello from the referee\n";
 
 /// Starts `referee serve` on an ephemeral port with `root_of(home)` holding `hello.txt`.
 fn serve(home: &Path, extra: &[&str]) -> Result<Served, Box<dyn std::error::Error>> {
-    let root = root_of(home);
-    std::fs::create_dir_all(&root)?;
-    std::fs::write(root.join("hello.txt"), HELLO)?;
+    let root = root_with_hello(home)?;
     let mut child = referee()
         .arg("--home")
         .arg(home)
@@ -80,6 +78,14 @@ fn serve(home: &Path, extra: &[&str]) -> Result<Served, Box<dyn std::error::Erro
 /// Tests keep HOME and ROOT side by side in one temporary directory.
 fn root_of(home: &Path) -> PathBuf {
     home.parent().unwrap_or(home).join("root")
+}
+
+/// Creates `root_of(home)` holding `hello.txt`; returns the root.
+fn root_with_hello(home: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let root = root_of(home);
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("hello.txt"), HELLO)?;
+    Ok(root)
 }
 
 impl Served {
@@ -290,11 +296,10 @@ fn python_mcp_client_over_streamable_http_and_stdio() -> TestResult {
 fn mcp_stdio_answers_every_request_sent_before_stdin_closes() -> TestResult {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir()?;
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(&root)?;
-    std::fs::write(root.join("hello.txt"), HELLO)?;
+    let home = dir.path().join("home");
+    let root = root_with_hello(&home)?;
     let hello = root.join("hello.txt").canonicalize()?.to_string_lossy().into_owned();
-    let home = dir.path().join("home").to_string_lossy().into_owned();
+    let home = home.to_string_lossy().into_owned();
     let root = root.to_string_lossy().into_owned();
     let mut child = referee()
         .args(["--home", &home, "mcp", "--no-examples", "--root", &root])

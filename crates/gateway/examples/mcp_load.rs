@@ -103,13 +103,16 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 const FIRST_ID: u64 = 2;
 
 /// What the calls came to: one latency (µs) per reply, and the replies that were errors.
-#[derive(Default)]
 struct Tally {
     latencies: Vec<u64>,
     errors: u64,
 }
 
 impl Tally {
+    fn for_calls(calls: u64) -> Result<Self, Error> {
+        Ok(Self { latencies: Vec::with_capacity(usize::try_from(calls)?), errors: 0 })
+    }
+
     fn record(&mut self, reply: &Reply, latency_ns: u64) {
         self.latencies.push(latency_ns / 1000);
         if reply.error.is_some() || reply.result.as_ref().is_some_and(|r| r.is_error) {
@@ -136,7 +139,7 @@ fn run_sequential(
     tool: &str,
     args: &Value,
 ) -> Result<Tally, Error> {
-    let mut tally = Tally { latencies: Vec::with_capacity(usize::try_from(calls)?), errors: 0 };
+    let mut tally = Tally::for_calls(calls)?;
     let (mut buf, mut line) = (Vec::with_capacity(512), Vec::new());
     for i in 0..calls {
         let id = i + FIRST_ID;
@@ -179,7 +182,7 @@ fn run_pipelined(
     let reader = {
         let sent = sent.clone();
         std::thread::spawn(move || -> Result<Tally, Error> {
-            let mut tally = Tally { latencies: Vec::with_capacity(usize::try_from(calls)?), errors: 0 };
+            let mut tally = Tally::for_calls(calls)?;
             let mut line = Vec::new();
             while (tally.latencies.len() as u64) < calls {
                 line.clear();

@@ -629,12 +629,13 @@ pub fn state_db_path(home: &Home) -> std::path::PathBuf {
     home.root().join("state.redb")
 }
 
-/// Rewrites every NaN to the canonical quiet NaN (the bits Cranelift's canonicalisation uses),
-/// so a `nan-blind` muscle's outputs are bit-identical on every machine.
+/// The muscle called `name` in a table snapshot, or [`RuntimeError::NotLoaded`].
 fn lookup<'a>(muscles: &'a BTreeMap<String, Arc<Loaded>>, name: &str) -> Result<&'a Arc<Loaded>, RuntimeError> {
     muscles.get(name).ok_or_else(|| RuntimeError::NotLoaded(name.into()))
 }
 
+/// Rewrites every NaN to the canonical quiet NaN (the bits Cranelift's canonicalisation uses),
+/// so a `nan-blind` muscle's outputs are bit-identical on every machine.
 fn canonicalize_nans(values: &mut [f32]) {
     for v in values.iter_mut().filter(|v| v.is_nan()) {
         *v = f32::NAN;
