@@ -11,7 +11,16 @@
 //!   `narrow_path(P)`, and `check if time($t), $t <= T` with `expires(T)`.
 //!
 //! A request is allowed when some `allow` policy matches an authority right and no block's
-//! checks fail. Paths are normalised with a trailing `/` so `/a/` never matches `/ab/`.
+//! checks fail.
+//!
+//! Paths in a token have one form ([`prefix_form`]): absolute, no `.`, `..` or empty
+//! components, ending in `/`. In that form a string prefix test is a component prefix test
+//! (`/a/` never matches `/ab/`, and `/a/../b/` cannot exist to pass as a child of `/a/`). Minting
+//! and attenuating refuse anything else, and verification refuses a token that carries anything
+//! else (a block can be written by hand). The effective path prefixes are then those candidate
+//! prefixes that lie inside an authority right (checked here, in Rust, by components) and pass
+//! every block's checks: the intersection of every block's rights, so a child never holds more
+//! than its parent.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
@@ -106,12 +115,46 @@ pub struct Narrowing {
     pub expires_at: Option<u64>,
 }
 
-/// Normalises a path prefix to end in `/` (so `/a/` never matches `/ab/`).
-fn dir_form(p: &str) -> Result<String, AuthError> {
-    if !p.starts_with('/') || p.contains('\0') || p.contains('"') || p.contains('\\') {
-        return Err(AuthError::Build(format!("path prefix {p:?} must be an absolute path without quotes")));
+/// The one form a path prefix takes inside a token: absolute, no `.`, `..` or empty components,
+/// no quote, backslash or control character, ending in `/`. One trailing `/` in `p` is accepted
+/// (`/a/b/` and `/a/b` give the same prefix); anything else is refused with the reason, never
+/// folded: `..` cannot be folded without knowing the symlinks on the way, and a folded
+/// `/a/../b` would be checked as a child of `/a`.
+pub fn prefix_form(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err("is not absolute (it must start with `/`)".into());
     }
-    Ok(if p.ends_with('/') { p.to_owned() } else { format!("{p}/") })
+    if let Some(c) = p.chars().find(|c| c.is_control() || matches!(c, '"' | '\\')) {
+        return Err(format!("contains {c:?}; quotes, backslashes and control characters are not allowed"));
+    }
+    let body = p.strip_suffix('/').unwrap_or(p);
+    let mut form = String::with_capacity(p.len() + 1);
+    for component in body.split('/').skip(1) {
+        match component {
+            "" => return Err("has an empty component (`//`)".into()),
+            "." => return Err("has a `.` component".into()),
+            ".." => return Err("has a `..` component; name the directory itself".into()),
+            _ => {}
+        }
+        form.push('/');
+        form.push_str(component);
+    }
+    form.push('/');
+    Ok(form)
+}
+
+/// [`prefix_form`] for minting and attenuating.
+fn dir_form(p: &str) -> Result<String, AuthError> {
+    prefix_form(p).map_err(|why| AuthError::Build(format!("path prefix {p:?} {why}")))
+}
+
+/// Refuses a token whose path `value` (as found in one of its blocks) is not in [`prefix_form`].
+fn require_prefix_form(what: &str, value: &str) -> Result<(), AuthError> {
+    match prefix_form(value) {
+        Ok(form) if form == value => Ok(()),
+        Ok(_) => Err(AuthError::Refused(format!("the token's {what} {value:?} does not end in `/`"))),
+        Err(why) => Err(AuthError::Refused(format!("the token's {what} {value:?} {why}"))),
+    }
 }
 
 fn quoted(name: &str) -> Result<String, AuthError> {
@@ -433,7 +476,7 @@ impl Authority {
         let hints: Vec<(String,)> = authorizer.query_all("h($p) <- narrow_path($p)").map_err(refused)?;
 
         let admin = rights.iter().any(|(k, _)| k == "admin") && probe(&parsed, "admin(true)").is_ok();
-        let path_prefixes = effective_paths(&parsed, &rights, &hints);
+        let path_prefixes = effective_paths(&parsed, &rights, &hints)?;
 
         let now = now_unix();
         let earliest = expiries.iter().filter_map(|(t,)| u64::try_from(*t).ok()).min();
@@ -451,33 +494,51 @@ impl Authority {
     }
 }
 
-/// Candidate prefixes (authority rights and holder hints) that pass every check, minus those
-/// inside another one. `None` when the token covers every root and nothing narrows it.
-fn effective_paths(token: &Biscuit, rights: &[(String, String)], hints: &[(String,)]) -> Option<Vec<PathBuf>> {
+/// The token's effective path prefixes: the intersection of every block's path rights.
+///
+/// Candidates are the authority's prefixes and the holders' hints (`narrow_path`), all of
+/// which must be in [`prefix_form`] (else the token is refused). A candidate counts when it lies
+/// inside an authority prefix, by components (decided here, not by the token's Datalog), and
+/// passes every block's checks; of those, the ones inside another are dropped. `None` when the
+/// token covers every root and nothing narrows it.
+fn effective_paths(
+    token: &Biscuit,
+    rights: &[(String, String)],
+    hints: &[(String,)],
+) -> Result<Option<Vec<PathBuf>>, AuthError> {
     let granted: Vec<&str> = rights.iter().filter(|(k, _)| k == "path").map(|(_, v)| v.as_str()).collect();
-    if granted.contains(&"*") && hints.is_empty() {
-        return None;
+    let everywhere = granted.contains(&"*");
+    let granted: Vec<&str> = granted.into_iter().filter(|p| *p != "*").collect();
+    for p in &granted {
+        require_prefix_form("path right", p)?;
     }
-    let mut allowed: Vec<String> = granted
+    for (h,) in hints {
+        require_prefix_form("path narrowing", h)?;
+    }
+    if everywhere && hints.is_empty() {
+        return Ok(None);
+    }
+    let mut allowed: Vec<&str> = granted
         .iter()
         .copied()
-        .filter(|p| *p != "*")
         .chain(hints.iter().map(|(h,)| h.as_str()))
-        .filter(|p| quoted_path(p).is_some_and(|q| probe(token, &format!("path({q})")).is_ok()))
-        .map(str::to_owned)
+        .filter(|c| everywhere || granted.iter().any(|g| within(c, g)))
+        .filter(|c| probe(token, &format!("path(\"{c}\")")).is_ok())
         .collect();
-    allowed.sort();
+    allowed.sort_unstable();
     allowed.dedup();
     let minimal: Vec<PathBuf> = allowed
         .iter()
-        .filter(|p| !allowed.iter().any(|q| q != *p && p.starts_with(q.as_str())))
-        .map(|p| PathBuf::from(p.trim_end_matches('/')).components().collect())
+        .filter(|p| !allowed.iter().any(|q| q != *p && within(p, q)))
+        .map(|p| PathBuf::from(p).components().collect())
         .collect();
-    Some(minimal)
+    Ok(Some(minimal))
 }
 
-fn quoted_path(p: &str) -> Option<String> {
-    dir_form(p).ok().map(|p| format!("\"{p}\""))
+/// Whether prefix `inner` lies inside prefix `outer` (or is it). Both are in [`prefix_form`],
+/// where a string prefix is a whole-component prefix.
+fn within(inner: &str, outer: &str) -> bool {
+    inner.starts_with(outer)
 }
 
 fn mint_with(root: &KeyPair, grant: &Grant) -> Result<String, AuthError> {
@@ -618,6 +679,59 @@ mod tests {
         let sibling =
             attenuate(&token, &Narrowing { paths: vec!["/database".into()], ..Narrowing::default() }).unwrap();
         assert_eq!(auth.verify(&sibling).unwrap().path_prefixes, Some(vec![]));
+    }
+
+    #[test]
+    fn prefixes_have_one_form_and_anything_else_is_refused() {
+        assert_eq!(prefix_form("/").unwrap(), "/");
+        assert_eq!(prefix_form("/a/b").unwrap(), "/a/b/");
+        assert_eq!(prefix_form("/a/b/").unwrap(), "/a/b/");
+        assert_eq!(prefix_form("/a/..b/.c").unwrap(), "/a/..b/.c/");
+        for bad in [
+            "", "a/b", "./a", "/a/../b", "/a/..", "/a/.", "/./a", "/a//b", "//a", "/a//", "/a\\b", "/a\"b", "/a\nb",
+            "/a\0b",
+        ] {
+            assert!(prefix_form(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    /// A hand-written block (no key needed) with its own path text, bypassing [`attenuate`].
+    fn forge(token: &str, code: &str) -> String {
+        let parsed = UnverifiedBiscuit::from_base64(token).unwrap();
+        parsed.append(BlockBuilder::new().code(code).unwrap()).unwrap().to_base64().unwrap()
+    }
+
+    #[test]
+    fn dot_dot_never_widens_an_attenuation() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let grant = Grant { tools: vec!["fs_read".into()], paths: vec!["/r/public".into()], ..Grant::default() };
+        let (token, _) = auth.mint(&grant).unwrap();
+        // The finding: `--path R/public/../private` and `--path R/public/..`.
+        for path in ["/r/public/../private", "/r/public/..", "/r/public/./../private", "/r/public//../private"] {
+            let narrowing = Narrowing { paths: vec![path.into()], ..Narrowing::default() };
+            let err = attenuate(&token, &narrowing).unwrap_err().to_string();
+            assert!(err.contains(path), "{err}");
+            // The same text in a hand-written block: the token is refused, with the reason.
+            let forged = forge(
+                &token,
+                &format!("reject if path($p), !$p.starts_with(\"{path}/\");\nnarrow_path(\"{path}/\");\n"),
+            );
+            let refused = auth.verify(&forged).unwrap_err();
+            assert!(matches!(refused, AuthError::Refused(ref why) if why.contains("component")), "{refused}");
+        }
+        // A hint outside the authority with no check of its own grants nothing.
+        let stray = forge(&token, "narrow_path(\"/r/private/\");\n");
+        assert_eq!(auth.verify(&stray).unwrap().path_prefixes, Some(vec![PathBuf::from("/r/public")]));
+        // A check with `..` in it cannot bring a sibling in either.
+        let sneaky = forge(
+            &token,
+            "reject if path($p), !$p.starts_with(\"/r/public/../private/\");\nnarrow_path(\"/r/private/\");\n",
+        );
+        assert_eq!(auth.verify(&sneaky).unwrap().path_prefixes, Some(vec![]));
+        // Minting refuses the same forms.
+        let bad = Grant { paths: vec!["/r/public/../private".into()], ..grant };
+        assert!(matches!(auth.mint(&bad), Err(AuthError::Build(_))));
     }
 
     #[test]

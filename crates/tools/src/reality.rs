@@ -190,19 +190,24 @@ impl Reality {
     }
 
     /// Opens each caller prefix beneath its root, refusing symlinks in it, so that later
-    /// opens are beneath the prefix itself. Prefixes that are missing or not inside a root
-    /// grant nothing.
+    /// opens are beneath the prefix itself. A prefix that holds whole roots (`/`, a root's
+    /// parent) grants those roots: what a caller may use is its prefixes intersected with the
+    /// roots. Prefixes that are missing, not directories, reached through a symlink, or
+    /// outside every root grant nothing.
     fn scope_anchors(&self, prefixes: &[PathBuf]) -> Vec<Anchor> {
-        prefixes
-            .iter()
-            .filter(|p| p.is_absolute() && self.check_text(p).is_ok())
-            .filter_map(|prefix| {
-                let normal = lexical_normal(prefix)?;
-                let (root, rel) = outermost(&self.roots, &normal)?;
-                let fd = walk_no_symlinks(root.fd.as_fd(), &rel, OFlags::PATH | OFlags::DIRECTORY).ok()?;
-                Some(Anchor { path: normal, fd: Arc::new(fd) })
-            })
-            .collect()
+        let mut anchors = Vec::new();
+        for prefix in prefixes.iter().filter(|p| p.is_absolute() && self.check_text(p).is_ok()) {
+            let Some(normal) = lexical_normal(prefix) else { continue };
+            match outermost(&self.roots, &normal) {
+                Some((root, rel)) => {
+                    if let Ok(fd) = walk_no_symlinks(root.fd.as_fd(), &rel, OFlags::PATH | OFlags::DIRECTORY) {
+                        anchors.push(Anchor { path: normal, fd: Arc::new(fd) });
+                    }
+                }
+                None => anchors.extend(self.roots.iter().filter(|r| r.path.starts_with(&normal)).cloned()),
+            }
+        }
+        anchors
     }
 }
 

@@ -209,6 +209,23 @@ fn scope_prefixes_restrict_further() {
     assert_violation(read("sub/../file.txt"));
     let none = CallScope { path_prefixes: Some(vec![fx.outside.clone()]), deadline: None };
     assert!(matches!(tools["fs_read"].call(json!({ "path": "file.txt" }), &none), Err(ToolError::Forbidden(_))));
+    // A prefix holding the whole root (its parent, `/`) stands for the root, and no more.
+    for wide in [fx.root.parent().unwrap().to_path_buf(), std::path::PathBuf::from("/")] {
+        let scope = CallScope { path_prefixes: Some(vec![wide]), deadline: None };
+        assert_eq!(tools["fs_read"].call(json!({ "path": "file.txt" }), &scope).unwrap().data["content"], "inside");
+        let secret = fx.outside.join("secret.txt").display().to_string();
+        let result = tools["fs_read"].call(json!({ "path": secret }), &scope);
+        assert_no_secret(&result);
+        assert_violation(result);
+    }
+    // A prefix naming a file or a symlinked directory grants nothing.
+    symlink("sub", fx.root.join("sub_link")).unwrap();
+    for narrow in [fx.root.join("file.txt"), fx.root.join("sub_link")] {
+        let scope = CallScope { path_prefixes: Some(vec![narrow]), deadline: None };
+        let read = |path: &str| tools["fs_read"].call(json!({ "path": path }), &scope);
+        assert!(matches!(read("file.txt"), Err(ToolError::Forbidden(_))));
+        assert!(matches!(read("sub_link/inner.txt"), Err(ToolError::Forbidden(_))));
+    }
 }
 
 /// One thread keeps exchanging a real directory and a symlink to the outside under the same
