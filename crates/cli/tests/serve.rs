@@ -377,3 +377,166 @@ fn serve_exposes_the_worknode_tree_as_tools_over_rest() -> TestResult {
     assert_eq!(code, 403);
     Ok(())
 }
+
+/// One MCP `tools/call` over Streamable HTTP (stateless): (HTTP status, body).
+fn mcp_call(base: &str, token: &str, tool: &str, arguments: &Value) -> (u16, String) {
+    let body =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": arguments}});
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", "POST", &format!("{base}/mcp")])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(["-H", "content-type: application/json", "-H", "accept: application/json, text/event-stream"])
+        .args(["-H", "MCP-Protocol-Version: 2025-06-18", "--data-binary"])
+        .arg(body.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("curl is needed for these tests: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Appends a hand-written block to `token`, as any holder can without a key.
+fn forge(token: &str, code: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let parsed = biscuit_auth::UnverifiedBiscuit::from_base64(token)?;
+    Ok(parsed.append(biscuit_auth::builder::BlockBuilder::new().code(code)?)?.to_base64()?)
+}
+
+/// Security finding 1: `token attenuate --path R/public/../private` made a token that read and
+/// wrote `R/private` (and `R/public/..` listed all of `R`), over REST and MCP.
+#[test]
+fn attenuation_never_widens_the_path_scope_over_rest_and_mcp() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("home");
+    let root = root_with_hello(&home)?.canonicalize()?;
+    let (public, private) = (root.join("public"), root.join("private"));
+    std::fs::create_dir_all(&public)?;
+    std::fs::create_dir_all(&private)?;
+    std::fs::write(public.join("note.txt"), "public note")?;
+    std::fs::write(private.join("secret.txt"), "TOP SECRET")?;
+    let s = serve(&home, &[])?;
+    let base = s.base();
+    let public_text = public.display().to_string();
+    let created = cli_json(
+        &home,
+        &["token", "create", "--tool", "fs_read", "--tool", "fs_write", "--tool", "fs_list", "--path", &public_text],
+    )?;
+    let token = created["token"].as_str().ok_or("no token")?.to_owned();
+    let read = |t: &str, path: &Path| {
+        curl(
+            None,
+            "POST",
+            &format!("{base}/tool"),
+            Some(t),
+            Some(&json!({"tool": "fs_read", "params": {"path": path}})),
+        )
+    };
+    assert_eq!(read(&token, &public.join("note.txt")).0, 200);
+    assert_eq!(read(&token, &private.join("secret.txt")).0, 403);
+
+    // The CLI refuses `..`, `.` and `//` in an attenuation, naming the reason.
+    for bad in [format!("{public_text}/../private"), format!("{public_text}/.."), format!("{public_text}//sub")] {
+        let out = referee().arg("--home").arg(&home).args(["token", "attenuate", &token, "--path", &bad]).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "attenuate --path {bad} must fail");
+        assert!(stderr.contains("component"), "{stderr}");
+    }
+
+    // The same narrowing written by hand: the server refuses the token over REST and MCP, and
+    // nothing in `private` is read or written.
+    for prefix in [format!("{public_text}/../private/"), format!("{public_text}/../")] {
+        let forged = forge(
+            &token,
+            &format!("reject if path($p), !$p.starts_with(\"{prefix}\");\nnarrow_path(\"{prefix}\");\n"),
+        )?;
+        let (code, body) = read(&forged, &private.join("secret.txt"));
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("`..` component") && !body.contains("TOP SECRET"), "{body}");
+        let write = json!({"tool": "fs_write", "params": {"path": private.join("pwned.txt"), "content": "x"}});
+        assert_eq!(curl(None, "POST", &format!("{base}/tool"), Some(&forged), Some(&write)).0, 401);
+        let list = json!({"tool": "fs_list", "params": {"path": root}});
+        assert_eq!(curl(None, "POST", &format!("{base}/tool"), Some(&forged), Some(&list)).0, 401);
+        let (code, body) = mcp_call(&base, &forged, "fs_read", &json!({"path": private.join("secret.txt")}));
+        assert_eq!(code, 401, "{body}");
+        assert!(!body.contains("TOP SECRET"), "{body}");
+    }
+    assert!(!private.join("pwned.txt").exists());
+
+    // A hint outside the parent with no check of its own is ignored: the token keeps `public`.
+    let stray = forge(&token, &format!("narrow_path(\"{}/\");\n", private.display()))?;
+    assert_eq!(read(&stray, &private.join("secret.txt")).0, 403);
+    let (code, body) = mcp_call(&base, &stray, "fs_read", &json!({"path": private.join("secret.txt")}));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json_of(&body)["result"]["isError"], true, "{body}");
+    assert!(!body.contains("TOP SECRET"), "{body}");
+
+    // A proper narrowing still works, and a sibling named by a valid path grants nothing.
+    let narrowed = cli_json(&home, &["token", "attenuate", &token, "--path", &format!("{public_text}/")])?;
+    let narrowed = narrowed["token"].as_str().ok_or("no token")?.to_owned();
+    assert_eq!(read(&narrowed, &public.join("note.txt")).0, 200);
+    let sibling = cli_json(&home, &["token", "attenuate", &token, "--path", &private.display().to_string()])?;
+    let sibling = sibling["token"].as_str().ok_or("no token")?.to_owned();
+    assert_eq!(read(&sibling, &private.join("secret.txt")).0, 403);
+    assert_eq!(read(&sibling, &public.join("note.txt")).0, 403);
+    let (code, body) = mcp_call(&base, &sibling, "fs_read", &json!({"path": private.join("secret.txt")}));
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("TOP SECRET"), "{body}");
+    Ok(())
+}
+
+/// Sends request headers and `sent` body bytes (of a larger declared length) and returns the
+/// status line the server answers with before the rest of the body arrives.
+fn status_before_body(addr: &str, head: &str, sent: usize) -> Result<String, Box<dyn std::error::Error>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(&vec![0u8; sent])?;
+    // Bounded wait on the server: a server that reads the body first never answers here.
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 512];
+    let n = stream.read(&mut buf).map_err(|e| format!("no answer before the body was sent: {e}"))?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// Security finding 4: a non-admin token made the server buffer a whole 64 MiB upload before
+/// its 403. Every route that can decide rights from the token and the URL now does so first.
+#[test]
+fn rights_are_checked_before_a_body_is_read() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = serve(&dir.path().join("home"), &[])?;
+    let addr = s.ready["tcp"].as_str().ok_or("no tcp")?.to_owned();
+    let created = cli_json(&s.home, &["token", "create", "--muscle", "feanor", "--tool", "fs_read", "--ttl", "1h"])?;
+    let user = created["token"].as_str().ok_or("no token")?.to_owned();
+    let head = |method: &str, path: &str, token: &str, length: u64| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    let big = 64 << 20;
+    for (method, path) in [
+        ("POST", "/v1/muscles"),
+        ("POST", "/v1/tokens"),
+        ("POST", "/v1/tools/fs_write"),
+        ("POST", "/v1/muscles/mlp/invoke"),
+        ("POST", "/v1/muscles/mlp/train"),
+    ] {
+        let status = status_before_body(&addr, &head(method, path, &user, big), 1024)?;
+        assert!(status.starts_with("HTTP/1.1 403"), "{method} {path}: {status}");
+    }
+    // An admin's upload over the limit is refused from its declared length, before reading.
+    let admin = s.admin();
+    let status = status_before_body(&addr, &head("POST", "/v1/muscles", &admin, (64 << 20) + 1), 1024)?;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    // Allowed calls still work.
+    let (code, body) = curl(
+        None,
+        "POST",
+        &format!("{}/v1/muscles/feanor/invoke", s.base()),
+        Some(&user),
+        Some(&json!({"input": [1, 2, 3, 4]})),
+    );
+    assert_eq!(code, 200, "{body}");
+    Ok(())
+}

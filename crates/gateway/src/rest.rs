@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -521,10 +522,77 @@ async fn list_muscles(State(gw): Shared, Extension(scope): Caller) -> Json<Muscl
 #[utoipa::path(post, path = "/v1/muscles", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A sealed .muscle file"),
     responses((status = 201, body = MuscleView), (status = 403, body = ErrorResponse), (status = 413, body = ErrorResponse),
         (status = 422, body = ErrorResponse)))]
-async fn upload_muscle(State(gw): Shared, Extension(scope): Caller, body: Bytes) -> Result<Response, ApiError> {
+async fn upload_muscle(
+    State(gw): Shared,
+    Extension(scope): Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    // `admin_first` has refused everyone else already; only now are bytes read, up to the limit.
     scope.require_admin()?;
-    let info = gw.upload(body.to_vec()).await?;
+    let sealed = read_limited(&headers, body, gw.config().limits.upload_bytes, "muscle upload").await?;
+    let info = gw.upload(sealed).await?;
     Ok((StatusCode::CREATED, Json(MuscleView::from(&info))).into_response())
+}
+
+fn too_large(what: &str, limit: usize) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the {what} is over the limit of {limit} bytes"))
+}
+
+/// Reads a body of at most `limit` bytes: a declared `Content-Length` over it is refused before
+/// any byte is read, and a body that grows past it is refused as soon as it does.
+async fn read_limited(headers: &HeaderMap, body: Body, limit: usize, what: &str) -> Result<Vec<u8>, ApiError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(what, limit));
+    }
+    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let mut bytes = Vec::with_capacity(capacity);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("reading the {what} failed: {e}"))
+        })?;
+        if bytes.len().saturating_add(chunk.len()) > limit {
+            return Err(too_large(what, limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// Rights before bytes: routes only an admin may use refuse everyone else before their
+/// extractors read the body.
+async fn admin_first(Extension(scope): Caller, req: Request, next: Next) -> Result<Response, ApiError> {
+    scope.require_admin()?;
+    Ok(next.run(req).await)
+}
+
+/// Rights before bytes: `/v1/tools/{tool}` refuses a tool the token does not allow before the
+/// body (its parameters) is read.
+async fn tool_first(
+    State(gw): Shared,
+    Extension(scope): Caller,
+    Path(tool): Path<String>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if !gw.permits(&scope, &tool) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("the token does not allow `{tool}`")));
+    }
+    Ok(next.run(req).await)
+}
+
+/// Rights before bytes: `/v1/muscles/{name}/…` refuses a muscle the token does not allow before
+/// the body (its input) is read.
+async fn muscle_first(
+    Extension(scope): Caller,
+    Path(name): Path<String>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    muscle_allowed(&scope, &name)?;
+    Ok(next.run(req).await)
 }
 
 fn muscle_allowed(scope: &Scope, name: &str) -> Result<(), ApiError> {
@@ -693,21 +761,25 @@ fn ids() -> Ids {
 /// The whole router: public routes, authenticated routes, MCP, and the layers around them.
 pub fn router(gw: Arc<Gateway>, mcp: Option<Router<Arc<Gateway>>>) -> Router {
     let limits = &gw.config().limits;
-    let upload_limit = DefaultBodyLimit::max(limits.upload_bytes);
+    // Rights before bytes: each route whose rights can be decided from the token and the URL
+    // decides them in a layer, before the handler's extractors read the body.
+    let admin = || middleware::from_fn(admin_first);
+    let named_tool = middleware::from_fn_with_state(gw.clone(), tool_first);
+    let named_muscle = || middleware::from_fn(muscle_first);
     let mut protected = Router::new()
         .route("/v1/stats", get(stats))
         .route("/vdr", get(vdr))
         .route("/v1/tools", get(list_tools))
-        .route("/v1/tools/{tool}", post(call_tool))
+        .route("/v1/tools/{tool}", post(call_tool).route_layer(named_tool))
         .route("/tool", post(seed_tool))
         .route("/batch", post(batch))
         .route("/v1/batch", post(v1_batch))
-        .route("/v1/muscles", get(list_muscles).post(upload_muscle).layer(upload_limit))
-        .route("/v1/muscles/{name}", get(muscle_info).delete(unload_muscle))
-        .route("/v1/muscles/{name}/invoke", post(invoke_muscle))
-        .route("/v1/muscles/{name}/train", post(train_muscle))
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{id}/revoke", post(revoke_token));
+        .route("/v1/muscles", get(list_muscles).post(upload_muscle.layer(admin())))
+        .route("/v1/muscles/{name}", get(muscle_info).delete(unload_muscle.layer(admin())))
+        .route("/v1/muscles/{name}/invoke", post(invoke_muscle).route_layer(named_muscle()))
+        .route("/v1/muscles/{name}/train", post(train_muscle).route_layer(named_muscle()))
+        .route("/v1/tokens", get(list_tokens).post(create_token).route_layer(admin()))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token).route_layer(admin()));
     if let Some(mcp) = mcp {
         protected = protected.merge(mcp);
     }
