@@ -735,6 +735,41 @@ mod tests {
     }
 
     #[test]
+    fn tools_muscles_admin_and_expiry_never_widen_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let expires = now_unix() + 3600;
+        let grant = Grant {
+            tools: vec!["fs_read".into()],
+            muscles: vec!["feanor".into()],
+            paths: vec!["/r/public".into()],
+            expires_at: Some(expires),
+            ..Grant::default()
+        };
+        let (token, _) = auth.mint(&grant).unwrap();
+        // `*` in an attenuation is a name like any other: it matches only a tool called `*`.
+        let star = Narrowing { tools: vec!["*".into()], muscles: vec!["*".into()], ..Narrowing::default() };
+        let scope = auth.verify(&attenuate(&token, &star).unwrap()).unwrap();
+        assert!(!scope.allows_tool("fs_read") && !scope.allows_tool("fs_write"));
+        assert!(!scope.allows_muscle("feanor") && !scope.allows_muscle("mlp"));
+        // Rights written into a holder's block are not rights: only the authority grants.
+        let forged = forge(
+            &token,
+            "right(\"tool\", \"*\");\nright(\"muscle\", \"*\");\nright(\"admin\", \"*\");\n\
+             right(\"path\", \"*\");\nexpires(99999999999);\n",
+        );
+        let scope = auth.verify(&forged).unwrap();
+        assert!(scope.allows_tool("fs_read") && !scope.allows_tool("fs_write") && !scope.allows_tool("exec"));
+        assert!(scope.allows_muscle("feanor") && !scope.allows_muscle("mlp"));
+        assert!(!scope.admin);
+        assert_eq!(scope.path_prefixes, Some(vec![PathBuf::from("/r/public")]));
+        // A later expiry in a holder's block does not extend the token's life in the cache.
+        let later = attenuate(&token, &Narrowing { expires_at: Some(expires + 86_400), ..Narrowing::default() });
+        let scope = auth.verify(&later.unwrap()).unwrap();
+        assert!(scope.valid_until <= scope.verified_at + Duration::from_secs(3600));
+    }
+
+    #[test]
     fn expired_and_revoked_tokens_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());

@@ -546,7 +546,8 @@ async fn read_limited(headers: &HeaderMap, body: Body, limit: usize, what: &str)
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(what, limit));
     }
-    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    // Grow with what arrives: a declared length alone reserves at most 1 MiB.
+    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit).min(1 << 20));
     let mut bytes = Vec::with_capacity(capacity);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
