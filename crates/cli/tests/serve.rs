@@ -113,6 +113,11 @@ fn curl(unix: Option<&str>, method: &str, url: &str, token: Option<&str>, body: 
     if let Some(b) = body {
         cmd.args(["-H", "content-type: application/json", "--data-binary"]).arg(b.to_string());
     }
+    status_and_body(&mut cmd)
+}
+
+/// Runs a curl command made with `-w "\n%{http_code}"`: (status, body).
+fn status_and_body(cmd: &mut Command) -> (u16, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("curl is needed for these tests (apt-get install -y curl): {e}"));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
@@ -382,18 +387,15 @@ fn serve_exposes_the_worknode_tree_as_tools_over_rest() -> TestResult {
 fn mcp_call(base: &str, token: &str, tool: &str, arguments: &Value) -> (u16, String) {
     let body =
         json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": arguments}});
-    let out = Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", "POST", &format!("{base}/mcp")])
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {token}"))
-        .args(["-H", "content-type: application/json", "-H", "accept: application/json, text/event-stream"])
-        .args(["-H", "MCP-Protocol-Version: 2025-06-18", "--data-binary"])
-        .arg(body.to_string())
-        .output()
-        .unwrap_or_else(|e| panic!("curl is needed for these tests: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    status_and_body(
+        Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", "POST", &format!("{base}/mcp")])
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {token}"))
+            .args(["-H", "content-type: application/json", "-H", "accept: application/json, text/event-stream"])
+            .args(["-H", "MCP-Protocol-Version: 2025-06-18", "--data-binary"])
+            .arg(body.to_string()),
+    )
 }
 
 /// Appends a hand-written block to `token`, as any holder can without a key.
