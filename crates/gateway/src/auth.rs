@@ -1,37 +1,40 @@
 //! Capability tokens: biscuits minted with the gateway's root key, attenuated offline by their
-//! holders, verified once and cached, revocable by id.
+//! holders, verified once and cached (refusals too), revocable by id.
 //!
-//! Vocabulary (datalog):
+//! Vocabulary (the only statements a token may hold):
 //!
 //! - authority block (minted here): `token_id(ID)`, `label(L)`, `right("tool", NAME|"*")`,
 //!   `right("muscle", NAME|"*")`, `right("path", PREFIX/|"*")`, `right("admin", "*")`,
 //!   `expires(T)` with `check if time($t), $t <= T`.
-//! - attenuation blocks (appended by a holder, no key needed): `reject if tool($t), !LIST.contains($t)`,
+//! - attenuation blocks (appended by a holder, no key needed): `reject if tool($x), !LIST.contains($x)`,
 //!   the same for `muscle`, `reject if path($p), !$p.starts_with(P1), ...` with hint facts
-//!   `narrow_path(P)`, and `check if time($t), $t <= T` with `expires(T)`.
+//!   `narrow_path(P)` (the same prefixes), and `expires(T)` with `check if time($t), $t <= T`.
 //!
-//! A request is allowed when some `allow` policy matches an authority right and no block's
-//! checks fail.
+//! No Datalog runs when a token is verified. Each block's printed source is read statement by
+//! statement in Rust; a statement outside the vocabulary refuses the whole token with the reason
+//! (never ignored, never evaluated), so a holder's block costs what its bytes cost, bounded by
+//! [`MAX_TOKEN_CHARS`] and [`MAX_BLOCKS`] before any signature is checked. The effective rights
+//! are then the intersection of every block's: the authority's names and prefixes, cut down by
+//! each holder's lists and prefixes, expiring at the earliest expiry. Admin rights are never kept
+//! by an attenuation (an admin mints anything, so keeping them would widen every narrowing).
 //!
 //! Paths in a token have one form ([`prefix_form`]): absolute, no `.`, `..` or empty
 //! components, ending in `/`. In that form a string prefix test is a component prefix test
 //! (`/a/` never matches `/ab/`, and `/a/../b/` cannot exist to pass as a child of `/a/`). Minting
 //! and attenuating refuse anything else, and verification refuses a token that carries anything
-//! else (a block can be written by hand). The effective path prefixes are then those candidate
-//! prefixes that lie inside an authority right (checked here, in Rust, by components) and pass
-//! every block's checks: the intersection of every block's rights, so a child never holds more
-//! than its parent.
+//! else (a block can be written by hand).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
+use std::hash::{BuildHasher, RandomState};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use biscuit_auth::builder::{Algorithm, AuthorizerBuilder, BlockBuilder};
-use biscuit_auth::{AuthorizerLimits, Biscuit, KeyPair, PrivateKey, PublicKey, UnverifiedBiscuit};
+use biscuit_auth::builder::{Algorithm, BlockBuilder};
+use biscuit_auth::{Biscuit, KeyPair, PrivateKey, PublicKey, UnverifiedBiscuit};
 
 use crate::store::{GatewayStore, StoreError, TokenRecord};
 
@@ -65,12 +68,25 @@ pub enum AuthError {
         /// What went wrong and what to do.
         why: String,
     },
+    /// A refusal remembered from an earlier verification of the same token.
+    #[error("{0}")]
+    Cached(Arc<AuthError>),
     /// Building a token failed (bad name, bad prefix).
     #[error("cannot build token: {0}")]
     Build(String),
     /// The token store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl AuthError {
+    /// The error itself, or the one a cached refusal remembers.
+    pub fn cause(&self) -> &Self {
+        match self {
+            Self::Cached(inner) => inner.cause(),
+            other => other,
+        }
+    }
 }
 
 fn build_err(e: impl std::fmt::Display) -> AuthError {
@@ -242,15 +258,231 @@ pub fn token_id(token: &str) -> Result<String, AuthError> {
 pub struct Scope {
     /// Revocation id of the first block.
     pub id: String,
-    /// May manage muscles and tokens.
+    /// May manage muscles and tokens (an authority right no attenuation keeps).
     pub admin: bool,
     /// Effective path prefixes (`None`: every configured root).
     pub path_prefixes: Option<Vec<PathBuf>>,
-    token: Biscuit,
+    tools: Names,
+    muscles: Names,
     verified_at: Instant,
     valid_until: Instant,
-    /// Memoised decisions, one map per kind (looked up by `&str`: no allocation on a hit).
-    decisions: [Mutex<HashMap<String, bool>>; 2],
+}
+
+/// Names of one kind (tools or muscles): what the authority grants (`*`: all), and what each
+/// holder's block keeps (a literal list, where `*` is only a name).
+#[derive(Debug, Default)]
+struct Names {
+    granted: Vec<String>,
+    kept: Vec<Vec<String>>,
+}
+
+impl Names {
+    fn allows(&self, name: &str) -> bool {
+        self.granted.iter().any(|g| g == name || g == "*") && self.kept.iter().all(|k| k.iter().any(|n| n == name))
+    }
+}
+
+impl Scope {
+    /// Whether the token allows calling tool `name`.
+    pub fn allows_tool(&self, name: &str) -> bool {
+        self.tools.allows(name)
+    }
+
+    /// Whether the token allows invoking or training muscle `name`.
+    pub fn allows_muscle(&self, name: &str) -> bool {
+        self.muscles.allows(name)
+    }
+
+    /// Refuses unless the token is an admin token.
+    pub fn require_admin(&self) -> Result<(), AuthError> {
+        if self.admin { Ok(()) } else { Err(AuthError::Forbidden("this needs an admin token".into())) }
+    }
+}
+
+/// Longest bearer token read, in characters: a token with a dozen attenuations is under 4 KiB.
+pub const MAX_TOKEN_CHARS: usize = 8 << 10;
+/// Most blocks in a token (the authority block and the holders' attenuations).
+pub const MAX_BLOCKS: usize = 16;
+
+/// One statement of the token vocabulary, read from a block's printed source. Every statement
+/// [`attenuate`] and [`mint_with`] write is one of these, printed by biscuit exactly as
+/// [`Statement::render`] prints it; a block holding anything else is refused, never evaluated.
+#[derive(Debug, PartialEq, Eq)]
+enum Statement {
+    /// `token_id("HEX")` (authority).
+    TokenId(String),
+    /// `label("TEXT")` (authority).
+    Label(String),
+    /// `right("KIND", "VALUE")` (authority).
+    Right(String, String),
+    /// `expires(UNIX)`, always with [`Statement::Before`] of the same time.
+    Expires(u64),
+    /// `check if time($t), $t <= DATE`.
+    Before(String),
+    /// `narrow_path("P/")`, the hints of a [`Statement::Within`] (holder).
+    Hint(String),
+    /// `reject if tool($x), !["a", "b"].contains($x)` (holder; the same for `muscle`).
+    Keep(Kind, Vec<String>),
+    /// `reject if path($p), !$p.starts_with("P1/"), ...` (holder).
+    Within(Vec<String>),
+}
+
+fn quoted_in(s: &str, prefix: &str, suffix: &str) -> Option<String> {
+    s.strip_prefix(prefix)?.strip_suffix(suffix).map(str::to_owned)
+}
+
+fn string_list(items: &str, open: &str, close: &str) -> Option<Vec<String>> {
+    if items.is_empty() {
+        return Some(Vec::new());
+    }
+    items.split(", ").map(|item| quoted_in(item, open, close)).collect()
+}
+
+impl Statement {
+    fn parse(s: &str) -> Option<Self> {
+        if let Some(v) = quoted_in(s, "token_id(\"", "\")") {
+            return Some(Self::TokenId(v));
+        }
+        if let Some(v) = quoted_in(s, "label(\"", "\")") {
+            return Some(Self::Label(v));
+        }
+        if let Some(v) = quoted_in(s, "right(\"", "\")") {
+            let (kind, value) = v.split_once("\", \"")?;
+            return Some(Self::Right(kind.to_owned(), value.to_owned()));
+        }
+        if let Some(v) = quoted_in(s, "expires(", ")") {
+            return v.parse().ok().map(Self::Expires);
+        }
+        if let Some(v) = s.strip_prefix("check if time($t), $t <= ") {
+            return Some(Self::Before(v.to_owned()));
+        }
+        if let Some(v) = quoted_in(s, "narrow_path(\"", "\")") {
+            return Some(Self::Hint(v));
+        }
+        for kind in [Kind::Tool, Kind::Muscle] {
+            let prefix = format!("reject if {}($x), ![", kind.fact());
+            if let Some(items) = quoted_in(s, &prefix, "].contains($x)") {
+                return string_list(&items, "\"", "\"").map(|names| Self::Keep(kind, names));
+            }
+        }
+        let conds = s.strip_prefix("reject if path($p), ")?;
+        string_list(conds, "!$p.starts_with(\"", "\")").map(Self::Within)
+    }
+
+    fn render(&self) -> String {
+        let list = |items: &[String], open: &str, close: &str| {
+            items.iter().map(|i| format!("{open}{i}{close}")).collect::<Vec<_>>().join(", ")
+        };
+        match self {
+            Self::TokenId(v) => format!("token_id(\"{v}\")"),
+            Self::Label(v) => format!("label(\"{v}\")"),
+            Self::Right(k, v) => format!("right(\"{k}\", \"{v}\")"),
+            Self::Expires(t) => format!("expires({t})"),
+            Self::Before(date) => format!("check if time($t), $t <= {date}"),
+            Self::Hint(p) => format!("narrow_path(\"{p}\")"),
+            Self::Keep(kind, names) => {
+                format!("reject if {}($x), ![{}].contains($x)", kind.fact(), list(names, "\"", "\""))
+            }
+            Self::Within(prefixes) => format!("reject if path($p), {}", list(prefixes, "!$p.starts_with(\"", "\")")),
+        }
+    }
+}
+
+/// What one block says, once read.
+#[derive(Debug, Default)]
+struct BlockRights {
+    token_id: Option<String>,
+    rights: Vec<(String, String)>,
+    expires: Option<u64>,
+    tools: Option<Vec<String>>,
+    muscles: Option<Vec<String>>,
+    within: Option<Vec<String>>,
+}
+
+/// Reads block `index` of `source` (its printed form) into what it grants or keeps; refuses a
+/// statement outside the vocabulary, a statement in the wrong kind of block, a repeated
+/// narrowing, hints that differ from their check, and an expiry without its check.
+fn read_block(index: usize, source: &str) -> Result<BlockRights, AuthError> {
+    let authority = index == 0;
+    let which = if authority { "authority block".to_owned() } else { format!("block {index}") };
+    let refuse = |why: String| AuthError::Refused(format!("the token's {which} {why}"));
+    let mut block = BlockRights::default();
+    let (mut hints, mut before) = (Vec::new(), None);
+    for text in source.split_terminator(";\n") {
+        let statement = Statement::parse(text).filter(|s| s.render() == text).ok_or_else(|| {
+            let shown: String = text.chars().take(120).collect();
+            refuse(format!(
+                "holds `{shown}`, which is not a statement referee writes (tool, muscle and path \
+                 narrowings and an expiry); the token is refused rather than the statement ignored"
+            ))
+        })?;
+        let once =
+            |slot: bool, what: &str| if slot { Err(refuse(format!("has more than one {what}"))) } else { Ok(()) };
+        match statement {
+            Statement::TokenId(id) if authority => {
+                once(block.token_id.is_some(), "token id")?;
+                block.token_id = Some(id);
+            }
+            Statement::Label(_) if authority => {}
+            Statement::Right(kind, value) if authority => {
+                let valid = match kind.as_str() {
+                    "tool" | "muscle" => quoted(&value).is_ok(),
+                    "path" => value == "*" || require_prefix_form("path right", &value).is_ok(),
+                    "admin" => value == "*",
+                    _ => false,
+                };
+                if !valid {
+                    return Err(refuse(format!("grants an unknown right ({kind:?}, {value:?})")));
+                }
+                block.rights.push((kind, value));
+            }
+            Statement::Expires(t) => {
+                once(block.expires.is_some(), "expiry")?;
+                block.expires = Some(t);
+            }
+            Statement::Before(date) => {
+                once(before.is_some(), "time check")?;
+                before = Some(date);
+            }
+            Statement::Hint(p) if !authority => {
+                require_prefix_form("path narrowing", &p)?;
+                hints.push(p);
+            }
+            Statement::Keep(kind, names) if !authority => {
+                let slot = match kind {
+                    Kind::Tool => &mut block.tools,
+                    Kind::Muscle => &mut block.muscles,
+                };
+                once(slot.is_some(), &format!("{} narrowing", kind.fact()))?;
+                *slot = Some(names);
+            }
+            Statement::Within(prefixes) if !authority => {
+                once(block.within.is_some(), "path narrowing")?;
+                for p in &prefixes {
+                    require_prefix_form("path narrowing", p)?;
+                }
+                block.within = Some(prefixes);
+            }
+            other => return Err(refuse(format!("holds `{}`, which does not belong in it", other.render()))),
+        }
+    }
+    if authority && block.token_id.is_none() {
+        return Err(refuse("has no token id".into()));
+    }
+    let expected = block.expires.map(rfc3339).transpose().map_err(|e| refuse(e.to_string()))?;
+    if before != expected {
+        return Err(refuse("has an expiry without its time check, or a time check without its expiry".into()));
+    }
+    let mut sorted = hints;
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut checked = block.within.clone().unwrap_or_default();
+    checked.sort_unstable();
+    checked.dedup();
+    if sorted != checked {
+        return Err(refuse("has path hints that differ from its path check".into()));
+    }
+    Ok(block)
 }
 
 /// What a request touches.
@@ -261,78 +493,11 @@ enum Kind {
 }
 
 impl Kind {
-    fn index(self) -> usize {
-        match self {
-            Self::Tool => 0,
-            Self::Muscle => 1,
-        }
-    }
-
     fn fact(self) -> &'static str {
         match self {
             Self::Tool => "tool",
             Self::Muscle => "muscle",
         }
-    }
-}
-
-const POLICIES: &str = r#"
-allow if tool($t), right("tool", $t);
-allow if tool($t), right("tool", "*");
-allow if muscle($m), right("muscle", $m);
-allow if muscle($m), right("muscle", "*");
-allow if path($p), right("path", "*");
-allow if path($p), right("path", $r), $p.starts_with($r);
-allow if admin(true), right("admin", "*");
-"#;
-
-/// The default 1 ms Datalog budget is too tight on a loaded machine; tokens are small, so a
-/// larger time budget costs nothing in the normal case (facts and iterations stay bounded).
-fn authorizer() -> AuthorizerBuilder {
-    AuthorizerBuilder::new()
-        .set_limits(AuthorizerLimits { max_time: Duration::from_millis(100), ..AuthorizerLimits::default() })
-}
-
-fn probe(token: &Biscuit, fact: &str) -> Result<(), AuthError> {
-    let mut authorizer = authorizer()
-        .code(format!("{fact};\n{POLICIES}"))
-        .map_err(build_err)?
-        .time()
-        .build(token)
-        .map_err(|e| AuthError::Refused(e.to_string()))?;
-    authorizer.authorize().map(|_| ()).map_err(|e| AuthError::Refused(format!("{e}")))
-}
-
-impl Scope {
-    /// Whether the token allows calling tool `name`.
-    pub fn allows_tool(&self, name: &str) -> bool {
-        self.decide(Kind::Tool, name)
-    }
-
-    /// Whether the token allows invoking or training muscle `name`.
-    pub fn allows_muscle(&self, name: &str) -> bool {
-        self.decide(Kind::Muscle, name)
-    }
-
-    fn decide(&self, kind: Kind, name: &str) -> bool {
-        let Some(map) = self.decisions.get(kind.index()) else { return false };
-        if let Ok(cache) = map.lock()
-            && let Some(d) = cache.get(name)
-        {
-            return *d;
-        }
-        let allowed = quoted(name).is_ok_and(|q| probe(&self.token, &format!("{}({q})", kind.fact())).is_ok());
-        if let Ok(mut cache) = map.lock()
-            && cache.len() < MAX_CACHED
-        {
-            cache.insert(name.to_owned(), allowed);
-        }
-        allowed
-    }
-
-    /// Refuses unless the token is an admin token.
-    pub fn require_admin(&self) -> Result<(), AuthError> {
-        if self.admin { Ok(()) } else { Err(AuthError::Forbidden("this needs an admin token".into())) }
     }
 }
 
@@ -362,12 +527,15 @@ impl RootKey {
     }
 }
 
-/// Verifies tokens against the root key, caches what they allow, tracks revocations.
+/// Verifies tokens against the root key, caches what they allow (and why they were refused),
+/// tracks revocations.
 pub struct Authority {
     root: KeyPair,
     store: Arc<GatewayStore>,
     revoked: RwLock<HashSet<String>>,
     cache: RwLock<HashMap<String, Arc<Scope>>>,
+    refusals: RwLock<HashMap<u64, (Instant, Arc<AuthError>)>>,
+    hasher: RandomState,
     cache_ttl: Duration,
 }
 
@@ -377,7 +545,8 @@ impl std::fmt::Debug for Authority {
     }
 }
 
-/// Most tokens cached at once; past it the cache is cleared (verification is cheap enough).
+/// Most tokens (and refusals) cached at once; past it the cache is cleared (verification is
+/// cheap and bounded).
 const MAX_CACHED: usize = 10_000;
 
 impl Authority {
@@ -385,7 +554,15 @@ impl Authority {
     pub fn open(keys_dir: &Path, store: Arc<GatewayStore>, cache_ttl: Duration) -> Result<Self, AuthError> {
         let root = load_or_create_root(keys_dir)?;
         let revoked = store.revoked()?.into_iter().collect();
-        Ok(Self { root, store, revoked: RwLock::new(revoked), cache: RwLock::new(HashMap::new()), cache_ttl })
+        Ok(Self {
+            root,
+            store,
+            revoked: RwLock::new(revoked),
+            cache: RwLock::new(HashMap::new()),
+            refusals: RwLock::new(HashMap::new()),
+            hasher: RandomState::new(),
+            cache_ttl,
+        })
     }
 
     /// The public root key (hex), what verifiers elsewhere need.
@@ -433,28 +610,70 @@ impl Authority {
         Ok(())
     }
 
-    /// Verifies a bearer token (cached for the configured time, never past its expiry).
-    pub fn verify(&self, token: &str) -> Result<Arc<Scope>, AuthError> {
+    /// What the caches know about `token`: its scope, or why it was refused (both for the
+    /// configured time, a scope never past its expiry). `None`: it must be verified.
+    pub fn cached(&self, token: &str) -> Option<Result<Arc<Scope>, AuthError>> {
         let now = Instant::now();
         if let Ok(cache) = self.cache.read()
             && let Some(scope) = cache.get(token)
             && now < scope.valid_until
             && now.duration_since(scope.verified_at) < self.cache_ttl
         {
-            return Ok(scope.clone());
+            return Some(Ok(scope.clone()));
         }
-        let scope = Arc::new(self.verify_uncached(token)?);
-        if let Ok(mut cache) = self.cache.write() {
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
-            }
-            cache.insert(token.to_owned(), scope.clone());
+        let key = self.hasher.hash_one(token);
+        if let Ok(refusals) = self.refusals.read()
+            && let Some((at, why)) = refusals.get(&key)
+            && now.duration_since(*at) < self.cache_ttl
+        {
+            return Some(Err(AuthError::Cached(why.clone())));
         }
-        Ok(scope)
+        None
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<Scope, AuthError> {
-        let parsed = Biscuit::from_base64(token, self.root.public()).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+    /// Verifies a bearer token: from the caches when they know it, else by [`Self::verify_uncached`],
+    /// whose outcome is cached either way (a refusal costs no more to repeat than a success).
+    pub fn verify(&self, token: &str) -> Result<Arc<Scope>, AuthError> {
+        if let Some(known) = self.cached(token) {
+            return known;
+        }
+        match self.verify_uncached(token) {
+            Ok(scope) => {
+                let scope = Arc::new(scope);
+                if let Ok(mut cache) = self.cache.write() {
+                    if cache.len() >= MAX_CACHED {
+                        cache.clear();
+                    }
+                    cache.insert(token.to_owned(), scope.clone());
+                }
+                Ok(scope)
+            }
+            Err(e) => {
+                let why = Arc::new(e);
+                if let Ok(mut refusals) = self.refusals.write() {
+                    if refusals.len() >= MAX_CACHED {
+                        refusals.clear();
+                    }
+                    refusals.insert(self.hasher.hash_one(token), (Instant::now(), why.clone()));
+                }
+                Err(AuthError::Cached(why))
+            }
+        }
+    }
+
+    /// Verifies a token with no cache. Its cost is bounded by its size before any signature is
+    /// checked ([`MAX_TOKEN_CHARS`], [`MAX_BLOCKS`]), and no Datalog runs: each block is read
+    /// in Rust as the vocabulary of the module docs, and the rights are intersected here.
+    pub fn verify_uncached(&self, token: &str) -> Result<Scope, AuthError> {
+        if token.len() > MAX_TOKEN_CHARS {
+            return Err(AuthError::Invalid(format!("token is longer than {MAX_TOKEN_CHARS} characters")));
+        }
+        let unverified = UnverifiedBiscuit::from_base64(token).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+        let blocks = unverified.block_count();
+        if blocks > MAX_BLOCKS {
+            return Err(AuthError::Invalid(format!("token has {blocks} blocks; at most {MAX_BLOCKS} are read")));
+        }
+        let parsed = unverified.verify(self.root.public()).map_err(|e| AuthError::Invalid(format!("{e}")))?;
         let ids: Vec<String> = parsed.revocation_identifiers().iter().map(hex::encode).collect();
         if let Ok(set) = self.revoked.read()
             && let Some(id) = ids.iter().find(|id| set.contains(*id))
@@ -462,68 +681,67 @@ impl Authority {
             return Err(AuthError::Revoked(id.clone()));
         }
         let id = ids.first().cloned().ok_or_else(|| AuthError::Invalid("token has no blocks".into()))?;
-        // Expiry and any holder checks are evaluated by a neutral probe first.
-        let mut authorizer = authorizer()
-            .code("allow if true;")
-            .map_err(build_err)?
-            .time()
-            .build(&parsed)
-            .map_err(|e| AuthError::Refused(e.to_string()))?;
-        authorizer.authorize().map_err(|e| AuthError::Refused(format!("{e} (expired or malformed)")))?;
-        let refused = |e: biscuit_auth::error::Token| AuthError::Refused(e.to_string());
-        let expiries: Vec<(i64,)> = authorizer.query_all("e($t) <- expires($t)").map_err(refused)?;
-        let rights: Vec<(String, String)> = authorizer.query("r($k, $v) <- right($k, $v)").map_err(refused)?;
-        let hints: Vec<(String,)> = authorizer.query_all("h($p) <- narrow_path($p)").map_err(refused)?;
-
-        let admin = rights.iter().any(|(k, _)| k == "admin") && probe(&parsed, "admin(true)").is_ok();
-        let path_prefixes = effective_paths(&parsed, &rights, &hints)?;
+        let invalid = |e: biscuit_auth::error::Token| AuthError::Invalid(e.to_string());
+        let mut read = Vec::with_capacity(blocks);
+        for index in 0..blocks {
+            if parsed.block_external_key(index).map_err(invalid)?.is_some() {
+                return Err(AuthError::Refused(format!("the token's block {index} is a third-party block")));
+            }
+            read.push(read_block(index, &parsed.print_block_source(index).map_err(invalid)?)?);
+        }
+        let Some((authority, holders)) = read.split_first() else {
+            return Err(AuthError::Invalid("token has no blocks".into()));
+        };
 
         let now = now_unix();
-        let earliest = expiries.iter().filter_map(|(t,)| u64::try_from(*t).ok()).min();
+        let earliest = read.iter().filter_map(|b| b.expires).min();
+        if let Some(t) = earliest
+            && now > t
+        {
+            return Err(AuthError::Refused(format!("expired at {} (unix {t})", rfc3339(t).unwrap_or_default())));
+        }
+        let names = |kind: &str, kept: fn(&BlockRights) -> &Option<Vec<String>>| Names {
+            granted: authority.rights.iter().filter(|(k, _)| k == kind).map(|(_, v)| v.clone()).collect(),
+            kept: holders.iter().filter_map(|b| kept(b).clone()).collect(),
+        };
+        let granted: Vec<&str> =
+            authority.rights.iter().filter(|(k, _)| k == "path").map(|(_, v)| v.as_str()).collect();
+        let narrowings: Vec<&[String]> = holders.iter().filter_map(|b| b.within.as_deref()).collect();
         let left = earliest.map_or(Duration::MAX, |t| Duration::from_secs(t.saturating_sub(now)));
         let verified_at = Instant::now();
         Ok(Scope {
             id,
-            admin,
-            path_prefixes,
-            token: parsed,
+            // Admin rights mint any token, so no attenuation keeps them: mint a narrower admin.
+            admin: holders.is_empty() && authority.rights.iter().any(|(k, v)| k == "admin" && v == "*"),
+            path_prefixes: effective_paths(&granted, &narrowings),
+            tools: names("tool", |b| &b.tools),
+            muscles: names("muscle", |b| &b.muscles),
             verified_at,
             valid_until: verified_at.checked_add(left).unwrap_or(verified_at + self.cache_ttl),
-            decisions: [Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
         })
     }
 }
 
 /// The token's effective path prefixes: the intersection of every block's path rights.
 ///
-/// Candidates are the authority's prefixes and the holders' hints (`narrow_path`), all of
-/// which must be in [`prefix_form`] (else the token is refused). A candidate counts when it lies
-/// inside an authority prefix, by components (decided here, not by the token's Datalog), and
-/// passes every block's checks; of those, the ones inside another are dropped. `None` when the
-/// token covers every root and nothing narrows it.
-fn effective_paths(
-    token: &Biscuit,
-    rights: &[(String, String)],
-    hints: &[(String,)],
-) -> Result<Option<Vec<PathBuf>>, AuthError> {
-    let granted: Vec<&str> = rights.iter().filter(|(k, _)| k == "path").map(|(_, v)| v.as_str()).collect();
+/// `granted` are the authority's prefixes (`*`: every root), `narrowings` each holder block's
+/// prefixes, all in [`prefix_form`] (checked when read). A path is allowed when it lies inside a
+/// granted prefix and inside a prefix of every narrowing; since the prefixes are component
+/// prefixes, that set is the union of the candidates (every prefix named anywhere) that satisfy
+/// the same, and the ones inside another are dropped. `None` when the token covers every root
+/// and nothing narrows it.
+fn effective_paths(granted: &[&str], narrowings: &[&[String]]) -> Option<Vec<PathBuf>> {
     let everywhere = granted.contains(&"*");
-    let granted: Vec<&str> = granted.into_iter().filter(|p| *p != "*").collect();
-    for p in &granted {
-        require_prefix_form("path right", p)?;
-    }
-    for (h,) in hints {
-        require_prefix_form("path narrowing", h)?;
-    }
-    if everywhere && hints.is_empty() {
-        return Ok(None);
+    let granted: Vec<&str> = granted.iter().copied().filter(|p| *p != "*").collect();
+    if everywhere && narrowings.is_empty() {
+        return None;
     }
     let mut allowed: Vec<&str> = granted
         .iter()
         .copied()
-        .chain(hints.iter().map(|(h,)| h.as_str()))
+        .chain(narrowings.iter().flat_map(|n| n.iter().map(String::as_str)))
         .filter(|c| everywhere || granted.iter().any(|g| within(c, g)))
-        .filter(|c| probe(token, &format!("path(\"{c}\")")).is_ok())
+        .filter(|c| narrowings.iter().all(|n| n.iter().any(|p| within(c, p))))
         .collect();
     allowed.sort_unstable();
     allowed.dedup();
@@ -532,7 +750,7 @@ fn effective_paths(
         .filter(|p| !allowed.iter().any(|q| q != *p && within(p, q)))
         .map(|p| PathBuf::from(p).components().collect())
         .collect();
-    Ok(Some(minimal))
+    Some(minimal)
 }
 
 /// Whether prefix `inner` lies inside prefix `outer` (or is it). Both are in [`prefix_form`],
@@ -718,17 +936,15 @@ mod tests {
                 &format!("reject if path($p), !$p.starts_with(\"{path}/\");\nnarrow_path(\"{path}/\");\n"),
             );
             let refused = auth.verify(&forged).unwrap_err();
-            assert!(matches!(refused, AuthError::Refused(ref why) if why.contains("component")), "{refused}");
+            assert!(matches!(refused.cause(), AuthError::Refused(why) if why.contains("component")), "{refused}");
         }
-        // A hint outside the authority with no check of its own grants nothing.
-        let stray = forge(&token, "narrow_path(\"/r/private/\");\n");
-        assert_eq!(auth.verify(&stray).unwrap().path_prefixes, Some(vec![PathBuf::from("/r/public")]));
-        // A check with `..` in it cannot bring a sibling in either.
-        let sneaky = forge(
-            &token,
+        // A hint with no check of its own, or a check with `..` in it, refuses the token.
+        for code in [
+            "narrow_path(\"/r/private/\");\n",
             "reject if path($p), !$p.starts_with(\"/r/public/../private/\");\nnarrow_path(\"/r/private/\");\n",
-        );
-        assert_eq!(auth.verify(&sneaky).unwrap().path_prefixes, Some(vec![]));
+        ] {
+            assert!(matches!(auth.verify(&forge(&token, code)).unwrap_err().cause(), AuthError::Refused(_)), "{code}");
+        }
         // Minting refuses the same forms.
         let bad = Grant { paths: vec!["/r/public/../private".into()], ..grant };
         assert!(matches!(auth.mint(&bad), Err(AuthError::Build(_))));
@@ -752,17 +968,26 @@ mod tests {
         let scope = auth.verify(&attenuate(&token, &star).unwrap()).unwrap();
         assert!(!scope.allows_tool("fs_read") && !scope.allows_tool("fs_write"));
         assert!(!scope.allows_muscle("feanor") && !scope.allows_muscle("mlp"));
-        // Rights written into a holder's block are not rights: only the authority grants.
-        let forged = forge(
-            &token,
-            "right(\"tool\", \"*\");\nright(\"muscle\", \"*\");\nright(\"admin\", \"*\");\n\
-             right(\"path\", \"*\");\nexpires(99999999999);\n",
-        );
-        let scope = auth.verify(&forged).unwrap();
-        assert!(scope.allows_tool("fs_read") && !scope.allows_tool("fs_write") && !scope.allows_tool("exec"));
-        assert!(scope.allows_muscle("feanor") && !scope.allows_muscle("mlp"));
-        assert!(!scope.admin);
-        assert_eq!(scope.path_prefixes, Some(vec![PathBuf::from("/r/public")]));
+        // Rights written into a holder's block are not rights: the token is refused.
+        for code in [
+            "right(\"tool\", \"*\");\n",
+            "right(\"muscle\", \"*\");\n",
+            "right(\"admin\", \"*\");\n",
+            "right(\"path\", \"*\");\n",
+            "expires(99999999999);\n",
+            "token_id(\"00\");\n",
+        ] {
+            let refused = auth.verify(&forge(&token, code)).unwrap_err();
+            assert!(matches!(refused.cause(), AuthError::Refused(_)), "{code}: {refused}");
+        }
+        // Admin rights do not survive an attenuation (they would mint anything).
+        let (admin, _) = auth.mint(&Grant::admin("ops", None)).unwrap();
+        assert!(auth.verify(&admin).unwrap().admin);
+        let narrowed = attenuate(&admin, &Narrowing { tools: vec!["fs_read".into()], ..Narrowing::default() });
+        let scope = auth.verify(&narrowed.unwrap()).unwrap();
+        assert!(!scope.admin && scope.allows_tool("fs_read") && !scope.allows_tool("fs_write"));
+        let dated = attenuate(&admin, &Narrowing { expires_at: Some(expires), ..Narrowing::default() }).unwrap();
+        assert!(!auth.verify(&dated).unwrap().admin);
         // A later expiry in a holder's block does not extend the token's life in the cache.
         let later = attenuate(&token, &Narrowing { expires_at: Some(expires + 86_400), ..Narrowing::default() });
         let scope = auth.verify(&later.unwrap()).unwrap();
@@ -774,17 +999,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
         let (old, _) = auth.mint(&Grant::admin("old", Some(now_unix() - 10))).unwrap();
-        assert!(matches!(auth.verify(&old), Err(AuthError::Refused(_))));
+        assert!(matches!(auth.verify(&old).unwrap_err().cause(), AuthError::Refused(_)));
         let (token, record) = auth.mint(&Grant::admin("t", None)).unwrap();
         let child = attenuate(&token, &Narrowing { expires_at: Some(now_unix() - 1), ..Narrowing::default() }).unwrap();
-        assert!(matches!(auth.verify(&child), Err(AuthError::Refused(_))));
+        assert!(matches!(auth.verify(&child).unwrap_err().cause(), AuthError::Refused(_)));
         assert!(auth.verify(&token).is_ok());
         auth.revoke(&record.id).unwrap();
-        assert!(matches!(auth.verify(&token), Err(AuthError::Revoked(_))));
+        assert!(matches!(auth.verify(&token).unwrap_err().cause(), AuthError::Revoked(_)));
         // Revocations survive a restart.
         drop(auth);
         let again = authority(dir.path());
-        assert!(matches!(again.verify(&token), Err(AuthError::Revoked(_))));
+        assert!(matches!(again.verify(&token).unwrap_err().cause(), AuthError::Revoked(_)));
     }
 
     #[test]
@@ -793,7 +1018,91 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
         let (foreign, _) = authority(other.path()).mint(&Grant::admin("x", None)).unwrap();
-        assert!(matches!(auth.verify(&foreign), Err(AuthError::Invalid(_))));
-        assert!(matches!(auth.verify("not a token"), Err(AuthError::Invalid(_))));
+        assert!(matches!(auth.verify(&foreign).unwrap_err().cause(), AuthError::Invalid(_)));
+        assert!(matches!(auth.verify("not a token").unwrap_err().cause(), AuthError::Invalid(_)));
+    }
+
+    #[test]
+    fn blocks_outside_the_vocabulary_are_refused_not_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let grant =
+            Grant { tools: vec!["fs_read".into(), "fs_write".into()], paths: vec!["/r".into()], ..Grant::default() };
+        let (token, _) = auth.mint(&grant).unwrap();
+        let join = "f(1);f(2);f(3);f(4);f(5);f(6);f(7);f(8);\n\
+                    g($a, $b, $c, $d, $e) <- f($a), f($b), f($c), f($d), f($e);\n\
+                    check if g($a, $b, $c, $d, $e), $a + $b + $c + $d + $e > 0;\n";
+        for code in [
+            // The helper's findings: exclusions, mixed tool and path checks, a bare time check.
+            "reject if path($p), $p.starts_with(\"/r/private/\");\n",
+            "reject if path($p), $p == \"/r/secret.txt\";\n",
+            "reject if tool(\"fs_write\"), path($p), !$p.starts_with(\"/r/tmp/\");\n",
+            "check if time($t), $t <= 2030-01-01T00:00:00Z;\n",
+            "expires(1900000000);\n",
+            // The CPU attack: facts and a five-way join.
+            join,
+            // Two narrowings of one kind, hints that differ from the check, a rule, a policy-like check.
+            "reject if tool($x), ![\"fs_read\"].contains($x);\nreject if tool($x), ![\"fs_write\"].contains($x);\n",
+            "reject if path($p), !$p.starts_with(\"/r/a/\");\nnarrow_path(\"/r/b/\");\n",
+            "tool($x) <- path($x);\n",
+            "check if true;\n",
+            "check all tool($x), $x == \"fs_read\";\n",
+        ] {
+            let refused = auth.verify(&forge(&token, code)).unwrap_err();
+            assert!(matches!(refused.cause(), AuthError::Refused(why) if why.contains("block 1")), "{code}: {refused}");
+        }
+        // What attenuate writes is read back exactly, in any combination and any number of blocks.
+        let mut chained = token.clone();
+        for (i, narrowing) in [
+            Narrowing { tools: vec!["fs_write".into(), "fs_read".into(), "fs_read".into()], ..Narrowing::default() },
+            Narrowing { paths: vec!["/r/b".into(), "/r/a/".into(), "/r/a".into()], ..Narrowing::default() },
+            Narrowing { muscles: vec!["m".into()], expires_at: Some(now_unix() + 60), ..Narrowing::default() },
+            Narrowing::default(),
+            Narrowing { tools: vec!["fs_read".into()], paths: vec!["/r/a/x".into()], ..Narrowing::default() },
+        ]
+        .iter()
+        .enumerate()
+        {
+            chained = attenuate(&chained, narrowing).unwrap();
+            assert!(auth.verify(&chained).is_ok(), "after narrowing {i}");
+        }
+        let scope = auth.verify(&chained).unwrap();
+        assert!(scope.allows_tool("fs_read") && !scope.allows_tool("fs_write"));
+        assert!(!scope.allows_muscle("m"), "the authority grants no muscle");
+        assert_eq!(scope.path_prefixes, Some(vec![PathBuf::from("/r/a/x")]));
+    }
+
+    #[test]
+    fn verification_cost_is_bounded_by_size_and_a_refusal_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let (token, _) = auth.mint(&Grant { tools: vec!["fs_read".into()], ..Grant::default() }).unwrap();
+        let mut long = token.clone();
+        for _ in 0..MAX_BLOCKS {
+            long = attenuate(&long, &Narrowing::default()).unwrap();
+        }
+        let refused = auth.verify(&long).unwrap_err();
+        assert!(matches!(refused.cause(), AuthError::Invalid(why) if why.contains("blocks")), "{refused}");
+        let padded = format!("{token}{}", "A".repeat(MAX_TOKEN_CHARS));
+        assert!(matches!(auth.verify(&padded).unwrap_err().cause(), AuthError::Invalid(why) if why.contains("longer")));
+        // The second time, the refusal comes from the cache.
+        assert!(matches!(auth.cached(&long), Some(Err(AuthError::Cached(_)))));
+        assert!(auth.cached(&token).is_none());
+        auth.verify(&token).unwrap();
+        assert!(matches!(auth.cached(&token), Some(Ok(_))));
+    }
+
+    #[test]
+    fn third_party_blocks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let (token, _) = auth.mint(&Grant { tools: vec!["fs_read".into()], ..Grant::default() }).unwrap();
+        let parsed = Biscuit::from_base64(&token, auth.public_key()).unwrap();
+        let request = parsed.third_party_request().unwrap();
+        let outsider = KeyPair::new();
+        let block = request.create_block(&outsider.private(), BlockBuilder::new()).unwrap();
+        let appended = parsed.append_third_party(outsider.public(), block).unwrap().to_base64().unwrap();
+        let refused = auth.verify(&appended).unwrap_err();
+        assert!(matches!(refused.cause(), AuthError::Refused(why) if why.contains("third-party")), "{refused}");
     }
 }

@@ -80,6 +80,16 @@ pub struct LimitsConfig {
     pub batch_concurrency: usize,
     /// How long shutdown waits for requests in flight, milliseconds.
     pub drain_ms: u64,
+    /// How long a connection may take to send a request's headers, from the moment it waits
+    /// for one (so also how long a keep-alive HTTP/1 connection may sit between requests),
+    /// milliseconds. Closed after it.
+    pub header_read_timeout_ms: u64,
+    /// How long a connection may go with no byte read or written, in any state (a slow body,
+    /// a client that stops reading its answer), milliseconds; it must exceed the longest call.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once, per listener; past it a new connection is closed at once
+    /// (and counted). Lowered at startup to what the open-file limit allows.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -94,6 +104,9 @@ impl Default for LimitsConfig {
             batch_max: 64,
             batch_concurrency: 16,
             drain_ms: 10_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            max_connections: 4096,
         }
     }
 }

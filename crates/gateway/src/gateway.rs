@@ -65,14 +65,16 @@ impl IntoResponse for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        let (status, code) = match &e {
+        let (status, code) = match e.cause() {
             AuthError::Missing => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             AuthError::Refused(_) => (StatusCode::UNAUTHORIZED, "token_refused"),
             AuthError::Revoked(_) => (StatusCode::UNAUTHORIZED, "token_revoked"),
             AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AuthError::Build(_) => (StatusCode::BAD_REQUEST, "bad_grant"),
-            AuthError::Key { .. } | AuthError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            AuthError::Key { .. } | AuthError::Store(_) | AuthError::Cached(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         };
         Self::new(status, code, e.to_string())
     }
@@ -199,10 +201,16 @@ impl Stats {
     }
 }
 
+fn verify_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// The gateway: tools, tokens, limits and counters shared by every listener.
 pub struct Gateway {
     registry: Registry,
     authority: Authority,
+    /// Uncached verifications running at once (on the blocking pool, never the async workers).
+    verifying: tokio::sync::Semaphore,
     limiter: Limiter,
     stats: Stats,
     config: GatewayConfig,
@@ -232,6 +240,7 @@ impl Gateway {
         Ok(Self {
             registry: Registry::new(native, runtime),
             authority,
+            verifying: tokio::sync::Semaphore::new(verify_slots()),
             limiter,
             stats: Stats::default(),
             metrics: crate::telemetry::prometheus(),
@@ -243,6 +252,24 @@ impl Gateway {
     /// Tokens.
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// Verifies a bearer token: from the caches when they know it; else on the blocking pool,
+    /// at most half the cores at once (at least one), so a flood of new tokens (each with its
+    /// signatures to check) queues here and never takes the async workers that serve everyone
+    /// else. The outcome is cached either way.
+    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<Arc<Scope>, AuthError> {
+        if let Some(known) = self.authority.cached(token) {
+            return known;
+        }
+        let Ok(_slot) = self.verifying.acquire().await else {
+            return Err(AuthError::Invalid("the gateway is shutting down".into()));
+        };
+        let (gw, token) = (self.clone(), token.to_owned());
+        match tokio::task::spawn_blocking(move || gw.authority.verify(&token)).await {
+            Ok(verified) => verified,
+            Err(e) => Err(AuthError::Invalid(format!("verification did not finish: {e}"))),
+        }
     }
 
     /// Per-token limits.

@@ -8,12 +8,14 @@
 //! - [`registry`]: native tools plus muscles as tools (`muscle.<name>`, `train.<name>`).
 //! - [`rest`]: routes, OpenAPI 3.1 at `/openapi.json`, middleware (request id, tracing,
 //!   authentication, limits); [`mcp`]: MCP over Streamable HTTP at `/mcp` and over stdio.
-//! - [`server`]: TCP and Unix listeners, graceful shutdown; [`limits`]: per-token rate and
+//! - [`server`]: TCP and Unix listeners, graceful shutdown; [`conn`]: per-listener connection
+//!   cap, header-read and idle timeouts; [`limits`]: per-token rate and
 //!   concurrency; [`store`]: `gateway.redb` (issued tokens, revocations); [`telemetry`]:
 //!   Prometheus metrics and JSON logs.
 
 pub mod auth;
 pub mod config;
+pub mod conn;
 mod gateway;
 pub mod launch;
 pub mod limits;

@@ -718,7 +718,7 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
 
 /// Verifies the bearer token and applies the token's rate and concurrency limits.
 async fn authenticate(State(gw): Shared, mut req: Request, next: Next) -> Result<Response, ApiError> {
-    let scope = gw.authority().verify(bearer(req.headers())?)?;
+    let scope = gw.verify(bearer(req.headers())?).await?;
     let permit = gw.limiter().admit(&scope.id).map_err(|refusal| {
         let (code, retry_after, why) = match refusal {
             Refusal::Rate { retry_after } => ("rate_limited", retry_after, "request rate"),

@@ -13,6 +13,7 @@ use axum::serve::{Listener, ListenerExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::Hygiene;
 use crate::gateway::{Gateway, StartError};
 
 /// File name of the default Unix socket in the home.
@@ -106,26 +107,16 @@ impl Server {
         let mcp =
             self.gateway.config().mcp.enabled.then(|| crate::mcp::router(self.gateway.clone(), token.child_token()));
         let app: Router = crate::rest::router(self.gateway.clone(), mcp);
-        let drain = Duration::from_millis(self.gateway.config().limits.drain_ms);
+        let limits = &self.gateway.config().limits;
+        let drain = Duration::from_millis(limits.drain_ms);
+        let hygiene = Hygiene::new(limits, usize::from(self.tcp.is_some()) + usize::from(self.unix.is_some()));
         let mut tasks = tokio::task::JoinSet::new();
-        if let Some((listener, addr)) = self.tcp {
-            let (app, stop) = (app.clone(), token.clone());
-            tasks.spawn(async move {
-                axum::serve(no_delay(listener), app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                    .map_err(listen_err(addr))
-            });
+        if let Some((listener, _)) = self.tcp {
+            tasks.spawn(crate::conn::serve(no_delay(listener), app.clone(), hygiene, token.clone()));
         }
         let socket = self.unix.as_ref().map(|(_, p)| p.clone());
-        if let Some((listener, path)) = self.unix {
-            let (app, stop) = (app.clone(), token.clone());
-            tasks.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                    .map_err(listen_err(path.display()))
-            });
+        if let Some((listener, _)) = self.unix {
+            tasks.spawn(crate::conn::serve(listener, app.clone(), hygiene, token.clone()));
         }
         let watcher = token.clone();
         tokio::spawn(async move {
@@ -134,22 +125,12 @@ impl Server {
             watcher.cancel();
         });
         token.cancelled().await;
-        let drained = tokio::time::timeout(drain, async {
-            let mut first_error = None;
-            while let Some(joined) = tasks.join_next().await {
-                if let Ok(Err(e)) = joined {
-                    first_error.get_or_insert(e);
-                }
-            }
-            first_error
-        })
-        .await;
+        let drained = tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
         if let Some(path) = socket {
             let _ = std::fs::remove_file(path);
         }
         match drained {
-            Ok(Some(e)) => Err(e),
-            Ok(None) => Ok(()),
+            Ok(()) => Ok(()),
             Err(_) => {
                 tracing::warn!(drain_ms = drain.as_millis() as u64, "drain time over; dropping connections");
                 Ok(())
