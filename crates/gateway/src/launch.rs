@@ -45,7 +45,7 @@ pub enum LaunchError {
 
 impl From<StoreError> for LaunchError {
     fn from(e: StoreError) -> Self {
-        Self::Auth(AuthError::Store(e))
+        Self::Auth(AuthError::from(e))
     }
 }
 

@@ -1,0 +1,748 @@
+//! Referee's capability tokens: biscuits minted with the gateway's root key and attenuated
+//! offline by their holders; [`read`] verifies one and says what it allows. The gateway caches
+//! what [`read`] finds and tracks revocations (`referee_gateway::auth::Authority`).
+//!
+//! Vocabulary (the only statements a token may hold):
+//!
+//! - authority block (minted here): `token_id(ID)`, `label(L)`, `right("tool", NAME|"*")`,
+//!   `right("muscle", NAME|"*")`, `right("path", PREFIX/|"*")`, `right("admin", "*")`,
+//!   `expires(T)` with `check if time($t), $t <= T`.
+//! - attenuation blocks (appended by a holder, no key needed): `reject if tool($x), !LIST.contains($x)`,
+//!   the same for `muscle`, `reject if path($p), !$p.starts_with(P1), ...` with hint facts
+//!   `narrow_path(P)` (the same prefixes), and `expires(T)` with `check if time($t), $t <= T`.
+//!
+//! No Datalog runs when a token is verified. Each block's printed source is read statement by
+//! statement in Rust; a statement outside the vocabulary refuses the whole token with the reason
+//! (never ignored, never evaluated), so a holder's block costs what its bytes cost, bounded by
+//! [`MAX_TOKEN_CHARS`] and [`MAX_BLOCKS`] before any signature is checked. The effective rights
+//! are then the intersection of every block's: the authority's names and prefixes, cut down by
+//! each holder's lists and prefixes, expiring at the earliest expiry. Admin rights are never kept
+//! by an attenuation (an admin mints anything, so keeping them would widen every narrowing).
+//!
+//! Paths in a token have one form ([`prefix_form`]): absolute, no `.`, `..` or empty
+//! components, ending in `/`. In that form a string prefix test is a component prefix test
+//! (`/a/` never matches `/ab/`, and `/a/../b/` cannot exist to pass as a child of `/a/`). Minting
+//! and attenuating refuse anything else, and verification refuses a token that carries anything
+//! else (a block can be written by hand).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use biscuit_auth::PublicKey;
+use biscuit_auth::builder::{Algorithm, BlockBuilder};
+use biscuit_auth::{Biscuit, KeyPair, PrivateKey, UnverifiedBiscuit};
+
+/// File name of the root key in the home's keys directory.
+pub const ROOT_KEY_FILE: &str = "gateway.key";
+const KEY_MAGIC: &str = "referee-gateway-root-v1";
+
+/// Why a token was refused or could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing bearer token; send `Authorization: Bearer <token>` (create one with `referee token create`)")]
+    Missing,
+    /// The token does not parse or its signature is not from this gateway's root key.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The token's checks failed (expired, or attenuated away from this request).
+    #[error("token refused: {0}")]
+    Refused(String),
+    /// One of the token's blocks was revoked.
+    #[error("token revoked (id {0})")]
+    Revoked(String),
+    /// The request needs a right the token does not carry.
+    #[error("not permitted: {0}")]
+    Forbidden(String),
+    /// The root key file could not be read or written.
+    #[error("root key {path}: {why}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong and what to do.
+        why: String,
+    },
+    /// A refusal remembered from an earlier verification of the same token.
+    #[error("{0}")]
+    Cached(Arc<AuthError>),
+    /// Building a token failed (bad name, bad prefix).
+    #[error("cannot build token: {0}")]
+    Build(String),
+    /// The token store failed.
+    #[error("{0}")]
+    Store(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl AuthError {
+    /// The error itself, or the one a cached refusal remembers.
+    pub fn cause(&self) -> &Self {
+        match self {
+            Self::Cached(inner) => inner.cause(),
+            other => other,
+        }
+    }
+}
+
+fn build_err(e: impl std::fmt::Display) -> AuthError {
+    AuthError::Build(e.to_string())
+}
+
+/// What a new token may do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// Tool names, or `*` for all.
+    pub tools: Vec<String>,
+    /// Muscle names, or `*` for all.
+    pub muscles: Vec<String>,
+    /// Absolute path prefixes, or `*` for every configured root.
+    pub paths: Vec<String>,
+    /// May manage muscles and tokens.
+    pub admin: bool,
+    /// Unix seconds after which the token is refused; `None` never expires.
+    pub expires_at: Option<u64>,
+    /// A label for listings.
+    pub label: String,
+}
+
+impl Grant {
+    /// Everything, for the operator.
+    pub fn admin(label: &str, expires_at: Option<u64>) -> Self {
+        let all = vec!["*".to_owned()];
+        Self { tools: all.clone(), muscles: all.clone(), paths: all, admin: true, expires_at, label: label.into() }
+    }
+}
+
+/// A narrowing a holder appends to a token (each list empty means "no change").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Narrowing {
+    /// Keep only these tools.
+    pub tools: Vec<String>,
+    /// Keep only these muscles.
+    pub muscles: Vec<String>,
+    /// Keep only paths under these prefixes.
+    pub paths: Vec<String>,
+    /// Expire at this unix second at the latest.
+    pub expires_at: Option<u64>,
+}
+
+/// The one form a path prefix takes inside a token: absolute, no `.`, `..` or empty components,
+/// no quote, backslash or control character, ending in `/`. One trailing `/` in `p` is accepted
+/// (`/a/b/` and `/a/b` give the same prefix); anything else is refused with the reason, never
+/// folded: `..` cannot be folded without knowing the symlinks on the way, and a folded
+/// `/a/../b` would be checked as a child of `/a`.
+pub fn prefix_form(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err("is not absolute (it must start with `/`)".into());
+    }
+    if let Some(c) = p.chars().find(|c| c.is_control() || matches!(c, '"' | '\\')) {
+        return Err(format!("contains {c:?}; quotes, backslashes and control characters are not allowed"));
+    }
+    let body = p.strip_suffix('/').unwrap_or(p);
+    let mut form = String::with_capacity(p.len() + 1);
+    for component in body.split('/').skip(1) {
+        match component {
+            "" => return Err("has an empty component (`//`)".into()),
+            "." => return Err("has a `.` component".into()),
+            ".." => return Err("has a `..` component; name the directory itself".into()),
+            _ => {}
+        }
+        form.push('/');
+        form.push_str(component);
+    }
+    form.push('/');
+    Ok(form)
+}
+
+/// [`prefix_form`] for minting and attenuating.
+fn dir_form(p: &str) -> Result<String, AuthError> {
+    prefix_form(p).map_err(|why| AuthError::Build(format!("path prefix {p:?} {why}")))
+}
+
+/// Refuses a token whose path `value` (as found in one of its blocks) is not in [`prefix_form`].
+fn require_prefix_form(what: &str, value: &str) -> Result<(), AuthError> {
+    match prefix_form(value) {
+        Ok(form) if form == value => Ok(()),
+        Ok(_) => Err(AuthError::Refused(format!("the token's {what} {value:?} does not end in `/`"))),
+        Err(why) => Err(AuthError::Refused(format!("the token's {what} {value:?} {why}"))),
+    }
+}
+
+fn quoted(name: &str) -> Result<String, AuthError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '*')) {
+        return Err(AuthError::Build(format!("name {name:?} may only contain letters, digits, _ - . or be *")));
+    }
+    Ok(format!("\"{name}\""))
+}
+
+fn rfc3339(unix: u64) -> Result<String, AuthError> {
+    // Datalog dates are RFC 3339; civil-from-days (Howard Hinnant's algorithm).
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if !(1970..=9999).contains(&year) {
+        return Err(AuthError::Build(format!("expiry {unix} is out of range")));
+    }
+    Ok(format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60))
+}
+
+fn expiry_code(expires_at: Option<u64>) -> Result<String, AuthError> {
+    match expires_at {
+        Some(t) => {
+            let date = rfc3339(t)?;
+            Ok(format!("expires({t});\ncheck if time($t), $t <= {date};\n"))
+        }
+        None => Ok(String::new()),
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn random_id() -> Result<String, AuthError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| AuthError::Build(format!("no randomness: {e}")))?;
+    Ok(hex::encode(bytes))
+}
+
+/// Appends a narrowing block to `token` (base64). Needs no key: any holder can do it offline.
+pub fn attenuate(token: &str, narrowing: &Narrowing) -> Result<String, AuthError> {
+    let parsed = UnverifiedBiscuit::from_base64(token.trim()).map_err(|e| AuthError::Invalid(e.to_string()))?;
+    let mut code = String::new();
+    for (kind, list) in [("tool", &narrowing.tools), ("muscle", &narrowing.muscles)] {
+        if !list.is_empty() {
+            let items = list.iter().map(|n| quoted(n)).collect::<Result<Vec<_>, _>>()?.join(", ");
+            code.push_str(&format!("reject if {kind}($x), ![{items}].contains($x);\n"));
+        }
+    }
+    if !narrowing.paths.is_empty() {
+        let prefixes = narrowing.paths.iter().map(|p| dir_form(p)).collect::<Result<Vec<_>, _>>()?;
+        let conds = prefixes.iter().map(|p| format!("!$p.starts_with(\"{p}\")")).collect::<Vec<_>>().join(", ");
+        code.push_str(&format!("reject if path($p), {conds};\n"));
+        for p in &prefixes {
+            code.push_str(&format!("narrow_path(\"{p}\");\n"));
+        }
+    }
+    code.push_str(&expiry_code(narrowing.expires_at)?);
+    let block = BlockBuilder::new().code(&code).map_err(build_err)?;
+    parsed.append(block).map_err(build_err)?.to_base64().map_err(build_err)
+}
+
+/// The revocation id of a token's first block (revoking it revokes every attenuation).
+pub fn token_id(token: &str) -> Result<String, AuthError> {
+    let parsed = UnverifiedBiscuit::from_base64(token.trim()).map_err(|e| AuthError::Invalid(e.to_string()))?;
+    parsed
+        .revocation_identifiers()
+        .first()
+        .map(hex::encode)
+        .ok_or_else(|| AuthError::Invalid("token has no blocks".into()))
+}
+
+/// What a verified token allows, cached per token.
+#[derive(Debug)]
+pub struct Scope {
+    /// Revocation id of the first block.
+    pub id: String,
+    /// May manage muscles and tokens (an authority right no attenuation keeps).
+    pub admin: bool,
+    /// Effective path prefixes (`None`: every configured root).
+    pub path_prefixes: Option<Vec<PathBuf>>,
+    /// The earliest expiry of any block (unix seconds), `None` if none expires.
+    pub expires_at: Option<u64>,
+    tools: Names,
+    muscles: Names,
+}
+
+/// Names of one kind (tools or muscles): what the authority grants (`*`: all), and what each
+/// holder's block keeps (a literal list, where `*` is only a name).
+#[derive(Debug, Default)]
+struct Names {
+    granted: Vec<String>,
+    kept: Vec<Vec<String>>,
+}
+
+impl Names {
+    fn allows(&self, name: &str) -> bool {
+        self.granted.iter().any(|g| g == name || g == "*") && self.kept.iter().all(|k| k.iter().any(|n| n == name))
+    }
+}
+
+impl Scope {
+    /// Whether the token allows calling tool `name`.
+    pub fn allows_tool(&self, name: &str) -> bool {
+        self.tools.allows(name)
+    }
+
+    /// Whether the token allows invoking or training muscle `name`.
+    pub fn allows_muscle(&self, name: &str) -> bool {
+        self.muscles.allows(name)
+    }
+
+    /// Refuses unless the token is an admin token.
+    pub fn require_admin(&self) -> Result<(), AuthError> {
+        if self.admin { Ok(()) } else { Err(AuthError::Forbidden("this needs an admin token".into())) }
+    }
+}
+
+/// Longest bearer token read, in characters: a token with a dozen attenuations is under 4 KiB.
+pub const MAX_TOKEN_CHARS: usize = 8 << 10;
+/// Most blocks in a token (the authority block and the holders' attenuations).
+pub const MAX_BLOCKS: usize = 16;
+
+/// One statement of the token vocabulary, read from a block's printed source. Every statement
+/// [`attenuate`] and [`mint_with`] write is one of these, printed by biscuit exactly as
+/// [`Statement::render`] prints it; a block holding anything else is refused, never evaluated.
+#[derive(Debug, PartialEq, Eq)]
+enum Statement {
+    /// `token_id("HEX")` (authority).
+    TokenId(String),
+    /// `label("TEXT")` (authority).
+    Label(String),
+    /// `right("KIND", "VALUE")` (authority).
+    Right(String, String),
+    /// `expires(UNIX)`, always with [`Statement::Before`] of the same time.
+    Expires(u64),
+    /// `check if time($t), $t <= DATE`.
+    Before(String),
+    /// `narrow_path("P/")`, the hints of a [`Statement::Within`] (holder).
+    Hint(String),
+    /// `reject if tool($x), !["a", "b"].contains($x)` (holder; the same for `muscle`).
+    Keep(Kind, Vec<String>),
+    /// `reject if path($p), !$p.starts_with("P1/"), ...` (holder).
+    Within(Vec<String>),
+}
+
+fn quoted_in(s: &str, prefix: &str, suffix: &str) -> Option<String> {
+    s.strip_prefix(prefix)?.strip_suffix(suffix).map(str::to_owned)
+}
+
+fn string_list(items: &str, open: &str, close: &str) -> Option<Vec<String>> {
+    if items.is_empty() {
+        return Some(Vec::new());
+    }
+    items.split(", ").map(|item| quoted_in(item, open, close)).collect()
+}
+
+impl Statement {
+    fn parse(s: &str) -> Option<Self> {
+        if let Some(v) = quoted_in(s, "token_id(\"", "\")") {
+            return Some(Self::TokenId(v));
+        }
+        if let Some(v) = quoted_in(s, "label(\"", "\")") {
+            return Some(Self::Label(v));
+        }
+        if let Some(v) = quoted_in(s, "right(\"", "\")") {
+            let (kind, value) = v.split_once("\", \"")?;
+            return Some(Self::Right(kind.to_owned(), value.to_owned()));
+        }
+        if let Some(v) = quoted_in(s, "expires(", ")") {
+            return v.parse().ok().map(Self::Expires);
+        }
+        if let Some(v) = s.strip_prefix("check if time($t), $t <= ") {
+            return Some(Self::Before(v.to_owned()));
+        }
+        if let Some(v) = quoted_in(s, "narrow_path(\"", "\")") {
+            return Some(Self::Hint(v));
+        }
+        for kind in [Kind::Tool, Kind::Muscle] {
+            let prefix = format!("reject if {}($x), ![", kind.fact());
+            if let Some(items) = quoted_in(s, &prefix, "].contains($x)") {
+                return string_list(&items, "\"", "\"").map(|names| Self::Keep(kind, names));
+            }
+        }
+        let conds = s.strip_prefix("reject if path($p), ")?;
+        string_list(conds, "!$p.starts_with(\"", "\")").map(Self::Within)
+    }
+
+    fn render(&self) -> String {
+        let list = |items: &[String], open: &str, close: &str| {
+            items.iter().map(|i| format!("{open}{i}{close}")).collect::<Vec<_>>().join(", ")
+        };
+        match self {
+            Self::TokenId(v) => format!("token_id(\"{v}\")"),
+            Self::Label(v) => format!("label(\"{v}\")"),
+            Self::Right(k, v) => format!("right(\"{k}\", \"{v}\")"),
+            Self::Expires(t) => format!("expires({t})"),
+            Self::Before(date) => format!("check if time($t), $t <= {date}"),
+            Self::Hint(p) => format!("narrow_path(\"{p}\")"),
+            Self::Keep(kind, names) => {
+                format!("reject if {}($x), ![{}].contains($x)", kind.fact(), list(names, "\"", "\""))
+            }
+            Self::Within(prefixes) => format!("reject if path($p), {}", list(prefixes, "!$p.starts_with(\"", "\")")),
+        }
+    }
+}
+
+/// What one block says, once read.
+#[derive(Debug, Default)]
+struct BlockRights {
+    token_id: Option<String>,
+    rights: Vec<(String, String)>,
+    expires: Option<u64>,
+    tools: Option<Vec<String>>,
+    muscles: Option<Vec<String>>,
+    within: Option<Vec<String>>,
+}
+
+/// Reads block `index` of `source` (its printed form) into what it grants or keeps; refuses a
+/// statement outside the vocabulary, a statement in the wrong kind of block, a repeated
+/// narrowing, hints that differ from their check, and an expiry without its check.
+fn read_block(index: usize, source: &str) -> Result<BlockRights, AuthError> {
+    let authority = index == 0;
+    let which = if authority { "authority block".to_owned() } else { format!("block {index}") };
+    let refuse = |why: String| AuthError::Refused(format!("the token's {which} {why}"));
+    let mut block = BlockRights::default();
+    let (mut hints, mut before) = (Vec::new(), None);
+    for text in source.split_terminator(";\n") {
+        let statement = Statement::parse(text).filter(|s| s.render() == text).ok_or_else(|| {
+            let shown: String = text.chars().take(120).collect();
+            refuse(format!(
+                "holds `{shown}`, which is not a statement referee writes (tool, muscle and path \
+                 narrowings and an expiry); the token is refused rather than the statement ignored"
+            ))
+        })?;
+        let once =
+            |slot: bool, what: &str| if slot { Err(refuse(format!("has more than one {what}"))) } else { Ok(()) };
+        match statement {
+            Statement::TokenId(id) if authority => {
+                once(block.token_id.is_some(), "token id")?;
+                block.token_id = Some(id);
+            }
+            Statement::Label(_) if authority => {}
+            Statement::Right(kind, value) if authority => {
+                let valid = match kind.as_str() {
+                    "tool" | "muscle" => quoted(&value).is_ok(),
+                    "path" => value == "*" || require_prefix_form("path right", &value).is_ok(),
+                    "admin" => value == "*",
+                    _ => false,
+                };
+                if !valid {
+                    return Err(refuse(format!("grants an unknown right ({kind:?}, {value:?})")));
+                }
+                block.rights.push((kind, value));
+            }
+            Statement::Expires(t) => {
+                once(block.expires.is_some(), "expiry")?;
+                block.expires = Some(t);
+            }
+            Statement::Before(date) => {
+                once(before.is_some(), "time check")?;
+                before = Some(date);
+            }
+            Statement::Hint(p) if !authority => {
+                require_prefix_form("path narrowing", &p)?;
+                hints.push(p);
+            }
+            Statement::Keep(kind, names) if !authority => {
+                let slot = match kind {
+                    Kind::Tool => &mut block.tools,
+                    Kind::Muscle => &mut block.muscles,
+                };
+                once(slot.is_some(), &format!("{} narrowing", kind.fact()))?;
+                *slot = Some(names);
+            }
+            Statement::Within(prefixes) if !authority => {
+                once(block.within.is_some(), "path narrowing")?;
+                for p in &prefixes {
+                    require_prefix_form("path narrowing", p)?;
+                }
+                block.within = Some(prefixes);
+            }
+            other => return Err(refuse(format!("holds `{}`, which does not belong in it", other.render()))),
+        }
+    }
+    if authority && block.token_id.is_none() {
+        return Err(refuse("has no token id".into()));
+    }
+    let expected = block.expires.map(rfc3339).transpose().map_err(|e| refuse(e.to_string()))?;
+    if before != expected {
+        return Err(refuse("has an expiry without its time check, or a time check without its expiry".into()));
+    }
+    let mut sorted = hints;
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut checked = block.within.clone().unwrap_or_default();
+    checked.sort_unstable();
+    checked.dedup();
+    if sorted != checked {
+        return Err(refuse("has path hints that differ from its path check".into()));
+    }
+    Ok(block)
+}
+
+/// What a request touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Tool,
+    Muscle,
+}
+
+impl Kind {
+    fn fact(self) -> &'static str {
+        match self {
+            Self::Tool => "tool",
+            Self::Muscle => "muscle",
+        }
+    }
+}
+
+/// The gateway's root key: mints tokens. Lives in `keys/gateway.key` (0600).
+pub struct RootKey(KeyPair);
+
+impl std::fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RootKey({})", self.0.public().to_bytes_hex())
+    }
+}
+
+impl RootKey {
+    /// Loads the root key from `keys_dir`, creating it (mode 0600, never overwriting) if missing.
+    pub fn load_or_create(keys_dir: &Path) -> Result<Self, AuthError> {
+        load_or_create_root(keys_dir).map(Self)
+    }
+
+    /// Mints a token for `grant` (not recorded anywhere).
+    pub fn mint(&self, grant: &Grant) -> Result<String, AuthError> {
+        mint_with(&self.0, grant)
+    }
+
+    /// The public half, what verifies the tokens this key mints.
+    pub fn public(&self) -> PublicKey {
+        self.0.public()
+    }
+
+    /// A short-lived admin token (the CLI uses one to talk to a running server).
+    pub fn ephemeral_admin(&self, seconds: u64) -> Result<String, AuthError> {
+        self.mint(&Grant::admin("cli", Some(now_unix() + seconds)))
+    }
+}
+
+/// Verifies `token` against `root` at unix time `now`: what it allows, or why it is refused
+/// (`revoked` says whether a block's revocation id is revoked). Its cost is bounded by the
+/// token's size before any signature is checked ([`MAX_TOKEN_CHARS`], [`MAX_BLOCKS`]), and no
+/// Datalog runs: each block is read in Rust as the vocabulary of the crate docs, and the rights
+/// are intersected here.
+pub fn read(token: &str, root: &PublicKey, revoked: impl Fn(&str) -> bool, now: u64) -> Result<Scope, AuthError> {
+    if token.len() > MAX_TOKEN_CHARS {
+        return Err(AuthError::Invalid(format!("token is longer than {MAX_TOKEN_CHARS} characters")));
+    }
+    let unverified = UnverifiedBiscuit::from_base64(token).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+    let blocks = unverified.block_count();
+    if blocks > MAX_BLOCKS {
+        return Err(AuthError::Invalid(format!("token has {blocks} blocks; at most {MAX_BLOCKS} are read")));
+    }
+    let parsed = unverified.verify(*root).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+    let ids: Vec<String> = parsed.revocation_identifiers().iter().map(hex::encode).collect();
+    if let Some(id) = ids.iter().find(|id| revoked(id)) {
+        return Err(AuthError::Revoked(id.clone()));
+    }
+    let id = ids.first().cloned().ok_or_else(|| AuthError::Invalid("token has no blocks".into()))?;
+    let invalid = |e: biscuit_auth::error::Token| AuthError::Invalid(e.to_string());
+    let mut read = Vec::with_capacity(blocks);
+    for index in 0..blocks {
+        if parsed.block_external_key(index).map_err(invalid)?.is_some() {
+            return Err(AuthError::Refused(format!("the token's block {index} is a third-party block")));
+        }
+        read.push(read_block(index, &parsed.print_block_source(index).map_err(invalid)?)?);
+    }
+    let Some((authority, holders)) = read.split_first() else {
+        return Err(AuthError::Invalid("token has no blocks".into()));
+    };
+
+    let earliest = read.iter().filter_map(|b| b.expires).min();
+    if let Some(t) = earliest
+        && now > t
+    {
+        return Err(AuthError::Refused(format!("expired at {} (unix {t})", rfc3339(t).unwrap_or_default())));
+    }
+    let names = |kind: &str, kept: fn(&BlockRights) -> &Option<Vec<String>>| Names {
+        granted: authority.rights.iter().filter(|(k, _)| k == kind).map(|(_, v)| v.clone()).collect(),
+        kept: holders.iter().filter_map(|b| kept(b).clone()).collect(),
+    };
+    let granted: Vec<&str> = authority.rights.iter().filter(|(k, _)| k == "path").map(|(_, v)| v.as_str()).collect();
+    let narrowings: Vec<&[String]> = holders.iter().filter_map(|b| b.within.as_deref()).collect();
+    Ok(Scope {
+        id,
+        // Admin rights mint any token, so no attenuation keeps them: mint a narrower admin.
+        admin: holders.is_empty() && authority.rights.iter().any(|(k, v)| k == "admin" && v == "*"),
+        path_prefixes: effective_paths(&granted, &narrowings),
+        tools: names("tool", |b| &b.tools),
+        muscles: names("muscle", |b| &b.muscles),
+        expires_at: earliest,
+    })
+}
+
+/// The token's effective path prefixes: the intersection of every block's path rights.
+///
+/// `granted` are the authority's prefixes (`*`: every root), `narrowings` each holder block's
+/// prefixes, all in [`prefix_form`] (checked when read). A path is allowed when it lies inside a
+/// granted prefix and inside a prefix of every narrowing; since the prefixes are component
+/// prefixes, that set is the union of the candidates (every prefix named anywhere) that satisfy
+/// the same, and the ones inside another are dropped. `None` when the token covers every root
+/// and nothing narrows it.
+fn effective_paths(granted: &[&str], narrowings: &[&[String]]) -> Option<Vec<PathBuf>> {
+    let everywhere = granted.contains(&"*");
+    let granted: Vec<&str> = granted.iter().copied().filter(|p| *p != "*").collect();
+    if everywhere && narrowings.is_empty() {
+        return None;
+    }
+    let mut allowed: Vec<&str> = granted
+        .iter()
+        .copied()
+        .chain(narrowings.iter().flat_map(|n| n.iter().map(String::as_str)))
+        .filter(|c| everywhere || granted.iter().any(|g| within(c, g)))
+        .filter(|c| narrowings.iter().all(|n| n.iter().any(|p| within(c, p))))
+        .collect();
+    allowed.sort_unstable();
+    allowed.dedup();
+    let minimal: Vec<PathBuf> = allowed
+        .iter()
+        .filter(|p| !allowed.iter().any(|q| q != *p && within(p, q)))
+        .map(|p| PathBuf::from(p).components().collect())
+        .collect();
+    Some(minimal)
+}
+
+/// Whether prefix `inner` lies inside prefix `outer` (or is it). Both are in [`prefix_form`],
+/// where a string prefix is a whole-component prefix.
+fn within(inner: &str, outer: &str) -> bool {
+    inner.starts_with(outer)
+}
+
+fn mint_with(root: &KeyPair, grant: &Grant) -> Result<String, AuthError> {
+    let mut code = format!("token_id(\"{}\");\nlabel({});\n", random_id()?, json_string(&grant.label));
+    for (kind, list) in [("tool", &grant.tools), ("muscle", &grant.muscles)] {
+        for name in list {
+            code.push_str(&format!("right(\"{kind}\", {});\n", quoted(name)?));
+        }
+    }
+    for p in &grant.paths {
+        let value = if p == "*" { "*".to_owned() } else { dir_form(p)? };
+        code.push_str(&format!("right(\"path\", \"{value}\");\n"));
+    }
+    if grant.admin {
+        code.push_str("right(\"admin\", \"*\");\n");
+    }
+    code.push_str(&expiry_code(grant.expires_at)?);
+    Biscuit::builder().code(&code).map_err(build_err)?.build(root).map_err(build_err)?.to_base64().map_err(build_err)
+}
+
+/// A datalog string literal (JSON escaping is a subset datalog accepts for printable text).
+fn json_string(s: &str) -> String {
+    let clean: String = s.chars().filter(|c| !c.is_control() && *c != '\\' && *c != '"').take(64).collect();
+    format!("\"{clean}\"")
+}
+
+fn key_err(path: &Path, why: impl std::fmt::Display) -> AuthError {
+    AuthError::Key { path: path.to_owned(), why: why.to_string() }
+}
+
+/// Reads the root key, creating it (mode 0600, never overwriting) if missing.
+fn load_or_create_root(keys_dir: &Path) -> Result<KeyPair, AuthError> {
+    let path = keys_dir.join(ROOT_KEY_FILE);
+    if !path.exists() {
+        let pair = KeyPair::new();
+        let text = format!("{KEY_MAGIC}\n{}\n", pair.private().to_bytes_hex());
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let mut file =
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| key_err(&tmp, e))?;
+        let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
+        let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            // Another process won the race: use its key.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(key_err(&path, e)),
+        }
+    }
+    let meta = fs::metadata(&path).map_err(|e| key_err(&path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(key_err(&path, format!("mode {mode:o} is readable by other users; run `chmod 600` on it")));
+    }
+    if meta.len() > 4096 {
+        return Err(key_err(&path, "too large to be a root key"));
+    }
+    let text = fs::read_to_string(&path).map_err(|e| key_err(&path, e))?;
+    let mut lines = text.lines();
+    if lines.next() != Some(KEY_MAGIC) {
+        return Err(key_err(&path, format!("not a gateway root key (first line must be {KEY_MAGIC})")));
+    }
+    let hex_key = lines.next().unwrap_or_default().trim();
+    let private = PrivateKey::from_bytes_hex(hex_key, Algorithm::Ed25519).map_err(|e| key_err(&path, e))?;
+    Ok(KeyPair::from(&private))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_rfc3339() {
+        // Reference values from `date -u -d @N +%FT%TZ`.
+        assert_eq!(rfc3339(0).unwrap(), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400).unwrap(), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_800_000_000).unwrap(), "2027-01-15T08:00:00Z");
+    }
+
+    #[test]
+    fn root_key_is_private_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create_root(dir.path()).unwrap();
+        let b = load_or_create_root(dir.path()).unwrap();
+        assert_eq!(a.public(), b.public());
+        let mode = fs::metadata(dir.path().join(ROOT_KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::set_permissions(dir.path().join(ROOT_KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_or_create_root(dir.path()).is_err());
+    }
+
+    #[test]
+    fn prefixes_have_one_form_and_anything_else_is_refused() {
+        assert_eq!(prefix_form("/").unwrap(), "/");
+        assert_eq!(prefix_form("/a/b").unwrap(), "/a/b/");
+        assert_eq!(prefix_form("/a/b/").unwrap(), "/a/b/");
+        assert_eq!(prefix_form("/a/..b/.c").unwrap(), "/a/..b/.c/");
+        for bad in [
+            "", "a/b", "./a", "/a/../b", "/a/..", "/a/.", "/./a", "/a//b", "//a", "/a//", "/a\\b", "/a\"b", "/a\nb",
+            "/a\0b",
+        ] {
+            assert!(prefix_form(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn every_statement_renders_back_to_its_source() {
+        for text in [
+            "token_id(\"00ff\")",
+            "label(\"ops\")",
+            "right(\"path\", \"/a/\")",
+            "expires(1900000000)",
+            "check if time($t), $t <= 2030-03-17T17:46:40Z",
+            "narrow_path(\"/a/b/\")",
+            "reject if tool($x), ![\"a\", \"b\"].contains($x)",
+            "reject if muscle($x), ![].contains($x)",
+            "reject if path($p), !$p.starts_with(\"/a/\"), !$p.starts_with(\"/b/\")",
+        ] {
+            let statement = Statement::parse(text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!(statement.render(), text);
+        }
+        for text in ["reject if path($p), $p.starts_with(\"/a/\")", "f(1)", "check if true", "right(\"a\")"] {
+            assert!(Statement::parse(text).is_none_or(|s| s.render() != text), "{text}");
+        }
+    }
+}
