@@ -43,7 +43,8 @@ failed=()
 # Not under target/: with CARGO_TARGET_DIR set (as .ci/run does) fuzz/target never exists.
 log_dir="${root}/fuzz/artifacts/logs"
 mkdir -p "${log_dir}"
-# The frontends start from the bundled examples (valid inputs reach deeper code faster).
+# The frontends start from the bundled examples, the token target from fuzz/seeds/token
+# (valid inputs reach deeper code faster).
 seed() {
     mkdir -p "corpus/$1"
     shift
@@ -53,6 +54,7 @@ for target in "${targets[@]}"; do
     case "${target}" in
         python_frontend) seed "${target}" ../examples/*.py ;;
         onnx_frontend) seed "${target}" ../examples/*.onnx ;;
+        token) seed "${target}" seeds/token/* ;;
     esac
     log="${log_dir}/${target}.log"
     echo "fuzz: running ${target} for ${seconds} s"

@@ -624,9 +624,11 @@ fn time_to_close(stream: &mut std::net::TcpStream, limit: Duration) -> Result<Du
 }
 
 /// Security finding 5: connections trickling headers stayed open indefinitely, and enough of
-/// them exhausted the server's file descriptors. Now a request's headers must arrive within the
-/// header-read timeout, a connection where nothing moves is closed after the idle timeout, and
-/// each listener caps its open connections (closing the excess on accept).
+/// them exhausted the server's file descriptors. Now a connection with no request in flight is
+/// closed after the header-read timeout (whatever it sent, or nothing), one where nothing moves
+/// after the idle timeout, and each listener caps its open connections: a new connection at the
+/// cap takes the place of the one idle the longest, and is closed only when every connection
+/// has a request in flight.
 #[test]
 fn slow_and_excess_connections_are_closed() -> TestResult {
     use std::io::Write;
@@ -635,38 +637,54 @@ fn slow_and_excess_connections_are_closed() -> TestResult {
     std::fs::write(&config, "[limits]\nheader_read_timeout_ms = 700\nidle_timeout_ms = 1500\nmax_connections = 6\n")?;
     let s = serve(&dir.path().join("home"), &["--config", &config.display().to_string()])?;
     let (base, addr) = (s.base(), s.ready["tcp"].as_str().ok_or("no tcp")?.to_owned());
+    let connect = || std::net::TcpStream::connect(&addr);
 
-    // Headers trickled in: closed after the header-read timeout, not kept.
-    let mut slow = std::net::TcpStream::connect(&addr)?;
-    slow.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")?;
-    let waited = time_to_close(&mut slow, Duration::from_secs(10))?;
-    assert!(waited >= Duration::from_millis(500), "closed too early: {waited:?}");
+    // Headers trickled in, or nothing sent at all, or half an HTTP/2 preface: closed after the
+    // header-read timeout, not kept.
+    for opening in [&b"GET /health HTTP/1.1\r\nHost: localhost\r\n"[..], b"", b"PRI * HTTP/2.0\r\n"] {
+        let mut slow = connect()?;
+        slow.write_all(opening)?;
+        let waited = time_to_close(&mut slow, Duration::from_secs(10))?;
+        assert!(waited >= Duration::from_millis(500), "{opening:?} closed too early: {waited:?}");
+    }
 
     // A body that stops arriving: closed after the idle timeout.
-    let mut stalled = std::net::TcpStream::connect(&addr)?;
-    let head = format!(
-        "POST /tool HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"tool\":",
-        s.admin()
-    );
-    stalled.write_all(head.as_bytes())?;
+    let stalled_post = || -> Result<std::net::TcpStream, Box<dyn std::error::Error>> {
+        let mut stalled = connect()?;
+        let head = format!(
+            "POST /tool HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"tool\":",
+            s.admin()
+        );
+        stalled.write_all(head.as_bytes())?;
+        Ok(stalled)
+    };
+    let mut stalled = stalled_post()?;
     let waited = time_to_close(&mut stalled, Duration::from_secs(15))?;
     assert!(waited >= Duration::from_millis(1200), "closed too early: {waited:?}");
 
-    // Six open connections fill the TCP listener: a seventh is closed on accept, the Unix
-    // socket (its own cap) still answers, and once the six are gone TCP answers again.
-    let mut held = Vec::new();
+    // Six idle connections fill the TCP listener: a seventh takes the place of the idlest.
+    let mut idle = Vec::new();
     for _ in 0..6 {
-        let mut c = std::net::TcpStream::connect(&addr)?;
+        let mut c = connect()?;
         c.write_all(b"GET /health HTTP/1.1\r\n")?;
-        held.push(c);
+        idle.push(c);
+        std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(curl(None, "GET", &format!("{base}/health"), None, None).0, 200);
+    time_to_close(&mut idle[0], Duration::from_millis(300))?;
+
+    // Six requests in flight fill it for good: a seventh is closed on accept, the Unix socket
+    // (its own cap) still answers, and once the six time out TCP answers again.
+    drop(idle);
     std::thread::sleep(Duration::from_millis(100));
-    let mut excess = std::net::TcpStream::connect(&addr)?;
+    let mut busy = (0..6).map(|_| stalled_post()).collect::<Result<Vec<_>, _>>()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let mut excess = connect()?;
     let _ = excess.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    assert!(time_to_close(&mut excess, Duration::from_secs(1))? < Duration::from_millis(500));
+    assert!(time_to_close(&mut excess, Duration::from_secs(1))? < Duration::from_millis(800));
     assert_eq!(curl(Some(&s.socket()), "GET", "http://localhost/health", None, None).0, 200);
-    for c in &mut held {
+    for c in &mut busy {
         time_to_close(c, Duration::from_secs(10))?;
     }
     assert_eq!(curl(None, "GET", &format!("{base}/health"), None, None).0, 200);

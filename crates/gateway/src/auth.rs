@@ -129,39 +129,62 @@ impl Authority {
         None
     }
 
-    /// Verifies a bearer token: from the caches when they know it, else by [`Self::verify_uncached`],
-    /// whose outcome is cached either way (a refusal costs no more to repeat than a success).
+    /// Verifies a bearer token: from the caches when they know it, else [`Self::inspect`] and
+    /// [`Self::finish`]; the outcome is cached either way (a refusal costs no more to repeat
+    /// than a success).
     pub fn verify(&self, token: &str) -> Result<Arc<Scope>, AuthError> {
         if let Some(known) = self.cached(token) {
             return known;
         }
-        match self.verify_uncached(token) {
-            Ok(scope) => {
-                let scope = Arc::new(scope);
-                let verified_at = Instant::now();
-                let left =
-                    scope.expires_at.map_or(self.cache_ttl, |t| Duration::from_secs(t.saturating_sub(now_unix())));
-                let known =
-                    Known { scope: scope.clone(), verified_at, valid_until: verified_at + left.min(self.cache_ttl) };
-                if let Ok(mut cache) = self.cache.write() {
-                    if cache.len() >= MAX_CACHED {
-                        cache.clear();
-                    }
-                    cache.insert(token.to_owned(), known);
-                }
-                Ok(scope)
-            }
-            Err(e) => {
-                let why = Arc::new(e);
-                if let Ok(mut refusals) = self.refusals.write() {
-                    if refusals.len() >= MAX_CACHED {
-                        refusals.clear();
-                    }
-                    refusals.insert(self.hasher.hash_one(token), (Instant::now(), why.clone()));
-                }
-                Err(AuthError::Cached(why))
-            }
+        match self.inspect(token) {
+            Ok(inspected) => self.finish(token, inspected),
+            Err(e) => Err(self.remember_refusal(token, e)),
         }
+    }
+
+    /// Everything that can refuse `token` without checking a signature (cheap, bounded by its
+    /// size). A refusal is not cached here: pass it to [`Self::remember_refusal`].
+    pub fn inspect(&self, token: &str) -> Result<Inspected, AuthError> {
+        let revoked = self.revoked.read().map_err(|_| AuthError::Invalid("revocation list unavailable".into()))?;
+        inspect(token, |id| revoked.contains(id), now_unix())
+    }
+
+    /// Checks the signatures of an inspected `token` and caches the outcome.
+    pub fn finish(&self, token: &str, inspected: Inspected) -> Result<Arc<Scope>, AuthError> {
+        let scope = match inspected.verify(&self.root.public()) {
+            Ok(scope) => Arc::new(scope),
+            Err(e) => return Err(self.remember_refusal(token, e)),
+        };
+        let verified_at = Instant::now();
+        let left = scope.expires_at.map_or(self.cache_ttl, |t| Duration::from_secs(t.saturating_sub(now_unix())));
+        let known = Known { scope: scope.clone(), verified_at, valid_until: verified_at + left.min(self.cache_ttl) };
+        if let Ok(mut cache) = self.cache.write() {
+            if cache.len() >= MAX_CACHED {
+                // Stale entries first; only a cache full of live tokens starts over.
+                cache.retain(|_, k| verified_at < k.valid_until);
+                if cache.len() >= MAX_CACHED {
+                    cache.clear();
+                }
+            }
+            cache.insert(token.to_owned(), known);
+        }
+        Ok(scope)
+    }
+
+    /// Caches why `token` was refused (for the cache time) and returns the refusal.
+    pub fn remember_refusal(&self, token: &str, e: AuthError) -> AuthError {
+        let why = Arc::new(e);
+        let now = Instant::now();
+        if let Ok(mut refusals) = self.refusals.write() {
+            if refusals.len() >= MAX_CACHED {
+                refusals.retain(|_, (at, _)| now.duration_since(*at) < self.cache_ttl);
+                if refusals.len() >= MAX_CACHED {
+                    refusals.clear();
+                }
+            }
+            refusals.insert(self.hasher.hash_one(token), (now, why.clone()));
+        }
+        AuthError::Cached(why)
     }
 
     /// Verifies a token with no cache ([`read`] against the root key and the revocations).

@@ -10,16 +10,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::response::Response;
 use axum::serve::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
+use tower_service::Service as _;
 
 use crate::config::LimitsConfig;
 
@@ -72,35 +78,197 @@ fn open_file_budget() -> Option<u64> {
     if setrlimit(Resource::Nofile, raised).is_ok() { limit.maximum } else { limit.current }
 }
 
+/// One open connection, as the accept loop sees it.
+#[derive(Debug)]
+struct Tracked {
+    /// Requests whose answer has not been sent in full.
+    in_flight: AtomicUsize,
+    /// When the connection last had no request in flight (ms since the listener started).
+    quiet_since: AtomicU64,
+    /// Cancelled to close the connection (evicted to make room).
+    close: CancellationToken,
+}
+
+/// The open connections of one listener, so that a new one can take an idle one's place.
+#[derive(Debug, Default)]
+struct Connections {
+    open: Mutex<HashMap<u64, Arc<Tracked>>>,
+}
+
+impl Connections {
+    /// Closes the connection that has been idle (no request in flight) the longest; false when
+    /// every connection has a request in flight.
+    fn evict_idlest(&self) -> bool {
+        let Ok(open) = self.open.lock() else { return false };
+        let idlest = open
+            .values()
+            .filter(|t| t.in_flight.load(Ordering::Acquire) == 0 && !t.close.is_cancelled())
+            .min_by_key(|t| t.quiet_since.load(Ordering::Acquire));
+        match idlest {
+            Some(t) => {
+                t.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Counts a request in flight until its answer's body is dropped (sent in full, or given up).
+struct InFlight {
+    tracked: Arc<Tracked>,
+    epoch: Instant,
+}
+
+impl InFlight {
+    fn start(tracked: Arc<Tracked>, epoch: Instant) -> Self {
+        tracked.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self { tracked, epoch }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = millis_since(self.epoch);
+        // Quiet from now on if this was the last one.
+        if self.tracked.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracked.quiet_since.store(now, Ordering::Release);
+        }
+    }
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A response body that keeps `guard` alive until the body is dropped: sent in full, or the
+/// connection gone. What a request holds (a connection's in-flight count, a token's
+/// concurrency permit) is then held until its answer has left, not only until it was made.
+pub(crate) struct Guarded<G> {
+    body: Body,
+    _guard: G,
+}
+
+impl<G: Send + Unpin + 'static> Guarded<G> {
+    /// `response` whose body holds `guard`.
+    pub(crate) fn response(response: Response, guard: G) -> Response {
+        response.map(|body| Body::new(Self { body, _guard: guard }))
+    }
+}
+
+impl<G: Unpin> http_body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Streams one HTTP/2 connection may have open at once (each may hold an answer in memory).
+const MAX_STREAMS: u32 = 32;
+
 /// Serves `app` on `listener` until `stop` is cancelled, then waits for the open connections to
 /// finish their requests (the caller bounds that wait).
+///
+/// A connection with no request in flight for the header-read time (since it was accepted, or
+/// since its last answer left) is closed, whatever the protocol: HTTP/1 with no request yet,
+/// an HTTP/2 connection kept open by pings, a client that never finishes choosing a protocol.
+/// At the cap, a new connection takes the place of the connection idle the longest; only when
+/// every connection has a request in flight is the new one closed.
 pub async fn serve<L>(mut listener: L, app: Router, hygiene: Hygiene, stop: CancellationToken)
 where
     L: Listener,
     L::Io: Unpin,
 {
     let slots = Arc::new(Semaphore::new(hygiene.max_connections));
+    let connections = Arc::new(Connections::default());
+    let epoch = Instant::now();
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(hygiene.header_read);
-    builder.http2().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(MAX_STREAMS);
+    let mut next_id = 0u64;
     loop {
         let (io, _addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) if connections.evict_idlest() => {
+                metrics::counter!("referee_gateway_connections_evicted_total").increment(1);
+                // The evicted connection's task wakes, drops it and frees its slot.
+                tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(slot) = slot else {
             metrics::counter!("referee_gateway_connections_refused_total").increment(1);
             drop(io);
             continue;
         };
+        next_id += 1;
+        let id = next_id;
+        let tracked = Arc::new(Tracked {
+            in_flight: AtomicUsize::new(0),
+            quiet_since: AtomicU64::new(millis_since(epoch)),
+            close: CancellationToken::new(),
+        });
+        if let Ok(mut open) = connections.open.lock() {
+            open.insert(id, tracked.clone());
+        }
         metrics::gauge!("referee_gateway_connections").increment(1.0);
-        let service = TowerToHyperService::new(app.clone());
+        let service = {
+            let (app, tracked) = (app.clone(), tracked.clone());
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let in_flight = InFlight::start(tracked.clone(), epoch);
+                let mut app = app.clone();
+                async move {
+                    let response = app.call(req.map(Body::new)).await?;
+                    Ok::<_, std::convert::Infallible>(Guarded::response(response, in_flight))
+                }
+            })
+        };
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(Idle::new(io, hygiene.idle)), service);
         let watched = graceful.watch(connection.into_owned());
+        let connections = connections.clone();
+        let header_read = hygiene.header_read;
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, "connection closed with an error");
+            tokio::pin!(watched);
+            loop {
+                let quiet = tracked.quiet_since.load(Ordering::Acquire);
+                let deadline = epoch + Duration::from_millis(quiet) + header_read;
+                tokio::select! {
+                    done = &mut watched => {
+                        if let Err(e) = done {
+                            tracing::debug!(error = %e, "connection closed with an error");
+                        }
+                        break;
+                    }
+                    () = tracked.close.cancelled() => break,
+                    () = tokio::time::sleep_until(deadline) => {
+                        let idle = tracked.in_flight.load(Ordering::Acquire) == 0
+                            && tracked.quiet_since.load(Ordering::Acquire) == quiet;
+                        if idle {
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Ok(mut open) = connections.open.lock() {
+                open.remove(&id);
             }
             metrics::gauge!("referee_gateway_connections").decrement(1.0);
             drop(slot);
@@ -109,6 +277,9 @@ where
     drop(listener);
     graceful.shutdown().await;
 }
+
+/// How long a new connection at the cap waits for the connection it evicted to close.
+const EVICTION_WAIT: Duration = Duration::from_millis(250);
 
 /// An I/O object that fails with `TimedOut` once no byte has moved in either direction for
 /// `limit` while someone waits on it.

@@ -1,8 +1,9 @@
 //! The state every surface shares and the one call path REST, batch and MCP all go through:
 //! permission → resolve → run on the blocking pool with a deadline → stats and metrics.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -71,12 +72,14 @@ impl From<AuthError> for ApiError {
             AuthError::Refused(_) => (StatusCode::UNAUTHORIZED, "token_refused"),
             AuthError::Revoked(_) => (StatusCode::UNAUTHORIZED, "token_revoked"),
             AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            AuthError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             AuthError::Build(_) => (StatusCode::BAD_REQUEST, "bad_grant"),
             AuthError::Key { .. } | AuthError::Store(_) | AuthError::Cached(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };
-        Self::new(status, code, e.to_string())
+        let busy = status == StatusCode::SERVICE_UNAVAILABLE;
+        Self { retry_after: busy.then_some(1), ..Self::new(status, code, e.to_string()) }
     }
 }
 
@@ -201,6 +204,42 @@ impl Stats {
     }
 }
 
+/// Checks of one token id (new tokens derived from it) waiting or running at once.
+pub(crate) const PENDING_PER_TOKEN: usize = 4;
+/// Longest wait for a verification slot.
+pub(crate) const VERIFY_WAIT: Duration = Duration::from_secs(2);
+
+/// One pending verification of a token id; leaves the count when dropped.
+struct Pending<'a> {
+    map: &'a Mutex<HashMap<String, usize>>,
+    id: String,
+}
+
+impl<'a> Pending<'a> {
+    fn enter(map: &'a Mutex<HashMap<String, usize>>, id: &str) -> Option<Self> {
+        let mut counts = map.lock().ok()?;
+        let count = counts.entry(id.to_owned()).or_default();
+        if *count >= PENDING_PER_TOKEN {
+            return None;
+        }
+        *count += 1;
+        Some(Self { map, id: id.to_owned() })
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.map.lock()
+            && let Some(count) = counts.get_mut(&self.id)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.id);
+            }
+        }
+    }
+}
+
 fn verify_slots() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
@@ -211,6 +250,8 @@ pub struct Gateway {
     authority: Authority,
     /// Uncached verifications running at once (on the blocking pool, never the async workers).
     verifying: tokio::sync::Semaphore,
+    /// Verifications waiting or running, per token id.
+    pending: Mutex<HashMap<String, usize>>,
     limiter: Limiter,
     stats: Stats,
     config: GatewayConfig,
@@ -241,6 +282,7 @@ impl Gateway {
             registry: Registry::new(native, runtime),
             authority,
             verifying: tokio::sync::Semaphore::new(verify_slots()),
+            pending: Mutex::new(HashMap::new()),
             limiter,
             stats: Stats::default(),
             metrics: crate::telemetry::prometheus(),
@@ -254,19 +296,32 @@ impl Gateway {
         &self.authority
     }
 
-    /// Verifies a bearer token: from the caches when they know it; else on the blocking pool,
-    /// at most half the cores at once (at least one), so a flood of new tokens (each with its
-    /// signatures to check) queues here and never takes the async workers that serve everyone
-    /// else. The outcome is cached either way.
+    /// Verifies a bearer token: from the caches when they know it. Else everything that can
+    /// refuse it without a signature is checked here (bounded by the token's size); then its
+    /// signatures are checked on the blocking pool, at most half the cores at once (at least
+    /// one), so a flood of new tokens never takes the async workers that serve everyone else.
+    /// At most four checks of one token id wait or run at once, and none waits longer than two
+    /// seconds: past either, 503 with `Retry-After`. Outcomes are cached.
     pub async fn verify(self: &Arc<Self>, token: &str) -> Result<Arc<Scope>, AuthError> {
         if let Some(known) = self.authority.cached(token) {
             return known;
         }
-        let Ok(_slot) = self.verifying.acquire().await else {
-            return Err(AuthError::Invalid("the gateway is shutting down".into()));
+        let inspected = match self.authority.inspect(token) {
+            Ok(inspected) => inspected,
+            Err(e) => return Err(self.authority.remember_refusal(token, e)),
+        };
+        let Some(_pending) = Pending::enter(&self.pending, inspected.id()) else {
+            metrics::counter!("referee_gateway_refusals_total", "reason" => "verify_busy").increment(1);
+            return Err(AuthError::Busy(format!(
+                "{PENDING_PER_TOKEN} new tokens derived from this one are already being verified"
+            )));
+        };
+        let Ok(Ok(_slot)) = tokio::time::timeout(VERIFY_WAIT, self.verifying.acquire()).await else {
+            metrics::counter!("referee_gateway_refusals_total", "reason" => "verify_busy").increment(1);
+            return Err(AuthError::Busy("too many new tokens are waiting to be verified".into()));
         };
         let (gw, token) = (self.clone(), token.to_owned());
-        match tokio::task::spawn_blocking(move || gw.authority.verify(&token)).await {
+        match tokio::task::spawn_blocking(move || gw.authority.finish(&token, inspected)).await {
             Ok(verified) => verified,
             Err(e) => Err(AuthError::Invalid(format!("verification did not finish: {e}"))),
         }

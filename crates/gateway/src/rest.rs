@@ -734,8 +734,9 @@ async fn authenticate(State(gw): Shared, mut req: Request, next: Next) -> Result
     })?;
     req.extensions_mut().insert(scope);
     let response = next.run(req).await;
-    drop(permit);
-    Ok(response)
+    // The token's in-flight slot is held until the answer has left, not only until it was made:
+    // a client that never reads its answers runs out of slots, not the server out of memory.
+    Ok(crate::conn::Guarded::response(response, permit))
 }
 
 /// Request ids: a per-process random prefix and a counter (unique, cheap, sortable).

@@ -66,6 +66,9 @@ pub enum AuthError {
         /// What went wrong and what to do.
         why: String,
     },
+    /// The verifier is saturated; retry in a second.
+    #[error("busy: {0}; retry in a second")]
+    Busy(String),
     /// A refusal remembered from an earlier verification of the same token.
     #[error("{0}")]
     Cached(Arc<AuthError>),
@@ -299,8 +302,10 @@ impl Scope {
 
 /// Longest bearer token read, in characters: a token with a dozen attenuations is under 4 KiB.
 pub const MAX_TOKEN_CHARS: usize = 8 << 10;
-/// Most blocks in a token (the authority block and the holders' attenuations).
-pub const MAX_BLOCKS: usize = 16;
+/// Most blocks in a token (the authority block and seven attenuations).
+pub const MAX_BLOCKS: usize = 8;
+/// Largest holder block, in serialized bytes: a narrowing to a dozen long paths fits.
+pub const MAX_BLOCK_BYTES: usize = 2 << 10;
 
 /// One statement of the token vocabulary, read from a block's printed source. Every statement
 /// [`attenuate`] and [`mint_with`] write is one of these, printed by biscuit exactly as
@@ -400,13 +405,18 @@ struct BlockRights {
 /// Reads block `index` of `source` (its printed form) into what it grants or keeps; refuses a
 /// statement outside the vocabulary, a statement in the wrong kind of block, a repeated
 /// narrowing, hints that differ from their check, and an expiry without its check.
-fn read_block(index: usize, source: &str) -> Result<BlockRights, AuthError> {
+fn read_block(index: usize, source: &str, expected: usize) -> Result<BlockRights, AuthError> {
     let authority = index == 0;
     let which = if authority { "authority block".to_owned() } else { format!("block {index}") };
     let refuse = |why: String| AuthError::Refused(format!("the token's {which} {why}"));
     let mut block = BlockRights::default();
     let (mut hints, mut before) = (Vec::new(), None);
-    for text in source.split_terminator(";\n") {
+    let texts: Vec<&str> = source.split_terminator(";\n").collect();
+    // A string holding `;\n` would print as more statements than the block has: refused.
+    if texts.len() != expected {
+        return Err(refuse(format!("prints as {} statements but holds {expected}", texts.len())));
+    }
+    for text in texts {
         let statement = Statement::parse(text).filter(|s| s.render() == text).ok_or_else(|| {
             let shown: String = text.chars().take(120).collect();
             refuse(format!(
@@ -447,6 +457,9 @@ fn read_block(index: usize, source: &str) -> Result<BlockRights, AuthError> {
                 hints.push(p);
             }
             Statement::Keep(kind, names) if !authority => {
+                if let Some(bad) = names.iter().find(|n| quoted(n).is_err()) {
+                    return Err(refuse(format!("keeps the {} name {bad:?}, which no name can be", kind.fact())));
+                }
                 let slot = match kind {
                     Kind::Tool => &mut block.tools,
                     Kind::Muscle => &mut block.muscles,
@@ -530,12 +543,37 @@ impl RootKey {
     }
 }
 
-/// Verifies `token` against `root` at unix time `now`: what it allows, or why it is refused
-/// (`revoked` says whether a block's revocation id is revoked). Its cost is bounded by the
-/// token's size before any signature is checked ([`MAX_TOKEN_CHARS`], [`MAX_BLOCKS`]), and no
-/// Datalog runs: each block is read in Rust as the vocabulary of the crate docs, and the rights
-/// are intersected here.
-pub fn read(token: &str, root: &PublicKey, revoked: impl Fn(&str) -> bool, now: u64) -> Result<Scope, AuthError> {
+/// A token parsed but not yet verified: everything that can refuse it without checking a
+/// signature has been checked ([`inspect`]); [`Inspected::verify`] checks the signatures.
+#[derive(Debug)]
+pub struct Inspected {
+    token: UnverifiedBiscuit,
+    id: String,
+    scope: Scope,
+}
+
+impl Inspected {
+    /// The revocation id of the first block, as the token claims it (not yet verified).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Checks every block's signature against `root`: the costly step, bounded by
+    /// [`MAX_BLOCKS`] Ed25519 signatures.
+    pub fn verify(self, root: &PublicKey) -> Result<Scope, AuthError> {
+        self.token.verify(*root).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+        Ok(self.scope)
+    }
+}
+
+/// The statements of a token, and their shape, checked without any signature: size, block
+/// count, key algorithms (Ed25519 only: referee writes nothing else, and P-256 costs several
+/// times as much to check), no third-party block, each holder block's size, revocation, the
+/// vocabulary and expiry. Its cost is linear in the token's bytes ([`MAX_TOKEN_CHARS`]).
+pub fn inspect(token: &str, revoked: impl Fn(&str) -> bool, now: u64) -> Result<Inspected, AuthError> {
+    use biscuit_auth::format::schema;
+    use prost::Message as _;
+
     if token.len() > MAX_TOKEN_CHARS {
         return Err(AuthError::Invalid(format!("token is longer than {MAX_TOKEN_CHARS} characters")));
     }
@@ -544,19 +582,42 @@ pub fn read(token: &str, root: &PublicKey, revoked: impl Fn(&str) -> bool, now: 
     if blocks > MAX_BLOCKS {
         return Err(AuthError::Invalid(format!("token has {blocks} blocks; at most {MAX_BLOCKS} are read")));
     }
-    let parsed = unverified.verify(*root).map_err(|e| AuthError::Invalid(format!("{e}")))?;
-    let ids: Vec<String> = parsed.revocation_identifiers().iter().map(hex::encode).collect();
+    let invalid = |e: biscuit_auth::error::Token| AuthError::Invalid(e.to_string());
+    let bytes = unverified.to_vec().map_err(invalid)?;
+    let wire = schema::Biscuit::decode(bytes.as_slice()).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+    let ed25519 = schema::public_key::Algorithm::Ed25519 as i32;
+    let mut statements = Vec::with_capacity(blocks);
+    for (index, block) in std::iter::once(&wire.authority).chain(&wire.blocks).enumerate() {
+        let which = if index == 0 { "authority block".to_owned() } else { format!("block {index}") };
+        if block.next_key.algorithm != ed25519 {
+            return Err(AuthError::Refused(format!("the token's {which} uses a key that is not Ed25519")));
+        }
+        if block.external_signature.is_some() {
+            return Err(AuthError::Refused(format!("the token's {which} is a third-party block")));
+        }
+        if index > 0 && block.block.len() > MAX_BLOCK_BYTES {
+            return Err(AuthError::Refused(format!(
+                "the token's {which} is {} bytes; a narrowing takes at most {MAX_BLOCK_BYTES}",
+                block.block.len()
+            )));
+        }
+        let inner = schema::Block::decode(block.block.as_slice()).map_err(|e| AuthError::Invalid(format!("{e}")))?;
+        if !inner.rules.is_empty() || !inner.scope.is_empty() || !inner.public_keys.is_empty() {
+            return Err(AuthError::Refused(format!(
+                "the token's {which} holds rules, scopes or public keys, which referee never writes"
+            )));
+        }
+        statements.push(inner.facts.len() + inner.checks.len());
+    }
+    let ids: Vec<String> = unverified.revocation_identifiers().iter().map(hex::encode).collect();
     if let Some(id) = ids.iter().find(|id| revoked(id)) {
         return Err(AuthError::Revoked(id.clone()));
     }
     let id = ids.first().cloned().ok_or_else(|| AuthError::Invalid("token has no blocks".into()))?;
-    let invalid = |e: biscuit_auth::error::Token| AuthError::Invalid(e.to_string());
     let mut read = Vec::with_capacity(blocks);
     for index in 0..blocks {
-        if parsed.block_external_key(index).map_err(invalid)?.is_some() {
-            return Err(AuthError::Refused(format!("the token's block {index} is a third-party block")));
-        }
-        read.push(read_block(index, &parsed.print_block_source(index).map_err(invalid)?)?);
+        let expected = statements.get(index).copied().unwrap_or_default();
+        read.push(read_block(index, &unverified.print_block_source(index).map_err(invalid)?, expected)?);
     }
     let Some((authority, holders)) = read.split_first() else {
         return Err(AuthError::Invalid("token has no blocks".into()));
@@ -574,15 +635,24 @@ pub fn read(token: &str, root: &PublicKey, revoked: impl Fn(&str) -> bool, now: 
     };
     let granted: Vec<&str> = authority.rights.iter().filter(|(k, _)| k == "path").map(|(_, v)| v.as_str()).collect();
     let narrowings: Vec<&[String]> = holders.iter().filter_map(|b| b.within.as_deref()).collect();
-    Ok(Scope {
-        id,
+    let scope = Scope {
+        id: id.clone(),
         // Admin rights mint any token, so no attenuation keeps them: mint a narrower admin.
         admin: holders.is_empty() && authority.rights.iter().any(|(k, v)| k == "admin" && v == "*"),
         path_prefixes: effective_paths(&granted, &narrowings),
         tools: names("tool", |b| &b.tools),
         muscles: names("muscle", |b| &b.muscles),
         expires_at: earliest,
-    })
+    };
+    Ok(Inspected { token: unverified, id, scope })
+}
+
+/// Verifies `token` against `root` at unix time `now`: what it allows, or why it is refused
+/// (`revoked` says whether a block's revocation id is revoked). [`inspect`], then
+/// [`Inspected::verify`]: no Datalog runs, and no signature is checked before everything else
+/// that can refuse the token has been.
+pub fn read(token: &str, root: &PublicKey, revoked: impl Fn(&str) -> bool, now: u64) -> Result<Scope, AuthError> {
+    inspect(token, revoked, now)?.verify(root)
 }
 
 /// The token's effective path prefixes: the intersection of every block's path rights.
@@ -744,5 +814,61 @@ mod tests {
         for text in ["reject if path($p), $p.starts_with(\"/a/\")", "f(1)", "check if true", "right(\"a\")"] {
             assert!(Statement::parse(text).is_none_or(|s| s.render() != text), "{text}");
         }
+    }
+
+    fn minted() -> (tempfile::TempDir, RootKey, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootKey::load_or_create(dir.path()).unwrap();
+        let grant = Grant { tools: vec!["fs_read".into(), "fs_write".into()], ..Grant::default() };
+        let token = root.mint(&grant).unwrap();
+        (dir, root, token)
+    }
+
+    fn refusal(token: &str) -> String {
+        match inspect(token, |_| false, now_unix()) {
+            Ok(_) => panic!("inspected without a refusal"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn costly_or_foreign_shapes_are_refused_before_any_signature() {
+        let (_dir, root, token) = minted();
+        let parsed = UnverifiedBiscuit::from_base64(&token).unwrap();
+        // A P-256 next key: several times an Ed25519 check, and nothing referee writes.
+        let p256 = KeyPair::new_with_algorithm(Algorithm::Secp256r1);
+        let appended = parsed.append_with_keypair(&p256, BlockBuilder::new()).unwrap().to_base64().unwrap();
+        assert!(refusal(&appended).contains("not Ed25519"), "{}", refusal(&appended));
+        // A narrowing larger than any referee writes.
+        let names: Vec<String> = (0..300).map(|i| format!("tool_{i}")).collect();
+        let wide = attenuate(&token, &Narrowing { tools: names, ..Narrowing::default() }).unwrap();
+        assert!(refusal(&wide).contains("bytes"), "{}", refusal(&wide));
+        // A rule, even one the vocabulary's printer would hide.
+        let rule = parsed.append(BlockBuilder::new().code("tool($x) <- path($x);").unwrap()).unwrap();
+        assert!(refusal(&rule.to_base64().unwrap()).contains("rules"));
+        // A revoked token is refused from its claimed ids, with no signature checked.
+        let id = token_id(&token).unwrap();
+        assert!(matches!(inspect(&token, |r| r == id, now_unix()), Err(AuthError::Revoked(_))));
+        // What attenuate writes passes, and its signatures check out.
+        let fine = attenuate(&token, &Narrowing { tools: vec!["fs_read".into()], ..Narrowing::default() }).unwrap();
+        let scope = read(&fine, &root.public(), |_| false, now_unix()).unwrap();
+        assert!(scope.allows_tool("fs_read") && !scope.allows_tool("fs_write"));
+    }
+
+    #[test]
+    fn a_string_that_prints_as_several_statements_is_refused() {
+        let (_dir, _root, token) = minted();
+        let parsed = UnverifiedBiscuit::from_base64(&token).unwrap();
+        // One check whose one name holds `"].contains($x);\n…`: printed, it reads as four
+        // statements of the vocabulary; the block holds one.
+        let code = "reject if tool($x), ![\"fs_read\\\"].contains($x);\\nexpires(1900000000);\\n\
+                    check if time($t), $t <= 2030-03-17T17:46:40Z;\\nreject if muscle($x), ![\\\"m\"].contains($x);";
+        let injected = parsed.append(BlockBuilder::new().code(code).unwrap()).unwrap().to_base64().unwrap();
+        let why = refusal(&injected);
+        assert!(why.contains("prints as 4 statements but holds 1"), "{why}");
+        // A name outside the name alphabet, in a well-formed list.
+        let odd = parsed.append(BlockBuilder::new().code("reject if tool($x), ![\"fs read\"].contains($x);").unwrap());
+        let why = refusal(&odd.unwrap().to_base64().unwrap());
+        assert!(why.contains("no name can be"), "{why}");
     }
 }
