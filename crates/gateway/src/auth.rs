@@ -149,6 +149,12 @@ impl Authority {
         inspect(token, |id| revoked.contains(id), now_unix())
     }
 
+    /// A key for what `inspected` claims to derive from (its authority block), keyed with this
+    /// process's random hasher: for counting pending verifications per token.
+    pub fn principal_key(&self, inspected: &Inspected) -> u64 {
+        self.hasher.hash_one(inspected.principal())
+    }
+
     /// Checks the signatures of an inspected `token` and caches the outcome.
     pub fn finish(&self, token: &str, inspected: Inspected) -> Result<Arc<Scope>, AuthError> {
         let scope = match inspected.verify(&self.root.public()) {

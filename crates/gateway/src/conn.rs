@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower_service::Service as _;
@@ -78,15 +78,56 @@ fn open_file_budget() -> Option<u64> {
     if setrlimit(Resource::Nofile, raised).is_ok() { limit.maximum } else { limit.current }
 }
 
-/// One open connection, as the accept loop sees it.
+/// One open connection, as the accept loop sees it. Times are milliseconds since the
+/// listener started.
 #[derive(Debug)]
 struct Tracked {
-    /// Requests whose answer has not been sent in full.
-    in_flight: AtomicUsize,
-    /// When the connection last had no request in flight (ms since the listener started).
-    quiet_since: AtomicU64,
+    epoch: Instant,
+    /// Requests whose handler is still running (never evicted, never closed for quiet).
+    handling: AtomicUsize,
+    /// Answers made but not yet taken in full by the connection.
+    sending: AtomicUsize,
+    /// Last byte read or written, request started, answer made or answer frame taken.
+    active_at: AtomicU64,
+    /// Last answer frame taken by the connection (or answer made).
+    progress_at: AtomicU64,
+    /// Woken when `handling` or `sending` drops.
+    changed: Notify,
     /// Cancelled to close the connection (evicted to make room).
     close: CancellationToken,
+}
+
+impl Tracked {
+    fn new(epoch: Instant) -> Self {
+        let now = millis_since(epoch);
+        Self {
+            epoch,
+            handling: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
+            active_at: AtomicU64::new(now),
+            progress_at: AtomicU64::new(now),
+            changed: Notify::new(),
+            close: CancellationToken::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        millis_since(self.epoch)
+    }
+
+    fn touch(&self) {
+        self.active_at.store(self.now(), Ordering::Release);
+    }
+
+    fn progressed(&self) {
+        let now = self.now();
+        self.progress_at.store(now, Ordering::Release);
+        self.active_at.store(now, Ordering::Release);
+    }
+
+    fn at(&self, millis: u64) -> Instant {
+        self.epoch + Duration::from_millis(millis)
+    }
 }
 
 /// The open connections of one listener, so that a new one can take an idle one's place.
@@ -96,14 +137,21 @@ struct Connections {
 }
 
 impl Connections {
-    /// Closes the connection that has been idle (no request in flight) the longest; false when
-    /// every connection has a request in flight.
+    /// Closes the connection that is doing the least: of those with no handler running, one
+    /// with nothing to send that has been quiet the longest, else the one whose answers have
+    /// gone untaken the longest (a client that stopped reading). False when every connection
+    /// has a handler running.
     fn evict_idlest(&self) -> bool {
         let Ok(open) = self.open.lock() else { return false };
         let idlest = open
             .values()
-            .filter(|t| t.in_flight.load(Ordering::Acquire) == 0 && !t.close.is_cancelled())
-            .min_by_key(|t| t.quiet_since.load(Ordering::Acquire));
+            .filter(|t| t.handling.load(Ordering::Acquire) == 0 && !t.close.is_cancelled())
+            .min_by_key(|t| {
+                let sending = t.sending.load(Ordering::Acquire) > 0;
+                let since =
+                    if sending { t.progress_at.load(Ordering::Acquire) } else { t.active_at.load(Ordering::Acquire) };
+                (sending, since)
+            });
         match idlest {
             Some(t) => {
                 t.close.cancel();
@@ -114,31 +162,100 @@ impl Connections {
     }
 }
 
-/// Counts a request in flight until its answer's body is dropped (sent in full, or given up).
-struct InFlight {
-    tracked: Arc<Tracked>,
-    epoch: Instant,
-}
+/// Counts a request's handler as running until dropped.
+struct Handling(Arc<Tracked>);
 
-impl InFlight {
-    fn start(tracked: Arc<Tracked>, epoch: Instant) -> Self {
-        tracked.in_flight.fetch_add(1, Ordering::AcqRel);
-        Self { tracked, epoch }
+impl Handling {
+    fn start(tracked: Arc<Tracked>) -> Self {
+        tracked.handling.fetch_add(1, Ordering::AcqRel);
+        tracked.touch();
+        Self(tracked)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Handling {
     fn drop(&mut self) {
-        let now = millis_since(self.epoch);
-        // Quiet from now on if this was the last one.
-        if self.tracked.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.tracked.quiet_since.store(now, Ordering::Release);
+        self.0.handling.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// An answer's body on its way out: counts as sending until dropped, and stamps each frame the
+/// connection takes as progress.
+struct Sending {
+    body: Body,
+    tracked: Arc<Tracked>,
+}
+
+impl Sending {
+    fn response(response: Response, tracked: Arc<Tracked>) -> Response {
+        tracked.sending.fetch_add(1, Ordering::AcqRel);
+        tracked.progressed();
+        response.map(|body| Body::new(Self { body, tracked }))
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.tracked.sending.fetch_sub(1, Ordering::AcqRel);
+        self.tracked.touch();
+        self.tracked.changed.notify_waiters();
+    }
+}
+
+impl http_body::Body for Sending {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if polled.is_ready() {
+            self.tracked.progressed();
         }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
 fn millis_since(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What the watchdog of one connection decides.
+enum Watch {
+    /// Close the connection.
+    Close,
+    /// Look again at this instant.
+    At(Instant),
+    /// Look again when a handler finishes or an answer has been taken.
+    Changed,
+}
+
+/// A connection is closed when no handler runs and, either nothing is to be sent and nothing
+/// has moved for `quiet`, or answers wait and none has been taken for `stalled`.
+fn watch(tracked: &Tracked, quiet: Duration, stalled: Duration) -> Watch {
+    if tracked.handling.load(Ordering::Acquire) > 0 {
+        return Watch::Changed;
+    }
+    let now = Instant::now();
+    let (since, limit) = if tracked.sending.load(Ordering::Acquire) > 0 {
+        (tracked.progress_at.load(Ordering::Acquire), stalled)
+    } else {
+        (tracked.active_at.load(Ordering::Acquire), quiet)
+    };
+    let deadline = tracked.at(since) + limit;
+    if deadline <= now { Watch::Close } else { Watch::At(deadline) }
 }
 
 /// A response body that keeps `guard` alive until the body is dropped: sent in full, or the
@@ -221,11 +338,7 @@ where
         };
         next_id += 1;
         let id = next_id;
-        let tracked = Arc::new(Tracked {
-            in_flight: AtomicUsize::new(0),
-            quiet_since: AtomicU64::new(millis_since(epoch)),
-            close: CancellationToken::new(),
-        });
+        let tracked = Arc::new(Tracked::new(epoch));
         if let Ok(mut open) = connections.open.lock() {
             open.insert(id, tracked.clone());
         }
@@ -233,23 +346,34 @@ where
         let service = {
             let (app, tracked) = (app.clone(), tracked.clone());
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let in_flight = InFlight::start(tracked.clone(), epoch);
-                let mut app = app.clone();
+                let handling = Handling::start(tracked.clone());
+                let (mut app, tracked) = (app.clone(), tracked.clone());
                 async move {
                     let response = app.call(req.map(Body::new)).await?;
-                    Ok::<_, std::convert::Infallible>(Guarded::response(response, in_flight))
+                    let response = Sending::response(response, tracked);
+                    drop(handling);
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             })
         };
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(Idle::new(io, hygiene.idle)), service);
+        let io = Idle::new(io, hygiene.idle, tracked.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let watched = graceful.watch(connection.into_owned());
         let connections = connections.clone();
-        let header_read = hygiene.header_read;
+        let (quiet, stalled) = (hygiene.header_read, hygiene.idle);
         tokio::spawn(async move {
             tokio::pin!(watched);
             loop {
-                let quiet = tracked.quiet_since.load(Ordering::Acquire);
-                let deadline = epoch + Duration::from_millis(quiet) + header_read;
+                // Registered before looking, so a change between the look and the wait is seen.
+                let changed = tracked.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let next = match watch(&tracked, quiet, stalled) {
+                    Watch::Close => break,
+                    Watch::At(deadline) => deadline,
+                    // A handler may run for as long as its deadline allows: wait for it.
+                    Watch::Changed => Instant::now() + Duration::from_secs(3600),
+                };
                 tokio::select! {
                     done = &mut watched => {
                         if let Err(e) = done {
@@ -258,13 +382,8 @@ where
                         break;
                     }
                     () = tracked.close.cancelled() => break,
-                    () = tokio::time::sleep_until(deadline) => {
-                        let idle = tracked.in_flight.load(Ordering::Acquire) == 0
-                            && tracked.quiet_since.load(Ordering::Acquire) == quiet;
-                        if idle {
-                            break;
-                        }
-                    }
+                    () = &mut changed => {}
+                    () = tokio::time::sleep_until(next) => {}
                 }
             }
             if let Ok(mut open) = connections.open.lock() {
@@ -287,16 +406,20 @@ struct Idle<T> {
     inner: T,
     limit: Duration,
     deadline: Pin<Box<Sleep>>,
+    tracked: Option<Arc<Tracked>>,
 }
 
 impl<T> Idle<T> {
-    fn new(inner: T, limit: Duration) -> Self {
-        Self { inner, limit, deadline: Box::pin(tokio::time::sleep(limit)) }
+    fn new(inner: T, limit: Duration, tracked: Arc<Tracked>) -> Self {
+        Self { inner, limit, deadline: Box::pin(tokio::time::sleep(limit)), tracked: Some(tracked) }
     }
 
     fn moved(&mut self) {
         let next = Instant::now() + self.limit;
         self.deadline.as_mut().reset(next);
+        if let Some(tracked) = &self.tracked {
+            tracked.touch();
+        }
     }
 
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
@@ -373,7 +496,7 @@ mod tests {
     async fn idle_io_times_out_only_when_nothing_moves() {
         let (near, mut far) = tokio::io::duplex(64);
         let limit = Duration::from_millis(300);
-        let mut idle = Idle::new(near, limit);
+        let mut idle = Idle { tracked: None, ..Idle::new(near, limit, Arc::new(Tracked::new(Instant::now()))) };
         let started = std::time::Instant::now();
         let mut buf = [0u8; 1];
         // Progress every 150 ms keeps the connection open past the limit.
@@ -388,6 +511,49 @@ mod tests {
         let err = idle.read_exact(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(quiet.elapsed() >= limit - Duration::from_millis(20), "{:?}", quiet.elapsed());
+    }
+
+    #[test]
+    fn the_watchdog_never_spins_and_closes_only_what_does_nothing() {
+        let (quiet, stalled) = (Duration::from_millis(50), Duration::from_millis(200));
+        let t = Tracked::new(Instant::now());
+        // Fresh: look again later, never now.
+        assert!(matches!(watch(&t, quiet, stalled), Watch::At(at) if at > Instant::now()));
+        // A running handler: wait for it to finish, whatever the time.
+        let handling = Handling::start(Arc::new(Tracked::new(Instant::now() - Duration::from_secs(60))));
+        assert!(matches!(watch(&handling.0, quiet, stalled), Watch::Changed));
+        drop(handling);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(matches!(watch(&t, quiet, stalled), Watch::Close));
+        // An answer waiting to be taken: closed once it has waited `stalled`, not `quiet`.
+        t.sending.fetch_add(1, Ordering::AcqRel);
+        t.progressed();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(matches!(watch(&t, quiet, stalled), Watch::At(at) if at > Instant::now()));
+        std::thread::sleep(Duration::from_millis(160));
+        assert!(matches!(watch(&t, quiet, stalled), Watch::Close));
+    }
+
+    #[test]
+    fn eviction_takes_the_idlest_and_never_a_running_handler() {
+        let epoch = Instant::now() - Duration::from_secs(10);
+        let connections = Connections::default();
+        let tracked: Vec<Arc<Tracked>> = (0..3).map(|_| Arc::new(Tracked::new(epoch))).collect();
+        let [busy, stalled, idle] = [&tracked[0], &tracked[1], &tracked[2]];
+        busy.handling.fetch_add(1, Ordering::AcqRel);
+        stalled.sending.fetch_add(1, Ordering::AcqRel);
+        stalled.progress_at.store(1, Ordering::Release);
+        idle.active_at.store(5_000, Ordering::Release);
+        if let Ok(mut open) = connections.open.lock() {
+            for (i, t) in tracked.iter().enumerate() {
+                open.insert(i as u64, t.clone());
+            }
+        }
+        assert!(connections.evict_idlest());
+        assert!(idle.close.is_cancelled() && !stalled.close.is_cancelled());
+        assert!(connections.evict_idlest());
+        assert!(stalled.close.is_cancelled() && !busy.close.is_cancelled());
+        assert!(!connections.evict_idlest(), "a running handler is never evicted");
     }
 
     #[test]

@@ -211,19 +211,19 @@ pub(crate) const VERIFY_WAIT: Duration = Duration::from_secs(2);
 
 /// One pending verification of a token id; leaves the count when dropped.
 struct Pending<'a> {
-    map: &'a Mutex<HashMap<String, usize>>,
-    id: String,
+    map: &'a Mutex<HashMap<u64, usize>>,
+    id: u64,
 }
 
 impl<'a> Pending<'a> {
-    fn enter(map: &'a Mutex<HashMap<String, usize>>, id: &str) -> Option<Self> {
+    fn enter(map: &'a Mutex<HashMap<u64, usize>>, id: u64) -> Option<Self> {
         let mut counts = map.lock().ok()?;
-        let count = counts.entry(id.to_owned()).or_default();
+        let count = counts.entry(id).or_default();
         if *count >= PENDING_PER_TOKEN {
             return None;
         }
         *count += 1;
-        Some(Self { map, id: id.to_owned() })
+        Some(Self { map, id })
     }
 }
 
@@ -251,7 +251,7 @@ pub struct Gateway {
     /// Uncached verifications running at once (on the blocking pool, never the async workers).
     verifying: tokio::sync::Semaphore,
     /// Verifications waiting or running, per token id.
-    pending: Mutex<HashMap<String, usize>>,
+    pending: Mutex<HashMap<u64, usize>>,
     limiter: Limiter,
     stats: Stats,
     config: GatewayConfig,
@@ -310,7 +310,10 @@ impl Gateway {
             Ok(inspected) => inspected,
             Err(e) => return Err(self.authority.remember_refusal(token, e)),
         };
-        let Some(_pending) = Pending::enter(&self.pending, inspected.id()) else {
+        // Counted by the authority block's bytes, which only a holder can present: a forger who
+        // knows another token's (public) revocation id cannot use up that token's places.
+        let key = self.authority.principal_key(&inspected);
+        let Some(_pending) = Pending::enter(&self.pending, key) else {
             metrics::counter!("referee_gateway_refusals_total", "reason" => "verify_busy").increment(1);
             return Err(AuthError::Busy(format!(
                 "{PENDING_PER_TOKEN} new tokens derived from this one are already being verified"

@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use referee_runtime::MuscleInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tower_http::classify::StatusInRangeAsFailures;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -797,10 +798,14 @@ pub fn router(gw: Arc<Gateway>, mcp: Option<Router<Arc<Gateway>>>) -> Router {
         })
         .layer(DefaultBodyLimit::max(limits.body_bytes))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
+        // 503 `busy` and 504 are load shedding and deadlines, counted in the metrics; logging
+        // each at ERROR would let anyone grow the log at will.
+        .layer(TraceLayer::new(StatusInRangeAsFailures::new(500..=502).into_make_classifier()).make_span_with(
+            |req: &axum::http::Request<_>| {
+                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            },
+        ))
         .layer(SetRequestIdLayer::new(request_id, ids()))
         .with_state(gw)
 }

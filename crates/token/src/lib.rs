@@ -549,6 +549,7 @@ impl RootKey {
 pub struct Inspected {
     token: UnverifiedBiscuit,
     id: String,
+    principal: Vec<u8>,
     scope: Scope,
 }
 
@@ -556,6 +557,13 @@ impl Inspected {
     /// The revocation id of the first block, as the token claims it (not yet verified).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The authority block's bytes and signature, as the token carries them (not yet verified).
+    /// Unlike the revocation id, which is public (`token list`, revocation lists), only a
+    /// holder of the token (or of a token derived from it) can present these bytes.
+    pub fn principal(&self) -> &[u8] {
+        &self.principal
     }
 
     /// Checks every block's signature against `root`: the costly step, bounded by
@@ -609,6 +617,7 @@ pub fn inspect(token: &str, revoked: impl Fn(&str) -> bool, now: u64) -> Result<
         }
         statements.push(inner.facts.len() + inner.checks.len());
     }
+    let principal = [wire.authority.block.as_slice(), wire.authority.signature.as_slice()].concat();
     let ids: Vec<String> = unverified.revocation_identifiers().iter().map(hex::encode).collect();
     if let Some(id) = ids.iter().find(|id| revoked(id)) {
         return Err(AuthError::Revoked(id.clone()));
@@ -644,7 +653,7 @@ pub fn inspect(token: &str, revoked: impl Fn(&str) -> bool, now: u64) -> Result<
         muscles: names("muscle", |b| &b.muscles),
         expires_at: earliest,
     };
-    Ok(Inspected { token: unverified, id, scope })
+    Ok(Inspected { token: unverified, id, principal, scope })
 }
 
 /// Verifies `token` against `root` at unix time `now`: what it allows, or why it is refused
