@@ -731,3 +731,49 @@ fn requests_longer_than_the_header_read_time_cost_no_cpu_while_they_wait() -> Te
     drop(stalled);
     Ok(())
 }
+
+/// A client that takes a large answer slowly is sending, not idle: with the answer handed to
+/// hyper in one piece, writes went through seconds apart and the quiet rule cut the download
+/// off (regression found by the attack on the release binary).
+#[test]
+fn a_slow_reader_gets_its_whole_answer() -> TestResult {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("referee.toml");
+    std::fs::write(&config, "[limits]\nheader_read_timeout_ms = 300\n")?;
+    let s = serve(&dir.path().join("home"), &["--config", &config.display().to_string()])?;
+    let big = root_of(&s.home).canonicalize()?.join("big.txt");
+    std::fs::write(&big, "a".repeat(8 << 20))?;
+    let body = json!({"tool": "fs_read", "params": {"path": big, "length": 8 << 20}}).to_string();
+    let mut stream = std::net::TcpStream::connect(s.ready["tcp"].as_str().ok_or("no tcp")?)?;
+    let head = format!(
+        "POST /tool HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        s.admin(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // 1 MiB every 400 ms: the server's writes go through further apart than the quiet time.
+    let (mut received, mut chunk) = (Vec::new(), vec![0u8; 1 << 20]);
+    loop {
+        std::thread::sleep(Duration::from_millis(400));
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match stream.read(&mut chunk[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        received.extend_from_slice(&chunk[..filled]);
+        if filled < chunk.len() {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{}", text.chars().take(200).collect::<String>());
+    assert!(received.len() > 8 << 20, "cut off after {} bytes", received.len());
+    assert!(text.trim_end().ends_with('}'), "the answer is incomplete");
+    Ok(())
+}

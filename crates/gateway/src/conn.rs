@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -89,8 +89,12 @@ struct Tracked {
     sending: AtomicUsize,
     /// Last byte read or written, request started, answer made or answer frame taken.
     active_at: AtomicU64,
-    /// Last answer frame taken by the connection (or answer made).
+    /// Last answer frame taken by the connection (or answer made), or last write that went
+    /// through after the client's socket was full.
     progress_at: AtomicU64,
+    /// A write is waiting for the client to take what was already sent (its socket is full):
+    /// the connection is busy sending even when hyper holds no answer body any more.
+    blocked: AtomicBool,
     /// Woken when `handling` or `sending` drops.
     changed: Notify,
     /// Cancelled to close the connection (evicted to make room).
@@ -106,6 +110,7 @@ impl Tracked {
             sending: AtomicUsize::new(0),
             active_at: AtomicU64::new(now),
             progress_at: AtomicU64::new(now),
+            blocked: AtomicBool::new(false),
             changed: Notify::new(),
             close: CancellationToken::new(),
         }
@@ -123,6 +128,22 @@ impl Tracked {
         let now = self.now();
         self.progress_at.store(now, Ordering::Release);
         self.active_at.store(now, Ordering::Release);
+    }
+
+    /// Whether answers are on their way out: a body not yet taken, or bytes the client has not
+    /// yet made room for.
+    fn sending(&self) -> bool {
+        self.sending.load(Ordering::Acquire) > 0 || self.blocked.load(Ordering::Acquire)
+    }
+
+    /// A write went through: progress if the client had to make room for it first, else only
+    /// activity (a ping's answer is not progress).
+    fn wrote(&self) {
+        if self.blocked.swap(false, Ordering::AcqRel) {
+            self.progressed();
+        } else {
+            self.touch();
+        }
     }
 
     fn at(&self, millis: u64) -> Instant {
@@ -249,7 +270,7 @@ fn watch(tracked: &Tracked, quiet: Duration, stalled: Duration) -> Watch {
         return Watch::Changed;
     }
     let now = Instant::now();
-    let (since, limit) = if tracked.sending.load(Ordering::Acquire) > 0 {
+    let (since, limit) = if tracked.sending() {
         (tracked.progress_at.load(Ordering::Acquire), stalled)
     } else {
         (tracked.active_at.load(Ordering::Acquire), quiet)
@@ -417,9 +438,27 @@ impl<T> Idle<T> {
     fn moved(&mut self) {
         let next = Instant::now() + self.limit;
         self.deadline.as_mut().reset(next);
+    }
+
+    fn read_some(&mut self) {
+        self.moved();
         if let Some(tracked) = &self.tracked {
             tracked.touch();
         }
+    }
+
+    fn wrote_some(&mut self) {
+        self.moved();
+        if let Some(tracked) = &self.tracked {
+            tracked.wrote();
+        }
+    }
+
+    fn write_blocked<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        if let Some(tracked) = &self.tracked {
+            tracked.blocked.store(true, Ordering::Release);
+        }
+        self.waiting(cx)
     }
 
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
@@ -436,7 +475,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Idle<T> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
-                    self.moved();
+                    self.read_some();
                 }
                 Poll::Ready(result)
             }
@@ -450,11 +489,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
         match Pin::new(&mut self.inner).poll_write(cx, buf) {
             Poll::Ready(result) => {
                 if matches!(result, Ok(n) if n > 0) {
-                    self.moved();
+                    self.wrote_some();
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => self.waiting(cx),
+            Poll::Pending => self.write_blocked(cx),
         }
     }
 
@@ -466,11 +505,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
         match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(result) => {
                 if matches!(result, Ok(n) if n > 0) {
-                    self.moved();
+                    self.wrote_some();
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => self.waiting(cx),
+            Poll::Pending => self.write_blocked(cx),
         }
     }
 
@@ -532,6 +571,23 @@ mod tests {
         assert!(matches!(watch(&t, quiet, stalled), Watch::At(at) if at > Instant::now()));
         std::thread::sleep(Duration::from_millis(160));
         assert!(matches!(watch(&t, quiet, stalled), Watch::Close));
+    }
+
+    #[test]
+    fn a_download_the_client_is_slow_to_take_is_sending_not_quiet() {
+        let (quiet, stalled) = (Duration::from_millis(50), Duration::from_millis(400));
+        let t = Tracked::new(Instant::now());
+        // hyper holds no body any more, but the client's socket is full.
+        t.blocked.store(true, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(matches!(watch(&t, quiet, stalled), Watch::At(_)), "a slow download is not quiet");
+        // The client made room: progress; a write with room to spare (a ping's answer) is not.
+        t.wrote();
+        let progressed = t.progress_at.load(Ordering::Acquire);
+        std::thread::sleep(Duration::from_millis(20));
+        t.wrote();
+        assert_eq!(t.progress_at.load(Ordering::Acquire), progressed);
+        assert!(!t.sending());
     }
 
     #[test]
