@@ -607,6 +607,26 @@ fn appended_blocks_outside_the_vocabulary_are_refused_cheaply_over_rest_and_mcp(
     Ok(())
 }
 
+/// `referee serve` with `[limits]` set to `limits` (TOML lines), in `dir`.
+fn serve_with_limits(dir: &Path, limits: &str) -> Result<Served, Box<dyn std::error::Error>> {
+    let config = dir.join("referee.toml");
+    std::fs::write(&config, format!("[limits]\n{limits}"))?;
+    serve(&dir.join("home"), &["--config", &config.display().to_string()])
+}
+
+/// A connection to `addr` that sends an admin's `POST /tool` promising 100 bytes of body and
+/// sends only 8: its handler waits for the rest.
+fn stalled_post(addr: &str, admin: &str) -> Result<std::net::TcpStream, Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let mut stalled = std::net::TcpStream::connect(addr)?;
+    let head = format!(
+        "POST /tool HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {admin}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"tool\":"
+    );
+    stalled.write_all(head.as_bytes())?;
+    Ok(stalled)
+}
+
 /// Reads from `stream` until it closes; the time that took (bounded by `limit`).
 fn time_to_close(stream: &mut std::net::TcpStream, limit: Duration) -> Result<Duration, Box<dyn std::error::Error>> {
     use std::io::Read;
@@ -633,9 +653,8 @@ fn time_to_close(stream: &mut std::net::TcpStream, limit: Duration) -> Result<Du
 fn slow_and_excess_connections_are_closed() -> TestResult {
     use std::io::Write;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("referee.toml");
-    std::fs::write(&config, "[limits]\nheader_read_timeout_ms = 700\nidle_timeout_ms = 1500\nmax_connections = 6\n")?;
-    let s = serve(&dir.path().join("home"), &["--config", &config.display().to_string()])?;
+    let s =
+        serve_with_limits(dir.path(), "header_read_timeout_ms = 700\nidle_timeout_ms = 1500\nmax_connections = 6\n")?;
     let (base, addr) = (s.base(), s.ready["tcp"].as_str().ok_or("no tcp")?.to_owned());
     let connect = || std::net::TcpStream::connect(&addr);
 
@@ -649,17 +668,9 @@ fn slow_and_excess_connections_are_closed() -> TestResult {
     }
 
     // A body that stops arriving: closed after the idle timeout.
-    let stalled_post = || -> Result<std::net::TcpStream, Box<dyn std::error::Error>> {
-        let mut stalled = connect()?;
-        let head = format!(
-            "POST /tool HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"tool\":",
-            s.admin()
-        );
-        stalled.write_all(head.as_bytes())?;
-        Ok(stalled)
-    };
-    let mut stalled = stalled_post()?;
+    let admin = s.admin();
+    let post = || stalled_post(&addr, &admin);
+    let mut stalled = post()?;
     let waited = time_to_close(&mut stalled, Duration::from_secs(15))?;
     assert!(waited >= Duration::from_millis(1200), "closed too early: {waited:?}");
 
@@ -678,7 +689,7 @@ fn slow_and_excess_connections_are_closed() -> TestResult {
     // (its own cap) still answers, and once the six time out TCP answers again.
     drop(idle);
     std::thread::sleep(Duration::from_millis(100));
-    let mut busy = (0..6).map(|_| stalled_post()).collect::<Result<Vec<_>, _>>()?;
+    let mut busy = (0..6).map(|_| post()).collect::<Result<Vec<_>, _>>()?;
     std::thread::sleep(Duration::from_millis(200));
     let mut excess = connect()?;
     let _ = excess.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
@@ -705,23 +716,10 @@ fn cpu_time(pid: u32) -> Result<Duration, Box<dyn std::error::Error>> {
 /// CPU while they wait.
 #[test]
 fn requests_longer_than_the_header_read_time_cost_no_cpu_while_they_wait() -> TestResult {
-    use std::io::Write;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("referee.toml");
-    std::fs::write(&config, "[limits]\nheader_read_timeout_ms = 200\nidle_timeout_ms = 20000\n")?;
-    let s = serve(&dir.path().join("home"), &["--config", &config.display().to_string()])?;
+    let s = serve_with_limits(dir.path(), "header_read_timeout_ms = 200\nidle_timeout_ms = 20000\n")?;
     let addr = s.ready["tcp"].as_str().ok_or("no tcp")?.to_owned();
-    let mut stalled = Vec::new();
-    for _ in 0..3 {
-        let mut c = std::net::TcpStream::connect(&addr)?;
-        let head = format!(
-            "POST /tool HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"tool\":",
-            s.admin()
-        );
-        c.write_all(head.as_bytes())?;
-        stalled.push(c);
-    }
+    let stalled = (0..3).map(|_| stalled_post(&addr, &s.admin())).collect::<Result<Vec<_>, _>>()?;
     std::thread::sleep(Duration::from_millis(500));
     let before = cpu_time(s.child.id())?;
     std::thread::sleep(Duration::from_millis(1500));
@@ -739,9 +737,7 @@ fn requests_longer_than_the_header_read_time_cost_no_cpu_while_they_wait() -> Te
 fn a_slow_reader_gets_its_whole_answer() -> TestResult {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("referee.toml");
-    std::fs::write(&config, "[limits]\nheader_read_timeout_ms = 300\n")?;
-    let s = serve(&dir.path().join("home"), &["--config", &config.display().to_string()])?;
+    let s = serve_with_limits(dir.path(), "header_read_timeout_ms = 300\n")?;
     let big = root_of(&s.home).canonicalize()?.join("big.txt");
     std::fs::write(&big, "a".repeat(8 << 20))?;
     let body = json!({"tool": "fs_read", "params": {"path": big, "length": 8 << 20}}).to_string();

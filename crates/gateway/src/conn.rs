@@ -202,50 +202,29 @@ impl Drop for Handling {
     }
 }
 
-/// An answer's body on its way out: counts as sending until dropped, and stamps each frame the
-/// connection takes as progress.
-struct Sending {
-    body: Body,
-    tracked: Arc<Tracked>,
-}
+/// An answer on its way out: counts as sending until its body is dropped, and stamps each
+/// frame the connection takes as progress.
+struct Sending(Arc<Tracked>);
 
 impl Sending {
     fn response(response: Response, tracked: Arc<Tracked>) -> Response {
         tracked.sending.fetch_add(1, Ordering::AcqRel);
         tracked.progressed();
-        response.map(|body| Body::new(Self { body, tracked }))
+        Guarded::response(response, Self(tracked))
+    }
+}
+
+impl BodyGuard for Sending {
+    fn frame_taken(&self) {
+        self.0.progressed();
     }
 }
 
 impl Drop for Sending {
     fn drop(&mut self) {
-        self.tracked.sending.fetch_sub(1, Ordering::AcqRel);
-        self.tracked.touch();
-        self.tracked.changed.notify_waiters();
-    }
-}
-
-impl http_body::Body for Sending {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if polled.is_ready() {
-            self.tracked.progressed();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        self.0.sending.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -284,17 +263,25 @@ fn watch(tracked: &Tracked, quiet: Duration, stalled: Duration) -> Watch {
 /// concurrency permit) is then held until its answer has left, not only until it was made.
 pub(crate) struct Guarded<G> {
     body: Body,
-    _guard: G,
+    guard: G,
 }
 
-impl<G: Send + Unpin + 'static> Guarded<G> {
+/// What a [`Guarded`] body holds; told of each frame the connection takes.
+pub(crate) trait BodyGuard: Send + Unpin + 'static {
+    /// A frame of the body was taken.
+    fn frame_taken(&self) {}
+}
+
+impl BodyGuard for crate::limits::Permit {}
+
+impl<G: BodyGuard> Guarded<G> {
     /// `response` whose body holds `guard`.
     pub(crate) fn response(response: Response, guard: G) -> Response {
-        response.map(|body| Body::new(Self { body, _guard: guard }))
+        response.map(|body| Body::new(Self { body, guard }))
     }
 }
 
-impl<G: Unpin> http_body::Body for Guarded<G> {
+impl<G: BodyGuard> http_body::Body for Guarded<G> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -302,7 +289,11 @@ impl<G: Unpin> http_body::Body for Guarded<G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if polled.is_ready() {
+            self.guard.frame_taken();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -454,11 +445,23 @@ impl<T> Idle<T> {
         }
     }
 
-    fn write_blocked<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        if let Some(tracked) = &self.tracked {
-            tracked.blocked.store(true, Ordering::Release);
+    /// Accounts for one write: bytes out are activity (progress if the client had to make room
+    /// first); a write that must wait marks the connection as blocked on the client.
+    fn after_write(&mut self, polled: Poll<io::Result<usize>>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(result) => {
+                if matches!(result, Ok(n) if n > 0) {
+                    self.wrote_some();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                if let Some(tracked) = &self.tracked {
+                    tracked.blocked.store(true, Ordering::Release);
+                }
+                self.waiting(cx)
+            }
         }
-        self.waiting(cx)
     }
 
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
@@ -486,15 +489,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Idle<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                if matches!(result, Ok(n) if n > 0) {
-                    self.wrote_some();
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => self.write_blocked(cx),
-        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.after_write(polled, cx)
     }
 
     fn poll_write_vectored(
@@ -502,15 +498,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                if matches!(result, Ok(n) if n > 0) {
-                    self.wrote_some();
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => self.write_blocked(cx),
-        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.after_write(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
