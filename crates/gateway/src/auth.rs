@@ -192,12 +192,6 @@ impl Authority {
         }
         AuthError::Cached(why)
     }
-
-    /// Verifies a token with no cache ([`read`] against the root key and the revocations).
-    pub fn verify_uncached(&self, token: &str) -> Result<Scope, AuthError> {
-        let revoked = self.revoked.read().map_err(|_| AuthError::Invalid("revocation list unavailable".into()))?;
-        read(token, &self.root.public(), |id| revoked.contains(id), now_unix())
-    }
 }
 #[cfg(test)]
 mod tests {
