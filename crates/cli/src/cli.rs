@@ -326,6 +326,10 @@ pub(crate) struct TokenScopeArgs {
     /// Allowed path prefix (repeatable, absolute; `*` for every root).
     #[arg(long = "path", value_name = "PREFIX")]
     pub(crate) paths: Vec<String>,
+    /// Worknode subtree the node tools may act on (repeatable, e.g. /acme/research; `*` for the
+    /// whole tree). Without one a token has no worknode rights.
+    #[arg(long = "node", value_name = "SUBTREE")]
+    pub(crate) nodes: Vec<String>,
     /// Lifetime: seconds or 30s, 15m, 2h, 7d.
     #[arg(long, value_name = "DURATION")]
     pub(crate) ttl: Option<String>,

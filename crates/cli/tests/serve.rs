@@ -485,6 +485,89 @@ fn attenuation_never_widens_the_path_scope_over_rest_and_mcp() -> TestResult {
     Ok(())
 }
 
+/// Security finding 3: a token with `--tool node_get --tool node_update --tool node_tree --path
+/// R/public` listed the whole worknode tree, read another tenant's state and overwrote it.
+#[test]
+fn worknode_tools_act_only_inside_the_tokens_subtrees_over_rest_and_mcp() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("home");
+    let root = root_with_hello(&home)?.canonicalize()?;
+    let s = serve(&home, &[])?;
+    let (base, admin) = (s.base(), s.admin());
+    let call = |token: &str, name: &str, params: Value| {
+        curl(None, "POST", &format!("{base}/v1/tools/{name}"), Some(token), Some(&params))
+    };
+    for path in ["/acme", "/acme/research", "/acme/sales"] {
+        assert_eq!(call(&admin, "node_create", json!({"path": path})).0, 200);
+    }
+    let secret = json!({"path": "/acme/sales", "field": "plan", "op": "write", "args": ["SECRET-PLAN"]});
+    assert_eq!(call(&admin, "node_update", secret).0, 200);
+    let node_tools = ["--tool", "node_get", "--tool", "node_update", "--tool", "node_tree", "--tool", "node_create"];
+    let mint = |extra: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let args = [&["token", "create"][..], &node_tools, extra].concat();
+        Ok(cli_json(&home, &args)?["token"].as_str().ok_or("no token")?.to_owned())
+    };
+    let overwrite = json!({"path": "/acme/sales", "field": "plan", "op": "write", "args": ["pwned"]});
+    let refused_everywhere = |token: &str| {
+        for (name, params) in [
+            ("node_tree", json!({})),
+            ("node_tree", json!({"path": "/acme"})),
+            ("node_get", json!({"path": "/acme/sales"})),
+            ("node_get", json!({"path": "/missing"})),
+            ("node_update", overwrite.clone()),
+            ("node_create", json!({"path": "/acme/sales/mole"})),
+        ] {
+            let (code, body) = call(token, name, params.clone());
+            assert_eq!(code, 403, "{name} {params}: {body}");
+            assert!(!body.contains("SECRET-PLAN"), "{body}");
+            let (code, body) = mcp_call(&base, token, name, &params);
+            assert_eq!(code, 200, "{body}");
+            assert!(body.contains("\"isError\":true") && !body.contains("SECRET-PLAN"), "{name} {params}: {body}");
+        }
+    };
+
+    // The finding's token: path scope only, no `--node`, so no worknode at all.
+    let public = root.join("public").display().to_string();
+    let pathed = mint(&["--path", &public])?;
+    refused_everywhere(&pathed);
+
+    // A token for /acme/research works there and nowhere else.
+    let research = mint(&["--node", "/acme/research"])?;
+    let grow = json!({"path": "/acme/research", "field": "hits", "op": "grow", "args": ["5"]});
+    assert_eq!(call(&research, "node_update", grow).0, 200);
+    assert_eq!(call(&research, "node_create", json!({"path": "/acme/research/run-1"})).0, 200);
+    let (code, body) = call(&research, "node_tree", json!({"path": "/acme/research"}));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("run-1") && !body.contains("sales"), "{body}");
+    let (code, body) = mcp_call(&base, &research, "node_get", &json!({"path": "/acme/research"}));
+    assert!(code == 200 && body.contains("\"hits\":5"), "{body}");
+    refused_everywhere(&research);
+
+    // Attenuating to the parent, a look-alike or through `..` widens nothing.
+    for wider in ["/acme", "/", "/acme/research/../sales"] {
+        let out =
+            referee().arg("--home").arg(&home).args(["token", "attenuate", &research, "--node", wider]).output()?;
+        if wider.contains("..") {
+            assert!(!out.status.success(), "attenuate --node {wider} must fail");
+            continue;
+        }
+        let widened = String::from_utf8(out.stdout)?.trim().to_owned();
+        refused_everywhere(&widened);
+        assert_eq!(call(&widened, "node_get", json!({"path": "/acme/research"})).0, 200);
+    }
+    // A narrowing through `..` written by hand refuses the whole token.
+    let forged = forge(
+        &research,
+        "reject if node($n), !$n.starts_with(\"/acme/research/../\");\nnarrow_node(\"/acme/research/../\");\n",
+    )?;
+    assert_eq!(call(&forged, "node_get", json!({"path": "/acme/sales"})).0, 401);
+
+    let (code, body) = call(&admin, "node_get", json!({"path": "/acme/sales"}));
+    assert_eq!(code, 200);
+    assert!(body.contains("SECRET-PLAN"), "the other tenant's state is intact: {body}");
+    Ok(())
+}
+
 /// Sends request headers and `sent` body bytes (of a larger declared length) and returns the
 /// status line the server answers with before the rest of the body arrives.
 fn status_before_body(addr: &str, head: &str, sent: usize) -> Result<String, Box<dyn std::error::Error>> {

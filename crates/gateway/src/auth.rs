@@ -82,6 +82,7 @@ impl Authority {
             tools: grant.tools.clone(),
             muscles: grant.muscles.clone(),
             paths: grant.paths.clone(),
+            nodes: grant.nodes.clone(),
             admin: grant.admin,
             created_at: now_unix(),
             expires_at: grant.expires_at,

@@ -411,8 +411,11 @@ impl Gateway {
             ApiError::new(StatusCode::NOT_FOUND, "unknown_tool", format!("no tool `{name}`; GET /v1/tools lists them"))
         })?;
         let timeout = Duration::from_millis(self.config.limits.tool_timeout_ms);
-        let call_scope =
-            CallScope { path_prefixes: scope.path_prefixes.clone(), deadline: started.checked_add(timeout) };
+        let call_scope = CallScope {
+            path_prefixes: scope.path_prefixes.clone(),
+            node_prefixes: scope.node_prefixes.clone(),
+            deadline: started.checked_add(timeout),
+        };
         let task = tokio::task::spawn_blocking(move || tool.call(params, &call_scope));
         let output = match tokio::time::timeout(timeout, task).await {
             Err(_) => {

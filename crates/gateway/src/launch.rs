@@ -201,7 +201,8 @@ pub fn token_create(home: &Home, socket: &Path, grant: &Grant) -> Result<(String
         Backend::Local(auth) => Ok(auth.mint(grant)?),
         Backend::Server { socket, token } => {
             let body = json!({
-                "tools": grant.tools, "muscles": grant.muscles, "paths": grant.paths, "admin": grant.admin,
+                "tools": grant.tools, "muscles": grant.muscles, "paths": grant.paths, "nodes": grant.nodes,
+                "admin": grant.admin,
                 "ttl_secs": grant.expires_at.map(|t| t.saturating_sub(now_unix())), "label": grant.label,
             });
             let v = request(&socket, &token, "POST", "/v1/tokens", Some(&body))?;

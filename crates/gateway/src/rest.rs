@@ -288,6 +288,9 @@ pub struct TokenRequest {
     /// Absolute path prefixes or `*`.
     #[serde(default)]
     pub paths: Vec<String>,
+    /// Worknode subtrees (`/acme/research`) or `*`; none: no worknode rights.
+    #[serde(default)]
+    pub nodes: Vec<String>,
     /// May manage muscles and tokens.
     #[serde(default)]
     pub admin: bool,
@@ -686,6 +689,7 @@ async fn create_token(
         tools: req.tools,
         muscles: req.muscles,
         paths: req.paths,
+        nodes: req.nodes,
         admin: req.admin,
         expires_at,
         label: req.label,

@@ -64,6 +64,10 @@ pub struct TokenRecord {
     pub muscles: Vec<String>,
     /// Granted path prefixes (`*`: every root).
     pub paths: Vec<String>,
+    /// Granted worknode subtrees (`*`: the whole tree); absent in records written before
+    /// worknode rights existed.
+    #[serde(default)]
+    pub nodes: Vec<String>,
     /// Admin token.
     pub admin: bool,
     /// Unix seconds.

@@ -121,7 +121,7 @@ impl World {
     /// which requests succeeded.
     fn opened(&self, token: &str) -> (BTreeSet<String>, BTreeSet<PathBuf>) {
         let scope = self.authority.verify(token).unwrap();
-        let call = CallScope { path_prefixes: scope.path_prefixes.clone(), deadline: None };
+        let call = CallScope { path_prefixes: scope.path_prefixes.clone(), ..CallScope::default() };
         let mut files = BTreeSet::new();
         let mut requests = BTreeSet::new();
         for request in self.requests() {

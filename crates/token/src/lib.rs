@@ -5,11 +5,12 @@
 //! Vocabulary (the only statements a token may hold):
 //!
 //! - authority block (minted here): `token_id(ID)`, `label(L)`, `right("tool", NAME|"*")`,
-//!   `right("muscle", NAME|"*")`, `right("path", PREFIX/|"*")`, `right("admin", "*")`,
-//!   `expires(T)` with `check if time($t), $t <= T`.
+//!   `right("muscle", NAME|"*")`, `right("path", PREFIX/|"*")`, `right("node", SUBTREE/|"*")`,
+//!   `right("admin", "*")`, `expires(T)` with `check if time($t), $t <= T`.
 //! - attenuation blocks (appended by a holder, no key needed): `reject if tool($x), !LIST.contains($x)`,
 //!   the same for `muscle`, `reject if path($p), !$p.starts_with(P1), ...` with hint facts
-//!   `narrow_path(P)` (the same prefixes), and `expires(T)` with `check if time($t), $t <= T`.
+//!   `narrow_path(P)` (the same prefixes), `reject if node($n), !$n.starts_with(S1), ...` with
+//!   `narrow_node(S)` for worknode subtrees, and `expires(T)` with `check if time($t), $t <= T`.
 //!
 //! No Datalog runs when a token is verified. Each block's printed source is read statement by
 //! statement in Rust; a statement outside the vocabulary refuses the whole token with the reason
@@ -103,6 +104,9 @@ pub struct Grant {
     pub muscles: Vec<String>,
     /// Absolute path prefixes, or `*` for every configured root.
     pub paths: Vec<String>,
+    /// Worknode subtrees (`/acme/research`), or `*` for the whole tree; none means no
+    /// worknode rights.
+    pub nodes: Vec<String>,
     /// May manage muscles and tokens.
     pub admin: bool,
     /// Unix seconds after which the token is refused; `None` never expires.
@@ -115,7 +119,15 @@ impl Grant {
     /// Everything, for the operator.
     pub fn admin(label: &str, expires_at: Option<u64>) -> Self {
         let all = vec!["*".to_owned()];
-        Self { tools: all.clone(), muscles: all.clone(), paths: all, admin: true, expires_at, label: label.into() }
+        Self {
+            tools: all.clone(),
+            muscles: all.clone(),
+            paths: all.clone(),
+            nodes: all,
+            admin: true,
+            expires_at,
+            label: label.into(),
+        }
     }
 }
 
@@ -128,6 +140,8 @@ pub struct Narrowing {
     pub muscles: Vec<String>,
     /// Keep only paths under these prefixes.
     pub paths: Vec<String>,
+    /// Keep only worknodes in these subtrees.
+    pub nodes: Vec<String>,
     /// Expire at this unix second at the latest.
     pub expires_at: Option<u64>,
 }
@@ -231,12 +245,15 @@ pub fn attenuate(token: &str, narrowing: &Narrowing) -> Result<String, AuthError
             code.push_str(&format!("reject if {kind}($x), ![{items}].contains($x);\n"));
         }
     }
-    if !narrowing.paths.is_empty() {
-        let prefixes = narrowing.paths.iter().map(|p| dir_form(p)).collect::<Result<Vec<_>, _>>()?;
-        let conds = prefixes.iter().map(|p| format!("!$p.starts_with(\"{p}\")")).collect::<Vec<_>>().join(", ");
-        code.push_str(&format!("reject if path($p), {conds};\n"));
-        for p in &prefixes {
-            code.push_str(&format!("narrow_path(\"{p}\");\n"));
+    for (area, list) in [(Area::Path, &narrowing.paths), (Area::Node, &narrowing.nodes)] {
+        if !list.is_empty() {
+            let prefixes = list.iter().map(|p| dir_form(p)).collect::<Result<Vec<_>, _>>()?;
+            code.push_str(&Statement::Within(area, prefixes.clone()).render());
+            code.push_str(";\n");
+            for p in prefixes {
+                code.push_str(&Statement::Hint(area, p).render());
+                code.push_str(";\n");
+            }
         }
     }
     code.push_str(&expiry_code(narrowing.expires_at)?);
@@ -263,6 +280,9 @@ pub struct Scope {
     pub admin: bool,
     /// Effective path prefixes (`None`: every configured root).
     pub path_prefixes: Option<Vec<PathBuf>>,
+    /// Effective worknode subtrees in [`prefix_form`] (`/acme/research/`; `None`: the whole
+    /// tree, for admin tokens and `*` grants; empty: no worknode at all).
+    pub node_prefixes: Option<Vec<String>>,
     /// The earliest expiry of any block (unix seconds), `None` if none expires.
     pub expires_at: Option<u64>,
     tools: Names,
@@ -322,12 +342,62 @@ enum Statement {
     Expires(u64),
     /// `check if time($t), $t <= DATE`.
     Before(String),
-    /// `narrow_path("P/")`, the hints of a [`Statement::Within`] (holder).
-    Hint(String),
+    /// `narrow_path("P/")` or `narrow_node("S/")`, the hints of a [`Statement::Within`] (holder).
+    Hint(Area, String),
     /// `reject if tool($x), !["a", "b"].contains($x)` (holder; the same for `muscle`).
     Keep(Kind, Vec<String>),
-    /// `reject if path($p), !$p.starts_with("P1/"), ...` (holder).
-    Within(Vec<String>),
+    /// `reject if path($p), !$p.starts_with("P1/"), ...` or `reject if node($n),
+    /// !$n.starts_with("S1/"), ...` (holder).
+    Within(Area, Vec<String>),
+}
+
+/// What a prefix narrows: filesystem paths or worknode subtrees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Area {
+    Path,
+    Node,
+}
+
+/// One `T` per [`Area`].
+#[derive(Debug, Default)]
+struct PerArea<T> {
+    path: T,
+    node: T,
+}
+
+impl<T> PerArea<T> {
+    fn get(&self, area: Area) -> &T {
+        match area {
+            Area::Path => &self.path,
+            Area::Node => &self.node,
+        }
+    }
+
+    fn get_mut(&mut self, area: Area) -> &mut T {
+        match area {
+            Area::Path => &mut self.path,
+            Area::Node => &mut self.node,
+        }
+    }
+}
+
+impl Area {
+    const ALL: [Self; 2] = [Self::Path, Self::Node];
+
+    /// The fact a request states, the variable the check binds, and the hint fact.
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::Path => ("path", "$p", "narrow_path"),
+            Self::Node => ("node", "$n", "narrow_node"),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Self::Path => "path narrowing",
+            Self::Node => "worknode narrowing",
+        }
+    }
 }
 
 fn quoted_in(s: &str, prefix: &str, suffix: &str) -> Option<String> {
@@ -359,8 +429,11 @@ impl Statement {
         if let Some(v) = s.strip_prefix("check if time($t), $t <= ") {
             return Some(Self::Before(v.to_owned()));
         }
-        if let Some(v) = quoted_in(s, "narrow_path(\"", "\")") {
-            return Some(Self::Hint(v));
+        for area in Area::ALL {
+            let (_, _, hint) = area.names();
+            if let Some(v) = quoted_in(s, &format!("{hint}(\""), "\")") {
+                return Some(Self::Hint(area, v));
+            }
         }
         for kind in [Kind::Tool, Kind::Muscle] {
             let prefix = format!("reject if {}($x), ![", kind.fact());
@@ -368,8 +441,13 @@ impl Statement {
                 return string_list(&items, "\"", "\"").map(|names| Self::Keep(kind, names));
             }
         }
-        let conds = s.strip_prefix("reject if path($p), ")?;
-        string_list(conds, "!$p.starts_with(\"", "\")").map(Self::Within)
+        for area in Area::ALL {
+            let (fact, var, _) = area.names();
+            if let Some(conds) = s.strip_prefix(&format!("reject if {fact}({var}), ")) {
+                return string_list(conds, &format!("!{var}.starts_with(\""), "\")").map(|p| Self::Within(area, p));
+            }
+        }
+        None
     }
 
     fn render(&self) -> String {
@@ -382,11 +460,14 @@ impl Statement {
             Self::Right(k, v) => format!("right(\"{k}\", \"{v}\")"),
             Self::Expires(t) => format!("expires({t})"),
             Self::Before(date) => format!("check if time($t), $t <= {date}"),
-            Self::Hint(p) => format!("narrow_path(\"{p}\")"),
+            Self::Hint(area, p) => format!("{}(\"{p}\")", area.names().2),
             Self::Keep(kind, names) => {
                 format!("reject if {}($x), ![{}].contains($x)", kind.fact(), list(names, "\"", "\""))
             }
-            Self::Within(prefixes) => format!("reject if path($p), {}", list(prefixes, "!$p.starts_with(\"", "\")")),
+            Self::Within(area, prefixes) => {
+                let (fact, var, _) = area.names();
+                format!("reject if {fact}({var}), {}", list(prefixes, &format!("!{var}.starts_with(\""), "\")"))
+            }
         }
     }
 }
@@ -399,7 +480,8 @@ struct BlockRights {
     expires: Option<u64>,
     tools: Option<Vec<String>>,
     muscles: Option<Vec<String>>,
-    within: Option<Vec<String>>,
+    /// The path narrowing, then the worknode narrowing.
+    within: PerArea<Option<Vec<String>>>,
 }
 
 /// Reads block `index` of `source` (its printed form) into what it grants or keeps; refuses a
@@ -410,7 +492,7 @@ fn read_block(index: usize, source: &str, expected: usize) -> Result<BlockRights
     let which = if authority { "authority block".to_owned() } else { format!("block {index}") };
     let refuse = |why: String| AuthError::Refused(format!("the token's {which} {why}"));
     let mut block = BlockRights::default();
-    let (mut hints, mut before) = (Vec::new(), None);
+    let (mut hints, mut before) = (PerArea::<Vec<String>>::default(), None);
     let texts: Vec<&str> = source.split_terminator(";\n").collect();
     // A string holding `;\n` would print as more statements than the block has: refused.
     if texts.len() != expected {
@@ -435,7 +517,7 @@ fn read_block(index: usize, source: &str, expected: usize) -> Result<BlockRights
             Statement::Right(kind, value) if authority => {
                 let valid = match kind.as_str() {
                     "tool" | "muscle" => quoted(&value).is_ok(),
-                    "path" => value == "*" || require_prefix_form("path right", &value).is_ok(),
+                    "path" | "node" => value == "*" || require_prefix_form("prefix right", &value).is_ok(),
                     "admin" => value == "*",
                     _ => false,
                 };
@@ -452,9 +534,9 @@ fn read_block(index: usize, source: &str, expected: usize) -> Result<BlockRights
                 once(before.is_some(), "time check")?;
                 before = Some(date);
             }
-            Statement::Hint(p) if !authority => {
-                require_prefix_form("path narrowing", &p)?;
-                hints.push(p);
+            Statement::Hint(area, p) if !authority => {
+                require_prefix_form(area.what(), &p)?;
+                hints.get_mut(area).push(p);
             }
             Statement::Keep(kind, names) if !authority => {
                 if let Some(bad) = names.iter().find(|n| quoted(n).is_err()) {
@@ -467,12 +549,13 @@ fn read_block(index: usize, source: &str, expected: usize) -> Result<BlockRights
                 once(slot.is_some(), &format!("{} narrowing", kind.fact()))?;
                 *slot = Some(names);
             }
-            Statement::Within(prefixes) if !authority => {
-                once(block.within.is_some(), "path narrowing")?;
+            Statement::Within(area, prefixes) if !authority => {
+                let slot = block.within.get_mut(area);
+                once(slot.is_some(), area.what())?;
                 for p in &prefixes {
-                    require_prefix_form("path narrowing", p)?;
+                    require_prefix_form(area.what(), p)?;
                 }
-                block.within = Some(prefixes);
+                *slot = Some(prefixes);
             }
             other => return Err(refuse(format!("holds `{}`, which does not belong in it", other.render()))),
         }
@@ -484,14 +567,16 @@ fn read_block(index: usize, source: &str, expected: usize) -> Result<BlockRights
     if before != expected {
         return Err(refuse("has an expiry without its time check, or a time check without its expiry".into()));
     }
-    let mut sorted = hints;
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut checked = block.within.clone().unwrap_or_default();
-    checked.sort_unstable();
-    checked.dedup();
-    if sorted != checked {
-        return Err(refuse("has path hints that differ from its path check".into()));
+    for area in Area::ALL {
+        let mut sorted = std::mem::take(hints.get_mut(area));
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut checked = block.within.get(area).clone().unwrap_or_default();
+        checked.sort_unstable();
+        checked.dedup();
+        if sorted != checked {
+            return Err(refuse(format!("has {} hints that differ from its check", area.what())));
+        }
     }
     Ok(block)
 }
@@ -642,13 +727,21 @@ pub fn inspect(token: &str, revoked: impl Fn(&str) -> bool, now: u64) -> Result<
         granted: authority.rights.iter().filter(|(k, _)| k == kind).map(|(_, v)| v.clone()).collect(),
         kept: holders.iter().filter_map(|b| kept(b).clone()).collect(),
     };
-    let granted: Vec<&str> = authority.rights.iter().filter(|(k, _)| k == "path").map(|(_, v)| v.as_str()).collect();
-    let narrowings: Vec<&[String]> = holders.iter().filter_map(|b| b.within.as_deref()).collect();
+    let prefixes = |area: Area| {
+        let kind = area.names().0;
+        let granted: Vec<&str> = authority.rights.iter().filter(|(k, _)| k == kind).map(|(_, v)| v.as_str()).collect();
+        let narrowings: Vec<&[String]> = holders.iter().filter_map(|b| b.within.get(area).as_deref()).collect();
+        effective_prefixes(&granted, &narrowings)
+    };
+    // Admin rights mint any token, so no attenuation keeps them: mint a narrower admin.
+    let admin = holders.is_empty() && authority.rights.iter().any(|(k, v)| k == "admin" && v == "*");
     let scope = Scope {
         id: id.clone(),
-        // Admin rights mint any token, so no attenuation keeps them: mint a narrower admin.
-        admin: holders.is_empty() && authority.rights.iter().any(|(k, v)| k == "admin" && v == "*"),
-        path_prefixes: effective_paths(&granted, &narrowings),
+        admin,
+        path_prefixes: prefixes(Area::Path)
+            .map(|list| list.iter().map(|p| PathBuf::from(p).components().collect()).collect()),
+        // An admin acts on the whole tree even when minted before worknode rights existed.
+        node_prefixes: if admin { None } else { prefixes(Area::Node) },
         tools: names("tool", |b| &b.tools),
         muscles: names("muscle", |b| &b.muscles),
         expires_at: earliest,
@@ -664,15 +757,15 @@ pub fn read(token: &str, root: &PublicKey, revoked: impl Fn(&str) -> bool, now: 
     inspect(token, revoked, now)?.verify(root)
 }
 
-/// The token's effective path prefixes: the intersection of every block's path rights.
+/// The token's effective prefixes of one area: the intersection of every block's rights.
 ///
-/// `granted` are the authority's prefixes (`*`: every root), `narrowings` each holder block's
+/// `granted` are the authority's prefixes (`*`: everything), `narrowings` each holder block's
 /// prefixes, all in [`prefix_form`] (checked when read). A path is allowed when it lies inside a
 /// granted prefix and inside a prefix of every narrowing; since the prefixes are component
 /// prefixes, that set is the union of the candidates (every prefix named anywhere) that satisfy
-/// the same, and the ones inside another are dropped. `None` when the token covers every root
+/// the same, and the ones inside another are dropped. `None` when the token covers everything
 /// and nothing narrows it.
-fn effective_paths(granted: &[&str], narrowings: &[&[String]]) -> Option<Vec<PathBuf>> {
+fn effective_prefixes(granted: &[&str], narrowings: &[&[String]]) -> Option<Vec<String>> {
     let everywhere = granted.contains(&"*");
     let granted: Vec<&str> = granted.iter().copied().filter(|p| *p != "*").collect();
     if everywhere && narrowings.is_empty() {
@@ -687,11 +780,8 @@ fn effective_paths(granted: &[&str], narrowings: &[&[String]]) -> Option<Vec<Pat
         .collect();
     allowed.sort_unstable();
     allowed.dedup();
-    let minimal: Vec<PathBuf> = allowed
-        .iter()
-        .filter(|p| !allowed.iter().any(|q| q != *p && within(p, q)))
-        .map(|p| PathBuf::from(p).components().collect())
-        .collect();
+    let minimal: Vec<String> =
+        allowed.iter().filter(|p| !allowed.iter().any(|q| q != *p && within(p, q))).map(|p| (*p).to_owned()).collect();
     Some(minimal)
 }
 
@@ -708,9 +798,11 @@ fn mint_with(root: &KeyPair, grant: &Grant) -> Result<String, AuthError> {
             code.push_str(&format!("right(\"{kind}\", {});\n", quoted(name)?));
         }
     }
-    for p in &grant.paths {
-        let value = if p == "*" { "*".to_owned() } else { dir_form(p)? };
-        code.push_str(&format!("right(\"path\", \"{value}\");\n"));
+    for (kind, list) in [("path", &grant.paths), ("node", &grant.nodes)] {
+        for p in list {
+            let value = if p == "*" { "*".to_owned() } else { dir_form(p)? };
+            code.push_str(&format!("right(\"{kind}\", \"{value}\");\n"));
+        }
     }
     if grant.admin {
         code.push_str("right(\"admin\", \"*\");\n");
@@ -879,5 +971,46 @@ mod tests {
         let odd = parsed.append(BlockBuilder::new().code("reject if tool($x), ![\"fs read\"].contains($x);").unwrap());
         let why = refusal(&odd.unwrap().to_base64().unwrap());
         assert!(why.contains("no name can be"), "{why}");
+    }
+
+    #[test]
+    fn worknode_subtrees_narrow_like_paths_and_none_means_no_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootKey::load_or_create(dir.path()).unwrap();
+        let at = |token: &str| read(token, &root.public(), |_| false, now_unix()).unwrap().node_prefixes;
+        let plain = root.mint(&Grant { tools: vec!["node_get".into()], ..Grant::default() }).unwrap();
+        assert_eq!(at(&plain), Some(vec![]), "no --node, no worknode");
+        let grant = Grant {
+            tools: vec!["node_get".into()],
+            nodes: vec!["/acme/research".into(), "/beta/".into()],
+            ..Grant::default()
+        };
+        let token = root.mint(&grant).unwrap();
+        assert_eq!(at(&token), Some(vec!["/acme/research/".to_owned(), "/beta/".to_owned()]));
+        let narrow = |t: &str, nodes: &[&str]| {
+            let nodes = nodes.iter().map(|n| (*n).to_owned()).collect();
+            attenuate(t, &Narrowing { nodes, ..Narrowing::default() })
+        };
+        let deeper = narrow(&token, &["/acme/research/deep"]).unwrap();
+        assert_eq!(at(&deeper), Some(vec!["/acme/research/deep/".to_owned()]));
+        // Widening to a parent, a sibling or a look-alike keeps nothing new.
+        for wider in [&["/acme"][..], &["/acme/research2"], &["/"]] {
+            let got = at(&narrow(&deeper, wider).unwrap()).unwrap();
+            assert!(got.iter().all(|g| g.starts_with("/acme/research/deep/")), "{wider:?}: {got:?}");
+        }
+        assert_eq!(at(&narrow(&token, &["/gamma"]).unwrap()), Some(vec![]));
+        // The path and node narrowings are separate: one never touches the other.
+        let paths = attenuate(&token, &Narrowing { paths: vec!["/data".into()], ..Narrowing::default() }).unwrap();
+        assert_eq!(at(&paths), Some(vec!["/acme/research/".to_owned(), "/beta/".to_owned()]));
+        // Dot segments are refused when narrowing, and in a hand-written block.
+        assert!(narrow(&token, &["/acme/research/../sales"]).is_err());
+        let parsed = UnverifiedBiscuit::from_base64(&token).unwrap();
+        let code = "reject if node($n), !$n.starts_with(\"/acme/research/../\");\nnarrow_node(\"/acme/research/../\");";
+        let forged = parsed.append(BlockBuilder::new().code(code).unwrap()).unwrap().to_base64().unwrap();
+        assert!(refusal(&forged).contains(".."), "{}", refusal(&forged));
+        // An admin acts on the whole tree; an attenuated admin only where it is narrowed.
+        let admin = root.mint(&Grant::admin("ops", None)).unwrap();
+        assert_eq!(at(&admin), None);
+        assert_eq!(at(&narrow(&admin, &["/acme"]).unwrap()), Some(vec!["/acme/".to_owned()]));
     }
 }

@@ -63,6 +63,9 @@ pub struct CallScope {
     /// Path prefixes (absolute, inside the configured roots) the caller may use; `None` means
     /// every configured root.
     pub path_prefixes: Option<Vec<PathBuf>>,
+    /// Worknode subtrees the caller may act on, each ending in `/` (`/acme/research/`); `None`
+    /// means the whole tree, an empty list no worknode at all.
+    pub node_prefixes: Option<Vec<String>>,
     /// The call must finish before this instant; tools that can stop early check it.
     pub deadline: Option<Instant>,
 }

@@ -79,10 +79,10 @@ fn commands_not_allow_listed_are_refused() {
         assert!(matches!(result, Err(ToolError::Forbidden(_))), "{command}: {result:?}");
     }
     // A caller scoped to other paths may not run anything in the work root.
-    let scoped = CallScope { path_prefixes: Some(vec![sb.outside.clone()]), deadline: None };
+    let scoped = CallScope { path_prefixes: Some(vec![sb.outside.clone()]), ..CallScope::default() };
     let result = sb.tool.call(json!({ "command": "echo" }), &scoped);
     assert!(matches!(result, Err(ToolError::Forbidden(_))), "{result:?}");
-    let covering = CallScope { path_prefixes: Some(vec![sb.work.clone()]), deadline: None };
+    let covering = CallScope { path_prefixes: Some(vec![sb.work.clone()]), ..CallScope::default() };
     assert!(sb.tool.call(json!({ "command": "echo" }), &covering).is_ok());
 }
 

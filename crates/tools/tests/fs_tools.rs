@@ -172,7 +172,7 @@ fn fs_search_globs_without_following_symlinks_and_is_bounded() {
     let out = search.call(json!({ "pattern": "**" }), &CallScope::default()).unwrap();
     assert_eq!(out.data["truncated"], true);
     assert!(matches!(call(&tools, "fs_search", json!({ "pattern": "a[" })), Err(ToolError::InvalidParams(_))));
-    let past = CallScope { path_prefixes: None, deadline: Some(std::time::Instant::now()) };
+    let past = CallScope { deadline: Some(std::time::Instant::now()), ..CallScope::default() };
     assert!(matches!(tools["fs_search"].call(json!({ "pattern": "**" }), &past), Err(ToolError::Timeout(_))));
 }
 

@@ -200,18 +200,18 @@ fn scope_prefixes_restrict_further() {
     let fx = Fixture::new();
     symlink("../file.txt", fx.root.join("sub/up_link")).unwrap();
     let tools = fx.tools(false);
-    let scope = CallScope { path_prefixes: Some(vec![fx.root.join("sub")]), deadline: None };
+    let scope = CallScope { path_prefixes: Some(vec![fx.root.join("sub")]), ..CallScope::default() };
     let read = |path: &str| tools["fs_read"].call(json!({ "path": path }), &scope);
     assert_eq!(read("sub/inner.txt").unwrap().data["content"], "inner");
     assert!(matches!(read("file.txt"), Err(ToolError::Forbidden(_))));
     // Inside the root, but the symlink climbs out of the caller's prefix.
     assert_violation(read("sub/up_link"));
     assert_violation(read("sub/../file.txt"));
-    let none = CallScope { path_prefixes: Some(vec![fx.outside.clone()]), deadline: None };
+    let none = CallScope { path_prefixes: Some(vec![fx.outside.clone()]), ..CallScope::default() };
     assert!(matches!(tools["fs_read"].call(json!({ "path": "file.txt" }), &none), Err(ToolError::Forbidden(_))));
     // A prefix holding the whole root (its parent, `/`) stands for the root, and no more.
     for wide in [fx.root.parent().unwrap().to_path_buf(), std::path::PathBuf::from("/")] {
-        let scope = CallScope { path_prefixes: Some(vec![wide]), deadline: None };
+        let scope = CallScope { path_prefixes: Some(vec![wide]), ..CallScope::default() };
         assert_eq!(tools["fs_read"].call(json!({ "path": "file.txt" }), &scope).unwrap().data["content"], "inside");
         let secret = fx.outside.join("secret.txt").display().to_string();
         let result = tools["fs_read"].call(json!({ "path": secret }), &scope);
@@ -221,7 +221,7 @@ fn scope_prefixes_restrict_further() {
     // A prefix naming a file or a symlinked directory grants nothing.
     symlink("sub", fx.root.join("sub_link")).unwrap();
     for narrow in [fx.root.join("file.txt"), fx.root.join("sub_link")] {
-        let scope = CallScope { path_prefixes: Some(vec![narrow]), deadline: None };
+        let scope = CallScope { path_prefixes: Some(vec![narrow]), ..CallScope::default() };
         let read = |path: &str| tools["fs_read"].call(json!({ "path": path }), &scope);
         assert!(matches!(read("file.txt"), Err(ToolError::Forbidden(_))));
         assert!(matches!(read("sub_link/inner.txt"), Err(ToolError::Forbidden(_))));

@@ -179,6 +179,20 @@ pub enum Authority {
     System,
     /// A verified capability token.
     Token(Arc<Grant>),
+    /// Every right on these subtrees and nothing outside them: what the gateway hands the node
+    /// tools for a caller whose gateway token names worknode subtrees (`referee token create
+    /// --node /acme`). Checked segment by segment, like a token's scope; no Datalog runs.
+    Subtrees(Arc<[WnPath]>),
+}
+
+impl Authority {
+    /// Whether this authority's subtrees, if it has any, hold `path`.
+    fn subtrees_hold(&self, path: &WnPath) -> bool {
+        match self {
+            Self::Subtrees(scopes) => scopes.iter().any(|s| path.is_within(s)),
+            Self::System | Self::Token(_) => true,
+        }
+    }
 }
 
 /// Verifies, caches and revokes tokens for one root key.
@@ -250,6 +264,9 @@ impl Capabilities {
 
     /// Whether `auth` may do `right` on `path`.
     pub fn check(&self, auth: &Authority, path: &WnPath, right: Right) -> Result<(), CapError> {
+        if !auth.subtrees_hold(path) {
+            return Err(CapError::Denied { path: path.clone(), op: right.as_str() });
+        }
         let Authority::Token(g) = auth else { return Ok(()) };
         if g.revoked.load(Ordering::Acquire) {
             return Err(CapError::Revoked(self.is_revoked(&g.revocation_ids).unwrap_or_default()));

@@ -499,6 +499,8 @@ impl Inner {
             // Without a verifier only the system itself may act.
             None => match auth {
                 Authority::System => Ok(()),
+                Authority::Subtrees(scopes) if scopes.iter().any(|s| path.is_within(s)) => Ok(()),
+                Authority::Subtrees(_) => Err(CapError::Denied { path: path.clone(), op: right.as_str() }),
                 Authority::Token(_) => {
                     Err(CapError::Invalid("this system has no capability verifier configured".into()))
                 }

@@ -2,10 +2,13 @@
 //!
 //! The gateway exposes every [`referee_tools::Tool`] over REST (`POST /v1/tools/{tool}`) and
 //! MCP, so these four are the worknode routes and MCP tools. The gateway's own token decides
-//! whether a caller may use a tool at all; within the tree, a call acts with the authority of
-//! the worknode capability token in its `token` parameter (base64, verified by the system's
-//! [`crate::Capabilities`]), or — when the system has no capability root configured — with the
-//! node's own authority.
+//! whether a caller may use a tool at all, and which subtrees it may touch
+//! ([`CallScope::node_prefixes`], from `referee token create --node /acme`): a path outside them
+//! is refused before it is even looked up, so the answer says nothing about what exists there.
+//! Within its subtrees, a call acts with the authority of the worknode capability token in its
+//! `token` parameter (base64, verified by the system's [`crate::Capabilities`]), or — when the
+//! system has no capability root configured — with [`Authority::Subtrees`] of the caller's
+//! subtrees (the whole tree for an admin).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,8 +121,31 @@ fn wn_path(s: &str) -> Result<WnPath, ToolError> {
     s.parse().map_err(|e| ToolError::InvalidParams(format!("path {s:?}: {e}")))
 }
 
+/// The subtrees a gateway scope allows: `None` for the whole tree. Prefixes that are not
+/// worknode paths (a filesystem-style prefix the gateway accepted) can hold no worknode and are
+/// dropped.
+fn subtrees(scope: &CallScope) -> Option<Arc<[WnPath]>> {
+    let prefixes = scope.node_prefixes.as_ref()?;
+    Some(prefixes.iter().filter_map(|p| p.parse::<WnPath>().ok()).collect())
+}
+
+/// Refuses `path` unless it lies in one of `subtrees` (segment by segment).
+fn covered(subtrees: Option<&[WnPath]>, path: &WnPath) -> Result<(), ToolError> {
+    let Some(subtrees) = subtrees else { return Ok(()) };
+    if subtrees.iter().any(|s| path.is_within(s)) {
+        return Ok(());
+    }
+    if subtrees.is_empty() {
+        return Err(ToolError::Forbidden(
+            "the token has no worknode rights; mint one with `referee token create --node SUBTREE`".to_owned(),
+        ));
+    }
+    let names: Vec<&str> = subtrees.iter().map(WnPath::as_str).collect();
+    Err(ToolError::Forbidden(format!("the token's worknode subtrees {names:?} do not hold {path}")))
+}
+
 impl NodeTool {
-    fn authority(&self, params: &Value) -> Result<Authority, ToolError> {
+    fn authority(&self, params: &Value, subtrees: Option<&Arc<[WnPath]>>) -> Result<Authority, ToolError> {
         match (text(params, "token")?, self.system.capabilities()) {
             (Some(token), Some(caps)) => {
                 let bytes = base64::engine::general_purpose::STANDARD
@@ -133,7 +159,7 @@ impl NodeTool {
             (Some(_), None) => {
                 Err(ToolError::InvalidParams("this referee has no worknode capability root; omit `token`".to_owned()))
             }
-            (None, None) => Ok(Authority::System),
+            (None, None) => Ok(subtrees.map_or(Authority::System, |s| Authority::Subtrees(s.clone()))),
         }
     }
 
@@ -141,11 +167,19 @@ impl NodeTool {
         self.system.resolve(path).ok_or_else(|| ToolError::NotFound(format!("no worknode at {path}")))
     }
 
-    fn run(&self, params: &Value) -> Result<Value, ToolError> {
+    fn run(&self, params: &Value, scope: &CallScope) -> Result<Value, ToolError> {
         if !params.is_object() {
             return Err(ToolError::InvalidParams("params must be an object".to_owned()));
         }
-        let auth = self.authority(params)?;
+        let subtrees = subtrees(scope);
+        // The one path each call names (the new node, the target, the listed subtree), checked
+        // against the caller's subtrees before anything else looks at it.
+        let target = match self.kind {
+            Kind::Tree => wn_path(text(params, "path")?.unwrap_or("/"))?,
+            Kind::Create | Kind::Update | Kind::Get => wn_path(required(params, "path")?)?,
+        };
+        covered(subtrees.as_deref(), &target)?;
+        let auth = self.authority(params, subtrees.as_ref())?;
         let refused = |e: &dyn std::fmt::Display| {
             let message = e.to_string();
             if message.contains("not permitted") || message.contains("capabilit") || message.contains("token") {
@@ -156,7 +190,7 @@ impl NodeTool {
         };
         match self.kind {
             Kind::Create => {
-                let path = wn_path(required(params, "path")?)?;
+                let path = target;
                 let (parent, name) =
                     path.split_last().ok_or_else(|| ToolError::InvalidParams("cannot create the root".to_owned()))?;
                 let consistency = match text(params, "consistency")?.unwrap_or("local") {
@@ -173,7 +207,7 @@ impl NodeTool {
                 Ok(json!({"id": id.to_string(), "path": path.to_string()}))
             }
             Kind::Update => {
-                let path = wn_path(required(params, "path")?)?;
+                let path = target;
                 let args: Vec<String> = match params.get("args") {
                     None | Some(Value::Null) => Vec::new(),
                     Some(Value::Array(items)) => items
@@ -192,7 +226,7 @@ impl NodeTool {
                 Ok(json!({"id": id.to_string(), "accepted": true}))
             }
             Kind::Get => {
-                let path = wn_path(required(params, "path")?)?;
+                let path = target;
                 let id = self.lookup(&path)?;
                 // Updates apply in the worknode's turn; let the ones queued to it land first.
                 self.system.settle(id, SETTLE);
@@ -205,7 +239,7 @@ impl NodeTool {
                 }))
             }
             Kind::Tree => {
-                let path = wn_path(text(params, "path")?.unwrap_or("/"))?;
+                let path = target;
                 let limit = match params.get("limit") {
                     None | Some(Value::Null) => MAX_TREE,
                     Some(v) => v
@@ -235,8 +269,8 @@ impl Tool for NodeTool {
         &self.spec
     }
 
-    fn call(&self, params: Value, _scope: &CallScope) -> Result<ToolOutput, ToolError> {
-        let data = self.run(&params)?;
+    fn call(&self, params: Value, scope: &CallScope) -> Result<ToolOutput, ToolError> {
+        let data = self.run(&params, scope)?;
         Ok(ToolOutput { data, reality_index: 1.0, torsion: 0.0 })
     }
 }
@@ -297,5 +331,49 @@ mod tests {
             let err = call(&tools, tool, params.clone()).expect_err(&format!("{tool} {params} succeeded"));
             assert!(err.to_string().contains(want), "{tool} {params}: {err}");
         }
+    }
+
+    #[test]
+    fn a_scoped_caller_acts_only_inside_its_subtrees() {
+        let (system, tools) = tools();
+        for path in ["/acme", "/acme/research", "/acme/research2", "/beta"] {
+            call(&tools, "node_create", json!({"path": path})).unwrap();
+        }
+        let scoped = |prefixes: &[&str]| CallScope {
+            node_prefixes: Some(prefixes.iter().map(|p| (*p).to_owned()).collect()),
+            ..CallScope::default()
+        };
+        let run = |scope: &CallScope, name: &str, params: Value| {
+            let tool = tools.iter().find(|t| t.spec().name == name).unwrap();
+            tool.call(params, scope).map(|o| o.data)
+        };
+        let research = scoped(&["/acme/research/"]);
+        let grow = json!({"path": "/acme/research", "field": "hits", "op": "grow", "args": ["2"]});
+        run(&research, "node_update", grow).unwrap();
+        run(&research, "node_create", json!({"path": "/acme/research/x"})).unwrap();
+        run(&research, "node_get", json!({"path": "/acme/research/x"})).unwrap();
+        let listed = run(&research, "node_tree", json!({"path": "/acme/research"})).unwrap();
+        assert_eq!(listed["nodes"].as_array().unwrap().len(), 2, "{listed}");
+        let outside = [
+            ("node_get", json!({"path": "/acme"})),
+            ("node_get", json!({"path": "/acme/research2"})),
+            ("node_get", json!({"path": "/nonexistent"})),
+            ("node_update", json!({"path": "/beta", "field": "f", "op": "grow", "args": ["1"]})),
+            ("node_create", json!({"path": "/acme/sales"})),
+            ("node_tree", json!({})),
+            ("node_tree", json!({"path": "/acme"})),
+        ];
+        for (name, params) in &outside {
+            let err = run(&research, name, params.clone()).expect_err(&format!("{name} {params}"));
+            assert!(matches!(err, ToolError::Forbidden(_)), "{name} {params}: {err}");
+        }
+        // No subtree at all: nothing, not even the root.
+        let none = scoped(&[]);
+        let err = run(&none, "node_get", json!({"path": "/"})).unwrap_err();
+        assert!(err.to_string().contains("--node"), "{err}");
+        // The system refuses the authority on its own, whatever the tool checked.
+        let auth = Authority::Subtrees(Arc::from([wn_path("/acme/research").unwrap()]));
+        let beta = system.resolve(&wn_path("/beta").unwrap()).unwrap();
+        assert!(system.query(&auth, beta, Consistency::Local).is_err());
     }
 }

@@ -31,6 +31,22 @@ fn expiry(scope: &TokenScopeArgs) -> Result<Option<u64>> {
     scope.ttl.as_deref().map(|t| Ok(now_unix().saturating_add(parse_ttl(t)?))).transpose()
 }
 
+/// The worknode subtrees of `--node`, checked as worknode paths (`*` stays `*`).
+fn subtrees(scope: &TokenScopeArgs) -> Result<Vec<String>> {
+    scope
+        .nodes
+        .iter()
+        .map(|n| {
+            if n == "*" {
+                return Ok(n.clone());
+            }
+            let path: referee_worknode::WnPath =
+                n.parse().with_context(|| format!("--node {n:?}: expected a worknode path such as /acme/research"))?;
+            Ok(path.to_string())
+        })
+        .collect()
+}
+
 fn socket(home: &Home, unix: Option<PathBuf>) -> PathBuf {
     unix.unwrap_or_else(|| home.root().join(referee_gateway::SOCKET_FILE))
 }
@@ -52,6 +68,7 @@ pub(crate) fn run(home: &Home, cmd: TokenCommand, json_out: bool) -> Result<()> 
                     tools: scope.tools.clone(),
                     muscles: scope.muscles.clone(),
                     paths: if scope.paths.is_empty() { vec!["*".into()] } else { scope.paths.clone() },
+                    nodes: subtrees(&scope)?,
                     admin: false,
                     expires_at: expiry(&scope)?,
                     label,
@@ -67,6 +84,7 @@ pub(crate) fn run(home: &Home, cmd: TokenCommand, json_out: bool) -> Result<()> 
                 tools: scope.tools.clone(),
                 muscles: scope.muscles.clone(),
                 paths: scope.paths.clone(),
+                nodes: subtrees(&scope)?,
                 expires_at: expiry(&scope)?,
             };
             let narrowed = auth::attenuate(&token, &narrowing)?;
@@ -87,7 +105,10 @@ pub(crate) fn run(home: &Home, cmd: TokenCommand, json_out: bool) -> Result<()> 
                         let rights = if t.admin {
                             "admin".to_owned()
                         } else {
-                            format!("tools {:?} muscles {:?} paths {:?}", t.tools, t.muscles, t.paths)
+                            format!(
+                                "tools {:?} muscles {:?} paths {:?} nodes {:?}",
+                                t.tools, t.muscles, t.paths, t.nodes
+                            )
                         };
                         let exp = t.expires_at.map_or_else(|| "never".to_owned(), |e| e.to_string());
                         format!("{}  {state:7}  {:12}  expires {exp}  {rights}", t.id, t.label)
