@@ -568,6 +568,114 @@ fn worknode_tools_act_only_inside_the_tokens_subtrees_over_rest_and_mcp() -> Tes
     Ok(())
 }
 
+/// Sends `n` requests for `path` with `token` over one keep-alive HTTP/1.1 connection,
+/// pipelined in groups of 100; returns how many answers had status `status`.
+fn flood(addr: &str, path: &str, token: &str, n: usize, status: u16) -> Result<usize, Box<dyn std::error::Error>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let marker = format!("HTTP/1.1 {status} ");
+    let (mut seen, mut text) = (0, String::new());
+    for group in (0..n).step_by(100) {
+        let count = (n - group).min(100);
+        stream.write_all(request.repeat(count).as_bytes())?;
+        let want = group + count;
+        let mut buf = vec![0u8; 1 << 16];
+        while text.matches("HTTP/1.1 ").count() < want {
+            let read = stream.read(&mut buf)?;
+            if read == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(buf.get(..read).unwrap_or_default()));
+        }
+        seen = text.matches(marker.as_str()).count();
+    }
+    Ok(seen)
+}
+
+/// Security finding 7: after rounds of valid calls, forged tokens and refused paths, `referee
+/// audit tail` showed only `referee_start` and muscle `load` records.
+#[test]
+fn security_events_reach_the_audit_log_and_survive_a_sigkill() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("referee.toml");
+    std::fs::write(&config, "[limits]\ndenial_window_ms = 300\n")?;
+    let home = dir.path().join("home");
+    let root = root_with_hello(&home)?.canonicalize()?;
+    std::fs::create_dir_all(root.join("public"))?;
+    let mut s = serve(&home, &["--config", &config.display().to_string()])?;
+    let (base, admin) = (s.base(), s.admin());
+    let addr = s.ready["tcp"].as_str().ok_or("no tcp")?.to_owned();
+    let tool = |token: &str, name: &str, params: Value| {
+        curl(None, "POST", &format!("{base}/v1/tools/{name}"), Some(token), Some(&params))
+    };
+    let public = root.join("public").display().to_string();
+    let created = cli_json(
+        &home,
+        &["token", "create", "--tool", "fs_read", "--tool", "fs_write", "--path", &public, "--label", "agent"],
+    )?;
+    let token = created["token"].as_str().ok_or("no token")?.to_owned();
+    let id = created["record"]["id"].as_str().ok_or("no id")?.to_owned();
+
+    // Valid, privileged, and denied calls of every kind.
+    assert_eq!(tool(&token, "fs_read", json!({"path": root.join("public")})).0, 400, "a directory is not a file");
+    let write = json!({"path": root.join("public/out.txt"), "content": "x"});
+    assert_eq!(tool(&token, "fs_write", write).0, 200);
+    assert_eq!(tool(&token, "fs_write", json!({"path": root.join("hello.txt"), "content": "x"})).0, 403);
+    assert_eq!(tool(&token, "exec", json!({"command": "sh"})).0, 403);
+    assert_eq!(curl(None, "GET", &format!("{base}/v1/tokens"), Some(&token), None).0, 403);
+    let narrowed = cli_json(&home, &["token", "attenuate", &token, "--tool", "fs_read"])?;
+    let narrowed = narrowed["token"].as_str().ok_or("no token")?.to_owned();
+    assert_eq!(tool(&narrowed, "fs_read", json!({"path": root.join("public/out.txt")})).0, 200);
+    let (code, body) = mcp_call(&base, &narrowed, "fs_write", &json!({"path": root.join("public/x"), "content": "x"}));
+    assert!(code == 200 && body.contains("forbidden"), "{body}");
+    assert_eq!(curl(None, "DELETE", &format!("{base}/v1/muscles/feanor"), Some(&admin), None).0, 204);
+    cli_json(&home, &["token", "revoke", &id])?;
+    assert_eq!(tool(&token, "fs_read", json!({"path": root.join("public/out.txt")})).0, 401);
+    // A flood of forged tokens from one source: counted, not written one by one.
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    assert_eq!(flood(&addr, "/v1/stats", &forged, 2000, 401)?, 2000);
+    // Past the denial interval the flood's count is written; then the server is killed.
+    std::thread::sleep(Duration::from_millis(1500));
+    s.child.kill()?;
+    s.child.wait()?;
+
+    let verified = cli_json(&home, &["audit", "verify"])?;
+    assert_eq!(verified["ok"], true, "{verified}");
+    let tail = cli_json(&home, &["audit", "tail", "-n", "1000"])?;
+    let events: Vec<&Value> = tail.as_array().ok_or("no records")?.iter().map(|r| &r["event"]).collect();
+    let shown = serde_json::to_string_pretty(&events)?;
+    let find = |f: &dyn Fn(&Value) -> bool| events.iter().filter(|e| f(e)).count();
+    assert_eq!(find(&|e| e["kind"] == "token_mint" && e["id"] == id.as_str()), 1, "{shown}");
+    assert_eq!(find(&|e| e["kind"] == "token_revoke" && e["id"] == id.as_str()), 1, "{shown}");
+    assert_eq!(find(&|e| e["kind"] == "token_attenuation_seen" && e["token_id"] == id.as_str()), 1, "{shown}");
+    assert_eq!(find(&|e| e["kind"] == "gateway_tool" && e["tool"] == "fs_write" && e["ok"] == true), 1, "{shown}");
+    assert_eq!(find(&|e| e["kind"] == "gateway_unload" && e["muscle"] == "feanor"), 1, "{shown}");
+    for reason in ["forbidden", "token_revoked", "invalid_token"] {
+        assert!(find(&|e| e["kind"] == "gateway_denied" && e["reason"] == reason) >= 1, "{reason}: {shown}");
+    }
+    // The four 403s name the token (from one source, they are one record, then counts), and
+    // nothing anywhere holds a token.
+    assert!(find(&|e| e["kind"] == "gateway_denied" && e["token_id"] == id.as_str()) >= 1, "{shown}");
+    let total = |reason: &str| -> u64 {
+        events
+            .iter()
+            .filter(|e| e["reason"] == reason)
+            .map(|e| if e["kind"] == "gateway_denied" { 1 } else { e["count"].as_u64().unwrap_or(0) })
+            .sum()
+    };
+    assert_eq!(total("forbidden"), 4, "{shown}");
+    let text = tail.to_string();
+    assert!(!text.contains(&token) && !text.contains(&narrowed), "a token leaked into the audit log");
+    // 2,000 forged tokens: one record at once and one count for the rest of the interval(s).
+    let flood_records = find(&|e| e["reason"] == "invalid_token");
+    let counted = total("invalid_token");
+    assert!(flood_records <= 20, "{flood_records} records for 2,000 denials: {shown}");
+    assert!(counted >= 2000, "{counted} of 2,000 denials counted: {shown}");
+    Ok(())
+}
+
 /// Sends request headers and `sent` body bytes (of a larger declared length) and returns the
 /// status line the server answers with before the rest of the body arrives.
 fn status_before_body(addr: &str, head: &str, sent: usize) -> Result<String, Box<dyn std::error::Error>> {

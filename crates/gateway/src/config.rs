@@ -90,6 +90,9 @@ pub struct LimitsConfig {
     /// Connections open at once, per listener; past it a new connection is closed at once
     /// (and counted). Lowered at startup to what the open-file limit allows.
     pub max_connections: usize,
+    /// Denials of one (reason, source) pair within this interval are one audit record (after
+    /// the first, which is recorded at once), milliseconds; at least 100.
+    pub denial_window_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -107,6 +110,7 @@ impl Default for LimitsConfig {
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
             max_connections: 4096,
+            denial_window_ms: 10_000,
         }
     }
 }

@@ -27,6 +27,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower_service::Service as _;
 
+use crate::audit::PeerOrigin;
 use crate::config::LimitsConfig;
 
 /// What each listener enforces on its connections.
@@ -320,6 +321,7 @@ pub async fn serve<L>(mut listener: L, app: Router, hygiene: Hygiene, stop: Canc
 where
     L: Listener,
     L::Io: Unpin,
+    L::Addr: PeerOrigin,
 {
     let slots = Arc::new(Semaphore::new(hygiene.max_connections));
     let connections = Arc::new(Connections::default());
@@ -330,7 +332,7 @@ where
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(MAX_STREAMS);
     let mut next_id = 0u64;
     loop {
-        let (io, _addr) = tokio::select! {
+        let (io, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
@@ -356,10 +358,11 @@ where
         }
         metrics::gauge!("referee_gateway_connections").increment(1.0);
         let service = {
-            let (app, tracked) = (app.clone(), tracked.clone());
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let (app, tracked, origin) = (app.clone(), tracked.clone(), addr.origin());
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let handling = Handling::start(tracked.clone());
                 let (mut app, tracked) = (app.clone(), tracked.clone());
+                req.extensions_mut().insert(origin.clone());
                 async move {
                     let response = app.call(req.map(Body::new)).await?;
                     let response = Sending::response(response, tracked);

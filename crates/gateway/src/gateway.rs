@@ -15,6 +15,7 @@ use referee_trust::Home;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::audit::{Origin, SecurityLog};
 use crate::auth::{AuthError, Authority, Scope};
 use crate::config::GatewayConfig;
 use crate::limits::Limiter;
@@ -257,6 +258,7 @@ pub struct Gateway {
     config: GatewayConfig,
     metrics: Option<PrometheusHandle>,
     started: Instant,
+    security: SecurityLog,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -278,7 +280,10 @@ impl Gateway {
         let authority = Authority::open(&keys_dir, store, Duration::from_secs(config.auth.cache_ttl_secs))?;
         let l = &config.limits;
         let limiter = Limiter::new(l.rate_per_second, l.burst, l.concurrency);
+        let window = Duration::from_millis(config.limits.denial_window_ms.max(100));
+        let security = SecurityLog::with_window(runtime.audit().clone(), window);
         Ok(Self {
+            security,
             registry: Registry::new(native, runtime),
             authority,
             verifying: tokio::sync::Semaphore::new(verify_slots()),
@@ -294,6 +299,11 @@ impl Gateway {
     /// Tokens.
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// The security events in the audit log.
+    pub fn security(&self) -> &SecurityLog {
+        &self.security
     }
 
     /// Verifies a bearer token: from the caches when they know it. Else everything that can
@@ -384,12 +394,38 @@ impl Gateway {
         self.registry.all().into_iter().filter(|t| self.permits(scope, &t.spec().name)).collect()
     }
 
-    /// Calls a tool for `scope`: the one path every surface uses.
-    pub async fn call(&self, scope: &Scope, name: &str, params: Value) -> Result<CallOutcome, ApiError> {
+    /// Calls a tool for `scope`, from `origin`: the one path every surface uses. A refusal is
+    /// recorded in the audit log as a denial; a call of a privileged tool (one not annotated
+    /// read-only), whatever its outcome, is recorded before its answer is returned.
+    pub async fn call(
+        &self,
+        scope: &Scope,
+        origin: &Origin,
+        name: &str,
+        params: Value,
+    ) -> Result<CallOutcome, ApiError> {
         let started = Instant::now();
+        let privileged =
+            self.permits(scope, name) && self.registry.get(name).is_some_and(|tool| !tool.spec().annotations.read_only);
+        let path = params.get("path").and_then(Value::as_str).map(|p| p.chars().take(160).collect::<String>());
         let result = self.call_inner(scope, name, params, started).await;
         self.stats.record(&result);
         crate::telemetry::record_call(name, &result, started.elapsed());
+        match &result {
+            Err(e) if e.status == StatusCode::FORBIDDEN => {
+                self.security.denied(origin, e.code, Some(&scope.id), name, &e.message);
+            }
+            _ if privileged => {
+                let error = result.as_ref().err().map(|e| e.code);
+                self.security
+                    .record(json!({
+                        "kind": "gateway_tool", "tool": name, "token_id": scope.id, "source": origin.as_str(),
+                        "path": path, "ok": error.is_none(), "error": error,
+                    }))
+                    .await;
+            }
+            _ => {}
+        }
         result
     }
 

@@ -195,10 +195,38 @@ fn decode<T: serde::de::DeserializeOwned>(socket: &Path, v: Value) -> Result<T, 
     serde_json::from_value(v).map_err(|e| LaunchError::Server { socket: socket.to_owned(), why: e.to_string() })
 }
 
+/// The audit record of a minted token (never the token itself): who minted it (`by`, the
+/// minting token's id; `None` for the CLI with the root key) and from where.
+pub fn mint_event(record: &TokenRecord, by: Option<&str>, source: &str) -> Value {
+    json!({
+        "kind": "token_mint", "id": record.id, "label": record.label, "tools": record.tools,
+        "muscles": record.muscles, "paths": record.paths, "nodes": record.nodes, "admin": record.admin,
+        "expires_at": record.expires_at, "by": by, "source": source,
+    })
+}
+
+/// The audit record of a revocation.
+pub fn revoke_event(id: &str, by: Option<&str>, source: &str) -> Value {
+    json!({ "kind": "token_revoke", "id": id, "by": by, "source": source })
+}
+
+/// Appends `event` to the home's audit log when no server holds it (the CLI's own mint and
+/// revoke). Refuses to go on if it cannot: a token is never handed out unaudited.
+fn audit_locally(home: &Home, event: &Value) -> Result<(), LaunchError> {
+    let path = referee_runtime::state_db_path(home);
+    let db = redb::Database::create(&path).map_err(|e| setup(format!("audit log {}: {e}", path.display())))?;
+    let log = referee_runtime::AuditLog::new(Arc::new(db)).map_err(setup)?;
+    log.append(event).map(|_| ()).map_err(|e| setup(format!("audit log {}: {e}", path.display())))
+}
+
 /// Mints and records a token (through the running server if there is one).
 pub fn token_create(home: &Home, socket: &Path, grant: &Grant) -> Result<(String, TokenRecord), LaunchError> {
     match backend(home, socket)? {
-        Backend::Local(auth) => Ok(auth.mint(grant)?),
+        Backend::Local(auth) => {
+            let (token, record) = auth.mint(grant)?;
+            audit_locally(home, &mint_event(&record, None, "cli"))?;
+            Ok((token, record))
+        }
         Backend::Server { socket, token } => {
             let body = json!({
                 "tools": grant.tools, "muscles": grant.muscles, "paths": grant.paths, "nodes": grant.nodes,
@@ -216,7 +244,10 @@ pub fn token_create(home: &Home, socket: &Path, grant: &Grant) -> Result<(String
 /// Revokes a token id (through the running server if there is one).
 pub fn token_revoke(home: &Home, socket: &Path, id: &str) -> Result<(), LaunchError> {
     match backend(home, socket)? {
-        Backend::Local(auth) => Ok(auth.revoke(id)?),
+        Backend::Local(auth) => {
+            auth.revoke(id)?;
+            audit_locally(home, &revoke_event(id, None, "cli"))
+        }
         Backend::Server { socket, token } => {
             if hex::decode(id).is_err() {
                 return Err(AuthError::Build(format!("revocation id {id:?} must be hex")).into());

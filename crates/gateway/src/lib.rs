@@ -13,6 +13,7 @@
 //!   concurrency; [`store`]: `gateway.redb` (issued tokens, revocations); [`telemetry`]:
 //!   Prometheus metrics and JSON logs.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod conn;

@@ -16,6 +16,7 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::Origin;
 use crate::auth::Scope;
 use crate::gateway::Gateway;
 
@@ -61,6 +62,14 @@ impl McpServer {
         Self { gateway, fixed: Some(scope) }
     }
 
+    /// The HTTP request's origin, or stdio's.
+    fn origin(&self, ctx: &RequestContext<RoleServer>) -> Origin {
+        ctx.extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Origin>().cloned())
+            .unwrap_or_else(|| if self.fixed.is_some() { Origin::stdio() } else { Origin::unknown() })
+    }
+
     fn scope(&self, ctx: &RequestContext<RoleServer>) -> Result<Arc<Scope>, ErrorData> {
         ctx.extensions
             .get::<axum::http::request::Parts>()
@@ -93,8 +102,9 @@ impl ServerHandler for McpServer {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let scope = self.scope(&ctx)?;
+        let origin = self.origin(&ctx);
         let params = Value::Object(request.arguments.unwrap_or_default());
-        let result = match self.gateway.call(&scope, &request.name, params).await {
+        let result = match self.gateway.call(&scope, &origin, &request.name, params).await {
             Ok(outcome) => CallToolResult::structured(outcome.data),
             // An unknown tool is a protocol error; everything else is the tool's error result.
             Err(e) if e.code == "unknown_tool" => return Err(ErrorData::invalid_params(e.message, None)),

@@ -23,6 +23,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use crate::audit::Origin;
 use crate::auth::{AuthError, Grant, Scope, now_unix};
 use crate::gateway::{ApiError, CallOutcome, Gateway, StatsReport};
 use crate::limits::Refusal;
@@ -31,6 +32,8 @@ use crate::store::TokenRecord;
 
 type Shared = State<Arc<Gateway>>;
 type Caller = Extension<Arc<Scope>>;
+/// Where the request came from (set by the listener; `authenticate` makes sure it is there).
+type Source = Extension<Origin>;
 
 /// A tool call in the seeds' shape.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -427,10 +430,11 @@ async fn list_tools(State(gw): Shared, Extension(scope): Caller) -> Json<ToolLis
 async fn call_tool(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(tool): Path<String>,
     Json(params): Json<Value>,
 ) -> Result<Json<ToolResponse>, ApiError> {
-    Ok(Json(gw.call(&scope, &tool, params).await?.into()))
+    Ok(Json(gw.call(&scope, &origin, &tool, params).await?.into()))
 }
 
 /// Calls one tool, the seeds' shape.
@@ -440,12 +444,18 @@ async fn call_tool(
 async fn seed_tool(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Json(req): Json<ToolRequest>,
 ) -> Result<Json<ToolResponse>, ApiError> {
-    Ok(Json(gw.call(&scope, &req.tool, req.params).await?.into()))
+    Ok(Json(gw.call(&scope, &origin, &req.tool, req.params).await?.into()))
 }
 
-async fn run_batch(gw: Arc<Gateway>, scope: Arc<Scope>, req: BatchRequest) -> Result<Json<BatchResponse>, ApiError> {
+async fn run_batch(
+    gw: Arc<Gateway>,
+    scope: Arc<Scope>,
+    origin: Origin,
+    req: BatchRequest,
+) -> Result<Json<BatchResponse>, ApiError> {
     let limits = &gw.config().limits;
     if req.requests.len() > limits.batch_max {
         return Err(ApiError::new(
@@ -459,10 +469,10 @@ async fn run_batch(gw: Arc<Gateway>, scope: Arc<Scope>, req: BatchRequest) -> Re
     // `buffered` runs up to N at once and yields in request order.
     let results = futures_util::stream::iter(req.requests)
         .map(|item| {
-            let (gw, scope) = (gw.clone(), scope.clone());
+            let (gw, scope, origin) = (gw.clone(), scope.clone(), origin.clone());
             async move {
                 let started = Instant::now();
-                match gw.call(&scope, &item.tool, item.params).await {
+                match gw.call(&scope, &origin, &item.tool, item.params).await {
                     Ok(o) => BatchItem {
                         tool: item.tool,
                         status: "SUCCESS".into(),
@@ -498,9 +508,10 @@ async fn run_batch(gw: Arc<Gateway>, scope: Arc<Scope>, req: BatchRequest) -> Re
 async fn batch(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Json(req): Json<BatchRequest>,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    run_batch(gw, scope, req).await
+    run_batch(gw, scope, origin, req).await
 }
 
 /// Same as `/batch`.
@@ -509,9 +520,10 @@ async fn batch(
 async fn v1_batch(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Json(req): Json<BatchRequest>,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    run_batch(gw, scope, req).await
+    run_batch(gw, scope, origin, req).await
 }
 
 /// Loaded muscles the token may use.
@@ -529,13 +541,25 @@ async fn list_muscles(State(gw): Shared, Extension(scope): Caller) -> Json<Muscl
 async fn upload_muscle(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     // `admin_first` has refused everyone else already; only now are bytes read, up to the limit.
     scope.require_admin()?;
     let sealed = read_limited(&headers, body, gw.config().limits.upload_bytes, "muscle upload").await?;
-    let info = gw.upload(sealed).await?;
+    let bytes = sealed.len();
+    let result = gw.upload(sealed).await;
+    let (muscle, error) = match &result {
+        Ok(info) => (Some(info.header.name.clone()), None),
+        Err(e) => (None, Some(e.code)),
+    };
+    let event = json!({
+        "kind": "gateway_upload", "token_id": scope.id, "source": origin.as_str(), "bytes": bytes,
+        "ok": result.is_ok(), "muscle": muscle, "error": error,
+    });
+    gw.security().record(event).await;
+    let info = result?;
     Ok((StatusCode::CREATED, Json(MuscleView::from(&info))).into_response())
 }
 
@@ -568,9 +592,23 @@ async fn read_limited(headers: &HeaderMap, body: Body, limit: usize, what: &str)
 
 /// Rights before bytes: routes only an admin may use refuse everyone else before their
 /// extractors read the body.
-async fn admin_first(Extension(scope): Caller, req: Request, next: Next) -> Result<Response, ApiError> {
-    scope.require_admin()?;
+async fn admin_first(
+    State(gw): Shared,
+    Extension(scope): Caller,
+    Extension(origin): Source,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Err(e) = scope.require_admin() {
+        return Err(denied(&gw, &origin, &scope, req.uri().path(), e.into()));
+    }
     Ok(next.run(req).await)
+}
+
+/// Records a 403 decided from the token and the URL in the audit log, and returns it.
+fn denied(gw: &Gateway, origin: &Origin, scope: &Scope, target: &str, e: ApiError) -> ApiError {
+    gw.security().denied(origin, e.code, Some(&scope.id), target, &e.message);
+    e
 }
 
 /// Rights before bytes: `/v1/tools/{tool}` refuses a tool the token does not allow before the
@@ -578,12 +616,14 @@ async fn admin_first(Extension(scope): Caller, req: Request, next: Next) -> Resu
 async fn tool_first(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(tool): Path<String>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     if !gw.permits(&scope, &tool) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("the token does not allow `{tool}`")));
+        let e = ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("the token does not allow `{tool}`"));
+        return Err(denied(&gw, &origin, &scope, &tool, e));
     }
     Ok(next.run(req).await)
 }
@@ -591,12 +631,16 @@ async fn tool_first(
 /// Rights before bytes: `/v1/muscles/{name}/…` refuses a muscle the token does not allow before
 /// the body (its input) is read.
 async fn muscle_first(
+    State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(name): Path<String>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    muscle_allowed(&scope, &name)?;
+    if let Err(e) = muscle_allowed(&scope, &name) {
+        return Err(denied(&gw, &origin, &scope, req.uri().path(), e));
+    }
     Ok(next.run(req).await)
 }
 
@@ -614,9 +658,12 @@ fn muscle_allowed(scope: &Scope, name: &str) -> Result<(), ApiError> {
 async fn muscle_info(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(name): Path<String>,
 ) -> Result<Json<MuscleView>, ApiError> {
-    muscle_allowed(&scope, &name)?;
+    if let Err(e) = muscle_allowed(&scope, &name) {
+        return Err(denied(&gw, &origin, &scope, &format!("/v1/muscles/{name}"), e));
+    }
     let info = gw.runtime().info(&name).map_err(|e| ApiError::from(crate::registry::runtime_to_tool(e)))?;
     Ok(Json(MuscleView::from(&info)))
 }
@@ -627,10 +674,19 @@ async fn muscle_info(
 async fn unload_muscle(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     scope.require_admin()?;
-    gw.runtime().unload(&name).map_err(|e| ApiError::from(crate::registry::runtime_to_tool(e)))?;
+    let result = gw.runtime().unload(&name).map_err(|e| ApiError::from(crate::registry::runtime_to_tool(e)));
+    let error = result.as_ref().err().map(|e| e.code);
+    gw.security()
+        .record(json!({
+            "kind": "gateway_unload", "muscle": name, "token_id": scope.id, "source": origin.as_str(),
+            "ok": error.is_none(), "error": error,
+        }))
+        .await;
+    result?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -642,11 +698,12 @@ async fn unload_muscle(
 async fn invoke_muscle(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(name): Path<String>,
     Json(req): Json<InvokeRequest>,
 ) -> Result<Json<ToolResponse>, ApiError> {
     let params = json!({ "input": req.input });
-    Ok(Json(gw.call(&scope, &format!("{MUSCLE_PREFIX}{name}"), params).await?.into()))
+    Ok(Json(gw.call(&scope, &origin, &format!("{MUSCLE_PREFIX}{name}"), params).await?.into()))
 }
 
 /// Runs one training step of a trainable muscle.
@@ -657,6 +714,7 @@ async fn invoke_muscle(
 async fn train_muscle(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(name): Path<String>,
     Json(req): Json<TrainRequest>,
 ) -> Result<Json<ToolResponse>, ApiError> {
@@ -664,7 +722,7 @@ async fn train_muscle(
     if let (Some(lr), Some(map)) = (req.lr, params.as_object_mut()) {
         map.insert("lr".into(), json!(lr));
     }
-    Ok(Json(gw.call(&scope, &format!("{TRAIN_PREFIX}{name}"), params).await?.into()))
+    Ok(Json(gw.call(&scope, &origin, &format!("{TRAIN_PREFIX}{name}"), params).await?.into()))
 }
 
 /// Issued tokens (admin).
@@ -681,6 +739,7 @@ async fn list_tokens(State(gw): Shared, Extension(scope): Caller) -> Result<Json
 async fn create_token(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Json(req): Json<TokenRequest>,
 ) -> Result<Response, ApiError> {
     scope.require_admin()?;
@@ -695,6 +754,7 @@ async fn create_token(
         label: req.label,
     };
     let (token, record) = gw.authority().mint(&grant)?;
+    gw.security().record(crate::launch::mint_event(&record, Some(&scope.id), origin.as_str())).await;
     Ok((StatusCode::CREATED, Json(TokenCreated { token, record })).into_response())
 }
 
@@ -704,10 +764,12 @@ async fn create_token(
 async fn revoke_token(
     State(gw): Shared,
     Extension(scope): Caller,
+    Extension(origin): Source,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     scope.require_admin()?;
     gw.authority().revoke(&id)?;
+    gw.security().record(crate::launch::revoke_event(&id, Some(&scope.id), origin.as_str())).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -723,7 +785,29 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
 
 /// Verifies the bearer token and applies the token's rate and concurrency limits.
 async fn authenticate(State(gw): Shared, mut req: Request, next: Next) -> Result<Response, ApiError> {
-    let scope = gw.verify(bearer(req.headers())?).await?;
+    let origin = match req.extensions().get::<Origin>() {
+        Some(origin) => origin.clone(),
+        None => {
+            req.extensions_mut().insert(Origin::unknown());
+            Origin::unknown()
+        }
+    };
+    let verified = match bearer(req.headers()) {
+        Ok(token) => gw.verify(token).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let scope = match verified {
+        Ok(scope) => scope,
+        // Load shedding is not a denial; every other refusal is.
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => return Err(e),
+        Err(e) => {
+            gw.security().denied(&origin, e.code, None, req.uri().path(), &e.message);
+            return Err(e);
+        }
+    };
+    if scope.blocks > 1 {
+        gw.security().attenuation_seen(&origin, &scope.id, &scope.leaf_id, scope.blocks);
+    }
     let permit = gw.limiter().admit(&scope.id).map_err(|refusal| {
         let (code, retry_after, why) = match refusal {
             Refusal::Rate { retry_after } => ("rate_limited", retry_after, "request rate"),
@@ -736,7 +820,11 @@ async fn authenticate(State(gw): Shared, mut req: Request, next: Next) -> Result
             message: format!("this token exceeded its {why} limit; retry after {retry_after} s"),
             retry_after: Some(retry_after),
         }
-    })?;
+    });
+    let permit = match permit {
+        Ok(permit) => permit,
+        Err(e) => return Err(denied(&gw, &origin, &scope, req.uri().path(), e)),
+    };
     req.extensions_mut().insert(scope);
     let response = next.run(req).await;
     // The token's in-flight slot is held until the answer has left, not only until it was made:
@@ -770,9 +858,9 @@ pub fn router(gw: Arc<Gateway>, mcp: Option<Router<Arc<Gateway>>>) -> Router {
     let limits = &gw.config().limits;
     // Rights before bytes: each route whose rights can be decided from the token and the URL
     // decides them in a layer, before the handler's extractors read the body.
-    let admin = || middleware::from_fn(admin_first);
+    let admin = || middleware::from_fn_with_state(gw.clone(), admin_first);
     let named_tool = middleware::from_fn_with_state(gw.clone(), tool_first);
-    let named_muscle = || middleware::from_fn(muscle_first);
+    let named_muscle = || middleware::from_fn_with_state(gw.clone(), muscle_first);
     let mut protected = Router::new()
         .route("/v1/stats", get(stats))
         .route("/vdr", get(vdr))

@@ -130,22 +130,31 @@ impl AuditLog {
 
     /// Appends one event durably and returns its sequence number.
     pub fn append(&self, event: &Value) -> Result<u64, RuntimeError> {
+        self.append_batch(std::slice::from_ref(event))
+    }
+
+    /// Appends `events` in order, durably, in one transaction (one disk sync for all of them);
+    /// returns the last one's sequence number (the current head's when `events` is empty).
+    pub fn append_batch(&self, events: &[Value]) -> Result<u64, RuntimeError> {
         let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let txn = self.db.begin_write().map_err(db_err)?;
         let seq = {
             let mut head = txn.open_table(HEAD).map_err(db_err)?;
-            let (last, prev) = match head.get("head").map_err(db_err)? {
+            let (mut seq, mut prev) = match head.get("head").map_err(db_err)? {
                 Some(v) => decode_head(v.value()).ok_or_else(|| RuntimeError::Store("audit head is corrupt".into()))?,
                 None => (0, GENESIS),
             };
-            let seq = last + 1;
-            let mut stored = Vec::with_capacity(128);
-            stored.extend_from_slice(&prev);
-            stored.extend_from_slice(&time_ms.to_le_bytes());
-            stored.extend_from_slice(event.to_string().as_bytes());
-            let hash = record_hash(seq, &stored);
-            txn.open_table(RECORDS).map_err(db_err)?.insert(seq, stored.as_slice()).map_err(db_err)?;
-            head.insert("head", [&seq.to_le_bytes()[..], &hash].concat().as_slice()).map_err(db_err)?;
+            let mut records = txn.open_table(RECORDS).map_err(db_err)?;
+            for event in events {
+                seq += 1;
+                let mut stored = Vec::with_capacity(128);
+                stored.extend_from_slice(&prev);
+                stored.extend_from_slice(&time_ms.to_le_bytes());
+                stored.extend_from_slice(event.to_string().as_bytes());
+                prev = record_hash(seq, &stored);
+                records.insert(seq, stored.as_slice()).map_err(db_err)?;
+            }
+            head.insert("head", [&seq.to_le_bytes()[..], &prev].concat().as_slice()).map_err(db_err)?;
             seq
         };
         txn.commit().map_err(db_err)?;

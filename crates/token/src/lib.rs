@@ -276,6 +276,10 @@ pub fn token_id(token: &str) -> Result<String, AuthError> {
 pub struct Scope {
     /// Revocation id of the first block.
     pub id: String,
+    /// Revocation id of the last block (the first's when the token is not attenuated).
+    pub leaf_id: String,
+    /// Number of blocks: 1 for a minted token, one more per attenuation.
+    pub blocks: usize,
     /// May manage muscles and tokens (an authority right no attenuation keeps).
     pub admin: bool,
     /// Effective path prefixes (`None`: every configured root).
@@ -737,6 +741,8 @@ pub fn inspect(token: &str, revoked: impl Fn(&str) -> bool, now: u64) -> Result<
     let admin = holders.is_empty() && authority.rights.iter().any(|(k, v)| k == "admin" && v == "*");
     let scope = Scope {
         id: id.clone(),
+        leaf_id: ids.last().cloned().unwrap_or_default(),
+        blocks,
         admin,
         path_prefixes: prefixes(Area::Path)
             .map(|list| list.iter().map(|p| PathBuf::from(p).components().collect()).collect()),
