@@ -676,6 +676,51 @@ fn security_events_reach_the_audit_log_and_survive_a_sigkill() -> TestResult {
     Ok(())
 }
 
+/// Security finding 6: with the server as root, an allow-listed `sh` read the host's
+/// `/etc/shadow` (uid 0 kept, `/etc` bound whole).
+#[test]
+fn exec_reads_no_host_secret_over_rest_and_mcp() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let work = dir.path().canonicalize()?.join("work");
+    std::fs::create_dir(&work)?;
+    // As root, commands run as nobody: the work root is theirs, the directories above searchable.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    let _ = std::os::unix::fs::chown(&work, Some(65534), Some(65534));
+    let config = dir.path().join("referee.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tools.exec]\nwork_root = {:?}\n[tools.exec.commands.sh]\nprogram = \"/bin/sh\"\nargs = [\"-c\"]\n",
+            work
+        ),
+    )?;
+    let s = serve(&dir.path().join("home"), &["--config", &config.display().to_string()])?;
+    let (base, admin) = (s.base(), s.admin());
+    let script = "id -u; cat /etc/shadow; grep -c : /etc/passwd; echo done";
+    let (code, body) = curl(
+        None,
+        "POST",
+        &format!("{base}/v1/tools/exec"),
+        Some(&admin),
+        Some(&json!({"command": "sh", "args": [script]})),
+    );
+    assert_eq!(code, 200, "{body}");
+    let out = json_of(&body);
+    let stdout = out["data"]["stdout"].as_str().unwrap_or_default();
+    assert!(stdout.ends_with("1\ndone\n"), "one account in /etc/passwd: {stdout}");
+    assert!(!stdout.contains("root:"), "{stdout}");
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let root = status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if root {
+        assert!(stdout.starts_with("65534\n"), "a root server runs commands as nobody: {stdout}");
+    }
+    let (code, body) = mcp_call(&base, &admin, "exec", &json!({"command": "sh", "args": ["cat /etc/shadow"]}));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("No such file") && !body.contains("root:"), "{body}");
+    Ok(())
+}
+
 /// Sends request headers and `sent` body bytes (of a larger declared length) and returns the
 /// status line the server answers with before the rest of the body arrives.
 fn status_before_body(addr: &str, head: &str, sent: usize) -> Result<String, Box<dyn std::error::Error>> {

@@ -74,8 +74,17 @@ pub struct ExecConfig {
     /// Allow-list: tool-visible name -> program and fixed leading arguments.
     pub commands: BTreeMap<String, CommandSpec>,
     /// Host paths bound read-only into the sandbox (skipped when missing; symlinks such as a
-    /// merged-usr `/bin` are recreated as symlinks).
+    /// merged-usr `/bin` are recreated as symlinks). Not `/etc`: only the files programs need
+    /// from it (the loader cache, the alternatives links); `/etc/passwd` and `/etc/group` inside
+    /// hold only the sandbox's own user.
     pub ro_binds: Vec<PathBuf>,
+    /// The host uid commands run as. Default: the server's own uid, or 65534 (`nobody`) when
+    /// the server runs as root. Never 0; another uid than the server's needs a root server.
+    /// The work root must be readable, writable and searchable by it.
+    pub run_as_uid: Option<u32>,
+    /// The host gid commands run as (default like [`ExecConfig::run_as_uid`]: 65534 for a root
+    /// server); no supplementary groups.
+    pub run_as_gid: Option<u32>,
     /// Wall-clock limit per command, in milliseconds; the sandbox is killed at the deadline.
     pub timeout_ms: u64,
     /// Most bytes kept from each of stdout and stderr; the rest is discarded.
@@ -88,7 +97,12 @@ impl Default for ExecConfig {
             bwrap: PathBuf::from("/usr/bin/bwrap"),
             work_root: None,
             commands: BTreeMap::new(),
-            ro_binds: ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"].iter().map(PathBuf::from).collect(),
+            ro_binds: ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc/ld.so.cache", "/etc/alternatives"]
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+            run_as_uid: None,
+            run_as_gid: None,
             timeout_ms: 10_000,
             max_output_bytes: 1 << 20,
         }
@@ -134,6 +148,9 @@ pub enum ConfigError {
         /// Where the symlink leads (fully resolved when possible).
         target: PathBuf,
     },
+    /// The uid or gid `exec` would run as is not allowed.
+    #[error("tools.exec.run_as: {0}")]
+    BadUser(String),
     /// An `exec` command is misconfigured.
     #[error("exec command {name:?}: {reason}")]
     BadCommand {

@@ -46,6 +46,11 @@ struct Sandbox {
     work: Reality,
     commands: BTreeMap<String, CommandSpec>,
     ro_binds: Vec<PathBuf>,
+    /// The host uid and gid to switch to before starting bubblewrap (`None`: stay as we are,
+    /// already unprivileged).
+    run_as: Option<(u32, u32)>,
+    /// Inside: the uid and gid, and the `/etc/passwd` and `/etc/group` naming them.
+    identity: (u32, u32),
     timeout: Duration,
     max_output: usize,
     seccomp: Vec<u8>,
@@ -85,6 +90,7 @@ impl ExecTool {
                 return Err(bad("program must be an absolute path"));
             }
         }
+        let run_as = run_as(config)?;
         let sandbox = match &config.work_root {
             None => {
                 Err("exec is disabled: set tools.exec.work_root and allow-list commands in tools.exec.commands"
@@ -93,7 +99,7 @@ impl ExecTool {
             Some(root) => {
                 let work_root = crate::reality::validate_dir(root)?;
                 let work = Reality::new(std::slice::from_ref(&work_root), limits)?;
-                Sandbox::new(config, work_root, work).and_then(|s| s.probe().map(|()| s))
+                Sandbox::new(config, work_root, work, run_as).and_then(|s| s.probe().map(|()| s))
             }
         };
         let names: Vec<&str> = config.commands.keys().map(String::as_str).collect();
@@ -205,8 +211,29 @@ struct Run {
     elapsed: Duration,
 }
 
+/// Which host uid and gid `exec` switches to: the configured ones, or `nobody` (65534) when the
+/// server is root; never root. `None` when the server is unprivileged and nothing else was asked.
+fn run_as(config: &ExecConfig) -> Result<Option<(u32, u32)>, ConfigError> {
+    let (euid, egid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+    let root = euid == 0;
+    let uid = config.run_as_uid.unwrap_or(if root { NOBODY } else { euid });
+    let gid = config.run_as_gid.unwrap_or(if root { NOBODY } else { egid });
+    if uid == 0 || gid == 0 {
+        return Err(ConfigError::BadUser("exec never runs commands as root (uid or gid 0)".into()));
+    }
+    if !root && (uid != euid || gid != egid) {
+        return Err(ConfigError::BadUser(format!(
+            "running commands as {uid}:{gid} needs the server to run as root (it runs as {euid}:{egid})"
+        )));
+    }
+    Ok(root.then_some((uid, gid)))
+}
+
+/// The conventional uid and gid of `nobody`/`nogroup`.
+const NOBODY: u32 = 65534;
+
 impl Sandbox {
-    fn new(config: &ExecConfig, work_root: PathBuf, work: Reality) -> Result<Self, String> {
+    fn new(config: &ExecConfig, work_root: PathBuf, work: Reality, run_as: Option<(u32, u32)>) -> Result<Self, String> {
         if !config.bwrap.is_file() {
             return Err(format!(
                 "bubblewrap not found at {} (install it: apt-get install -y bubblewrap)",
@@ -219,6 +246,9 @@ impl Sandbox {
             work,
             commands: config.commands.clone(),
             ro_binds: config.ro_binds.clone(),
+            run_as,
+            identity: run_as
+                .unwrap_or_else(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw())),
             timeout: Duration::from_millis(config.timeout_ms),
             max_output: config.max_output_bytes,
             seccomp: seccomp_program()?,
@@ -232,15 +262,24 @@ impl Sandbox {
             .run(&self.bwrap, &[OsString::from("--version")], &self.work_root, Duration::from_secs(10))
             .map_err(|e| format!("bubblewrap sandbox probe failed: {e}"))?;
         if run.timed_out || !run.status.success() {
+            let hint = match self.run_as {
+                Some((uid, gid)) => format!(
+                    "; commands run as {uid}:{gid} because the server runs as root, so the work root {} \
+                     and the directories above it must be searchable by that user, and the work root \
+                     writable (chown it, or set tools.exec.run_as_uid/run_as_gid)",
+                    self.work_root.display()
+                ),
+                None => String::new(),
+            };
             return Err(format!(
-                "bubblewrap cannot create the sandbox on this host (namespaces not permitted?): {}",
+                "bubblewrap cannot create the sandbox on this host (namespaces not permitted?): {}{hint}",
                 String::from_utf8_lossy(&run.stderr.0).trim()
             ));
         }
         Ok(())
     }
 
-    fn bwrap_args(&self, seccomp_fd: i32, cwd: &Path) -> Vec<OsString> {
+    fn bwrap_args(&self, seccomp_fd: i32, identity_fds: (i32, i32), cwd: &Path) -> Vec<OsString> {
         let mut args: Vec<OsString> = [
             "--unshare-all",
             "--die-with-parent",
@@ -279,6 +318,10 @@ impl Sandbox {
             "--tmpfs".as_ref(),
             "/tmp".as_ref(),
         ]);
+        // Who the command is, and nobody else: not the host's accounts.
+        let (passwd, group) = (identity_fds.0.to_string(), identity_fds.1.to_string());
+        push(&["--ro-bind-data".as_ref(), passwd.as_ref(), "/etc/passwd".as_ref()]);
+        push(&["--ro-bind-data".as_ref(), group.as_ref(), "/etc/group".as_ref()]);
         push(&["--bind".as_ref(), self.work_root.as_os_str(), self.work_root.as_os_str()]);
         push(&["--chdir".as_ref(), cwd.as_os_str()]);
         let fd = seccomp_fd.to_string();
@@ -288,10 +331,22 @@ impl Sandbox {
 
     fn run(&self, program: &Path, argv: &[OsString], cwd: &Path, timeout: Duration) -> Result<Run, ToolError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| ToolError::Failed(format!("exec: {what}: {e}"));
-        let seccomp = self.seccomp_fd().map_err(|e| failed("passing the seccomp filter", &e))?;
+        let seccomp = data_fd(&self.seccomp).map_err(|e| failed("passing the seccomp filter", &e))?;
+        let (uid, gid) = self.identity;
+        let home = self.work_root.display();
+        let passwd = data_fd(format!("sandbox:x:{uid}:{gid}:referee exec:{home}:/bin/sh\n").as_bytes());
+        let group = data_fd(format!("sandbox:x:{gid}:\n").as_bytes());
+        let (passwd, group) =
+            passwd.and_then(|p| group.map(|g| (p, g))).map_err(|e| failed("passing /etc/passwd", &e))?;
         let start = Instant::now();
-        let mut child = Command::new(&self.bwrap)
-            .args(self.bwrap_args(seccomp.as_raw_fd(), cwd))
+        let mut command = Command::new(&self.bwrap);
+        if let Some((uid, gid)) = self.run_as {
+            // Before exec: setgroups([]) (std does it for a root parent), setgid, setuid. bwrap
+            // then builds the sandbox unprivileged, in a user namespace owned by this uid.
+            std::os::unix::process::CommandExt::uid(std::os::unix::process::CommandExt::gid(&mut command, gid), uid);
+        }
+        let mut child = command
+            .args(self.bwrap_args(seccomp.as_raw_fd(), (passwd.as_raw_fd(), group.as_raw_fd()), cwd))
             .arg(program)
             .args(argv)
             .env_clear()
@@ -300,7 +355,7 @@ impl Sandbox {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| failed(&format!("starting {}", self.bwrap.display()), &e))?;
-        drop(seccomp);
+        drop((seccomp, passwd, group));
         let stdout = child.stdout.take().map(|s| capped_reader(s, self.max_output));
         let stderr = child.stderr.take().map(|s| capped_reader(s, self.max_output));
         let waited = wait_until(&child, timeout);
@@ -317,16 +372,20 @@ impl Sandbox {
             |h: Option<std::thread::JoinHandle<(Vec<u8>, bool)>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
         Ok(Run { status, stdout: join(stdout), stderr: join(stderr), timed_out, elapsed: start.elapsed() })
     }
+}
 
-    /// A pipe holding the BPF program, its read end inheritable (`FD_CLOEXEC` cleared) for
-    /// `bwrap --seccomp`. The program is far smaller than a pipe buffer, so writing never blocks.
-    fn seccomp_fd(&self) -> std::io::Result<OwnedFd> {
-        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        rustix::io::write(&write, &self.seccomp)?;
-        drop(write);
-        rustix::io::fcntl_setfd(&read, FdFlags::empty())?;
-        Ok(read)
+/// A pipe holding `bytes`, its read end inheritable (`FD_CLOEXEC` cleared) for `bwrap
+/// --seccomp FD` or `--ro-bind-data FD`. Each is far smaller than a pipe buffer, so writing
+/// never blocks.
+fn data_fd(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let written = rustix::io::write(&write, bytes)?;
+    if written != bytes.len() {
+        return Err(std::io::Error::other("a sandbox pipe took only part of its data"));
     }
+    drop(write);
+    rustix::io::fcntl_setfd(&read, FdFlags::empty())?;
+    Ok(read)
 }
 
 /// Waits for the child to exit; `false` if `timeout` passed first.

@@ -21,12 +21,35 @@ struct Sandbox {
     tool: ExecTool,
 }
 
+/// Whether these tests run as root, where `exec` runs its commands as `nobody`.
+fn root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// As root, commands run as `nobody` (65534): the work root must be theirs, and the temporary
+/// directory above it (0700) searchable.
+fn hand_to_nobody(base: &Path, work: &Path) {
+    if root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711)).unwrap();
+        for dir in [work.to_path_buf(), work.join("sub")] {
+            std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        }
+    }
+}
+
 fn sandbox(timeout_ms: u64, max_output_bytes: usize) -> Sandbox {
+    sandbox_with(timeout_ms, max_output_bytes, ExecConfig::default().ro_binds)
+}
+
+fn sandbox_with(timeout_ms: u64, max_output_bytes: usize, ro_binds: Vec<PathBuf>) -> Sandbox {
     let dir = tempfile::tempdir().unwrap();
     let base = std::fs::canonicalize(dir.path()).unwrap();
     let (work, outside) = (base.join("work"), base.join("outside"));
     std::fs::create_dir_all(work.join("sub")).unwrap();
     std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), "TOP SECRET").unwrap();
+    hand_to_nobody(&base, &work);
     let sh = |args: &[&str]| CommandSpec {
         program: PathBuf::from("/bin/sh"),
         args: args.iter().map(|s| s.to_string()).collect(),
@@ -36,8 +59,14 @@ fn sandbox(timeout_ms: u64, max_output_bytes: usize) -> Sandbox {
         ("echo".to_owned(), CommandSpec { program: PathBuf::from("/bin/echo"), args: vec!["fixed".into()] }),
     ]
     .into();
-    let config =
-        ExecConfig { work_root: Some(work.clone()), commands, timeout_ms, max_output_bytes, ..ExecConfig::default() };
+    let config = ExecConfig {
+        work_root: Some(work.clone()),
+        commands,
+        timeout_ms,
+        max_output_bytes,
+        ro_binds,
+        ..ExecConfig::default()
+    };
     let tool = ExecTool::new(&config, &Limits::default()).unwrap();
     if let Err(why) = tool.availability() {
         panic!("bubblewrap cannot sandbox here, so exec cannot be tested: {why}");
@@ -124,8 +153,10 @@ fn writes_land_only_inside_the_work_root() {
     assert_eq!(std::fs::read_to_string(sb.work.join("made")).unwrap(), "in\n");
     assert!(!target.exists());
     assert!(!Path::new("/usr/escaped").exists() && !Path::new("/etc/escaped").exists());
+    // `/etc` inside is the sandbox's own (it holds a few bound files), on its private root:
+    // a write there lands nowhere on the host and dies with the sandbox.
     let stderr = text(&out, "stderr");
-    assert_eq!(stderr.lines().count(), 3, "three refused writes: {stderr}");
+    assert_eq!(stderr.lines().count(), 2, "two refused writes: {stderr}");
 }
 
 #[test]
@@ -194,4 +225,44 @@ fn the_sandboxed_process_has_no_capabilities_and_a_clean_environment() {
     let vars: Vec<&str> =
         stdout.lines().filter(|l| !l.starts_with("Cap")).filter_map(|l| l.split('=').next()).collect();
     assert!(vars.iter().all(|v| ["HOME", "LANG", "PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(v)), "{vars:?}");
+}
+
+/// Security finding 6: with the server as root, an allow-listed `sh` read the host's
+/// `/etc/shadow` (uid 0 kept, `/etc` bound whole).
+#[test]
+fn the_sandbox_reads_no_host_account_or_file_it_was_not_given() {
+    let sb = sandbox(10_000, 4096);
+    let out = sb
+        .sh(&format!(
+            "id -u; id -g; id -G; cat /etc/shadow; cat /etc/passwd; cat {}/secret.txt; ls /etc",
+            sb.outside.display()
+        ))
+        .unwrap();
+    let (stdout, stderr) = (text(&out, "stdout"), text(&out, "stderr"));
+    let mut lines = stdout.lines();
+    let expected = if root() { "65534".to_owned() } else { rustix::process::geteuid().as_raw().to_string() };
+    assert_eq!(lines.next(), Some(expected.as_str()), "uid: {stdout}");
+    assert!(!stdout.contains("root:") && !stdout.contains("TOP SECRET"), "{stdout}");
+    assert!(stdout.contains("sandbox:x:"), "only the sandbox's own account: {stdout}");
+    assert!(stderr.contains("/etc/shadow") && stderr.contains("secret.txt"), "{stderr}");
+    // Only the loader cache, the alternatives and the synthetic accounts are in /etc.
+    let etc: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("sandbox:x:")).skip(1).collect();
+    for name in &etc {
+        assert!(["alternatives", "group", "ld.so.cache", "passwd"].contains(name), "/etc holds {name}: {etc:?}");
+    }
+
+    // Even with /etc bound whole (an operator's choice), the shadow file stays unreadable: the
+    // command is not root on the host.
+    let wide = sandbox_with(10_000, 4096, [ExecConfig::default().ro_binds, vec![PathBuf::from("/etc")]].concat());
+    let out = wide.sh("cat /etc/shadow; echo rc=$?").unwrap();
+    assert!(text(&out, "stdout").contains("rc=1"), "{out:?}");
+    assert!(text(&out, "stderr").contains("Permission denied"), "{out:?}");
+}
+
+#[test]
+fn exec_never_runs_as_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ExecConfig { work_root: Some(dir.path().to_path_buf()), run_as_uid: Some(0), ..ExecConfig::default() };
+    let err = ExecTool::new(&config, &Limits::default()).err().expect("uid 0 refused");
+    assert!(err.to_string().contains("never runs commands as root"), "{err}");
 }
