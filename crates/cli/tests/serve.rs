@@ -641,6 +641,11 @@ fn security_events_reach_the_audit_log_and_survive_a_sigkill() -> TestResult {
     s.child.kill()?;
     s.child.wait()?;
 
+    // The audit log and the worknode state are the owner's only (found attacking: 0644).
+    for file in ["state.redb", "worknodes/worknodes.redb", "gateway.redb"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(home.join(file))?.permissions());
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
     let verified = cli_json(&home, &["audit", "verify"])?;
     assert_eq!(verified["ok"], true, "{verified}");
     let tail = cli_json(&home, &["audit", "tail", "-n", "1000"])?;
@@ -650,7 +655,9 @@ fn security_events_reach_the_audit_log_and_survive_a_sigkill() -> TestResult {
     assert_eq!(find(&|e| e["kind"] == "token_mint" && e["id"] == id.as_str()), 1, "{shown}");
     assert_eq!(find(&|e| e["kind"] == "token_revoke" && e["id"] == id.as_str()), 1, "{shown}");
     assert_eq!(find(&|e| e["kind"] == "token_attenuation_seen" && e["token_id"] == id.as_str()), 1, "{shown}");
-    assert_eq!(find(&|e| e["kind"] == "gateway_tool" && e["tool"] == "fs_write" && e["ok"] == true), 1, "{shown}");
+    let written = root.join("public/out.txt").display().to_string();
+    let privileged = |e: &Value| e["kind"] == "gateway_tool" && e["tool"] == "fs_write" && e["ok"] == true;
+    assert_eq!(find(&|e| privileged(e) && e["params"]["path"] == written.as_str()), 1, "{shown}");
     assert_eq!(find(&|e| e["kind"] == "gateway_unload" && e["muscle"] == "feanor"), 1, "{shown}");
     for reason in ["forbidden", "token_revoked", "invalid_token"] {
         assert!(find(&|e| e["kind"] == "gateway_denied" && e["reason"] == reason) >= 1, "{reason}: {shown}");

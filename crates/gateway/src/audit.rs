@@ -15,10 +15,14 @@
 //! - muscle **uploads** and **unloads** (the runtime adds its own `load`/`unload` records).
 //!
 //! Denials are aggregated so a flood cannot grow the log without bound or bury other records:
-//! within an interval ([`WINDOW`]), the first denial of each (reason, source) pair is recorded as
-//! it happens and the rest are counted into one `gateway_denied_repeated` record when the
-//! interval closes; past [`MAX_PAIRS`] pairs in an interval, the rest go into one overflow
-//! record. An interval so adds at most `2 * MAX_PAIRS + 1` records, whatever the traffic.
+//! within an interval ([`WINDOW`]), the first denial of each (reason, subject) pair is recorded
+//! as it happens and the rest are counted into one `gateway_denied_repeated` record (with up to
+//! four of their targets and sources) when the interval closes. The subject is the verified
+//! token's root id, or the source when no token was verified. Each kind of subject has its own
+//! budget of [`MAX_PAIRS`] pairs per interval, past which the rest go into one overflow record:
+//! sources are cheap to vary, so they cannot crowd out the denials of a token. An interval so
+//! adds at most `4 * MAX_PAIRS + 2` denial records, whatever the traffic; new attenuations are
+//! counted the same way per root token id (`2 * MAX_PAIRS + 1` more).
 //!
 //! One writer thread appends; events that arrive while it writes are appended together, in one
 //! transaction and one disk sync. Callers recording a privileged action wait for it to be
@@ -88,51 +92,109 @@ fn clip(text: &str) -> String {
     text.chars().take(MAX_TEXT).collect()
 }
 
+/// What a privileged call's record keeps of its parameters: the ones naming what it touched or
+/// ran (`path`, `cwd`, `command`, `args`, `field`, `op`), each string cut to [`MAX_TEXT`]
+/// characters and each list to eight items; never contents.
+pub fn call_detail(params: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for key in ["path", "cwd", "command", "args", "field", "op"] {
+        let kept = match params.get(key) {
+            Some(Value::String(text)) => json!(clip(text)),
+            Some(Value::Array(items)) => {
+                json!(items.iter().take(8).map(|i| clip(i.as_str().unwrap_or("…"))).collect::<Vec<_>>())
+            }
+            _ => continue,
+        };
+        out.insert(key.to_owned(), kept);
+    }
+    Value::Object(out)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Denials of one (reason, source) pair in the current interval.
+/// Whom a denial is counted against: the verified token (its root id, so every attenuation
+/// of one minted token is one subject), or, when no token was verified, the source.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Subject {
+    Token(String),
+    Source(Origin),
+}
+
+/// Denials of one (reason, subject) pair in the current interval.
 #[derive(Debug)]
 struct Tally {
     count: u64,
-    token_ids: Vec<String>,
-    target: String,
+    sources: Vec<Origin>,
+    targets: Vec<String>,
     first_ms: u64,
     last_ms: u64,
 }
 
-/// The denials of the current interval.
+/// Keeps up to four distinct items.
+fn keep<T: PartialEq>(items: &mut Vec<T>, item: T) {
+    if items.len() < 4 && !items.contains(&item) {
+        items.push(item);
+    }
+}
+
+/// The denials of the current interval. Denials by verified tokens and by unverified sources
+/// have a budget of [`MAX_PAIRS`] pairs each, so nobody without a token can crowd a token's
+/// denials out of the log (many source addresses are cheap; many minted tokens are not).
 #[derive(Debug, Default)]
 struct Window {
     opened: Option<Instant>,
-    pairs: HashMap<(&'static str, Origin), Tally>,
-    overflow: u64,
+    pairs: HashMap<(&'static str, Subject), Tally>,
+    by_tokens: usize,
+    by_sources: usize,
+    /// Denials past the budget: (by tokens, by sources).
+    overflow: (u64, u64),
+    /// New attenuations seen per root token id (a holder can make any number offline).
+    attenuations: HashMap<String, u64>,
+    attenuation_overflow: u64,
 }
 
 impl Window {
-    /// The records that close the interval: one per pair denied more than once, and the
-    /// overflow.
+    /// The records that close the interval: one per pair denied more than once, the overflow,
+    /// and the attenuations counted.
     fn close(&mut self) -> Vec<Value> {
         let mut out: Vec<Value> = self
             .pairs
             .drain()
             .filter(|(_, t)| t.count > 1)
-            .map(|((reason, source), t)| {
+            .map(|((reason, subject), t)| {
+                let (token_id, sources): (Option<String>, Vec<&str>) = match &subject {
+                    Subject::Token(id) => (Some(id.clone()), t.sources.iter().map(Origin::as_str).collect()),
+                    Subject::Source(origin) => (None, vec![origin.as_str()]),
+                };
                 json!({
-                    "kind": "gateway_denied_repeated", "reason": reason, "source": source.as_str(),
-                    "count": t.count - 1, "token_ids": t.token_ids, "target": t.target,
-                    "from_ms": t.first_ms, "to_ms": t.last_ms,
+                    "kind": "gateway_denied_repeated", "reason": reason, "token_id": token_id, "sources": sources,
+                    "count": t.count - 1, "targets": t.targets, "from_ms": t.first_ms, "to_ms": t.last_ms,
                 })
             })
             .collect();
-        if self.overflow > 0 {
+        for (count, whose) in [(self.overflow.0, "tokens"), (self.overflow.1, "sources")] {
+            if count > 0 {
+                out.push(json!({
+                    "kind": "gateway_denied_repeated", "reason": "*", "count": count,
+                    "note": format!("denials past {MAX_PAIRS} reason/{whose} pairs in one interval"),
+                }));
+            }
+        }
+        for (token_id, count) in self.attenuations.drain().filter(|(_, n)| *n > 1) {
+            out.push(json!({ "kind": "token_attenuation_seen_repeated", "token_id": token_id, "count": count - 1 }));
+        }
+        if self.attenuation_overflow > 0 {
             out.push(json!({
-                "kind": "gateway_denied_repeated", "reason": "*", "source": "*", "count": self.overflow,
-                "note": format!("denials past {MAX_PAIRS} reason/source pairs in one interval"),
+                "kind": "token_attenuation_seen_repeated", "token_id": "*", "count": self.attenuation_overflow,
+                "note": format!("attenuations past {MAX_PAIRS} tokens in one interval"),
             }));
         }
-        self.overflow = 0;
+        self.by_tokens = 0;
+        self.by_sources = 0;
+        self.overflow = (0, 0);
+        self.attenuation_overflow = 0;
         self.opened = None;
         out
     }
@@ -193,35 +255,34 @@ impl SecurityLog {
     pub fn denied(&self, origin: &Origin, reason: &'static str, token_id: Option<&str>, target: &str, detail: &str) {
         metrics::counter!("referee_gateway_denials_total", "reason" => reason).increment(1);
         let now = now_ms();
+        let subject = match token_id {
+            Some(id) => Subject::Token(id.to_owned()),
+            None => Subject::Source(origin.clone()),
+        };
         let mut state = self.shared.lock();
         let window = &mut state.window;
         if window.opened.is_none() {
             window.opened = Some(Instant::now());
         }
-        if let Some(tally) = window.pairs.get_mut(&(reason, origin.clone())) {
+        if let Some(tally) = window.pairs.get_mut(&(reason, subject.clone())) {
             tally.count += 1;
             tally.last_ms = now;
-            tally.target = clip(target);
-            if let Some(id) = token_id
-                && tally.token_ids.len() < 4
-                && !tally.token_ids.iter().any(|t| t == id)
-            {
-                tally.token_ids.push(id.to_owned());
-            }
+            keep(&mut tally.targets, clip(target));
+            keep(&mut tally.sources, origin.clone());
             return;
         }
-        if window.pairs.len() >= MAX_PAIRS {
-            window.overflow += 1;
-            return;
-        }
-        let tally = Tally {
-            count: 1,
-            token_ids: token_id.map(str::to_owned).into_iter().collect(),
-            target: clip(target),
-            first_ms: now,
-            last_ms: now,
+        let (used, overflow) = match subject {
+            Subject::Token(_) => (&mut window.by_tokens, &mut window.overflow.0),
+            Subject::Source(_) => (&mut window.by_sources, &mut window.overflow.1),
         };
-        window.pairs.insert((reason, origin.clone()), tally);
+        if *used >= MAX_PAIRS {
+            *overflow += 1;
+            return;
+        }
+        *used += 1;
+        // The first denial has its own record; the tally keeps what the repeats touched.
+        let tally = Tally { count: 1, sources: Vec::new(), targets: Vec::new(), first_ms: now, last_ms: now };
+        window.pairs.insert((reason, subject), tally);
         state.events.push(json!({
             "kind": "gateway_denied", "reason": reason, "source": origin.as_str(), "token_id": token_id,
             "target": clip(target), "detail": clip(detail),
@@ -264,6 +325,22 @@ impl SecurityLog {
                 state.seen.clear();
             }
             state.seen.insert(leaf.to_owned());
+            // Like denials: the first new attenuation of a token in an interval is recorded at
+            // once, the rest are counted, so a holder minting attenuations offline cannot grow
+            // the log at its request rate.
+            let window = &mut state.window;
+            if window.opened.is_none() {
+                window.opened = Some(Instant::now());
+            }
+            if let Some(count) = window.attenuations.get_mut(token_id) {
+                *count += 1;
+                return;
+            }
+            if window.attenuations.len() >= MAX_PAIRS {
+                window.attenuation_overflow += 1;
+                return;
+            }
+            window.attenuations.insert(token_id.to_owned(), 1);
             state.events.push(json!({
                 "kind": "token_attenuation_seen", "token_id": token_id, "leaf_id": leaf, "blocks": blocks,
                 "source": origin.as_str(),
@@ -402,13 +479,43 @@ mod tests {
     }
 
     #[test]
-    fn an_attenuated_token_is_recorded_once() {
+    fn an_attenuated_token_is_recorded_once_and_a_flood_of_them_is_counted() {
         let (_dir, audit) = log();
         let security = SecurityLog::start(audit.clone());
         for _ in 0..3 {
             security.attenuation_seen(&Origin::unknown(), "root-id", "leaf-id", 2);
         }
+        // One holder appending a fresh block to every request: one record, then a count.
+        for i in 0..10_000 {
+            security.attenuation_seen(&Origin::unknown(), "other-root", &format!("leaf-{i}"), 2);
+        }
         security.stop();
-        assert_eq!(kinds(&audit), ["token_attenuation_seen"]);
+        assert_eq!(
+            kinds(&audit),
+            ["token_attenuation_seen", "token_attenuation_seen", "token_attenuation_seen_repeated"]
+        );
+        let tail = audit.tail(1).unwrap();
+        assert_eq!(tail[0].event["count"], 9_999);
+    }
+
+    #[test]
+    fn sources_without_a_token_cannot_crowd_out_a_tokens_denials() {
+        let (_dir, audit) = log();
+        let security = SecurityLog::start(audit.clone());
+        for i in 0..200 {
+            let origin = Origin(Arc::from(format!("127.2.0.{i}")));
+            security.denied(&origin, "invalid_token", None, "/v1/stats", "junk");
+        }
+        let origin = Origin(Arc::from("127.0.0.1"));
+        for target in ["/acme/secret", "/other", "/other/evil"] {
+            security.denied(&origin, "forbidden", Some("real-token"), target, "outside its subtrees");
+        }
+        security.stop();
+        let records = audit.tail(1000).unwrap();
+        let first = records.iter().find(|r| r.event["token_id"] == "real-token" && r.event["kind"] == "gateway_denied");
+        assert_eq!(first.unwrap().event["target"], "/acme/secret");
+        let rest = records.iter().find(|r| r.event["token_id"] == "real-token" && r.event["kind"] != "gateway_denied");
+        assert_eq!(rest.unwrap().event["targets"], json!(["/other", "/other/evil"]));
+        assert!(records.len() <= 2 * MAX_PAIRS + 4, "{}", records.len());
     }
 }

@@ -407,7 +407,7 @@ impl Gateway {
         let started = Instant::now();
         let privileged =
             self.permits(scope, name) && self.registry.get(name).is_some_and(|tool| !tool.spec().annotations.read_only);
-        let path = params.get("path").and_then(Value::as_str).map(|p| p.chars().take(160).collect::<String>());
+        let detail = if privileged { crate::audit::call_detail(&params) } else { Value::Null };
         let result = self.call_inner(scope, name, params, started).await;
         self.stats.record(&result);
         crate::telemetry::record_call(name, &result, started.elapsed());
@@ -420,7 +420,7 @@ impl Gateway {
                 self.security
                     .record(json!({
                         "kind": "gateway_tool", "tool": name, "token_id": scope.id, "source": origin.as_str(),
-                        "path": path, "ok": error.is_none(), "error": error,
+                        "params": detail, "ok": error.is_none(), "error": error,
                     }))
                     .await;
             }

@@ -215,6 +215,8 @@ pub fn revoke_event(id: &str, by: Option<&str>, source: &str) -> Value {
 fn audit_locally(home: &Home, event: &Value) -> Result<(), LaunchError> {
     let path = referee_runtime::state_db_path(home);
     let db = redb::Database::create(&path).map_err(|e| setup(format!("audit log {}: {e}", path.display())))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| setup(format!("chmod 600 {}: {e}", path.display())))?;
     let log = referee_runtime::AuditLog::new(Arc::new(db)).map_err(setup)?;
     log.append(event).map(|_| ()).map_err(|e| setup(format!("audit log {}: {e}", path.display())))
 }

@@ -216,6 +216,9 @@ impl Runtime {
         let db = Arc::new(
             Database::create(&state_path).map_err(|e| RuntimeError::Store(format!("{}: {e}", state_path.display())))?,
         );
+        // The audit log and every muscle's kv: the owner's only, whatever the umask.
+        std::fs::set_permissions(&state_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| RuntimeError::Store(format!("chmod 600 {}: {e}", state_path.display())))?;
         let audit = AuditLog::new(db.clone())?;
         let kv = Kv::new(db)?;
         let runtime = Self {

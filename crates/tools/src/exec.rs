@@ -340,6 +340,7 @@ impl Sandbox {
             passwd.and_then(|p| group.map(|g| (p, g))).map_err(|e| failed("passing /etc/passwd", &e))?;
         let start = Instant::now();
         let mut command = Command::new(&self.bwrap);
+        close_on_exec_after_fork(&mut command, &[seccomp.as_raw_fd(), passwd.as_raw_fd(), group.as_raw_fd()]);
         if let Some((uid, gid)) = self.run_as {
             // Before exec: setgroups([]) (std does it for a root parent), setgid, setuid. bwrap
             // then builds the sandbox unprivileged, in a user namespace owned by this uid.
@@ -371,6 +372,49 @@ impl Sandbox {
         let join =
             |h: Option<std::thread::JoinHandle<(Vec<u8>, bool)>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
         Ok(Run { status, stdout: join(stdout), stderr: join(stderr), timed_out, elapsed: start.elapsed() })
+    }
+}
+
+/// Makes every descriptor the child would inherit, except stdio and `keep`, close-on-exec in
+/// the child, so bubblewrap (and the sandbox) get only what they are handed. The server's own
+/// descriptors are all close-on-exec already; this catches the ones it inherited without the
+/// flag from whatever started it (a shell's `7<secret`, a supervisor's leaked pipe).
+#[allow(unsafe_code, reason = "pre_exec has no safe API; the closure below is async-signal-safe")]
+fn close_on_exec_after_fork(command: &mut Command, keep: &[std::os::fd::RawFd]) {
+    // The ranges between the kept descriptors, computed before the fork: the closure must not
+    // allocate.
+    let mut kept: Vec<u32> = keep.iter().filter_map(|&fd| u32::try_from(fd).ok()).filter(|&fd| fd > 2).collect();
+    kept.sort_unstable();
+    let mut ranges = Vec::with_capacity(kept.len() + 1);
+    let mut low = 3u32;
+    for fd in kept {
+        if fd > low {
+            ranges.push((low, fd - 1));
+        }
+        low = fd.saturating_add(1);
+    }
+    ranges.push((low, u32::MAX));
+    // The fallback for kernels without close_range (before 5.11): every descriptor number up
+    // to the open-file limit.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1 << 20);
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    // SAFETY: the closure runs in the child between fork and exec. It calls only close_range
+    // and fcntl, both async-signal-safe, touches no lock and allocates nothing (`ranges` was
+    // built before the fork and is only read). Marking descriptors close-on-exec does not
+    // close them, so nothing in the child that still runs before exec (std's error pipe,
+    // which is close-on-exec already) loses a descriptor it uses.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, move || {
+            for &(first, last) in &ranges {
+                let done = libc::syscall(libc::SYS_close_range, first, last, libc::CLOSE_RANGE_CLOEXEC) == 0;
+                if !done {
+                    for fd in first..=last.min(limit) {
+                        libc::fcntl(fd as i32, libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
+                }
+            }
+            Ok(())
+        });
     }
 }
 

@@ -266,3 +266,21 @@ fn exec_never_runs_as_root() {
     let err = ExecTool::new(&config, &Limits::default()).err().expect("uid 0 refused");
     assert!(err.to_string().contains("never runs commands as root"), "{err}");
 }
+
+/// Found attacking the release build: a descriptor the server inherited without close-on-exec
+/// (`referee serve 7<secret`) was readable inside the sandbox.
+#[test]
+fn descriptors_the_server_inherited_do_not_reach_the_sandbox() {
+    let sb = sandbox(10_000, 4096);
+    let secret = sb.outside.join("secret.txt");
+    let file = std::fs::File::open(&secret).unwrap();
+    rustix::io::fcntl_setfd(&file, rustix::io::FdFlags::empty()).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let out = sb.sh(&format!("cat <&{fd}; echo rc=$?; ls /proc/self/fd")).unwrap();
+    let stdout = text(&out, "stdout");
+    assert!(!stdout.contains("TOP SECRET") && !stdout.contains("rc=0"), "{stdout}");
+    // stdin, stdout, stderr, and the descriptor `ls` opened to list them.
+    let fds: Vec<&str> = stdout.lines().skip(1).collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "{stdout}");
+    drop(file);
+}

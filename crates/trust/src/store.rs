@@ -177,6 +177,9 @@ impl TrustStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, TrustError> {
         let db = Database::create(path).map_err(db_err("open"))?;
+        // Trusted publishers, revocations, anti-rollback marks: the owner's only.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| TrustError::Database { context: "chmod 600", source: Box::new(redb::Error::Io(e)) })?;
         let txn = db.begin_write().map_err(db_err("initialise"))?;
         {
             txn.open_table(PUBLISHERS).map_err(db_err("initialise"))?;

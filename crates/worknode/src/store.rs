@@ -163,6 +163,10 @@ impl EventStore {
     pub fn open(path: &Path, cfg: StoreConfig) -> Result<Self, StoreError> {
         let err = |e: redb::Error| StoreError::Database { path: path.display().to_string(), reason: e.to_string() };
         let db = Arc::new(Database::create(path).map_err(|e| err(e.into()))?);
+        // Every worknode's state: the owner's only, whatever the umask.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| {
+            StoreError::Database { path: path.display().to_string(), reason: format!("chmod 600: {e}") }
+        })?;
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         {
             txn.open_table(EVENTS).map_err(|e| err(e.into()))?;

@@ -40,7 +40,7 @@ pub(crate) fn audit(home: &Home, cmd: &AuditCommand, json: bool) -> Result<()> {
             super::print(json, &value, || {
                 records
                     .iter()
-                    .map(|r| format!("{:>6}  {}  {}", r.seq, r.time_ms, r.event))
+                    .map(|r| format!("{:>6}  {}  {}", r.seq, r.time_ms, super::inert(&r.event.to_string())))
                     .collect::<Vec<_>>()
                     .join("\n")
             });

@@ -31,11 +31,23 @@ fn home(dir: Option<PathBuf>) -> Result<Home> {
 
 /// Prints `value` as pretty JSON or `text` as is.
 fn print(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) {
-    if json {
-        println!("{value:#}");
-    } else {
-        println!("{}", text());
-    }
+    use std::io::Write as _;
+    let out = if json { format!("{value:#}\n") } else { format!("{}\n", text()) };
+    // A closed pipe (`referee audit tail | head`) ends the output quietly instead of panicking.
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+}
+
+/// `text` with the characters that can make a terminal show something other than what is
+/// there (bidirectional overrides and isolates, zero-width and other format characters, and
+/// any control character) written as `\u{…}` escapes: for text that came from a client.
+pub(crate) fn inert(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let format =
+                matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
+            if format || c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }
+        })
+        .collect()
 }
 
 /// Runs one parsed command line.
