@@ -3,9 +3,10 @@
 //! The sandbox: every namespace unshared (so no network: only a down loopback), all
 //! capabilities dropped, the system directories bound read-only, a private `/tmp`, `/proc` and
 //! `/dev`, the work root the only writable host path, a new session, killed with its parent.
-//! A seccomp filter (built with seccompiler, handed to `bwrap --seccomp FD` through a pipe)
-//! refuses mounts, namespaces, tracing, kernel modules, keyrings, BPF, io_uring and every
-//! socket that is not a Unix socket. The command runs under a wall-clock limit (the whole
+//! Seccomp filters (built with seccompiler, handed to `bwrap --add-seccomp-fd FD` through
+//! pipes) refuse mounts, namespaces (`unshare`, `setns`, and `clone` with a `CLONE_NEW*`
+//! flag; `clone3` answers ENOSYS so the C library falls back to `clone`), tracing, kernel
+//! modules, keyrings, BPF, io_uring and every socket that is not a Unix socket. The command runs under a wall-clock limit (the whole
 //! sandbox is killed at the deadline) and keeps at most the configured bytes of output.
 //!
 //! If bubblewrap cannot build this sandbox on the host (missing, or namespaces not permitted)
@@ -53,7 +54,9 @@ struct Sandbox {
     identity: (u32, u32),
     timeout: Duration,
     max_output: usize,
-    seccomp: Vec<u8>,
+    /// The seccomp programs: the deny list (EPERM), and `clone3` (ENOSYS, so the C library
+    /// falls back to `clone`, whose flags the first program can inspect).
+    seccomp: [Vec<u8>; 2],
 }
 
 #[derive(Deserialize)]
@@ -251,7 +254,7 @@ impl Sandbox {
                 .unwrap_or_else(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw())),
             timeout: Duration::from_millis(config.timeout_ms),
             max_output: config.max_output_bytes,
-            seccomp: seccomp_program()?,
+            seccomp: [seccomp_program()?, clone3_program()?],
         })
     }
 
@@ -279,7 +282,7 @@ impl Sandbox {
         Ok(())
     }
 
-    fn bwrap_args(&self, seccomp_fd: i32, identity_fds: (i32, i32), cwd: &Path) -> Vec<OsString> {
+    fn bwrap_args(&self, seccomp_fds: [i32; 2], identity_fds: (i32, i32), cwd: &Path) -> Vec<OsString> {
         let mut args: Vec<OsString> = [
             "--unshare-all",
             "--die-with-parent",
@@ -324,14 +327,21 @@ impl Sandbox {
         push(&["--ro-bind-data".as_ref(), group.as_ref(), "/etc/group".as_ref()]);
         push(&["--bind".as_ref(), self.work_root.as_os_str(), self.work_root.as_os_str()]);
         push(&["--chdir".as_ref(), cwd.as_os_str()]);
-        let fd = seccomp_fd.to_string();
-        push(&["--seccomp".as_ref(), fd.as_ref(), "--".as_ref()]);
+        for fd in seccomp_fds {
+            let fd = fd.to_string();
+            push(&["--add-seccomp-fd".as_ref(), fd.as_ref()]);
+        }
+        push(&["--".as_ref()]);
         args
     }
 
     fn run(&self, program: &Path, argv: &[OsString], cwd: &Path, timeout: Duration) -> Result<Run, ToolError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| ToolError::Failed(format!("exec: {what}: {e}"));
-        let seccomp = data_fd(&self.seccomp).map_err(|e| failed("passing the seccomp filter", &e))?;
+        let [deny, clone3] = &self.seccomp;
+        let (deny, clone3) = data_fd(deny)
+            .and_then(|deny| data_fd(clone3).map(|clone3| (deny, clone3)))
+            .map_err(|e| failed("passing the seccomp filter", &e))?;
+        let seccomp_fds = [deny.as_raw_fd(), clone3.as_raw_fd()];
         let (uid, gid) = self.identity;
         let home = self.work_root.display();
         let passwd = data_fd(format!("sandbox:x:{uid}:{gid}:referee exec:{home}:/bin/sh\n").as_bytes());
@@ -340,14 +350,17 @@ impl Sandbox {
             passwd.and_then(|p| group.map(|g| (p, g))).map_err(|e| failed("passing /etc/passwd", &e))?;
         let start = Instant::now();
         let mut command = Command::new(&self.bwrap);
-        close_on_exec_after_fork(&mut command, &[seccomp.as_raw_fd(), passwd.as_raw_fd(), group.as_raw_fd()]);
+        close_on_exec_after_fork(
+            &mut command,
+            &[seccomp_fds[0], seccomp_fds[1], passwd.as_raw_fd(), group.as_raw_fd()],
+        );
         if let Some((uid, gid)) = self.run_as {
             // Before exec: setgroups([]) (std does it for a root parent), setgid, setuid. bwrap
             // then builds the sandbox unprivileged, in a user namespace owned by this uid.
             std::os::unix::process::CommandExt::uid(std::os::unix::process::CommandExt::gid(&mut command, gid), uid);
         }
         let mut child = command
-            .args(self.bwrap_args(seccomp.as_raw_fd(), (passwd.as_raw_fd(), group.as_raw_fd()), cwd))
+            .args(self.bwrap_args(seccomp_fds, (passwd.as_raw_fd(), group.as_raw_fd()), cwd))
             .arg(program)
             .args(argv)
             .env_clear()
@@ -356,7 +369,7 @@ impl Sandbox {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| failed(&format!("starting {}", self.bwrap.display()), &e))?;
-        drop((seccomp, passwd, group));
+        drop((deny, clone3, passwd, group));
         let stdout = child.stdout.take().map(|s| capped_reader(s, self.max_output));
         let stderr = child.stderr.take().map(|s| capped_reader(s, self.max_output));
         let waited = wait_until(&child, timeout);
@@ -526,11 +539,48 @@ fn seccomp_program() -> Result<Vec<u8>, String> {
             SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::AF_UNIX as u64).map_err(err)?;
         rules.insert(nr, vec![SeccompRule::new(vec![not_unix]).map_err(err)?]);
     }
+    // `clone` that makes a namespace: `unshare` by another name (a nested user namespace
+    // hands its creator every capability inside it). Threads and plain forks pass.
+    for nr in with_x32_aliases(&[libc::SYS_clone]) {
+        let mut makes_namespace = Vec::new();
+        for flag in NAMESPACE_FLAGS {
+            let set =
+                SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag).map_err(err)?;
+            makes_namespace.push(SeccompRule::new(vec![set]).map_err(err)?);
+        }
+        rules.insert(nr, makes_namespace);
+    }
+    to_bytes(rules, SeccompAction::Errno(libc::EPERM as u32))
+}
+
+/// Every `CLONE_NEW*` flag.
+const NAMESPACE_FLAGS: [u64; 8] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    0x80, // CLONE_NEWTIME
+];
+
+/// `clone3` answers ENOSYS: its flags are in memory a filter cannot read, and on ENOSYS the C
+/// library falls back to `clone`, whose flags [`seccomp_program`] checks.
+fn clone3_program() -> Result<Vec<u8>, String> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        with_x32_aliases(&[libc::SYS_clone3]).into_iter().map(|nr| (nr, Vec::new())).collect();
+    to_bytes(rules, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+/// A seccomp program allowing everything but `rules`, which get `action`, as the bytes of
+/// `struct sock_filter[]` as bubblewrap reads them.
+fn to_bytes(rules: BTreeMap<i64, Vec<SeccompRule>>, action: SeccompAction) -> Result<Vec<u8>, String> {
+    let err = |e: seccompiler::BackendError| format!("building the seccomp filter: {e}");
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|e: seccompiler::BackendError| format!("seccomp on {}: {e}", std::env::consts::ARCH))?;
-    let filter =
-        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch).map_err(err)?;
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch).map_err(err)?;
     let program: BpfProgram = filter.try_into().map_err(err)?;
     Ok(program
         .iter()

@@ -284,3 +284,41 @@ fn descriptors_the_server_inherited_do_not_reach_the_sandbox() {
     assert_eq!(fds, ["0", "1", "2", "3"], "{stdout}");
     drop(file);
 }
+
+/// Found attacking the release build: `clone(CLONE_NEWUSER)` (not `unshare`) made a nested
+/// user namespace holding every capability. Threads, which the C library makes with `clone3`
+/// and then `clone`, must still work.
+#[test]
+fn clone_cannot_make_a_namespace_but_threads_still_run() {
+    if !Path::new("/usr/bin/python3").exists() {
+        eprintln!("skipped: no python3 to issue raw clone calls");
+        return;
+    }
+    let sb = sandbox(10_000, 4096);
+    let script = r#"python3 -c '
+import ctypes, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+for flag in (0x10000000, 0x20000000, 0x40000000, 0x00020000):
+    r = libc.syscall(56, flag | 17, 0, 0, 0, 0)
+    if r == 0:
+        os._exit(0)
+    print("clone", hex(flag), r, ctypes.get_errno())
+print("clone3", libc.syscall(435, 0, 0), ctypes.get_errno())
+t = threading.Thread(target=print, args=("thread ok",))
+t.start(); t.join()
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+print("fork", os.waitpid(pid, 0)[1] >> 8)
+'"#;
+    let out = sb.sh(script).unwrap();
+    let stdout = text(&out, "stdout");
+    for flag in ["0x10000000", "0x20000000", "0x40000000", "0x20000"] {
+        assert!(
+            stdout.contains(&format!("clone {flag} -1 1\n")),
+            "CLONE flag {flag} refused with EPERM: {stdout} {out:?}"
+        );
+    }
+    assert!(stdout.contains("clone3 -1 38\n"), "clone3 answers ENOSYS: {stdout}");
+    assert!(stdout.contains("thread ok\n") && stdout.contains("fork 7\n"), "{stdout} {out:?}");
+}
