@@ -89,6 +89,15 @@ pub struct ExecConfig {
     pub timeout_ms: u64,
     /// Most bytes kept from each of stdout and stderr; the rest is discarded.
     pub max_output_bytes: usize,
+    /// Size of the sandbox's private `/tmp` (memory), bytes.
+    pub tmp_bytes: u64,
+    /// Largest file a command may write (`RLIMIT_FSIZE`), bytes; 0: no limit.
+    pub max_file_bytes: u64,
+    /// Address space of each sandboxed process (`RLIMIT_AS`), bytes; 0: no limit.
+    pub max_memory_bytes: u64,
+    /// Processes the sandbox user may have at once (`RLIMIT_NPROC`), counted over every
+    /// sandbox; applied when commands run as their own user (a root server). 0: no limit.
+    pub max_processes: u64,
 }
 
 impl Default for ExecConfig {
@@ -105,6 +114,10 @@ impl Default for ExecConfig {
             run_as_gid: None,
             timeout_ms: 10_000,
             max_output_bytes: 1 << 20,
+            tmp_bytes: 256 << 20,
+            max_file_bytes: 1 << 30,
+            max_memory_bytes: 4 << 30,
+            max_processes: 256,
         }
     }
 }

@@ -54,6 +54,8 @@ struct Sandbox {
     identity: (u32, u32),
     timeout: Duration,
     max_output: usize,
+    tmp_bytes: u64,
+    limits: ChildLimits,
     /// The seccomp programs: the deny list (EPERM), and `clone3` (ENOSYS, so the C library
     /// falls back to `clone`, whose flags the first program can inspect).
     seccomp: [Vec<u8>; 2],
@@ -254,6 +256,14 @@ impl Sandbox {
                 .unwrap_or_else(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw())),
             timeout: Duration::from_millis(config.timeout_ms),
             max_output: config.max_output_bytes,
+            tmp_bytes: config.tmp_bytes.max(1 << 20),
+            limits: ChildLimits {
+                file_bytes: config.max_file_bytes,
+                memory_bytes: config.max_memory_bytes,
+                // A process limit counts every process of the real uid: only meaningful when
+                // the sandbox has a uid of its own, not the server's (whose threads count too).
+                processes: if run_as.is_some() { config.max_processes } else { 0 },
+            },
             seccomp: [seccomp_program()?, clone3_program()?],
         })
     }
@@ -313,19 +323,17 @@ impl Sandbox {
         if !self.ro_binds.iter().any(|b| self.bwrap.starts_with(b)) {
             push(&["--ro-bind".as_ref(), self.bwrap.as_os_str(), self.bwrap.as_os_str()]);
         }
-        push(&[
-            "--proc".as_ref(),
-            "/proc".as_ref(),
-            "--dev".as_ref(),
-            "/dev".as_ref(),
-            "--tmpfs".as_ref(),
-            "/tmp".as_ref(),
-        ]);
+        push(&["--proc".as_ref(), "/proc".as_ref(), "--dev".as_ref(), "/dev".as_ref()]);
+        let tmp_bytes = self.tmp_bytes.to_string();
+        push(&["--size".as_ref(), tmp_bytes.as_ref(), "--tmpfs".as_ref(), "/tmp".as_ref()]);
         // Who the command is, and nobody else: not the host's accounts.
         let (passwd, group) = (identity_fds.0.to_string(), identity_fds.1.to_string());
         push(&["--ro-bind-data".as_ref(), passwd.as_ref(), "/etc/passwd".as_ref()]);
         push(&["--ro-bind-data".as_ref(), group.as_ref(), "/etc/group".as_ref()]);
         push(&["--bind".as_ref(), self.work_root.as_os_str(), self.work_root.as_os_str()]);
+        // The sandbox's own root (where `/etc` and the mount points live) is read-only: the
+        // only writable places are the work root and the sized `/tmp`.
+        push(&["--remount-ro".as_ref(), "/".as_ref()]);
         push(&["--chdir".as_ref(), cwd.as_os_str()]);
         for fd in seccomp_fds {
             let fd = fd.to_string();
@@ -350,9 +358,10 @@ impl Sandbox {
             passwd.and_then(|p| group.map(|g| (p, g))).map_err(|e| failed("passing /etc/passwd", &e))?;
         let start = Instant::now();
         let mut command = Command::new(&self.bwrap);
-        close_on_exec_after_fork(
+        prepare_child(
             &mut command,
             &[seccomp_fds[0], seccomp_fds[1], passwd.as_raw_fd(), group.as_raw_fd()],
+            self.limits,
         );
         if let Some((uid, gid)) = self.run_as {
             // Before exec: setgroups([]) (std does it for a root parent), setgid, setuid. bwrap
@@ -388,12 +397,22 @@ impl Sandbox {
     }
 }
 
-/// Makes every descriptor the child would inherit, except stdio and `keep`, close-on-exec in
-/// the child, so bubblewrap (and the sandbox) get only what they are handed. The server's own
-/// descriptors are all close-on-exec already; this catches the ones it inherited without the
-/// flag from whatever started it (a shell's `7<secret`, a supervisor's leaked pipe).
+/// Resource limits set in the child before bubblewrap starts; inherited by the sandbox and
+/// everything it runs (0: unlimited).
+#[derive(Clone, Copy, Debug)]
+struct ChildLimits {
+    file_bytes: u64,
+    memory_bytes: u64,
+    processes: u64,
+}
+
+/// In the child between fork and exec: makes every descriptor it would inherit, except stdio
+/// and `keep`, close-on-exec, so bubblewrap (and the sandbox) get only what they are handed —
+/// the server's own descriptors are all close-on-exec already; this catches the ones it
+/// inherited without the flag from whatever started it (a shell's `7<secret`, a supervisor's
+/// leaked pipe) — and sets `limits`.
 #[allow(unsafe_code, reason = "pre_exec has no safe API; the closure below is async-signal-safe")]
-fn close_on_exec_after_fork(command: &mut Command, keep: &[std::os::fd::RawFd]) {
+fn prepare_child(command: &mut Command, keep: &[std::os::fd::RawFd], limits: ChildLimits) {
     // The ranges between the kept descriptors, computed before the fork: the closure must not
     // allocate.
     let mut kept: Vec<u32> = keep.iter().filter_map(|&fd| u32::try_from(fd).ok()).filter(|&fd| fd > 2).collect();
@@ -411,13 +430,26 @@ fn close_on_exec_after_fork(command: &mut Command, keep: &[std::os::fd::RawFd]) 
     // to the open-file limit.
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1 << 20);
     let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-    // SAFETY: the closure runs in the child between fork and exec. It calls only close_range
-    // and fcntl, both async-signal-safe, touches no lock and allocates nothing (`ranges` was
-    // built before the fork and is only read). Marking descriptors close-on-exec does not
+    let rlimits = [
+        (libc::RLIMIT_FSIZE, limits.file_bytes),
+        (libc::RLIMIT_AS, limits.memory_bytes),
+        (libc::RLIMIT_NPROC, limits.processes),
+    ];
+    // SAFETY: the closure runs in the child between fork and exec. It calls only close_range,
+    // fcntl and setrlimit, all async-signal-safe, touches no lock and allocates nothing
+    // (`ranges` and `rlimits` were built before the fork and are only read). Marking descriptors close-on-exec does not
     // close them, so nothing in the child that still runs before exec (std's error pipe,
     // which is close-on-exec already) loses a descriptor it uses.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(command, move || {
+            for &(resource, value) in &rlimits {
+                if value > 0 {
+                    let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
+                    if libc::setrlimit(resource, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
             for &(first, last) in &ranges {
                 let done = libc::syscall(libc::SYS_close_range, first, last, libc::CLOSE_RANGE_CLOEXEC) == 0;
                 if !done {

@@ -43,6 +43,14 @@ fn sandbox(timeout_ms: u64, max_output_bytes: usize) -> Sandbox {
 }
 
 fn sandbox_with(timeout_ms: u64, max_output_bytes: usize, ro_binds: Vec<PathBuf>) -> Sandbox {
+    sandbox_config(|config| {
+        config.timeout_ms = timeout_ms;
+        config.max_output_bytes = max_output_bytes;
+        config.ro_binds = ro_binds;
+    })
+}
+
+fn sandbox_config(adjust: impl FnOnce(&mut ExecConfig)) -> Sandbox {
     let dir = tempfile::tempdir().unwrap();
     let base = std::fs::canonicalize(dir.path()).unwrap();
     let (work, outside) = (base.join("work"), base.join("outside"));
@@ -59,14 +67,8 @@ fn sandbox_with(timeout_ms: u64, max_output_bytes: usize, ro_binds: Vec<PathBuf>
         ("echo".to_owned(), CommandSpec { program: PathBuf::from("/bin/echo"), args: vec!["fixed".into()] }),
     ]
     .into();
-    let config = ExecConfig {
-        work_root: Some(work.clone()),
-        commands,
-        timeout_ms,
-        max_output_bytes,
-        ro_binds,
-        ..ExecConfig::default()
-    };
+    let mut config = ExecConfig { work_root: Some(work.clone()), commands, ..ExecConfig::default() };
+    adjust(&mut config);
     let tool = ExecTool::new(&config, &Limits::default()).unwrap();
     if let Err(why) = tool.availability() {
         panic!("bubblewrap cannot sandbox here, so exec cannot be tested: {why}");
@@ -153,10 +155,9 @@ fn writes_land_only_inside_the_work_root() {
     assert_eq!(std::fs::read_to_string(sb.work.join("made")).unwrap(), "in\n");
     assert!(!target.exists());
     assert!(!Path::new("/usr/escaped").exists() && !Path::new("/etc/escaped").exists());
-    // `/etc` inside is the sandbox's own (it holds a few bound files), on its private root:
-    // a write there lands nowhere on the host and dies with the sandbox.
+    // `/etc` inside is the sandbox's own, on its private root, which is read-only too.
     let stderr = text(&out, "stderr");
-    assert_eq!(stderr.lines().count(), 2, "two refused writes: {stderr}");
+    assert_eq!(stderr.lines().count(), 3, "three refused writes: {stderr}");
 }
 
 #[test]
@@ -321,4 +322,35 @@ print("fork", os.waitpid(pid, 0)[1] >> 8)
     }
     assert!(stdout.contains("clone3 -1 38\n"), "clone3 answers ENOSYS: {stdout}");
     assert!(stdout.contains("thread ok\n") && stdout.contains("fork 7\n"), "{stdout} {out:?}");
+}
+
+/// Found attacking the release build: one call filled a 12 GB `/tmp` (half the RAM) and
+/// another forked ~10,800 host processes in 8 s.
+#[test]
+fn resource_limits_bound_what_one_command_can_take() {
+    let sb = sandbox_config(|config| {
+        config.tmp_bytes = 8 << 20;
+        config.max_file_bytes = 1 << 20;
+        config.max_memory_bytes = 512 << 20;
+        config.max_processes = 32;
+    });
+    let out = sb
+        .sh("for i in $(seq 16); do head -c 1000K /dev/zero > /tmp/f$i; done 2>/dev/null; \
+             echo tmp=$(du -sm /tmp | cut -f1); \
+             (head -c 2M /dev/zero > big) 2>/dev/null; echo file=$(stat -c %s big); \
+             dd if=/dev/zero of=/dev/null bs=1G count=1 2>&1 | head -c 200; echo")
+        .unwrap();
+    let stdout = text(&out, "stdout");
+    let tmp: u32 = stdout.lines().find_map(|l| l.strip_prefix("tmp=")).unwrap().parse().unwrap();
+    assert!((7..=9).contains(&tmp), "/tmp holds about 8 MiB of the 16 written (du rounds up): {stdout}");
+    assert!(stdout.contains("file=1048576\n"), "a file stops at 1 MiB: {stdout}");
+    assert!(stdout.contains("memory exhausted"), "a 1 GiB buffer is refused under 512 MiB: {stdout}");
+    if root() {
+        // Commands run as nobody, so the process limit holds across the whole sandbox.
+        // At the limit the shell dies on the fork it cannot make; the file says how far it got.
+        sb.sh("for i in $(seq 64); do sleep 3 & echo $i > started; done").unwrap();
+        let out = sb.sh("cat started").unwrap();
+        let running: u32 = text(&out, "stdout").trim().parse().unwrap_or_else(|_| panic!("{out:?}"));
+        assert!(running <= 32, "{running} processes under a limit of 32: {out:?}");
+    }
 }
