@@ -93,7 +93,7 @@ fn clip(text: &str) -> String {
 }
 
 /// What a privileged call's record keeps of its parameters: the ones naming what it touched or
-/// ran (`path`, `cwd`, `command`, `args`, `field`, `op`), each string cut to [`MAX_TEXT`]
+/// ran (`path`, `cwd`, `command`, `args`, `field`, `op`), each string cut to 160
 /// characters and each list to eight items; never contents.
 pub fn call_detail(params: &Value) -> Value {
     let mut out = serde_json::Map::new();

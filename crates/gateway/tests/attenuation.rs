@@ -5,14 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test code")]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use biscuit_auth::UnverifiedBiscuit;
-use biscuit_auth::builder::BlockBuilder;
 use proptest::prelude::*;
 use referee_gateway::auth::{AuthError, Authority, Grant, Narrowing, attenuate};
 use referee_gateway::store::GatewayStore;
@@ -134,21 +134,9 @@ impl World {
     }
 }
 
-/// The model's own reading of a prefix text: `None` when it must be refused (not absolute, or a
-/// `.`, `..` or empty component other than one trailing slash).
+/// The model's own reading of a prefix text (`None`: refused).
 fn model_prefix(text: &str) -> Option<PathBuf> {
-    let mut parts: Vec<&str> = text.split('/').collect();
-    if parts.first() != Some(&"") || parts.len() < 2 {
-        return None;
-    }
-    parts.remove(0);
-    if parts.last() == Some(&"") {
-        parts.pop();
-    }
-    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
-        return None;
-    }
-    Some(parts.iter().fold(PathBuf::from("/"), |acc, p| acc.join(p)))
+    common::model_components(text).map(|parts| parts.iter().fold(PathBuf::from("/"), |acc, p| acc.join(p)))
 }
 
 /// The model: a file may be read when it is inside the root and, for every block that names
@@ -178,14 +166,6 @@ fn render(world: &World, (anchor, parts, slash): &(usize, Vec<usize>, bool)) -> 
         text.push('/');
     }
     text
-}
-
-/// A block with `text` as its path, written by hand (no normalisation on the way).
-fn forge(token: &str, text: &str) -> String {
-    let p = if text.ends_with('/') { text.to_owned() } else { format!("{text}/") };
-    let code = format!("reject if path($p), !$p.starts_with(\"{p}\");\nnarrow_path(\"{p}\");\n");
-    let parsed = UnverifiedBiscuit::from_base64(token).unwrap();
-    parsed.append(BlockBuilder::new().code(&code).unwrap()).unwrap().to_base64().unwrap()
 }
 
 proptest! {
@@ -232,7 +212,7 @@ proptest! {
                 (Err(AuthError::Build(_)), None) => {
                     // The same text written into a block by hand: the token is refused.
                     let bad = texts.iter().find(|t| model_prefix(t).is_none()).unwrap();
-                    let forged = forge(&token, bad);
+                    let forged = common::forge(&token, "path", bad);
                     let refused = world.authority.verify(&forged).err();
                     prop_assert!(matches!(refused.as_ref().map(AuthError::cause), Some(AuthError::Refused(_))), "{bad}");
                     continue;

@@ -5,12 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test code")]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use biscuit_auth::UnverifiedBiscuit;
-use biscuit_auth::builder::BlockBuilder;
 use proptest::prelude::*;
 use referee_gateway::auth::{AuthError, Authority, Grant, Narrowing, attenuate};
 use referee_gateway::store::GatewayStore;
@@ -70,21 +70,9 @@ impl World {
     }
 }
 
-/// The model's reading of a subtree text: its segments, or `None` when it must be refused (not
-/// absolute, or a `.`, `..` or empty segment other than one trailing slash).
+/// The model's reading of a subtree text: its segments (`None`: refused).
 fn model_subtree(text: &str) -> Option<Vec<String>> {
-    let mut parts: Vec<&str> = text.split('/').collect();
-    if parts.first() != Some(&"") || parts.len() < 2 {
-        return None;
-    }
-    parts.remove(0);
-    if parts.last() == Some(&"") {
-        parts.pop();
-    }
-    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
-        return None;
-    }
-    Some(parts.iter().map(|p| (*p).to_owned()).collect())
+    common::model_components(text).map(|parts| parts.iter().map(|p| (*p).to_owned()).collect())
 }
 
 /// The model: a worknode may be read when, for every block that names subtrees, its segments
@@ -110,14 +98,6 @@ fn render((parts, slash): &(Vec<usize>, bool)) -> String {
         text.push('/');
     }
     text
-}
-
-/// A block with `text` as its subtree, written by hand (no normalisation on the way).
-fn forge(token: &str, text: &str) -> String {
-    let p = if text.ends_with('/') { text.to_owned() } else { format!("{text}/") };
-    let code = format!("reject if node($n), !$n.starts_with(\"{p}\");\nnarrow_node(\"{p}\");\n");
-    let parsed = UnverifiedBiscuit::from_base64(token).unwrap();
-    parsed.append(BlockBuilder::new().code(&code).unwrap()).unwrap().to_base64().unwrap()
 }
 
 proptest! {
@@ -168,7 +148,7 @@ proptest! {
                 (Err(AuthError::Build(_)), None) => {
                     // The same text written into a block by hand: the token is refused.
                     let bad = texts.iter().find(|t| model_subtree(t).is_none()).unwrap();
-                    let refused = world.authority.verify(&forge(&token, bad)).err();
+                    let refused = world.authority.verify(&common::forge(&token, "node", bad)).err();
                     prop_assert!(matches!(refused.as_ref().map(AuthError::cause), Some(AuthError::Refused(_))), "{bad}");
                     continue;
                 }
