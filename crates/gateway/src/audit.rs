@@ -18,11 +18,15 @@
 //! within an interval ([`WINDOW`]), the first denial of each (reason, subject) pair is recorded
 //! as it happens and the rest are counted into one `gateway_denied_repeated` record (with up to
 //! four of their targets and sources) when the interval closes. The subject is the verified
-//! token's root id, or the source when no token was verified. Each kind of subject has its own
-//! budget of [`MAX_PAIRS`] pairs per interval, past which the rest go into one overflow record:
-//! sources are cheap to vary, so they cannot crowd out the denials of a token. An interval so
-//! adds at most `4 * MAX_PAIRS + 2` denial records, whatever the traffic; new attenuations are
-//! counted the same way per root token id (`2 * MAX_PAIRS + 1` more).
+//! token's root id, or the source when no token was verified. Sources are cheap to vary, so
+//! they share a budget of [`MAX_PAIRS`] pairs per interval, past which the rest go into one
+//! overflow record. Tokens are not: only an admin mints them, so each verified token keeps its
+//! own first record per reason, up to [`MAX_TOKEN_PAIRS`] pairs per interval (a memory bound
+//! far above any token population; past it, the overflow record names up to 16 of the tokens).
+//! A tenant holding many tokens therefore cannot crowd another token's denials out of the log,
+//! and an interval adds at most `2 * MAX_PAIRS + 1` records for sources and two per reason per
+//! token issued, whatever the traffic. New attenuations are counted the same way per root
+//! token id.
 //!
 //! One writer thread appends; events that arrive while it writes are appended together, in one
 //! transaction and one disk sync. Callers recording a privileged action wait for it to be
@@ -39,8 +43,12 @@ use tokio::sync::oneshot;
 
 /// How long denials of one (reason, source) pair are counted into one record.
 pub const WINDOW: Duration = Duration::from_secs(10);
-/// Most (reason, source) pairs tracked in one interval; the rest share one overflow record.
+/// Most (reason, source) pairs tracked in one interval for callers without a verified token;
+/// the rest share one overflow record.
 pub const MAX_PAIRS: usize = 64;
+/// Most (reason, token) pairs tracked in one interval (and root tokens with new attenuations):
+/// a memory bound, not a budget anyone can exhaust without an admin minting the tokens.
+pub const MAX_TOKEN_PAIRS: usize = 4096;
 /// Longest text (a target, a reason's detail) kept in a record, in characters.
 const MAX_TEXT: usize = 160;
 /// Most attenuated tokens remembered as already seen (forgotten all at once past it).
@@ -134,14 +142,17 @@ struct Tally {
 
 /// Keeps up to four distinct items.
 fn keep<T: PartialEq>(items: &mut Vec<T>, item: T) {
-    if items.len() < 4 && !items.contains(&item) {
+    keep_up_to(items, item, 4);
+}
+
+/// Keeps up to `most` distinct items.
+fn keep_up_to<T: PartialEq>(items: &mut Vec<T>, item: T, most: usize) {
+    if items.len() < most && !items.contains(&item) {
         items.push(item);
     }
 }
 
-/// The denials of the current interval. Denials by verified tokens and by unverified sources
-/// have a budget of [`MAX_PAIRS`] pairs each, so nobody without a token can crowd a token's
-/// denials out of the log (many source addresses are cheap; many minted tokens are not).
+/// The denials of the current interval: see the module documentation for the budgets.
 #[derive(Debug, Default)]
 struct Window {
     opened: Option<Instant>,
@@ -150,6 +161,8 @@ struct Window {
     by_sources: usize,
     /// Denials past the budget: (by tokens, by sources).
     overflow: (u64, u64),
+    /// Up to 16 of the tokens whose denials went to the overflow.
+    overflow_tokens: Vec<String>,
     /// New attenuations seen per root token id (a holder can make any number offline).
     attenuations: HashMap<String, u64>,
     attenuation_overflow: u64,
@@ -174,13 +187,18 @@ impl Window {
                 })
             })
             .collect();
-        for (count, whose) in [(self.overflow.0, "tokens"), (self.overflow.1, "sources")] {
-            if count > 0 {
-                out.push(json!({
-                    "kind": "gateway_denied_repeated", "reason": "*", "count": count,
-                    "note": format!("denials past {MAX_PAIRS} reason/{whose} pairs in one interval"),
-                }));
-            }
+        if self.overflow.0 > 0 {
+            out.push(json!({
+                "kind": "gateway_denied_repeated", "reason": "*", "count": self.overflow.0,
+                "token_ids": std::mem::take(&mut self.overflow_tokens),
+                "note": format!("denials past {MAX_TOKEN_PAIRS} reason/token pairs in one interval"),
+            }));
+        }
+        if self.overflow.1 > 0 {
+            out.push(json!({
+                "kind": "gateway_denied_repeated", "reason": "*", "count": self.overflow.1,
+                "note": format!("denials past {MAX_PAIRS} reason/source pairs in one interval"),
+            }));
         }
         for (token_id, count) in self.attenuations.drain().filter(|(_, n)| *n > 1) {
             out.push(json!({ "kind": "token_attenuation_seen_repeated", "token_id": token_id, "count": count - 1 }));
@@ -188,12 +206,13 @@ impl Window {
         if self.attenuation_overflow > 0 {
             out.push(json!({
                 "kind": "token_attenuation_seen_repeated", "token_id": "*", "count": self.attenuation_overflow,
-                "note": format!("attenuations past {MAX_PAIRS} tokens in one interval"),
+                "note": format!("attenuations past {MAX_TOKEN_PAIRS} tokens in one interval"),
             }));
         }
         self.by_tokens = 0;
         self.by_sources = 0;
         self.overflow = (0, 0);
+        self.overflow_tokens.clear();
         self.attenuation_overflow = 0;
         self.opened = None;
         out
@@ -271,11 +290,16 @@ impl SecurityLog {
             keep(&mut tally.sources, origin.clone());
             return;
         }
-        let (used, overflow) = match subject {
-            Subject::Token(_) => (&mut window.by_tokens, &mut window.overflow.0),
-            Subject::Source(_) => (&mut window.by_sources, &mut window.overflow.1),
+        let (used, budget, overflow) = match &subject {
+            Subject::Token(id) => {
+                if window.by_tokens >= MAX_TOKEN_PAIRS && window.overflow_tokens.len() < 16 {
+                    keep_up_to(&mut window.overflow_tokens, id.clone(), 16);
+                }
+                (&mut window.by_tokens, MAX_TOKEN_PAIRS, &mut window.overflow.0)
+            }
+            Subject::Source(_) => (&mut window.by_sources, MAX_PAIRS, &mut window.overflow.1),
         };
-        if *used >= MAX_PAIRS {
+        if *used >= budget {
             *overflow += 1;
             return;
         }
@@ -336,7 +360,7 @@ impl SecurityLog {
                 *count += 1;
                 return;
             }
-            if window.attenuations.len() >= MAX_PAIRS {
+            if window.attenuations.len() >= MAX_TOKEN_PAIRS {
                 window.attenuation_overflow += 1;
                 return;
             }
@@ -517,5 +541,22 @@ mod tests {
         let rest = records.iter().find(|r| r.event["token_id"] == "real-token" && r.event["kind"] != "gateway_denied");
         assert_eq!(rest.unwrap().event["targets"], json!(["/other", "/other/evil"]));
         assert!(records.len() <= 2 * MAX_PAIRS + 4, "{}", records.len());
+    }
+
+    #[test]
+    fn a_tenant_with_many_tokens_cannot_crowd_out_another_tokens_denials() {
+        let (_dir, audit) = log();
+        let security = SecurityLog::start(audit.clone());
+        let origin = Origin(Arc::from("127.0.0.1"));
+        for reason in ["forbidden", "reality_violation", "rate_limited"] {
+            for i in 0..100 {
+                security.denied(&origin, reason, Some(&format!("attacker-{i}")), "fs_write", "x");
+            }
+        }
+        security.denied(&origin, "forbidden", Some("victim"), "exec", "not allowed");
+        security.stop();
+        let records = audit.tail(1000).unwrap();
+        assert!(records.iter().any(|r| r.event["token_id"] == "victim" && r.event["target"] == "exec"));
+        assert_eq!(records.len(), 301);
     }
 }

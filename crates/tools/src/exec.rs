@@ -324,8 +324,11 @@ impl Sandbox {
             push(&["--ro-bind".as_ref(), self.bwrap.as_os_str(), self.bwrap.as_os_str()]);
         }
         push(&["--proc".as_ref(), "/proc".as_ref(), "--dev".as_ref(), "/dev".as_ref()]);
+        // `/tmp` and `/dev/shm` are sized: a tmpfs holds memory, and bubblewrap's `/dev` is one
+        // as large as half the RAM (it is remounted read-only below).
         let tmp_bytes = self.tmp_bytes.to_string();
         push(&["--size".as_ref(), tmp_bytes.as_ref(), "--tmpfs".as_ref(), "/tmp".as_ref()]);
+        push(&["--size".as_ref(), tmp_bytes.as_ref(), "--tmpfs".as_ref(), "/dev/shm".as_ref()]);
         // Who the command is, and nobody else: not the host's accounts.
         let (passwd, group) = (identity_fds.0.to_string(), identity_fds.1.to_string());
         push(&["--ro-bind-data".as_ref(), passwd.as_ref(), "/etc/passwd".as_ref()]);
@@ -333,7 +336,7 @@ impl Sandbox {
         push(&["--bind".as_ref(), self.work_root.as_os_str(), self.work_root.as_os_str()]);
         // The sandbox's own root (where `/etc` and the mount points live) is read-only: the
         // only writable places are the work root and the sized `/tmp`.
-        push(&["--remount-ro".as_ref(), "/".as_ref()]);
+        push(&["--remount-ro".as_ref(), "/dev".as_ref(), "--remount-ro".as_ref(), "/".as_ref()]);
         push(&["--chdir".as_ref(), cwd.as_os_str()]);
         for fd in seccomp_fds {
             let fd = fd.to_string();
@@ -542,6 +545,8 @@ const DENIED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_open_by_handle_at,
     libc::SYS_name_to_handle_at,
     libc::SYS_io_uring_setup,
+    // Memory outside every limit: a memfd's pages count against no rlimit.
+    libc::SYS_memfd_create,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
     libc::SYS_reboot,

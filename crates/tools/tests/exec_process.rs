@@ -338,13 +338,24 @@ fn resource_limits_bound_what_one_command_can_take() {
         .sh("for i in $(seq 16); do head -c 1000K /dev/zero > /tmp/f$i; done 2>/dev/null; \
              echo tmp=$(du -sm /tmp | cut -f1); \
              (head -c 2M /dev/zero > big) 2>/dev/null; echo file=$(stat -c %s big); \
-             dd if=/dev/zero of=/dev/null bs=1G count=1 2>&1 | head -c 200; echo")
+             dd if=/dev/zero of=/dev/null bs=1G count=1 2>&1 | head -c 200; echo; \
+             for i in $(seq 16); do head -c 1000K /dev/zero > /dev/shm/f$i; done 2>/dev/null; \
+             echo shm=$(du -sm /dev/shm | cut -f1); (echo x > /dev/made) 2>&1; \
+             python3 -c 'import os; os.memfd_create(\"x\")' 2>&1 | tail -1")
         .unwrap();
     let stdout = text(&out, "stdout");
     let tmp: u32 = stdout.lines().find_map(|l| l.strip_prefix("tmp=")).unwrap().parse().unwrap();
     assert!((7..=9).contains(&tmp), "/tmp holds about 8 MiB of the 16 written (du rounds up): {stdout}");
     assert!(stdout.contains("file=1048576\n"), "a file stops at 1 MiB: {stdout}");
     assert!(stdout.contains("memory exhausted"), "a 1 GiB buffer is refused under 512 MiB: {stdout}");
+    // Found in the second round: bubblewrap's `/dev` is a tmpfs of half the RAM, and memfd
+    // pages count against no limit.
+    let shm: u32 = stdout.lines().find_map(|l| l.strip_prefix("shm=")).unwrap().parse().unwrap();
+    assert!((7..=9).contains(&shm), "/dev/shm holds about 8 MiB: {stdout}");
+    assert!(stdout.contains("/dev/made: Read-only file system"), "{stdout}");
+    if Path::new("/usr/bin/python3").exists() {
+        assert!(stdout.contains("PermissionError"), "memfd_create is refused: {stdout}");
+    }
     if root() {
         // Commands run as nobody, so the process limit holds across the whole sandbox.
         // At the limit the shell dies on the fork it cannot make; the file says how far it got.
