@@ -157,15 +157,7 @@ fn render(world: &World, (anchor, parts, slash): &(usize, Vec<usize>, bool)) -> 
         1 => world.base.display().to_string(),
         _ => String::new(),
     };
-    let mut text = start;
-    for i in parts {
-        text.push('/');
-        text.push_str(PARTS[*i]);
-    }
-    if *slash || text.is_empty() {
-        text.push('/');
-    }
-    text
+    common::prefix_text(start, parts, &PARTS, *slash)
 }
 
 proptest! {

@@ -89,15 +89,7 @@ fn subtree_text() -> impl Strategy<Value = (Vec<usize>, bool)> {
 }
 
 fn render((parts, slash): &(Vec<usize>, bool)) -> String {
-    let mut text = String::new();
-    for i in parts {
-        text.push('/');
-        text.push_str(PARTS[*i]);
-    }
-    if *slash || text.is_empty() {
-        text.push('/');
-    }
-    text
+    common::prefix_text(String::new(), parts, &PARTS, *slash)
 }
 
 proptest! {

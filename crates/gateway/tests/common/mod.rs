@@ -32,3 +32,17 @@ pub(crate) fn forge(token: &str, fact: &str, text: &str) -> String {
     let parsed = UnverifiedBiscuit::from_base64(token).unwrap();
     parsed.append(BlockBuilder::new().code(&code).unwrap()).unwrap().to_base64().unwrap()
 }
+
+/// `start` followed by `/NAME` for each index into `names`, and a trailing `/` when `slash` or
+/// when nothing else would be there: a random prefix text, `.`, `..` and empty names included.
+pub(crate) fn prefix_text(start: String, parts: &[usize], names: &[&str], slash: bool) -> String {
+    let mut text = start;
+    for &i in parts {
+        text.push('/');
+        text.push_str(names.get(i).copied().unwrap_or_default());
+    }
+    if slash || text.is_empty() {
+        text.push('/');
+    }
+    text
+}
