@@ -405,10 +405,11 @@ impl Gateway {
         params: Value,
     ) -> Result<CallOutcome, ApiError> {
         let started = Instant::now();
-        let privileged =
-            self.permits(scope, name) && self.registry.get(name).is_some_and(|tool| !tool.spec().annotations.read_only);
+        // Resolved once, and only for a caller who may call it (refusals reveal nothing).
+        let tool = if self.permits(scope, name) { self.registry.get(name) } else { None };
+        let privileged = tool.as_ref().is_some_and(|tool| !tool.spec().annotations.read_only);
         let detail = if privileged { crate::audit::call_detail(&params) } else { Value::Null };
-        let result = self.call_inner(scope, name, params, started).await;
+        let result = self.call_inner(scope, name, tool, params, started).await;
         self.stats.record(&result);
         crate::telemetry::record_call(name, &result, started.elapsed());
         match &result {
@@ -433,6 +434,7 @@ impl Gateway {
         &self,
         scope: &Scope,
         name: &str,
+        tool: Option<SharedTool>,
         params: Value,
         started: Instant,
     ) -> Result<CallOutcome, ApiError> {
@@ -443,7 +445,7 @@ impl Gateway {
                 format!("the token does not allow `{name}`"),
             ));
         }
-        let tool = self.registry.get(name).ok_or_else(|| {
+        let tool = tool.ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "unknown_tool", format!("no tool `{name}`; GET /v1/tools lists them"))
         })?;
         let timeout = Duration::from_millis(self.config.limits.tool_timeout_ms);
