@@ -292,7 +292,7 @@ impl SecurityLog {
         }
         let (used, budget, overflow) = match &subject {
             Subject::Token(id) => {
-                if window.by_tokens >= MAX_TOKEN_PAIRS && window.overflow_tokens.len() < 16 {
+                if window.by_tokens >= MAX_TOKEN_PAIRS {
                     keep_up_to(&mut window.overflow_tokens, id.clone(), 16);
                 }
                 (&mut window.by_tokens, MAX_TOKEN_PAIRS, &mut window.overflow.0)

@@ -187,7 +187,7 @@ pub enum Authority {
 
 impl Authority {
     /// Whether this authority's subtrees, if it has any, hold `path`.
-    fn subtrees_hold(&self, path: &WnPath) -> bool {
+    pub(crate) fn subtrees_hold(&self, path: &WnPath) -> bool {
         match self {
             Self::Subtrees(scopes) => scopes.iter().any(|s| path.is_within(s)),
             Self::System | Self::Token(_) => true,

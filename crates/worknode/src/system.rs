@@ -498,9 +498,10 @@ impl Inner {
             Some(caps) => caps.check(auth, path, right),
             // Without a verifier only the system itself may act.
             None => match auth {
-                Authority::System => Ok(()),
-                Authority::Subtrees(scopes) if scopes.iter().any(|s| path.is_within(s)) => Ok(()),
-                Authority::Subtrees(_) => Err(CapError::Denied { path: path.clone(), op: right.as_str() }),
+                Authority::System | Authority::Subtrees(_) if auth.subtrees_hold(path) => Ok(()),
+                Authority::System | Authority::Subtrees(_) => {
+                    Err(CapError::Denied { path: path.clone(), op: right.as_str() })
+                }
                 Authority::Token(_) => {
                     Err(CapError::Invalid("this system has no capability verifier configured".into()))
                 }
