@@ -2,17 +2,22 @@
 //! and calls [`run`]. `anyhow` is used here only (CLI edge).
 //!
 //! `serve` runs a replica and takes commands on standard input, one per line, answering each with
-//! one JSON line (`{"ok": ...}` or `{"error": "..."}`):
+//! one JSON line (`{"ok": ...}` or `{"error": "..."}`), in the order of the commands. A `send` is
+//! answered only once its update is durable (`{"ok": {"durable": true, "seq": N, "version": V}}`);
+//! sends are pipelined, so a stream of them shares commits, and any other command first waits
+//! for the sends before it:
 //!
 //! | command | effect |
 //! |---|---|
 //! | `create PATH KIND local\|eventual` | create a worknode |
-//! | `send PATH OP FIELD [VALUE [VALUE]]` | state operation: `grow`, `add`, `set`, `write`, `insert`, `remove`, `put KEY VALUE`, `delete KEY` |
+//! | `send PATH OP FIELD [VALUE [VALUE]]` | durable state operation: `grow`, `add`, `set`, `write`, `insert`, `remove`, `put KEY VALUE`, `delete KEY` |
+//! | `send-key KEY PATH OP FIELD [VALUE [VALUE]]` | the same, idempotent: a second send with the same KEY on the worknode is not applied again |
 //! | `get PATH` | the worknode's state and version |
 //! | `peer ADDR PEER_ID` | keep a connection to a peer replica |
 //! | `isolate` / `heal` | cut this replica off the network / reconnect (anti-entropy runs) |
 //! | `idle` | wait until every accepted message is handled |
 
+use std::collections::VecDeque;
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +27,13 @@ use anyhow::{Context as _, bail};
 use referee_comm::{Addr, AllowList, Config, Identity, Node, PeerId};
 
 use crate::replication::Replicator;
-use crate::{Authority, Consistency, EventStore, Op, StoreConfig, System, SystemConfig, WnPath, WorknodeId};
+use crate::{
+    Authority, Committed, Completion, Consistency, EventStore, Op, StoreConfig, System, SystemConfig, WnPath,
+    WorknodeId,
+};
+
+/// Most `serve` sends waiting for durability at once (below the default mailbox bound, 1024).
+const MAX_PENDING: usize = 512;
 
 /// `referee node` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -75,6 +86,10 @@ pub enum NodeCommand {
         field: String,
         /// Operation arguments.
         args: Vec<String>,
+        /// Idempotency key (a UUID, say): a send whose key the worknode already stored is not
+        /// applied again, so a send retried after a lost answer counts once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Show a worknode's state.
     Get {
@@ -148,10 +163,26 @@ fn lookup(sys: &System, path: &str) -> anyhow::Result<WorknodeId> {
     sys.resolve(&p).with_context(|| format!("no worknode at {p}"))
 }
 
-fn send(sys: &System, path: &str, op: &str, field: &str, args: &[String]) -> anyhow::Result<()> {
+/// Starts a durable update: the completion resolves once it is committed.
+fn send(
+    sys: &System,
+    key: Option<&str>,
+    path: &str,
+    op: &str,
+    field: &str,
+    args: &[String],
+) -> anyhow::Result<Completion> {
     let id = lookup(sys, path)?;
-    sys.update(&Authority::System, id, vec![(field.to_owned(), parse_op(op, args)?)])?;
-    Ok(())
+    let ops = vec![(field.to_owned(), parse_op(op, args)?)];
+    Ok(match key {
+        Some(key) => sys.update_idempotent(&Authority::System, id, ops, key.as_bytes())?,
+        None => sys.update(&Authority::System, id, ops)?,
+    })
+}
+
+/// What a durable update reports.
+fn committed(c: &Committed) -> serde_json::Value {
+    serde_json::json!({ "durable": true, "seq": c.seq, "version": c.version, "duplicate": c.duplicate })
 }
 
 fn get(sys: &System, path: &str) -> anyhow::Result<serde_json::Value> {
@@ -190,11 +221,14 @@ pub fn run(cmd: NodeCommand, json: bool) -> anyhow::Result<()> {
             print(json, &serde_json::json!({ "id": id.to_string(), "path": path }));
             Ok(())
         }
-        NodeCommand::Send { dir, path, op, field, args } => {
+        NodeCommand::Send { dir, path, op, field, args, idempotency_key } => {
             let sys = open(&dir)?;
-            send(&sys, &path, &op, &field, &args)?;
-            idle(&sys)?;
-            print(json, &get(&sys, &path)?);
+            let done = send(&sys, idempotency_key.as_deref(), &path, &op, &field, &args)?.wait()?;
+            let mut view = get(&sys, &path)?;
+            if let (Some(view), serde_json::Value::Object(commit)) = (view.as_object_mut(), committed(&done)) {
+                view.extend(commit);
+            }
+            print(json, &view);
             Ok(())
         }
         NodeCommand::Get { dir, path } => {
@@ -264,27 +298,77 @@ fn serve(
                 }
             }
         });
-        while let Some(line) = rx.recv().await {
-            let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-            let reply = control(&sys, &repl, &words).await;
-            let out = match reply {
-                Ok(v) => serde_json::json!({ "ok": v }),
-                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
-            };
-            println!("{out}");
+        // Sends waiting for durability, answered in order as they complete.
+        let mut pending: VecDeque<Completion> = VecDeque::new();
+        loop {
+            tokio::select! {
+                biased;
+                done = async {
+                    match pending.front_mut() {
+                        Some(first) => first.await,
+                        None => std::future::pending().await,
+                    }
+                }, if !pending.is_empty() => {
+                    pending.pop_front();
+                    answer(done.map(|c| committed(&c)).map_err(anyhow::Error::from));
+                }
+                line = rx.recv(), if pending.len() < MAX_PENDING => {
+                    let Some(line) = line else { break };
+                    let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+                    let started = match words.first().map(String::as_str) {
+                        Some("send") => Some(start_send(&sys, None, words.get(1..).unwrap_or_default())),
+                        Some("send-key") => {
+                            let key = words.get(1).map(String::as_str).context("missing argument");
+                            Some(key.and_then(|k| start_send(&sys, Some(k), words.get(2..).unwrap_or_default())))
+                        }
+                        _ => None,
+                    };
+                    match started {
+                        Some(Ok(c)) => pending.push_back(c),
+                        Some(Err(e)) => {
+                            drain(&mut pending).await;
+                            answer(Err(e));
+                        }
+                        None => {
+                            // Answers stay in order, and a read sees every earlier write.
+                            drain(&mut pending).await;
+                            answer(control(&sys, &repl, &words).await);
+                        }
+                    }
+                }
+            }
         }
+        drain(&mut pending).await;
         anyhow::Ok(())
     })
+}
+
+/// Prints one reply line.
+fn answer(reply: anyhow::Result<serde_json::Value>) {
+    let out = match reply {
+        Ok(v) => serde_json::json!({ "ok": v }),
+        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+    };
+    println!("{out}");
+}
+
+/// Waits for every pending send, answering each in order.
+async fn drain(pending: &mut VecDeque<Completion>) {
+    while let Some(c) = pending.pop_front() {
+        answer(c.await.map(|c| committed(&c)).map_err(anyhow::Error::from));
+    }
+}
+
+/// Starts `PATH OP FIELD [ARGS]` as a durable update.
+fn start_send(sys: &System, key: Option<&str>, words: &[String]) -> anyhow::Result<Completion> {
+    let w = |i: usize| words.get(i).map(String::as_str).context("missing argument");
+    send(sys, key, w(0)?, w(1)?, w(2)?, words.get(3..).unwrap_or_default())
 }
 
 async fn control(sys: &Arc<System>, repl: &Arc<Replicator>, words: &[String]) -> anyhow::Result<serde_json::Value> {
     let w = |i: usize| words.get(i).map(String::as_str).context("missing argument");
     match w(0)? {
         "create" => Ok(serde_json::json!(create(sys, w(1)?, w(2)?, w(3)?)?.to_string())),
-        "send" => {
-            send(sys, w(1)?, w(2)?, w(3)?, words.get(4..).unwrap_or_default())?;
-            Ok(serde_json::json!(true))
-        }
         "get" => get(sys, w(1)?),
         "peer" => {
             repl.add_peer(w(1)?.parse()?, w(2)?.parse()?);
@@ -303,6 +387,6 @@ async fn control(sys: &Arc<System>, repl: &Arc<Replicator>, words: &[String]) ->
             tokio::task::spawn_blocking(move || idle(&sys)).await??;
             Ok(serde_json::json!(true))
         }
-        other => bail!("unknown command {other:?}: create, send, get, peer, isolate, heal or idle"),
+        other => bail!("unknown command {other:?}: create, send, send-key, get, peer, isolate, heal or idle"),
     }
 }

@@ -115,6 +115,47 @@ pub enum SendError {
     ShuttingDown,
 }
 
+/// Why an acknowledged write ([`crate::Completion`]) did not become durable. Every variant but
+/// [`WriteError::Store`] means nothing of the message was stored; after a store failure the
+/// outcome is unknown to the caller, so retry with the same idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The message was not queued (no such worknode, denied, mailbox full, stopped).
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The worknode's behaviour failed (error or panic) on this message; it restarted from its log.
+    #[error("worknode {id}'s behaviour failed on this message ({reason}): nothing of it was stored")]
+    Behaviour {
+        /// The worknode.
+        id: WorknodeId,
+        /// The error or panic message.
+        reason: String,
+    },
+    /// An operation does not fit its field; no operation of the update was applied.
+    #[error("update of field {field:?} refused: {reason}; nothing of the update was stored")]
+    Rejected {
+        /// The field.
+        field: String,
+        /// Why.
+        reason: StateError,
+    },
+    /// The worknode stopped (or the system shut down) before it handled the message.
+    #[error("worknode {0} stopped before handling the message: nothing of it was stored")]
+    Stopped(WorknodeId),
+    /// The idempotency key is empty or too long.
+    #[error("idempotency key of {len} bytes: use 1 to {max} bytes (a UUID is a good key)")]
+    BadKey {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The event store failed to commit: retry with the same idempotency key.
+    #[error("the update may not be durable ({0}): retry it with the same idempotency key")]
+    Store(StoreError),
+}
+
 /// Why a worknode could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -3,7 +3,6 @@
 //! is an event log.
 //!
 //! ```
-//! use std::time::Duration;
 //! use referee_worknode::{Authority, Consistency, Op, System, SystemConfig, WnPath};
 //!
 //! let sys = System::start(SystemConfig::default(), None, None)?;
@@ -11,8 +10,9 @@
 //! sys.create(&Authority::System, &root, "acme", "data", Consistency::Local)?;
 //! let acme: WnPath = "/acme".parse()?;
 //! let task = sys.create(&Authority::System, &acme, "task-1", "data", Consistency::Local)?;
-//! sys.update(&Authority::System, task, vec![("done".into(), Op::Add(3))])?;
-//! assert!(sys.wait_idle(Duration::from_secs(5)));
+//! // `update` answers once the change is durable (here: applied; there is no store).
+//! let done = sys.update(&Authority::System, task, vec![("done".into(), Op::Add(3))])?.wait()?;
+//! assert_eq!(done.version, 1);
 //! let view = sys.query(&Authority::System, task, Consistency::Local)?;
 //! assert_eq!(view.state.to_json()["done"], 3);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -50,13 +50,16 @@ mod system;
 pub mod tools;
 
 pub use caps::{Authority, Capabilities, Grant, Issuer, Right, attenuate, revocation_ids};
-pub use error::{CapError, CreateError, PathError, QueryError, SendError, StateError, StoreError, Unsupported};
+pub use error::{
+    CapError, CreateError, PathError, QueryError, SendError, StateError, StoreError, Unsupported, WriteError,
+};
 pub use id::{MAX_SEGMENT_LEN, WnPath, WorknodeId};
 #[cfg(feature = "muscle")]
 pub use muscle::{MuscleBehaviour, decode_f32s};
 pub use state::{Crdt, Delta, Op, State};
 pub use store::{Appended, EventId, EventStore, Expected, NewEvent, StoreConfig, StoreStats, StoredEvent};
 pub use system::{
-    Behaviour, BehaviourError, Body, Consistency, Ctx, DataBehaviour, Envelope, Handle, Meta, NodeView, ROOT_ID,
-    Replicated, Shipment, Signal, Stats, System, SystemBuilder, SystemConfig, TreeEntry,
+    Behaviour, BehaviourError, Body, Committed, Completion, Consistency, Ctx, DataBehaviour, Envelope, Handle,
+    MAX_IDEMPOTENCY_KEY, Meta, NodeView, ROOT_ID, Replicated, Shipment, Signal, Stats, System, SystemBuilder,
+    SystemConfig, TreeEntry,
 };

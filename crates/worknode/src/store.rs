@@ -259,6 +259,18 @@ impl EventStore {
         Ok(out)
     }
 
+    /// Where event `id` is stored, if it is: its stream and sequence number (the idempotency
+    /// lookup).
+    pub fn find(&self, id: &EventId) -> Result<Option<(WorknodeId, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(EVENT_IDS).map_err(|e| self.db_err(e))?;
+        let Some(k) = table.get(id).map_err(|e| self.db_err(e))? else { return Ok(None) };
+        let k = k.value();
+        let mut stream = [0u8; 16];
+        stream.copy_from_slice(&k[..16]);
+        Ok(Some((WorknodeId::from_bytes(stream), seq_of(k))))
+    }
+
     /// The latest snapshot of `stream`: `(seq, state)`.
     pub fn snapshot(&self, stream: WorknodeId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;

@@ -2,19 +2,25 @@
 //! supervision, persistence through the event store and the hooks replication uses.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::BuildHasher;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::oneshot;
 
 use crate::caps::{Authority, Capabilities, Right};
 use crate::crdt::ReplicaId;
-use crate::error::{CapError, CreateError, QueryError, SendError, StoreError, Unsupported};
+use crate::error::{CapError, CreateError, QueryError, SendError, StoreError, Unsupported, WriteError};
 use crate::id::{WnPath, WorknodeId};
 use crate::sched::{Core, Lock as _, PushError, StdSync};
 use crate::state::{Delta, Op, State};
@@ -118,6 +124,116 @@ pub struct Envelope {
     pub body: Body,
 }
 
+/// What an acknowledged write reports once it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Committed {
+    /// Sequence number of the last event the message caused (`None`: it changed nothing).
+    pub seq: Option<u64>,
+    /// Events the message caused (0 for a duplicate).
+    pub events: usize,
+    /// The worknode's version (its last sequence number) right after the commit.
+    pub version: u64,
+    /// An update with the same idempotency key was already stored: nothing new was applied,
+    /// and `seq` is the original's.
+    pub duplicate: bool,
+}
+
+type Reply = oneshot::Sender<Result<Committed, WriteError>>;
+
+/// The answer to an acknowledged write ([`System::update`], [`System::send`]): resolves once the
+/// events the message caused are durable (after the event store's group commit), or with the
+/// [`WriteError`] that kept them from it. Await it in async code, or [`Completion::wait`].
+#[must_use = "a Completion resolves when the write is durable: wait for it, or use the *_detached form"]
+#[derive(Debug)]
+pub struct Completion {
+    id: WorknodeId,
+    rx: oneshot::Receiver<Result<Committed, WriteError>>,
+}
+
+impl Completion {
+    /// The worknode written to.
+    pub fn id(&self) -> WorknodeId {
+        self.id
+    }
+
+    /// Blocks the thread until the write is durable or failed. Not from inside an async runtime
+    /// (it panics there): `.await` the completion instead.
+    pub fn wait(self) -> Result<Committed, WriteError> {
+        let id = self.id;
+        self.rx.blocking_recv().unwrap_or(Err(WriteError::Stopped(id)))
+    }
+}
+
+impl Future for Completion {
+    type Output = Result<Committed, WriteError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let id = self.id;
+        // The reply is dropped unanswered only when the message was dropped: the worknode
+        // stopped, or the system shut down, before its turn.
+        Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(WriteError::Stopped(id))))
+    }
+}
+
+/// Longest idempotency key [`System::update_idempotent`] takes, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// The event ids of an idempotent update: one per operation, derived from the worknode and the
+/// caller's key, so the same key on another worknode is another update.
+fn idempotent_ids(stream: WorknodeId, key: &[u8], ops: usize) -> Box<[EventId]> {
+    (0..ops as u64)
+        .map(|i| {
+            let mut h = Sha256::new();
+            h.update(b"referee-worknode-idempotency-v1\0");
+            h.update(stream.to_bytes());
+            h.update((key.len() as u64).to_be_bytes());
+            h.update(key);
+            h.update(i.to_be_bytes());
+            let digest: [u8; 32] = h.finalize().into();
+            digest.first_chunk::<16>().copied().unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A queued message: the envelope, and for an acknowledged write whom to tell when it is durable.
+pub(crate) struct Msg {
+    env: Envelope,
+    ack: Option<Ack>,
+}
+
+struct Ack {
+    reply: Reply,
+    /// The event ids of an idempotent update (one per operation).
+    ids: Option<Box<[EventId]>>,
+}
+
+impl Msg {
+    fn plain(env: Envelope) -> Self {
+        Self { env, ack: None }
+    }
+}
+
+/// What handling one message produced, for its acknowledgement.
+enum Handled {
+    /// Its events are `TurnLog::events[range]` (empty: it changed nothing).
+    Applied(Range<usize>),
+    /// A duplicate of an idempotent update already durable at this sequence number.
+    Stored(u64),
+    /// A duplicate of an idempotent update earlier in this turn (its last event's index).
+    Queued(usize),
+    /// Refused before anything was applied.
+    Refused(WriteError),
+}
+
+/// A turn's events not yet committed, and the acknowledgements waiting for them.
+#[derive(Default)]
+struct TurnLog {
+    /// `(event id, delta, local)`: local events are shipped to replicas, merged ones are not.
+    events: Vec<(EventId, Delta, bool)>,
+    acks: Vec<(Reply, Handled)>,
+}
+
 /// A behaviour failure; the worknode restarts from its event log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -175,12 +291,12 @@ impl Ctx<'_> {
     /// authority that reached them).
     pub fn send(&self, to: WorknodeId, data: Bytes) -> Result<(), SendError> {
         let idx = self.sys.index(to).ok_or_else(|| SendError::NotFound(to.to_string()))?;
-        self.sys.push(idx, Some(to), Envelope { from: Authority::System, body: Body::Data(data) }, true)
+        self.sys.push(idx, Some(to), Msg::plain(Envelope { from: Authority::System, body: Body::Data(data) }), true)
     }
 
     /// Sends to a worknode by arena handle (the fast path: no id lookup).
     pub fn send_to(&self, to: Handle, data: Bytes) -> Result<(), SendError> {
-        self.sys.push(to.0, None, Envelope { from: Authority::System, body: Body::Data(data) }, true)
+        self.sys.push(to.0, None, Msg::plain(Envelope { from: Authority::System, body: Body::Data(data) }), true)
     }
 }
 
@@ -310,7 +426,7 @@ pub struct Stats {
 }
 
 pub(crate) struct Inner {
-    core: Core<StdSync, Envelope, Node, Info>,
+    core: Core<StdSync, Msg, Node, Info>,
     ids: RwLock<HashMap<WorknodeId, u32>>,
     names: RwLock<HashMap<(u32, u64), u32>>,
     hasher: std::collections::hash_map::RandomState,
@@ -420,9 +536,9 @@ impl Inner {
         self.core.slot(idx)?.data.with(|d| d.as_mut().map(f))
     }
 
-    fn push(&self, idx: u32, id: Option<WorknodeId>, env: Envelope, bounded: bool) -> Result<(), SendError> {
+    fn push(&self, idx: u32, id: Option<WorknodeId>, msg: Msg, bounded: bool) -> Result<(), SendError> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let r = self.core.push(idx, env, self.cfg.mailbox_capacity, bounded);
+        let r = self.core.push(idx, msg, self.cfg.mailbox_capacity, bounded);
         if let Err(e) = r {
             self.done(1);
             let id = id.or_else(|| self.info(idx).map(|i| i.id)).unwrap_or(ROOT_ID);
@@ -527,27 +643,44 @@ impl Inner {
     }
 
     /// Runs one turn of slot `idx` (the caller owns it).
-    fn turn(&self, idx: u32, buf: &mut Vec<Envelope>, kinds: &Kinds) {
+    fn turn(&self, idx: u32, buf: &mut Vec<Msg>, kinds: &Kinds) {
         self.core.take(idx, self.cfg.max_per_turn, buf);
         let n = buf.len() as u64;
         let mut notices = Vec::new();
         let mut shipment = None;
         let Some(info) = self.info(idx) else { return };
         self.with_node(idx, |node| {
-            let mut pending: Vec<(EventId, Delta, bool)> = Vec::new();
+            let mut log = TurnLog::default();
             let mut msgs = buf.drain(..);
-            for env in msgs.by_ref() {
+            for Msg { env, ack } in msgs.by_ref() {
                 if node.stopped {
+                    // Dropped unanswered: its completion reports the stop.
                     break;
                 }
-                if let Err(reason) = self.handle(info, node, &env, &mut pending, kinds) {
-                    self.commit(info, node, &mut pending, &mut shipment);
-                    self.restart(idx, info, node, reason, &mut notices);
+                let ids = ack.as_ref().and_then(|a| a.ids.as_deref());
+                match self.handle(info, node, &env, ids, &mut log, kinds) {
+                    Ok(Handled::Refused(e)) => {
+                        if let Some(a) = ack {
+                            let _ = a.reply.send(Err(e));
+                        }
+                    }
+                    Ok(handled) => {
+                        if let Some(a) = ack {
+                            log.acks.push((a.reply, handled));
+                        }
+                    }
+                    Err(reason) => {
+                        self.commit(info, node, &mut log, &mut shipment);
+                        if let Some(a) = ack {
+                            let _ = a.reply.send(Err(WriteError::Behaviour { id: info.id, reason: reason.clone() }));
+                        }
+                        self.restart(idx, info, node, reason, &mut notices);
+                    }
                 }
             }
             // Anything left was queued behind a stop: dropped with the mailbox.
             msgs.for_each(drop);
-            self.commit(info, node, &mut pending, &mut shipment);
+            self.commit(info, node, &mut log, &mut shipment);
         });
         self.handled.fetch_add(n, Ordering::Relaxed);
         self.core.finish(idx, n);
@@ -558,7 +691,8 @@ impl Inner {
             self.settled.1.notify_all();
         }
         for (parent, signal) in notices {
-            let _ = self.push(parent, None, Envelope { from: Authority::System, body: Body::Signal(signal) }, false);
+            let signal = Msg::plain(Envelope { from: Authority::System, body: Body::Signal(signal) });
+            let _ = self.push(parent, None, signal, false);
         }
         if let (Some(s), Some(sink)) = (shipment, self.sink.get()) {
             sink(s);
@@ -566,26 +700,29 @@ impl Inner {
         self.done(n);
     }
 
-    /// Handles one message; `Err` is a behaviour failure.
+    /// Handles one message; `Err` is a behaviour failure. `ids` are the event ids of an
+    /// idempotent update.
     fn handle(
         &self,
         info: &Info,
         node: &mut Node,
         env: &Envelope,
-        pending: &mut Vec<(EventId, Delta, bool)>,
+        ids: Option<&[EventId]>,
+        log: &mut TurnLog,
         kinds: &Kinds,
-    ) -> Result<(), String> {
+    ) -> Result<Handled, String> {
+        let start = log.events.len();
         let ops = match &env.body {
-            Body::Update(ops) => ops.clone(),
+            Body::Update(ops) => return Ok(self.update_state(node, ops, ids, log)),
             Body::Merge(events) => {
                 let state = node.state.get_or_insert_with(Box::default);
                 for (eid, delta) in events {
                     match state.apply(delta) {
-                        Ok(()) => pending.push((*eid, delta.clone(), false)),
+                        Ok(()) => log.events.push((*eid, delta.clone(), false)),
                         Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
                     }
                 }
-                return Ok(());
+                return Ok(Handled::Applied(start..log.events.len()));
             }
             Body::Data(_) | Body::Signal(_) => {
                 let Some((_, behaviour)) = kinds.get(usize::from(info.kind)) else {
@@ -601,35 +738,87 @@ impl Inner {
             }
         };
         if ops.is_empty() {
-            return Ok(());
+            return Ok(Handled::Applied(start..start));
         }
-        // State is allocated on the first change only: idle worknodes carry none.
+        // State is allocated on the first change only: idle worknodes carry none. A behaviour's
+        // operation that does not fit its field is dropped and counted; the others apply.
         let state = node.state.get_or_insert_with(Box::default);
         for (field, op) in &ops {
             match state.prepare(self.cfg.replica, now_ms(), field, op) {
                 Ok(delta) => {
                     let _ = state.apply(&delta);
-                    pending.push((*uuid::Uuid::now_v7().as_bytes(), delta, true));
+                    log.events.push((*uuid::Uuid::now_v7().as_bytes(), delta, true));
                 }
                 Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
             }
         }
-        Ok(())
+        Ok(Handled::Applied(start..log.events.len()))
     }
 
-    /// Makes the turn's changes durable (one group-committed append), snapshots when due, and
-    /// prepares the replication shipment. A failed append reloads the state from the log.
-    fn commit(
+    /// Applies an update's operations, all or none: one that does not fit its field refuses the
+    /// whole update. An idempotent update already stored (or earlier in this turn) is a duplicate.
+    fn update_state(
         &self,
-        info: &Info,
         node: &mut Node,
-        pending: &mut Vec<(EventId, Delta, bool)>,
-        shipment: &mut Option<Shipment>,
-    ) {
-        if pending.is_empty() {
+        ops: &[(String, Op)],
+        ids: Option<&[EventId]>,
+        log: &mut TurnLog,
+    ) -> Handled {
+        let start = log.events.len();
+        if let Some(last) = ids.and_then(<[EventId]>::last) {
+            // This worknode's events are appended only by its own turns, so the log and this
+            // turn's pending events are all there is to look at.
+            if let Some(j) = log.events.iter().rposition(|e| e.0 == *last) {
+                return Handled::Queued(j);
+            }
+            if let Some(store) = &self.store {
+                match store.find(last) {
+                    Ok(Some((_, seq))) => return Handled::Stored(seq),
+                    Ok(None) => {}
+                    Err(e) => return Handled::Refused(WriteError::Store(e)),
+                }
+            }
+        }
+        if ops.is_empty() {
+            return Handled::Applied(start..start);
+        }
+        let state = node.state.get_or_insert_with(Box::default);
+        // Several operations run on a copy first, so a refusal leaves nothing half applied; a
+        // single one is refused by `prepare` before it changes anything.
+        let mut scratch = (ops.len() > 1).then(|| state.as_ref().clone());
+        let target = scratch.as_mut().unwrap_or(state);
+        let now = now_ms();
+        for (i, (field, op)) in ops.iter().enumerate() {
+            match target.prepare(self.cfg.replica, now, field, op) {
+                Ok(delta) => {
+                    let _ = target.apply(&delta);
+                    let id =
+                        ids.and_then(|ids| ids.get(i).copied()).unwrap_or_else(|| *uuid::Uuid::now_v7().as_bytes());
+                    log.events.push((id, delta, true));
+                }
+                Err(reason) => {
+                    self.rejected.fetch_add(1, Ordering::Relaxed);
+                    log.events.truncate(start);
+                    return Handled::Refused(WriteError::Rejected { field: field.clone(), reason });
+                }
+            }
+        }
+        if let Some(next) = scratch {
+            **state = next;
+        }
+        Handled::Applied(start..log.events.len())
+    }
+
+    /// Makes the turn's changes durable (one group-committed append), snapshots when due, answers
+    /// the acknowledged writes, and prepares the replication shipment. A failed append reloads
+    /// the state from the log.
+    fn commit(&self, info: &Info, node: &mut Node, log: &mut TurnLog, shipment: &mut Option<Shipment>) {
+        let acks = std::mem::take(&mut log.acks);
+        let events = std::mem::take(&mut log.events);
+        if events.is_empty() {
+            answer(acks, Ok(&[]), node.version);
             return;
         }
-        let events: Vec<(EventId, Delta, bool)> = std::mem::take(pending);
         if let Some(store) = &self.store {
             let batch = events.iter().map(|(id, d, _)| NewEvent { id: *id, body: encode(d) }).collect();
             match store.append(info.id, Expected::Exact(node.version), batch) {
@@ -642,18 +831,22 @@ impl Inner {
                         let _ = store.save_snapshot(info.id, a.version, &encode(state));
                     }
                     node.version = a.version;
+                    answer(acks, Ok(&a.seqs), node.version);
                 }
-                Err(_) => {
+                Err(e) => {
                     // The in-memory state is ahead of the log: fall back to what is durable.
                     if let Ok((state, version)) = self.replay(info.id) {
                         node.state = Some(Box::new(state));
                         node.version = version;
                     }
+                    answer(acks, Err(&e), node.version);
                     return;
                 }
             }
         } else {
+            let seqs: Vec<u64> = (node.version + 1..=node.version + events.len() as u64).collect();
             node.version += events.len() as u64;
+            answer(acks, Ok(&seqs), node.version);
         }
         if info.consistency == Consistency::Eventual && self.sink.get().is_some() {
             let local: Vec<Replicated> = events.into_iter().filter(|e| e.2).map(|(id, d, _)| (id, d)).collect();
@@ -998,29 +1191,91 @@ impl System {
         Ok((idx, self.inner.path_of(idx)))
     }
 
-    /// Sends application data to worknode `id`. Needs the `write` right on its path.
-    pub fn send(&self, auth: &Authority, id: WorknodeId, data: Bytes) -> Result<(), SendError> {
+    /// The arena index of worknode `id`, once `auth` is checked to hold `write` on its path.
+    fn writable(&self, auth: &Authority, id: WorknodeId) -> Result<u32, SendError> {
         let (idx, path) = self.target(id)?;
         self.inner.check(auth, &path, Right::Write)?;
-        self.inner.push(idx, Some(id), Envelope { from: auth.clone(), body: Body::Data(data) }, true)
+        Ok(idx)
     }
 
-    /// Applies state operations to worknode `id` (asynchronously, in its turn). Needs `write`.
-    pub fn update(&self, auth: &Authority, id: WorknodeId, ops: Vec<(String, Op)>) -> Result<(), SendError> {
-        let (idx, path) = self.target(id)?;
-        self.inner.check(auth, &path, Right::Write)?;
-        self.inner.push(idx, Some(id), Envelope { from: auth.clone(), body: Body::Update(ops) }, true)
+    /// Queues `body` for `id` with a completion (`ids`: the event ids of an idempotent update).
+    fn acked(
+        &self,
+        auth: &Authority,
+        id: WorknodeId,
+        body: Body,
+        ids: Option<Box<[EventId]>>,
+    ) -> Result<Completion, SendError> {
+        let idx = self.writable(auth, id)?;
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg { env: Envelope { from: auth.clone(), body }, ack: Some(Ack { reply, ids }) };
+        self.inner.push(idx, Some(id), msg, true)?;
+        Ok(Completion { id, rx })
+    }
+
+    /// Queues `body` for `id`, answering nobody.
+    fn detached(&self, auth: &Authority, id: WorknodeId, body: Body) -> Result<(), SendError> {
+        let idx = self.writable(auth, id)?;
+        self.inner.push(idx, Some(id), Msg::plain(Envelope { from: auth.clone(), body }), true)
+    }
+
+    /// Sends application data to worknode `id`. Needs the `write` right on its path. The
+    /// completion resolves when the state changes the behaviour made for it are durable (or the
+    /// behaviour failed, or the worknode stopped).
+    pub fn send(&self, auth: &Authority, id: WorknodeId, data: Bytes) -> Result<Completion, SendError> {
+        self.acked(auth, id, Body::Data(data), None)
+    }
+
+    /// Fire and forget: like [`System::send`] without waiting for durability (in-process fan-out).
+    pub fn send_detached(&self, auth: &Authority, id: WorknodeId, data: Bytes) -> Result<(), SendError> {
+        self.detached(auth, id, Body::Data(data))
+    }
+
+    /// Applies state operations to worknode `id` in its turn, all or none. Needs `write`. The
+    /// completion resolves once the resulting events are durable: many waiting writers share one
+    /// commit (the store's group commit, and up to `max_per_turn` messages per turn).
+    pub fn update(&self, auth: &Authority, id: WorknodeId, ops: Vec<(String, Op)>) -> Result<Completion, SendError> {
+        self.acked(auth, id, Body::Update(ops), None)
+    }
+
+    /// Like [`System::update`] with an idempotency key (1 to [`MAX_IDEMPOTENCY_KEY`] bytes; a
+    /// UUID is a good one): an update whose key this worknode already stored is not applied
+    /// again, and its completion reports the original ([`Committed::duplicate`]). A client that
+    /// lost an answer retries with the same key. Keys are per worknode and need an event store.
+    pub fn update_idempotent(
+        &self,
+        auth: &Authority,
+        id: WorknodeId,
+        ops: Vec<(String, Op)>,
+        key: &[u8],
+    ) -> Result<Completion, WriteError> {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(WriteError::BadKey { len: key.len(), max: MAX_IDEMPOTENCY_KEY });
+        }
+        let ids = idempotent_ids(id, key, ops.len());
+        Ok(self.acked(auth, id, Body::Update(ops), Some(ids))?)
+    }
+
+    /// Fire and forget: like [`System::update`] without waiting for durability (in-process
+    /// fan-out; an operation that does not fit its field is dropped silently).
+    pub fn update_detached(&self, auth: &Authority, id: WorknodeId, ops: Vec<(String, Op)>) -> Result<(), SendError> {
+        self.detached(auth, id, Body::Update(ops))
     }
 
     /// Merges replicated events into worknode `id` (the replication layer's entry point).
     pub fn merge_remote(&self, id: WorknodeId, events: Vec<Replicated>) -> Result<(), SendError> {
         let idx = self.inner.index(id).ok_or_else(|| SendError::NotFound(id.to_string()))?;
-        self.inner.push(idx, Some(id), Envelope { from: Authority::System, body: Body::Merge(events) }, false)
+        self.inner.push(
+            idx,
+            Some(id),
+            Msg::plain(Envelope { from: Authority::System, body: Body::Merge(events) }),
+            false,
+        )
     }
 
     /// Sends data by handle: the fast path (no lookup, no capability check: the system's own sends).
     pub fn send_handle(&self, to: Handle, data: Bytes) -> Result<(), SendError> {
-        self.inner.push(to.0, None, Envelope { from: Authority::System, body: Body::Data(data) }, true)
+        self.inner.push(to.0, None, Msg::plain(Envelope { from: Authority::System, body: Body::Data(data) }), true)
     }
 
     /// The id for a path.
@@ -1145,6 +1400,24 @@ impl System {
     /// Waits until every accepted message has been handled, or `timeout`; returns whether idle.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         wait_until(&self.inner.idle, timeout, || self.inner.in_flight.load(Ordering::Acquire) == 0)
+    }
+}
+
+/// Answers a turn's acknowledged writes once its events are committed: `seqs` are the committed
+/// events' sequence numbers (in turn order) or the store's failure.
+fn answer(acks: Vec<(Reply, Handled)>, seqs: Result<&[u64], &StoreError>, version: u64) {
+    for (reply, handled) in acks {
+        let done = |seq, events, duplicate| Ok(Committed { seq, events, version, duplicate });
+        let outcome = match (handled, seqs) {
+            (Handled::Stored(seq), _) => done(Some(seq), 0, true),
+            (Handled::Refused(e), _) => Err(e),
+            (Handled::Applied(range), _) if range.is_empty() => done(None, 0, false),
+            (Handled::Applied(range), Ok(seqs)) => done(seqs.get(range.end - 1).copied(), range.len(), false),
+            (Handled::Queued(j), Ok(seqs)) => done(seqs.get(j).copied(), 0, true),
+            (Handled::Applied(_) | Handled::Queued(_), Err(e)) => Err(WriteError::Store(e.clone())),
+        };
+        // The caller may have stopped waiting: nothing to tell.
+        let _ = reply.send(outcome);
     }
 }
 

@@ -17,7 +17,9 @@ use base64::Engine as _;
 use referee_tools::{CallScope, SharedTool, Tool, ToolAnnotations, ToolError, ToolOutput, ToolSpec};
 use serde_json::{Value, json};
 
-use crate::{Authority, Consistency, System, WnPath, WorknodeId};
+use crate::{
+    Authority, Completion, Consistency, MAX_IDEMPOTENCY_KEY, SendError, System, WnPath, WorknodeId, WriteError,
+};
 
 /// How long `node_get` waits for queued updates of the queried worknode to apply.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -70,18 +72,29 @@ pub fn worknode_tools(system: Arc<System>) -> Vec<SharedTool> {
             json!({"type": "object", "required": ["path"], "additionalProperties": false, "properties": {
                 "path": path, "kind": {"type": "string", "default": "data"},
                 "consistency": {"enum": ["local", "eventual"], "default": "local"}, "token": token}}),
-            json!({"type": "object", "properties": {"id": {"type": "string"}, "path": {"type": "string"}}}),
+            json!({"type": "object", "properties": {"id": {"type": "string"}, "path": {"type": "string"},
+                "durable": {"const": true, "description": "the worknode is stored: it survives a crash from now on"}}}),
             ToolAnnotations { read_only: false, destructive: false, idempotent: false, open_world: false },
         ),
         make(
             Kind::Update,
             "node_update",
-            "Applies a CRDT operation to a field of a worknode's state: grow, add, set, write, insert, remove, put, delete.",
+            "Applies a CRDT operation to a field of a worknode's state: grow, add, set, write, insert, remove, put, delete. \
+             Answers once the change is durable (it survives a crash); with an idempotency_key a retry of a call whose \
+             answer was lost is not applied twice.",
             json!({"type": "object", "required": ["path", "field", "op"], "additionalProperties": false, "properties": {
                 "path": path, "field": {"type": "string"},
                 "op": {"enum": ["grow", "add", "set", "write", "insert", "remove", "put", "delete"]},
-                "args": {"type": "array", "items": {"type": "string"}, "maxItems": 2}, "token": token}}),
-            json!({"type": "object", "properties": {"id": {"type": "string"}, "accepted": {"type": "boolean"}}}),
+                "args": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+                "idempotency_key": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
+                    "description": "names this update on this worknode (a UUID): a retry with the same key returns the first answer"},
+                "token": token}}),
+            json!({"type": "object", "properties": {
+                "id": {"type": "string"},
+                "durable": {"const": true, "description": "the update is committed to the event store (fsync) and survives a crash"},
+                "seq": {"type": "integer", "description": "the event sequence number of the update in the worknode's log"},
+                "version": {"type": "integer", "description": "the worknode's version right after the commit"},
+                "duplicate": {"type": "boolean", "description": "the idempotency key was already stored: nothing new was applied, seq is the original's"}}}),
             ToolAnnotations { read_only: false, destructive: true, idempotent: false, open_world: false },
         ),
         make(
@@ -144,6 +157,19 @@ fn covered(subtrees: Option<&[WnPath]>, path: &WnPath) -> Result<(), ToolError> 
     Err(ToolError::Forbidden(format!("the token's worknode subtrees {names:?} do not hold {path}")))
 }
 
+/// The tool error for a write that did not become durable.
+fn write_refused(e: &WriteError) -> ToolError {
+    let message = e.to_string();
+    match e {
+        WriteError::Send(SendError::Denied(_)) => ToolError::Forbidden(message),
+        WriteError::Send(SendError::NotFound(_)) => ToolError::NotFound(message),
+        WriteError::Rejected { .. } | WriteError::BadKey { .. } => ToolError::InvalidParams(message),
+        WriteError::Send(SendError::Full { .. } | SendError::ShuttingDown | SendError::Stopped(_))
+        | WriteError::Stopped(_) => ToolError::Unavailable(message),
+        _ => ToolError::Failed(message),
+    }
+}
+
 impl NodeTool {
     fn authority(&self, params: &Value, subtrees: Option<&Arc<[WnPath]>>) -> Result<Authority, ToolError> {
         match (text(params, "token")?, self.system.capabilities()) {
@@ -203,8 +229,9 @@ impl NodeTool {
                     }
                 };
                 let kind = text(params, "kind")?.unwrap_or("data");
+                // Durable on return: the worknode's record is committed before its id is known.
                 let id = self.system.create(&auth, &parent, name, kind, consistency).map_err(|e| refused(&e))?;
-                Ok(json!({"id": id.to_string(), "path": path.to_string()}))
+                Ok(json!({"id": id.to_string(), "path": path.to_string(), "durable": true}))
             }
             Kind::Update => {
                 let path = target;
@@ -219,11 +246,18 @@ impl NodeTool {
                 };
                 let op = crate::cli::parse_op(required(params, "op")?, &args)
                     .map_err(|e| ToolError::InvalidParams(format!("{e:#}")))?;
+                let key = text(params, "idempotency_key")?;
+                let ops = vec![(required(params, "field")?.to_owned(), op)];
                 let id = self.lookup(&path)?;
-                self.system
-                    .update(&auth, id, vec![(required(params, "field")?.to_owned(), op)])
-                    .map_err(|e| refused(&e))?;
-                Ok(json!({"id": id.to_string(), "accepted": true}))
+                let done = match key {
+                    Some(key) => self.system.update_idempotent(&auth, id, ops, key.as_bytes()),
+                    None => self.system.update(&auth, id, ops).map_err(WriteError::from),
+                };
+                // Answered only once durable: the gateway runs tools on its blocking pool.
+                let c = done.and_then(Completion::wait).map_err(|e| write_refused(&e))?;
+                Ok(
+                    json!({"id": id.to_string(), "durable": true, "seq": c.seq, "version": c.version, "duplicate": c.duplicate}),
+                )
             }
             Kind::Get => {
                 let path = target;

@@ -24,6 +24,7 @@ fn create_send_get_tree_against_a_local_store() {
                 op: "add".into(),
                 field: "n".into(),
                 args: vec![n.into()],
+                idempotency_key: None,
             },
             true,
         )
@@ -36,6 +37,7 @@ fn create_send_get_tree_against_a_local_store() {
             op: "put".into(),
             field: "m".into(),
             args: vec!["k".into(), "v".into()],
+            idempotency_key: Some("put-k".into()),
         },
         true,
     )
@@ -56,6 +58,7 @@ fn create_send_get_tree_against_a_local_store() {
             op: "add".into(),
             field: "n".into(),
             args: vec!["x".into()],
+            idempotency_key: None,
         },
         true,
     )

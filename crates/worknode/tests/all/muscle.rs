@@ -52,8 +52,8 @@ fn muscle_behaviour_runs_in_a_cell_and_bad_input_restarts_it() {
     let sup = sys.create(&Authority::System, &WnPath::root(), "sup", "sup", Consistency::Local).unwrap();
     let host = sys.create(&Authority::System, &"/sup".parse().unwrap(), "host", "feanor", Consistency::Local).unwrap();
     let x = [2.0, 1.5, -2.0, 3.0];
-    sys.send(&Authority::System, host, f32_bytes(&x)).unwrap();
-    sys.send(&Authority::System, host, f32_bytes(&[1.0, 2.0, 3.0])).unwrap(); // wrong shape: a failure
+    sys.send_detached(&Authority::System, host, f32_bytes(&x)).unwrap();
+    sys.send_detached(&Authority::System, host, f32_bytes(&[1.0, 2.0, 3.0])).unwrap(); // wrong shape: a failure
     assert!(sys.wait_idle(Duration::from_secs(30)));
     let state = sys.query(&Authority::System, host, Consistency::Local).unwrap().state.to_json();
     let y: Vec<f32> = serde_json::from_str(state["y"].as_str().unwrap()).unwrap();

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use referee_worknode::{
-    Authority, Behaviour, BehaviourError, Body, CapError, Capabilities, Consistency, CreateError, Ctx, Envelope,
-    EventStore, Issuer, Op, QueryError, Right, SendError, Signal, StoreConfig, System, SystemConfig, WnPath, attenuate,
-    revocation_ids,
+    Authority, Behaviour, BehaviourError, Body, CapError, Capabilities, Completion, Consistency, CreateError, Ctx,
+    Envelope, EventStore, Issuer, Op, QueryError, Right, SendError, Signal, StoreConfig, System, SystemConfig, WnPath,
+    WriteError, attenuate, revocation_ids,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -72,8 +72,16 @@ fn failing_behaviour_restarts_from_its_log_and_parent_is_told() {
     let sys = system_with_store(&dir, SystemConfig::default());
     let sup = sys.create(&Authority::System, &WnPath::root(), "sup", "sup", Consistency::Local).unwrap();
     let child = sys.create(&Authority::System, &p("/sup"), "worker", "flaky", Consistency::Local).unwrap();
-    for m in ["inc", "inc", "boom", "inc", "err", "inc"] {
-        sys.send(&Authority::System, child, Bytes::from_static(m.as_bytes())).unwrap();
+    let sent: Vec<Completion> = ["inc", "inc", "boom", "inc", "err", "inc"]
+        .iter()
+        .map(|m| sys.send(&Authority::System, child, Bytes::from_static(m.as_bytes())).unwrap())
+        .collect();
+    // Each sender learns its own message's fate: stored at the next version, or the failure.
+    let outcomes: Vec<_> = sent.into_iter().map(Completion::wait).collect();
+    let seqs: Vec<Option<u64>> = outcomes.iter().map(|o| o.as_ref().ok().and_then(|c| c.seq)).collect();
+    assert_eq!(seqs, [Some(1), Some(2), None, Some(3), None, Some(4)], "{outcomes:?}");
+    for failed in [&outcomes[2], &outcomes[4]] {
+        assert!(matches!(failed, Err(WriteError::Behaviour { id, .. }) if *id == child), "{failed:?}");
     }
     assert!(sys.wait_idle(WAIT));
     // The failed messages' updates (+1000) were never applied; the four increments were.
@@ -98,12 +106,16 @@ fn worknode_failing_past_the_limit_is_stopped() {
     let sup = sys.create(&Authority::System, &WnPath::root(), "sup", "sup", Consistency::Local).unwrap();
     let child = sys.create(&Authority::System, &p("/sup"), "w", "flaky", Consistency::Local).unwrap();
     for m in ["err", "err"] {
-        sys.send(&Authority::System, child, Bytes::from_static(m.as_bytes())).unwrap();
+        sys.send_detached(&Authority::System, child, Bytes::from_static(m.as_bytes())).unwrap();
     }
     assert!(sys.wait_idle(WAIT));
     assert_eq!(counter(&sys, sup, "restarted"), 1);
     assert_eq!(counter(&sys, sup, "stopped"), 1);
-    assert_eq!(sys.send(&Authority::System, child, Bytes::from_static(b"inc")), Err(SendError::Stopped(child)));
+    assert_eq!(
+        sys.send_detached(&Authority::System, child, Bytes::from_static(b"inc")),
+        Err(SendError::Stopped(child))
+    );
+    assert!(matches!(sys.send(&Authority::System, child, Bytes::new()), Err(SendError::Stopped(c)) if c == child));
 }
 
 /// Blocks in its first message until released, so the test controls when the mailbox drains.
@@ -129,19 +141,20 @@ fn full_mailbox_refuses_with_backpressure() {
     let (release, release_rx) = mpsc::channel();
     sys.register("gate", Arc::new(Gate { started: Mutex::new(started_tx), release: Mutex::new(release_rx) }));
     let id = sys.create(&Authority::System, &WnPath::root(), "g", "gate", Consistency::Local).unwrap();
-    sys.send(&Authority::System, id, Bytes::new()).unwrap();
+    sys.send_detached(&Authority::System, id, Bytes::new()).unwrap();
     started.recv_timeout(WAIT).unwrap(); // the worker holds message 1; the mailbox is empty
     for _ in 0..4 {
-        sys.send(&Authority::System, id, Bytes::new()).unwrap();
+        sys.send_detached(&Authority::System, id, Bytes::new()).unwrap();
     }
-    assert_eq!(sys.send(&Authority::System, id, Bytes::new()), Err(SendError::Full { id, capacity: 4 }));
+    assert_eq!(sys.send_detached(&Authority::System, id, Bytes::new()), Err(SendError::Full { id, capacity: 4 }));
+    assert!(matches!(sys.send(&Authority::System, id, Bytes::new()), Err(SendError::Full { .. })));
     for _ in 0..5 {
         release.send(()).unwrap();
     }
     assert!(sys.wait_idle(WAIT));
     assert_eq!(sys.stats().handled, 5);
     // Drained: accepted again.
-    sys.send(&Authority::System, id, Bytes::new()).unwrap();
+    sys.send_detached(&Authority::System, id, Bytes::new()).unwrap();
     release.send(()).unwrap();
     assert!(sys.wait_idle(WAIT));
 }
@@ -154,10 +167,10 @@ fn settle_waits_for_one_worknodes_mail_not_for_a_busy_system() {
     sys.register("gate", Arc::new(Gate { started: Mutex::new(started_tx), release: Mutex::new(release_rx) }));
     let gate = sys.create(&Authority::System, &WnPath::root(), "g", "gate", Consistency::Local).unwrap();
     let data = sys.create(&Authority::System, &WnPath::root(), "d", "data", Consistency::Local).unwrap();
-    sys.send(&Authority::System, gate, Bytes::new()).unwrap();
+    sys.send_detached(&Authority::System, gate, Bytes::new()).unwrap();
     started.recv_timeout(WAIT).unwrap(); // one worker is held inside the gate: the system is busy
     for n in 1..=50 {
-        sys.update(&Authority::System, data, vec![("n".into(), Op::Add(n))]).unwrap();
+        sys.update_detached(&Authority::System, data, vec![("n".into(), Op::Add(n))]).unwrap();
     }
     assert!(sys.settle(data, WAIT), "the other worker drains `d` while the gate is held");
     assert_eq!(counter(&sys, data, "n"), 50 * 51 / 2, "settle returned before every update landed");
@@ -215,8 +228,7 @@ fn tokens_confine_create_send_and_query_to_their_subtree() {
     let token = issuer.issue(&p("/acme/research"), &Right::ALL).unwrap();
     let auth = caps.verify(&token).unwrap();
     let mine = sys.create(&auth, &p("/acme/research"), "t1", "data", Consistency::Local).unwrap();
-    sys.update(&auth, mine, vec![("n".into(), Op::Add(2))]).unwrap();
-    assert!(sys.wait_idle(WAIT));
+    sys.update(&auth, mine, vec![("n".into(), Op::Add(2))]).unwrap().wait().unwrap();
     assert_eq!(sys.query(&auth, mine, Consistency::Local).unwrap().state.to_json()["n"], 2);
     assert!(matches!(
         sys.create(&auth, &p("/acme/sales"), "t", "data", Consistency::Local),
@@ -251,9 +263,9 @@ fn snapshots_are_taken_every_n_events_and_replay_uses_them() {
     let sys = system_with_store(&dir, cfg.clone());
     let id = sys.create(&Authority::System, &WnPath::root(), "c", "data", Consistency::Local).unwrap();
     for i in 1..=10 {
-        sys.update(&Authority::System, id, vec![("n".into(), Op::Add(i))]).unwrap();
-        // One event per turn, so snapshot points are deterministic.
-        assert!(sys.wait_idle(WAIT));
+        // One event per turn (each waits for the last to be durable), so snapshot points are
+        // deterministic.
+        sys.update(&Authority::System, id, vec![("n".into(), Op::Add(i))]).unwrap().wait().unwrap();
     }
     let store = sys.store().unwrap().clone();
     let (seq, _) = store.snapshot(id).unwrap().unwrap();
@@ -330,4 +342,67 @@ fn revocations_survive_a_restart() {
     let (sys, caps) = start();
     assert!(matches!(caps.verify(&token), Err(CapError::Revoked(_))));
     assert!(sys.resolve(&p("/a/b")).is_some());
+}
+
+#[test]
+fn acknowledged_updates_are_durable_and_an_idempotency_key_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = system_with_store(&dir, SystemConfig::default());
+    let id = sys.create(&Authority::System, &WnPath::root(), "c", "data", Consistency::Local).unwrap();
+    let grow = |n| vec![("n".to_owned(), Op::Grow(n))];
+    let first = sys.update_idempotent(&Authority::System, id, grow(5), b"k1").unwrap().wait().unwrap();
+    assert_eq!((first.seq, first.events, first.version, first.duplicate), (Some(1), 1, 1, false));
+    // A retry after the answer: nothing applied, the original's sequence number.
+    let again = sys.update_idempotent(&Authority::System, id, grow(5), b"k1").unwrap().wait().unwrap();
+    assert_eq!((again.seq, again.events, again.duplicate), (Some(1), 0, true));
+    // A retry racing the original (queued behind it, perhaps in the same turn): one applies.
+    let racing: Vec<Completion> =
+        (0..4).map(|_| sys.update_idempotent(&Authority::System, id, grow(7), b"k2").unwrap()).collect();
+    let racing: Vec<_> = racing.into_iter().map(|c| c.wait().unwrap()).collect();
+    assert_eq!(racing.iter().filter(|c| !c.duplicate).count(), 1, "{racing:?}");
+    assert!(racing.iter().all(|c| c.seq == Some(2)), "{racing:?}");
+    // The same key on another worknode is another update.
+    let other = sys.create(&Authority::System, &WnPath::root(), "d", "data", Consistency::Local).unwrap();
+    let there = sys.update_idempotent(&Authority::System, other, grow(1), b"k1").unwrap().wait().unwrap();
+    assert!(!there.duplicate);
+    // All or nothing: an operation that does not fit its field refuses the whole update.
+    sys.update(&Authority::System, id, vec![("label".into(), Op::Set("x".into()))]).unwrap().wait().unwrap();
+    let mixed = vec![("n".to_owned(), Op::Grow(100)), ("label".to_owned(), Op::Grow(1))];
+    let refused = sys.update(&Authority::System, id, mixed).unwrap().wait();
+    assert!(matches!(&refused, Err(WriteError::Rejected { field, .. }) if field == "label"), "{refused:?}");
+    let single = sys.update(&Authority::System, id, vec![("label".into(), Op::Add(1))]).unwrap().wait();
+    assert!(matches!(single, Err(WriteError::Rejected { .. })), "{single:?}");
+    assert!(matches!(
+        sys.update_idempotent(&Authority::System, id, grow(1), b""),
+        Err(WriteError::BadKey { len: 0, .. })
+    ));
+    assert!(matches!(
+        sys.update_idempotent(&Authority::System, id, grow(1), &[b'k'; 257]),
+        Err(WriteError::BadKey { len: 257, .. })
+    ));
+    assert_eq!(counter(&sys, id, "n"), 12);
+    let version = sys.query(&Authority::System, id, Consistency::Local).unwrap().version;
+    assert_eq!(version, 3, "two updates and a set; nothing for duplicates or refusals");
+    drop(sys);
+    // What was acknowledged is what a restart replays, and a key stays spent across it.
+    let sys = system_with_store(&dir, SystemConfig::default());
+    assert_eq!(counter(&sys, id, "n"), 12);
+    let after = sys.update_idempotent(&Authority::System, id, grow(5), b"k1").unwrap().wait().unwrap();
+    assert_eq!((after.seq, after.duplicate, after.version), (Some(1), true, 3));
+    assert_eq!(counter(&sys, id, "n"), 12);
+}
+
+#[test]
+fn a_write_queued_behind_a_stop_reports_the_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = system_with_store(&dir, SystemConfig { max_restarts: 0, ..SystemConfig::default() });
+    let child = sys.create(&Authority::System, &WnPath::root(), "w", "flaky", Consistency::Local).unwrap();
+    let failing = sys.send(&Authority::System, child, Bytes::from_static(b"err")).unwrap();
+    let behind = sys.send(&Authority::System, child, Bytes::from_static(b"inc"));
+    assert!(matches!(failing.wait(), Err(WriteError::Behaviour { .. })));
+    // Queued before the stop: dropped with the mailbox; after it: refused at once.
+    match behind {
+        Ok(c) => assert_eq!(c.wait(), Err(WriteError::Stopped(child))),
+        Err(e) => assert_eq!(e, SendError::Stopped(child)),
+    }
 }
