@@ -320,7 +320,8 @@ impl Http {
                 bytes.extend_from_slice(&chunk[..n]);
             }
         } else {
-            let mut chunk = vec![0; length.ok_or_else(eof)?];
+            // No length: no body (a 204).
+            let mut chunk = vec![0; length.unwrap_or(0)];
             self.stream.read_exact(&mut chunk)?;
             bytes = chunk;
         }
@@ -532,6 +533,135 @@ fn node_update_over_rest_and_mcp_is_durable_when_answered_through_sigkill() -> T
             state.insert(field, w);
         }
         assert!(acks.load(Ordering::Relaxed) >= kill_after, "round {round}: too few answers before the deadline");
+    }
+    unreachable!("the last round returns")
+}
+
+// ---------------------------------------------------------------------------------------------
+// `fs_write` and token revocation
+// ---------------------------------------------------------------------------------------------
+
+/// The `n`-th content of file `k`: a header naming both, then a length that varies with `n`, so a
+/// torn or mixed file does not parse.
+fn content(k: u64, n: u64) -> String {
+    format!("{k}:{n}:{}\n", "x".repeat(((n * 7919) % 20_000) as usize))
+}
+
+fn parse_content(text: &str) -> Option<(u64, u64)> {
+    let mut parts = text.splitn(3, ':');
+    let k = parts.next()?.parse().ok()?;
+    let n = parts.next()?.parse().ok()?;
+    (text == content(k, n)).then_some((k, n))
+}
+
+const FILES: u64 = 3;
+
+#[test]
+fn fs_write_and_token_revocation_are_durable_when_answered_through_sigkill() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (home, root) = (dir.path().join("home"), dir.path().join("root"));
+    std::fs::create_dir_all(&root)?;
+    let root = root.canonicalize()?;
+    std::fs::write(root.join("hello.txt"), "hello\n")?;
+    let hello = root.join("hello.txt").display().to_string();
+    // Per file: the last content acknowledged, and the last sent.
+    let mut written = [(None::<u64>, None::<u64>); FILES as usize];
+    // Tokens: (token, acknowledged revoked).
+    let mut tokens: Vec<(String, bool)> = Vec::new();
+    let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+    for round in 0..=ROUNDS {
+        let gw = start_gateway(&home, &root)?;
+        let (tcp, unix, admin) = gw.targets();
+        // Every acknowledged write is whole; a later one (sent, unanswered) may have replaced it.
+        for (k, (acked, sent)) in written.iter().enumerate() {
+            let Some(acked) = acked else { continue };
+            let text = std::fs::read_to_string(root.join(format!("f{k}.txt")))?;
+            let (fk, n) =
+                parse_content(&text).ok_or_else(|| format!("round {round}: f{k}.txt is torn: {} bytes", text.len()))?;
+            assert_eq!(fk, k as u64);
+            assert!(n == *acked || Some(n) == *sent, "round {round}: f{k}.txt holds write {n}, acknowledged {acked}");
+        }
+        // Every acknowledged revocation still refuses the token; every other minted token works.
+        for (token, revoked) in &tokens {
+            // A connection each: the gateway may close one after a refused token.
+            let (status, body) = Http::connect(&tcp)?.post("/v1/tools/fs_read", token, &json!({"path": hello}))?;
+            if *revoked {
+                assert_eq!(status, 401, "round {round}: a revoked token was accepted: {body}");
+            } else {
+                assert!(status == 200 || status == 401, "round {round}: {status} {body}");
+            }
+        }
+        if round == ROUNDS {
+            let revoked = tokens.iter().filter(|t| t.1).count();
+            eprintln!("fs_write and revocation: {} tokens, {revoked} revoked, {ROUNDS} SIGKILL rounds", tokens.len());
+            assert!(revoked > ROUNDS as usize, "too few revocations to mean anything");
+            return Ok(());
+        }
+        let kill_after = 10 + rng.next(150);
+        let (acks, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let writers: Vec<_> = (0..FILES)
+            .map(|k| {
+                let (tcp, admin, acks, stop) = (tcp.clone(), admin.clone(), acks.clone(), stop.clone());
+                let path = root.join(format!("f{k}.txt")).display().to_string();
+                let mut state = written[k as usize];
+                std::thread::spawn(move || {
+                    let Ok(mut http) = Http::connect(&tcp) else { return state };
+                    let mut n = state.1.map_or(0, |s| s + 1);
+                    while !stop.load(Ordering::Relaxed) {
+                        state.1 = Some(n);
+                        let params = json!({"path": path, "content": content(k, n), "mode": "overwrite"});
+                        match http.post("/v1/tools/fs_write", &admin, &params) {
+                            Ok((200, _)) => {
+                                state.0 = Some(n);
+                                acks.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok((status, body)) => panic!("fs_write: {status} {body}"),
+                            Err(_) => return state,
+                        }
+                        n += 1;
+                    }
+                    state
+                })
+            })
+            .collect();
+        // Mint and revoke, over the Unix socket.
+        let revoker = {
+            let (admin, acks, stop) = (admin.clone(), acks.clone(), stop.clone());
+            let root = root.display().to_string();
+            std::thread::spawn(move || {
+                let mut mine: Vec<(String, bool)> = Vec::new();
+                let Ok(mut http) = Http::connect(&unix) else { return mine };
+                while !stop.load(Ordering::Relaxed) {
+                    let grant = json!({"tools": ["fs_read"], "paths": [root], "ttl_secs": 3600});
+                    let Ok((201, created)) = http.post("/v1/tokens", &admin, &grant) else { return mine };
+                    let token = created["token"].as_str().unwrap_or_default().to_owned();
+                    let id = created["record"]["id"].as_str().unwrap_or_default().to_owned();
+                    mine.push((token, false));
+                    match http.post(&format!("/v1/tokens/{id}/revoke"), &admin, &json!({})) {
+                        Ok((204, _)) => {
+                            if let Some(last) = mine.last_mut() {
+                                last.1 = true;
+                            }
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((status, body)) => panic!("revoke: {status} {body}"),
+                        Err(_) => return mine,
+                    }
+                }
+                mine
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acks.load(Ordering::Relaxed) < kill_after && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut gw = gw;
+        gw.proc.kill();
+        stop.store(true, Ordering::Relaxed);
+        for (k, t) in writers.into_iter().enumerate() {
+            written[k] = t.join().map_err(|_| "a writer panicked")?;
+        }
+        tokens.extend(revoker.join().map_err(|_| "the revoker panicked")?);
     }
     unreachable!("the last round returns")
 }
