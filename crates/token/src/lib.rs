@@ -837,7 +837,10 @@ fn load_or_create_root(keys_dir: &Path) -> Result<KeyPair, AuthError> {
         let mut file =
             OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| key_err(&tmp, e))?;
         let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
-        let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
+        // The directory too: the key's name must survive a power loss along with its bytes.
+        let linked = written
+            .and_then(|()| fs::hard_link(&tmp, &path))
+            .and_then(|()| fs::File::open(keys_dir).and_then(|d| d.sync_all()));
         let _ = fs::remove_file(&tmp);
         match linked {
             Ok(()) => {}

@@ -308,7 +308,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<KeyFileOutcome, 
     let written = file.write_all(contents).and_then(|()| file.sync_all());
     let linked = written.and_then(|()| fs::hard_link(&tmp, path));
     let _ = fs::remove_file(&tmp);
-    match linked {
+    match linked.and_then(|()| sync_parent(path)) {
         Ok(()) => Ok(KeyFileOutcome::Created(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(KeyFileOutcome::Kept(path.to_owned())),
         Err(e) => Err(HomeError::Io { path: path.to_owned(), source: e }),
@@ -321,5 +321,12 @@ fn write_public(path: &Path, contents: &str) -> Result<(), HomeError> {
     let mut file =
         OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp).map_err(io_err(&tmp))?;
     file.write_all(contents.as_bytes()).and_then(|()| file.sync_all()).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    fs::rename(&tmp, path).and_then(|()| sync_parent(path)).map_err(io_err(path))
+}
+
+/// Syncs the directory holding `path`, so a file just linked or renamed into it survives a
+/// power loss (the file's own sync does not cover its name).
+fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
 }

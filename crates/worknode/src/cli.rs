@@ -118,13 +118,27 @@ pub fn open(dir: &Path) -> anyhow::Result<System> {
         Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not a replica id", id_file.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let fresh = SystemConfig::default().replica;
-            std::fs::write(&id_file, fresh.to_string()).with_context(|| format!("writing {}", id_file.display()))?;
+            write_synced(&id_file, fresh.to_string().as_bytes())
+                .with_context(|| format!("writing {}", id_file.display()))?;
             fresh
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", id_file.display())),
     };
     let store = EventStore::open(&dir.join("worknodes.redb"), StoreConfig::default())?;
     Ok(System::start(SystemConfig { replica, ..SystemConfig::default() }, Some(Arc::new(store)), None)?)
+}
+
+/// Writes `bytes` to `path` so that it is whole and survives a power loss once this returns: a
+/// synced temporary file renamed into place, then the directory synced.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn consistency(s: &str) -> anyhow::Result<Consistency> {

@@ -211,14 +211,22 @@ fn compile_with_progress(input: &Path, size: u64, json: bool) -> Result<referee_
     module
 }
 
-/// Writes next to the target and renames, so a reader never sees half a muscle.
+/// Writes next to the target, syncs, renames and syncs the directory: a reader never sees half
+/// a muscle, and once this returns the muscle survives a crash or power loss.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
     let file_name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display())).inspect_err(|_| {
+    let written = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    let renamed = written
+        .with_context(|| format!("write {}", tmp.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display())));
+    if renamed.is_err() {
         let _ = std::fs::remove_file(&tmp);
-    })
+    }
+    renamed?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", dir.display()))
 }
 
 #[cfg(test)]
