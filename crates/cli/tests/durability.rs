@@ -224,6 +224,51 @@ fn node_serve_acknowledges_only_durable_updates_through_sigkill() -> TestResult 
     Ok(())
 }
 
+/// Found attacking: `node serve` read stdin into an unbounded queue while sends waited for
+/// durability, so a fast producer (`cat updates | referee node serve`) grew it by ~30 MB/s.
+/// The reader now stops when 512 sends are pending: memory stays flat however fast lines come.
+#[test]
+fn node_serve_stops_reading_stdin_while_sends_wait() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (proc, stdin) = Proc::spawn(
+        referee()
+            .args(["--json", "node", "serve", "--dir"])
+            .arg(dir.path().join("wn"))
+            .args(["--listen", "tcp://127.0.0.1:0"])
+            .stdin(Stdio::piped()),
+    )?;
+    let mut stdin = stdin.ok_or("no stdin")?;
+    proc.line(Duration::from_secs(60))?;
+    writeln!(stdin, "create /a data local")?;
+    proc.line(Duration::from_secs(30))?;
+    let writer = std::thread::spawn(move || {
+        let line = "send /a grow c 1\n".repeat(1000);
+        while stdin.write_all(line.as_bytes()).is_ok() {}
+    });
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap_or("0");
+        kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024
+    };
+    let pid = proc.child.id();
+    let start = Instant::now();
+    let (mut answered, mut peak) = (0u64, 0u64);
+    while start.elapsed() < Duration::from_secs(5) {
+        let line = proc.line(Duration::from_secs(30))?;
+        assert!(line.contains("\"durable\":true"), "{line}");
+        answered += 1;
+        if answered % 1000 == 0 {
+            peak = peak.max(rss(pid));
+        }
+    }
+    drop(proc);
+    let _ = writer.join();
+    eprintln!("node serve: {answered} durable answers in 5 s, peak RSS {} MB", peak >> 20);
+    assert!(answered > 1000, "only {answered} answers");
+    assert!(peak < 96 << 20, "RSS grew to {} MB while sends waited: stdin is read without bound", peak >> 20);
+    Ok(())
+}
+
 fn node_get(store: &Path) -> Result<Value, Box<dyn std::error::Error>> {
     let out = referee().args(["--json", "node", "get", "--dir"]).arg(store).arg("/crash").output()?;
     if !out.status.success() {

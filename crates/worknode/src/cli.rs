@@ -153,6 +153,10 @@ fn consistency(s: &str) -> anyhow::Result<Consistency> {
 /// Parses `OP FIELD ARGS...` into a state operation.
 pub fn parse_op(op: &str, args: &[String]) -> anyhow::Result<Op> {
     let arg = |i: usize| args.get(i).cloned().with_context(|| format!("operation {op} needs {} argument(s)", i + 1));
+    let takes = if matches!(op, "put") { 2 } else { 1 };
+    if args.len() > takes {
+        bail!("operation {op} takes {takes} argument(s), not {}", args.len());
+    }
     Ok(match op {
         "grow" => Op::Grow(arg(0)?.parse().context("grow takes a non-negative integer")?),
         "add" => Op::Add(arg(0)?.parse().context("add takes an integer")?),
@@ -304,10 +308,12 @@ fn serve(
             repl.add_peer(addr, id);
         }
         println!("{}", serde_json::json!({ "listening": listener.local_addr().to_string(), "id": node.id().to_string(), "replica": sys.replica() }));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        // Bounded: while sends wait for durability the loop stops taking lines, this channel
+        // fills, the reader blocks and the writer on the other end of the pipe with it.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
         std::thread::spawn(move || {
             for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+                if tx.blocking_send(line).is_err() {
                     break;
                 }
             }

@@ -44,6 +44,17 @@ impl GCounter {
     pub fn value(&self) -> u64 {
         self.0.values().fold(0u64, |acc, v| acc.saturating_add(*v))
     }
+
+    /// The exact sum over all replicas.
+    fn total(&self) -> u128 {
+        self.0.values().map(|v| u128::from(*v)).sum()
+    }
+
+    /// Whether adding `n` keeps the value exact (within `u64`): an increment past it would be
+    /// clamped, so callers refuse it instead.
+    pub fn can_inc(&self, n: u64) -> bool {
+        self.total() + u128::from(n) <= u128::from(u64::MAX)
+    }
 }
 
 impl Lattice for GCounter {
@@ -72,6 +83,19 @@ impl PnCounter {
             out.n = self.n.inc(replica, delta.unsigned_abs());
         }
         out
+    }
+
+    /// Whether adding `delta` keeps both sides and the value exact (within `u64` and `i64`).
+    pub fn can_add(&self, delta: i64) -> bool {
+        let (mut p, mut n) = (self.p.total(), self.n.total());
+        if delta >= 0 {
+            p += u128::from(delta.unsigned_abs());
+        } else {
+            n += u128::from(delta.unsigned_abs());
+        }
+        let max = u128::from(u64::MAX);
+        let value = i128::try_from(p).unwrap_or(i128::MAX) - i128::try_from(n).unwrap_or(i128::MAX);
+        p <= max && n <= max && i64::try_from(value).is_ok()
     }
 
     /// Increments minus decrements (saturating to the i64 range).

@@ -29,6 +29,13 @@ pub enum StateError {
         /// Kind the operation needs.
         got: &'static str,
     },
+    /// The counter would leave its range (`u64` for grow, `i64` for add, each side of an add
+    /// counter `u64`): the update is refused rather than clamped.
+    #[error("counter {field:?} would overflow: nothing was applied")]
+    Overflow {
+        /// The field.
+        field: String,
+    },
 }
 
 /// Event store failures.

@@ -130,6 +130,12 @@ impl State {
             None => op.empty(),
         };
         let delta = match (&mut scratch, op) {
+            (Crdt::GCounter(c), Op::Grow(n)) if !c.can_inc(*n) => {
+                return Err(StateError::Overflow { field: field.to_owned() });
+            }
+            (Crdt::PnCounter(c), Op::Add(n)) if !c.can_add(*n) => {
+                return Err(StateError::Overflow { field: field.to_owned() });
+            }
             (Crdt::GCounter(c), Op::Grow(n)) => Crdt::GCounter(c.inc(replica, *n)),
             (Crdt::PnCounter(c), Op::Add(n)) => Crdt::PnCounter(c.add(replica, *n)),
             (Crdt::Lww(r), Op::Set(v)) => Crdt::Lww(r.set(replica, now_ms, v.clone())),
@@ -198,6 +204,20 @@ mod tests {
         s.apply(&d).unwrap();
         assert_eq!(s.to_json()["n"], 3);
         assert!(matches!(s.prepare(1, 0, "n", &Op::Set("x".into())), Err(StateError::TypeMismatch { .. })));
+        // Counters refuse what they could only clamp.
+        let mut c = State::default();
+        for n in [1, i64::MIN] {
+            c.apply(&c.prepare(1, 0, "c", &Op::Add(n)).unwrap()).unwrap();
+        }
+        assert!(matches!(c.prepare(1, 0, "c", &Op::Add(i64::MIN)), Err(StateError::Overflow { .. })));
+        assert!(matches!(c.prepare(2, 0, "c", &Op::Add(-2)), Err(StateError::Overflow { .. })));
+        assert!(c.prepare(2, 0, "c", &Op::Add(-1)).is_ok(), "i64::MIN itself fits");
+        c.apply(&c.prepare(2, 0, "c", &Op::Add(i64::MAX)).unwrap()).unwrap();
+        assert_eq!(c.to_json()["c"], 0);
+        let mut g = State::default();
+        g.apply(&g.prepare(1, 0, "g", &Op::Grow(u64::MAX)).unwrap()).unwrap();
+        assert!(matches!(g.prepare(2, 0, "g", &Op::Grow(1)), Err(StateError::Overflow { .. })));
+        assert!(g.prepare(2, 0, "g", &Op::Grow(0)).is_ok());
         let d = s.prepare(1, 7, "m", &Op::Put("k".into(), "v".into())).unwrap();
         s.apply(&d).unwrap();
         assert_eq!(s.to_json()["m"]["k"], "v");

@@ -14,11 +14,13 @@
 //! Keys are fixed-width big-endian byte arrays (`stream(16) ‖ seq(8)`), so no platform-width integer
 //! reaches the file and a range scan returns a stream in order.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -124,10 +126,57 @@ enum Cmd {
     },
 }
 
+type Opener = Box<dyn Fn() -> Result<Database, redb::Error> + Send + Sync>;
+
+/// The database handle. After an I/O error (a full disk, say) redb refuses every operation
+/// until the file is closed and opened again: the writer does that before its next batch, so
+/// the store works again once the cause is gone, without a restart.
+struct Db {
+    current: RwLock<Option<Arc<Database>>>,
+    open: Opener,
+    path: String,
+}
+
+impl Db {
+    fn closed(&self, reason: &str) -> StoreError {
+        StoreError::Database { path: self.path.clone(), reason: reason.to_owned() }
+    }
+
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner).clone();
+        current.ok_or_else(|| self.closed("closed after an I/O error; it reopens with the next write"))
+    }
+
+    /// Closes the file and opens it again (redb recovers it to its last commit).
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(mut old) = slot.take() {
+            // Readers clone the handle under the read lock and drop it when their read ends.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => break drop(db),
+                    Err(held) if Instant::now() < deadline => {
+                        old = held;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(held) => {
+                        *slot = Some(held);
+                        return Err(self.closed("cannot reopen after an I/O error: readers still hold the file"));
+                    }
+                }
+            }
+        }
+        let db = (self.open)().map_err(|e| self.closed(&format!("cannot reopen after an I/O error: {e}")))?;
+        *slot = Some(Arc::new(db));
+        Ok(())
+    }
+}
+
 /// A handle on the store; share it with `Arc`. Reads run on the caller's thread, writes on the
 /// group-commit writer.
 pub struct EventStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
     path: PathBuf,
     tx: Option<Sender<Cmd>>,
     writer: Option<JoinHandle<()>>,
@@ -161,12 +210,19 @@ fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
 impl EventStore {
     /// Opens (or creates) the store at `path` and starts its writer thread.
     pub fn open(path: &Path, cfg: StoreConfig) -> Result<Self, StoreError> {
-        let err = |e: redb::Error| StoreError::Database { path: path.display().to_string(), reason: e.to_string() };
-        let db = Arc::new(Database::create(path).map_err(|e| err(e.into()))?);
+        let file = path.to_owned();
+        let store = Self::open_with(path, cfg, Box::new(move || Database::create(&file).map_err(Into::into)))?;
         // Every worknode's state: the owner's only, whatever the umask.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| {
             StoreError::Database { path: path.display().to_string(), reason: format!("chmod 600: {e}") }
         })?;
+        Ok(store)
+    }
+
+    /// Opens the store with `open` (also used to reopen it after an I/O error).
+    fn open_with(path: &Path, cfg: StoreConfig, open: Opener) -> Result<Self, StoreError> {
+        let err = |e: redb::Error| StoreError::Database { path: path.display().to_string(), reason: e.to_string() };
+        let db = Arc::new(open().map_err(err)?);
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         {
             txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
@@ -177,6 +233,7 @@ impl EventStore {
             txn.open_table(REVOKED).map_err(|e| err(e.into()))?;
         }
         txn.commit().map_err(|e| err(e.into()))?;
+        let db = Arc::new(Db { current: RwLock::new(Some(db)), open, path: path.display().to_string() });
         let (tx, rx) = mpsc::channel();
         let (commits, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let writer = Writer {
@@ -185,6 +242,7 @@ impl EventStore {
             max_batch: cfg.max_batch.max(1),
             commits: commits.clone(),
             requests: requests.clone(),
+            poisoned: Cell::new(false),
         };
         let handle =
             std::thread::Builder::new().name("wn-store-writer".into()).spawn(move || writer.run(rx)).map_err(|e| {
@@ -237,14 +295,16 @@ impl EventStore {
 
     /// The stream's version (last sequence number; 0 if empty).
     pub fn version(&self, stream: WorknodeId) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let heads = txn.open_table(HEADS).map_err(|e| self.db_err(e))?;
         Ok(heads.get(&stream.to_bytes()).map_err(|e| self.db_err(e))?.map_or(0, |v| v.value()))
     }
 
     /// Events of `stream` with sequence numbers `>= from`, in order.
     pub fn read(&self, stream: WorknodeId, from: u64) -> Result<Vec<StoredEvent>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(EVENTS).map_err(|e| self.db_err(e))?;
         let (lo, hi) = (key(stream, from), key(stream, u64::MAX));
         let mut out = Vec::new();
@@ -262,7 +322,8 @@ impl EventStore {
     /// Where event `id` is stored, if it is: its stream and sequence number (the idempotency
     /// lookup).
     pub fn find(&self, id: &EventId) -> Result<Option<(WorknodeId, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(EVENT_IDS).map_err(|e| self.db_err(e))?;
         let Some(k) = table.get(id).map_err(|e| self.db_err(e))? else { return Ok(None) };
         let k = k.value();
@@ -273,7 +334,8 @@ impl EventStore {
 
     /// The latest snapshot of `stream`: `(seq, state)`.
     pub fn snapshot(&self, stream: WorknodeId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(SNAPSHOTS).map_err(|e| self.db_err(e))?;
         let Some(v) = table.get(&stream.to_bytes()).map_err(|e| self.db_err(e))? else { return Ok(None) };
         let v = v.value();
@@ -285,7 +347,8 @@ impl EventStore {
 
     /// Every worknode metadata record, in id order.
     pub fn metas(&self) -> Result<Vec<(WorknodeId, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(META).map_err(|e| self.db_err(e))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| self.db_err(e))? {
@@ -297,7 +360,8 @@ impl EventStore {
 
     /// Every revoked revocation id.
     pub fn revoked(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(REVOKED).map_err(|e| self.db_err(e))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| self.db_err(e))? {
@@ -328,11 +392,13 @@ impl Drop for EventStore {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<Db>,
     path: String,
     max_batch: usize,
     commits: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    /// The last batch hit an I/O error: reopen before the next.
+    poisoned: Cell<bool>,
 }
 
 /// A request's result, held until the batch commits.
@@ -343,7 +409,11 @@ enum Outcome {
 
 impl Writer {
     fn err<E: Into<redb::Error>>(&self, e: E) -> StoreError {
-        StoreError::Database { path: self.path.clone(), reason: e.into().to_string() }
+        let e = e.into();
+        if matches!(e, redb::Error::PreviousIo | redb::Error::Io(_)) {
+            self.poisoned.set(true);
+        }
+        StoreError::Database { path: self.path.clone(), reason: e.to_string() }
     }
 
     fn run(self, rx: Receiver<Cmd>) {
@@ -356,6 +426,20 @@ impl Writer {
                 }
             }
             let n = batch.len() as u64;
+            if self.poisoned.get() {
+                match self.db.reopen() {
+                    Ok(()) => self.poisoned.set(false),
+                    Err(e) => {
+                        for o in Self::unanswered(batch) {
+                            match o {
+                                Outcome::Append(reply, _) => drop(reply.send(Err(e.clone()))),
+                                Outcome::Put(reply) => drop(reply.send(Err(e.clone()))),
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
             match self.commit(batch) {
                 Ok(outcomes) => {
                     self.commits.fetch_add(1, Ordering::Relaxed);
@@ -383,7 +467,11 @@ impl Writer {
     /// Runs the whole batch in one transaction. On failure nothing is committed and every caller
     /// gets the error.
     fn commit(&self, batch: Vec<Cmd>) -> Result<Vec<Outcome>, (StoreError, Vec<Outcome>)> {
-        let mut txn = match self.db.begin_write() {
+        let db = match self.db.get() {
+            Ok(db) => db,
+            Err(e) => return Err((e, Self::unanswered(batch))),
+        };
+        let mut txn = match db.begin_write() {
             Ok(t) => t,
             Err(e) => return Err((self.err(e), Self::unanswered(batch))),
         };
@@ -500,5 +588,79 @@ impl Writer {
             (_, None) => return Err(corrupt("key", "worknode key is not 16 bytes")),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use redb::StorageBackend;
+    use redb::backends::InMemoryBackend;
+
+    use super::*;
+
+    /// Memory that can be made to fail every write, like a full disk; reopening shares it.
+    #[derive(Debug)]
+    struct Disk {
+        bytes: Arc<InMemoryBackend>,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Disk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for Disk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.bytes.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.bytes.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.bytes.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.bytes.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.bytes.write(offset, data)
+        }
+    }
+
+    fn event(n: u8) -> Vec<NewEvent> {
+        vec![NewEvent { id: [n; 16], body: vec![n; 64] }]
+    }
+
+    /// Found attacking: after one ENOSPC every later write failed with "Previous I/O error"
+    /// until the process restarted, even once space was free again.
+    #[test]
+    fn the_store_recovers_from_an_io_error_without_a_restart() {
+        let (bytes, full) = (Arc::new(InMemoryBackend::new()), Arc::new(AtomicBool::new(false)));
+        let (b, f) = (bytes.clone(), full.clone());
+        let open: Opener =
+            Box::new(move || Ok(Database::builder().create_with_backend(Disk { bytes: b.clone(), full: f.clone() })?));
+        let store = EventStore::open_with(Path::new("memory"), StoreConfig::default(), open).unwrap();
+        let s = WorknodeId::from_bytes([9; 16]);
+        assert_eq!(store.append(s, Expected::Exact(0), event(1)).unwrap().version, 1);
+        full.store(true, Ordering::SeqCst);
+        assert!(store.append(s, Expected::Exact(1), event(2)).is_err(), "a full disk cannot be acknowledged");
+        assert!(store.append(s, Expected::Exact(1), event(2)).is_err(), "still full");
+        full.store(false, Ordering::SeqCst);
+        // Space again: the next write reopens the file and succeeds; nothing refused was stored.
+        let a = store.append(s, Expected::Exact(1), event(2)).unwrap();
+        assert_eq!((a.seqs.as_slice(), a.version), (&[2][..], 2));
+        let seqs: Vec<u64> = store.read(s, 1).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(store.find(&[2; 16]).unwrap(), Some((s, 2)));
     }
 }

@@ -1164,9 +1164,13 @@ impl System {
         let meta = Meta { id, parent: pid, name: name.to_owned(), kind: kind.to_owned(), consistency };
         let idx = self.insert(&meta, State::default(), 0)?;
         if let Some(store) = &self.inner.store {
-            // Durable before the caller learns the id. On failure the worknode stays in memory
-            // only; report it so the caller does not rely on it surviving a restart.
-            store.put_meta(id, &encode(&meta))?;
+            // Durable before the caller learns the id. On failure it is forgotten again: a
+            // worknode that exists only in memory would vanish on restart while a retry was
+            // told it "already exists".
+            if let Err(e) = store.put_meta(id, &encode(&meta)) {
+                self.forget(idx, pidx, &meta);
+                return Err(e.into());
+            }
         }
         Ok((id, Handle(idx)))
     }
@@ -1178,12 +1182,34 @@ impl System {
             if self.inner.index(meta.id).is_some() {
                 continue;
             }
-            self.insert(meta, State::default(), 0)?;
-            if let Some(store) = &self.inner.store {
-                store.put_meta(meta.id, &encode(meta))?;
+            let idx = self.insert(meta, State::default(), 0)?;
+            if let Some(store) = &self.inner.store
+                && let Err(e) = store.put_meta(meta.id, &encode(meta))
+            {
+                if let Some(parent) = self.inner.index(meta.parent) {
+                    self.forget(idx, parent, meta);
+                }
+                return Err(e.into());
             }
         }
         Ok(())
+    }
+
+    /// Undoes [`System::insert`] of a worknode whose record could not be stored: its name and id
+    /// resolve to nothing again and its mailbox is closed (the arena slot stays, unreachable).
+    fn forget(&self, idx: u32, parent: u32, meta: &Meta) {
+        let inner = &self.inner;
+        inner
+            .names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&inner.name_key(parent, &meta.name));
+        inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&meta.id);
+        if let Some(p) = inner.info(parent) {
+            p.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|c| *c != idx);
+        }
+        let dropped = inner.core.close(idx).len() as u64;
+        inner.done(dropped);
     }
 
     fn target(&self, id: WorknodeId) -> Result<(u32, WnPath), SendError> {
@@ -1355,6 +1381,10 @@ impl System {
         (0..n)
             .filter_map(|idx| {
                 let info = self.inner.info(idx).filter(|i| i.consistency == Consistency::Eventual)?;
+                // A forgotten slot (its record could not be stored) is no worknode.
+                if self.inner.index(info.id) != Some(idx) {
+                    return None;
+                }
                 let state = self.inner.with_node(idx, |node| node.state.as_deref().cloned().unwrap_or_default())?;
                 Some((self.inner.chain(info), state))
             })

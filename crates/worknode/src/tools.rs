@@ -18,7 +18,8 @@ use referee_tools::{CallScope, SharedTool, Tool, ToolAnnotations, ToolError, Too
 use serde_json::{Value, json};
 
 use crate::{
-    Authority, Completion, Consistency, MAX_IDEMPOTENCY_KEY, SendError, System, WnPath, WorknodeId, WriteError,
+    Authority, Completion, Consistency, CreateError, MAX_IDEMPOTENCY_KEY, SendError, System, WnPath, WorknodeId,
+    WriteError,
 };
 
 /// How long `node_get` waits for queued updates of the queried worknode to apply.
@@ -87,13 +88,13 @@ pub fn worknode_tools(system: Arc<System>) -> Vec<SharedTool> {
                 "op": {"enum": ["grow", "add", "set", "write", "insert", "remove", "put", "delete"]},
                 "args": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
                 "idempotency_key": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
-                    "description": "names this update on this worknode (a UUID): a retry with the same key returns the first answer"},
+                    "description": "names this update on this worknode (a UUID): a retry with a key already stored applies nothing and answers duplicate: true with the original seq"},
                 "token": token}}),
             json!({"type": "object", "properties": {
                 "id": {"type": "string"},
                 "durable": {"const": true, "description": "the update is committed to the event store (fsync) and survives a crash"},
                 "seq": {"type": "integer", "description": "the event sequence number of the update in the worknode's log"},
-                "version": {"type": "integer", "description": "the worknode's version right after the commit"},
+                "version": {"type": "integer", "description": "the worknode's version right after the commit that holds the update (other updates may share it, so it can be above seq)"},
                 "duplicate": {"type": "boolean", "description": "the idempotency key was already stored: nothing new was applied, seq is the original's"}}}),
             ToolAnnotations { read_only: false, destructive: true, idempotent: false, open_world: false },
         ),
@@ -165,7 +166,8 @@ fn write_refused(e: &WriteError) -> ToolError {
         WriteError::Send(SendError::NotFound(_)) => ToolError::NotFound(message),
         WriteError::Rejected { .. } | WriteError::BadKey { .. } => ToolError::InvalidParams(message),
         WriteError::Send(SendError::Full { .. } | SendError::ShuttingDown | SendError::Stopped(_))
-        | WriteError::Stopped(_) => ToolError::Unavailable(message),
+        | WriteError::Stopped(_)
+        | WriteError::Store(_) => ToolError::Unavailable(message),
         _ => ToolError::Failed(message),
     }
 }
@@ -230,7 +232,11 @@ impl NodeTool {
                 };
                 let kind = text(params, "kind")?.unwrap_or("data");
                 // Durable on return: the worknode's record is committed before its id is known.
-                let id = self.system.create(&auth, &parent, name, kind, consistency).map_err(|e| refused(&e))?;
+                let id = self.system.create(&auth, &parent, name, kind, consistency).map_err(|e| match e {
+                    // The server's disk, not the request: retry later.
+                    CreateError::Store(_) => ToolError::Unavailable(e.to_string()),
+                    other => refused(&other),
+                })?;
                 Ok(json!({"id": id.to_string(), "path": path.to_string(), "durable": true}))
             }
             Kind::Update => {
@@ -357,6 +363,7 @@ mod tests {
             ("node_create", json!({"path": "/missing/child"}), ""),
             ("node_update", json!({"path": "/nope", "field": "f", "op": "grow", "args": ["1"]}), "no worknode"),
             ("node_update", json!({"path": "/", "field": "f", "op": "explode"}), "unknown operation"),
+            ("node_update", json!({"path": "/", "field": "f", "op": "grow", "args": ["1", "2"]}), "takes 1 argument"),
             ("node_get", json!({"path": 7}), "must be a string"),
             ("node_tree", json!({"limit": 0}), "limit"),
             ("node_get", json!({"path": "/", "token": "abc"}), "no worknode capability root"),
