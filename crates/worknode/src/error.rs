@@ -229,4 +229,7 @@ pub enum QueryError {
     /// Strong reads are reserved.
     #[error(transparent)]
     Unsupported(#[from] Unsupported),
+    /// The event store cannot be read (it is recovering from an I/O error): retry later.
+    #[error("{0}: retry once the event store recovers")]
+    Unavailable(String),
 }

@@ -126,7 +126,7 @@ enum Cmd {
     },
 }
 
-type Opener = Box<dyn Fn() -> Result<Database, redb::Error> + Send + Sync>;
+pub(crate) type Opener = Box<dyn Fn() -> Result<Database, redb::Error> + Send + Sync>;
 
 /// The database handle. After an I/O error (a full disk, say) redb refuses every operation
 /// until the file is closed and opened again: the writer does that before its next batch, so
@@ -143,8 +143,12 @@ impl Db {
     }
 
     fn get(&self) -> Result<Arc<Database>, StoreError> {
-        let current = self.current.read().unwrap_or_else(PoisonError::into_inner).clone();
-        current.ok_or_else(|| self.closed("closed after an I/O error; it reopens with the next write"))
+        if let Some(db) = self.current.read().unwrap_or_else(PoisonError::into_inner).clone() {
+            return Ok(db);
+        }
+        // A failed reopen left it closed: try again.
+        self.reopen()?;
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone().ok_or_else(|| self.closed("closed"))
     }
 
     /// Closes the file and opens it again (redb recovers it to its last commit).
@@ -220,7 +224,7 @@ impl EventStore {
     }
 
     /// Opens the store with `open` (also used to reopen it after an I/O error).
-    fn open_with(path: &Path, cfg: StoreConfig, open: Opener) -> Result<Self, StoreError> {
+    pub(crate) fn open_with(path: &Path, cfg: StoreConfig, open: Opener) -> Result<Self, StoreError> {
         let err = |e: redb::Error| StoreError::Database { path: path.display().to_string(), reason: e.to_string() };
         let db = Arc::new(open().map_err(err)?);
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
@@ -591,8 +595,9 @@ impl Writer {
     }
 }
 
+/// A store on a disk that tests can fill up.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::sync::atomic::AtomicBool;
 
     use redb::StorageBackend;
@@ -605,6 +610,15 @@ mod tests {
     struct Disk {
         bytes: Arc<InMemoryBackend>,
         full: Arc<AtomicBool>,
+    }
+
+    /// A store in memory, and the switch that makes its disk full.
+    pub(crate) fn store() -> (EventStore, Arc<AtomicBool>) {
+        let (bytes, full) = (Arc::new(InMemoryBackend::new()), Arc::new(AtomicBool::new(false)));
+        let (b, f) = (bytes.clone(), full.clone());
+        let open: Opener =
+            Box::new(move || Ok(Database::builder().create_with_backend(Disk { bytes: b.clone(), full: f.clone() })?));
+        (EventStore::open_with(Path::new("memory"), StoreConfig::default(), open).unwrap(), full)
     }
 
     impl Disk {
@@ -636,6 +650,11 @@ mod tests {
             self.bytes.write(offset, data)
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn event(n: u8) -> Vec<NewEvent> {
         vec![NewEvent { id: [n; 16], body: vec![n; 64] }]
@@ -645,11 +664,7 @@ mod tests {
     /// until the process restarted, even once space was free again.
     #[test]
     fn the_store_recovers_from_an_io_error_without_a_restart() {
-        let (bytes, full) = (Arc::new(InMemoryBackend::new()), Arc::new(AtomicBool::new(false)));
-        let (b, f) = (bytes.clone(), full.clone());
-        let open: Opener =
-            Box::new(move || Ok(Database::builder().create_with_backend(Disk { bytes: b.clone(), full: f.clone() })?));
-        let store = EventStore::open_with(Path::new("memory"), StoreConfig::default(), open).unwrap();
+        let (store, full) = testing::store();
         let s = WorknodeId::from_bytes([9; 16]);
         assert_eq!(store.append(s, Expected::Exact(0), event(1)).unwrap().version, 1);
         full.store(true, Ordering::SeqCst);

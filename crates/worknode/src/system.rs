@@ -348,6 +348,9 @@ struct Node {
     state: Option<Box<State>>,
     /// Last event sequence number.
     version: u64,
+    /// A commit failed and the log could not be read back: the state may hold what was never
+    /// stored, so it is reloaded before anything reads or changes it.
+    stale: bool,
 }
 
 const NO_PARENT: u32 = u32::MAX;
@@ -642,6 +645,22 @@ impl Inner {
         Ok((state, version))
     }
 
+    /// Replaces a stale node's state with what its log holds; whether it is current.
+    fn reload(&self, id: WorknodeId, node: &mut Node) -> bool {
+        if !node.stale {
+            return true;
+        }
+        match self.replay(id) {
+            Ok((state, version)) => {
+                node.state = (!state.is_empty()).then(|| Box::new(state));
+                node.version = version;
+                node.stale = false;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Runs one turn of slot `idx` (the caller owns it).
     fn turn(&self, idx: u32, buf: &mut Vec<Msg>, kinds: &Kinds) {
         self.core.take(idx, self.cfg.max_per_turn, buf);
@@ -650,6 +669,15 @@ impl Inner {
         let mut shipment = None;
         let Some(info) = self.info(idx) else { return };
         self.with_node(idx, |node| {
+            if !self.reload(info.id, node) {
+                // Nothing can be applied on top of a state that may not be the stored one.
+                for Msg { ack, .. } in buf.drain(..) {
+                    if let Some(a) = ack {
+                        let _ = a.reply.send(Err(WriteError::Store(StoreError::Closed)));
+                    }
+                }
+                return;
+            }
             let mut log = TurnLog::default();
             let mut msgs = buf.drain(..);
             for Msg { env, ack } in msgs.by_ref() {
@@ -834,11 +862,10 @@ impl Inner {
                     answer(acks, Ok(&a.seqs), node.version);
                 }
                 Err(e) => {
-                    // The in-memory state is ahead of the log: fall back to what is durable.
-                    if let Ok((state, version)) = self.replay(info.id) {
-                        node.state = Some(Box::new(state));
-                        node.version = version;
-                    }
+                    // The in-memory state is ahead of the log: fall back to what is durable, now
+                    // or (if the log cannot be read either) before the next read or turn.
+                    node.stale = true;
+                    self.reload(info.id, node);
                     answer(acks, Err(&e), node.version);
                     return;
                 }
@@ -956,7 +983,8 @@ impl System {
             name: "".into(),
             children: Mutex::new(Vec::new()),
         };
-        let root_idx = inner.core.alloc(root, Node { stopped: false, restarts: 0, state: None, version: 0 });
+        let root_idx =
+            inner.core.alloc(root, Node { stopped: false, restarts: 0, state: None, version: 0, stale: false });
         debug_assert_eq!(root_idx, Some(0));
         inner.ids.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(ROOT_ID, 0);
         let mut sys = System { inner, workers: Vec::new() };
@@ -1094,7 +1122,13 @@ impl System {
             name: meta.name.as_str().into(),
             children: Mutex::new(Vec::new()),
         };
-        let node = Node { stopped: false, restarts: 0, state: (!state.is_empty()).then(|| Box::new(state)), version };
+        let node = Node {
+            stopped: false,
+            restarts: 0,
+            state: (!state.is_empty()).then(|| Box::new(state)),
+            version,
+            stale: false,
+        };
         // Check and add under the parent's children lock so the bound holds under concurrency.
         let added = {
             let mut children = parent_info.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -1326,10 +1360,15 @@ impl System {
         self.inner.check(auth, &path, Right::Read)?;
         let queued = self.inner.core.queued(idx);
         let info = self.inner.info(idx).ok_or_else(|| QueryError::NotFound(id.to_string()))?;
-        let view = self
-            .inner
-            .with_node(idx, |n| (n.version, n.stopped, n.restarts, n.state.as_deref().cloned().unwrap_or_default()));
-        let (version, stopped, restarts, state) = view.ok_or_else(|| QueryError::NotFound(id.to_string()))?;
+        let view = self.inner.with_node(idx, |n| {
+            // A read never shows what was not stored.
+            self.inner
+                .reload(id, n)
+                .then(|| (n.version, n.stopped, n.restarts, n.state.as_deref().cloned().unwrap_or_default()))
+        });
+        let (version, stopped, restarts, state) = view
+            .ok_or_else(|| QueryError::NotFound(id.to_string()))?
+            .ok_or_else(|| QueryError::Unavailable(format!("worknode {id}: its event log cannot be read right now")))?;
         Ok(NodeView {
             id,
             path,
@@ -1385,7 +1424,9 @@ impl System {
                 if self.inner.index(info.id) != Some(idx) {
                     return None;
                 }
-                let state = self.inner.with_node(idx, |node| node.state.as_deref().cloned().unwrap_or_default())?;
+                let state = self.inner.with_node(idx, |node| {
+                    self.inner.reload(info.id, node).then(|| node.state.as_deref().cloned().unwrap_or_default())
+                })??;
                 Some((self.inner.chain(info), state))
             })
             .collect()
@@ -1474,5 +1515,38 @@ impl Drop for System {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    /// Found attacking: with the disk full, a failed `node_create` left `/b` in memory only
+    /// ("already exists" to a retry, gone after a restart); a failed update must not stay
+    /// applied either.
+    #[test]
+    fn a_full_disk_leaves_no_unstored_worknode_or_update_behind() {
+        let (store, full) = crate::store::testing::store();
+        let sys = System::start(SystemConfig::default(), Some(Arc::new(store)), None).unwrap();
+        let root = WnPath::root();
+        let a = sys.create(&Authority::System, &root, "a", "data", Consistency::Local).unwrap();
+        sys.update(&Authority::System, a, vec![("n".into(), Op::Grow(1))]).unwrap().wait().unwrap();
+        full.store(true, Ordering::SeqCst);
+        let refused = sys.create(&Authority::System, &root, "b", "data", Consistency::Eventual);
+        assert!(matches!(refused, Err(CreateError::Store(_))), "{refused:?}");
+        assert_eq!(sys.resolve(&"/b".parse().unwrap()), None, "a worknode that was never stored");
+        assert!(sys.eventual_states().is_empty());
+        let failed = sys.update(&Authority::System, a, vec![("n".into(), Op::Grow(5))]).unwrap().wait();
+        assert!(matches!(failed, Err(WriteError::Store(_))), "{failed:?}");
+        full.store(false, Ordering::SeqCst);
+        // Space again: the same name is free, and the refused update is not in the state.
+        sys.create(&Authority::System, &root, "b", "data", Consistency::Eventual).unwrap();
+        let view = sys.query(&Authority::System, a, Consistency::Local).unwrap();
+        assert_eq!((view.state.to_json()["n"].clone(), view.version), (serde_json::json!(1), 1));
+        let done = sys.update(&Authority::System, a, vec![("n".into(), Op::Grow(2))]).unwrap().wait().unwrap();
+        assert_eq!(done.seq, Some(2));
     }
 }

@@ -18,8 +18,8 @@ use referee_tools::{CallScope, SharedTool, Tool, ToolAnnotations, ToolError, Too
 use serde_json::{Value, json};
 
 use crate::{
-    Authority, Completion, Consistency, CreateError, MAX_IDEMPOTENCY_KEY, SendError, System, WnPath, WorknodeId,
-    WriteError,
+    Authority, Completion, Consistency, CreateError, MAX_IDEMPOTENCY_KEY, QueryError, SendError, System, WnPath,
+    WorknodeId, WriteError,
 };
 
 /// How long `node_get` waits for queued updates of the queried worknode to apply.
@@ -270,7 +270,10 @@ impl NodeTool {
                 let id = self.lookup(&path)?;
                 // Updates apply in the worknode's turn; let the ones queued to it land first.
                 self.system.settle(id, SETTLE);
-                let v = self.system.query(&auth, id, Consistency::Local).map_err(|e| refused(&e))?;
+                let v = self.system.query(&auth, id, Consistency::Local).map_err(|e| match e {
+                    QueryError::Unavailable(_) => ToolError::Unavailable(e.to_string()),
+                    other => refused(&other),
+                })?;
                 Ok(json!({
                     "id": v.id.to_string(), "path": v.path.to_string(), "kind": v.kind,
                     "consistency": format!("{:?}", v.consistency).to_lowercase(), "version": v.version,
