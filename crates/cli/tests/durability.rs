@@ -99,6 +99,20 @@ impl Drop for Proc {
 // `referee node serve` on stdin
 // ---------------------------------------------------------------------------------------------
 
+/// Starts `referee node serve` on `store`, past its ready line.
+fn node_serve(store: &Path) -> Result<(Proc, ChildStdin), Box<dyn std::error::Error>> {
+    let (proc, stdin) = Proc::spawn(
+        referee()
+            .args(["--json", "node", "serve", "--dir"])
+            .arg(store)
+            .args(["--listen", "tcp://127.0.0.1:0"])
+            .stdin(Stdio::piped()),
+    )?;
+    let ready = proc.line(Duration::from_secs(60))?;
+    assert!(ready.contains("listening"), "{ready}");
+    Ok((proc, stdin.ok_or("no stdin")?))
+}
+
 /// Fields written on the stdin stream, interleaved (one stream: its lines are the concurrency).
 const STDIN_FIELDS: u64 = 4;
 
@@ -112,16 +126,7 @@ fn node_serve_acknowledges_only_durable_updates_through_sigkill() -> TestResult 
     let mut seqs = BTreeSet::new();
     let mut duplicates = 0u64;
     for round in 0..ROUNDS {
-        let (mut proc, stdin) = Proc::spawn(
-            referee()
-                .args(["--json", "node", "serve", "--dir"])
-                .arg(&store)
-                .args(["--listen", "tcp://127.0.0.1:0"])
-                .stdin(Stdio::piped()),
-        )?;
-        let mut stdin = stdin.ok_or("no stdin")?;
-        let ready = proc.line(Duration::from_secs(60))?;
-        assert!(ready.contains("listening"), "{ready}");
+        let (mut proc, mut stdin) = node_serve(&store)?;
         if round == 0 {
             writeln!(stdin, "create /crash data local")?;
             let created: Value = serde_json::from_str(&proc.line(Duration::from_secs(30))?)?;
@@ -185,15 +190,7 @@ fn node_serve_acknowledges_only_durable_updates_through_sigkill() -> TestResult 
         }
     }
     // A last round only resends what the killed one left unanswered.
-    let (mut proc, stdin) = Proc::spawn(
-        referee()
-            .args(["--json", "node", "serve", "--dir"])
-            .arg(&store)
-            .args(["--listen", "tcp://127.0.0.1:0"])
-            .stdin(Stdio::piped()),
-    )?;
-    let mut stdin = stdin.ok_or("no stdin")?;
-    proc.line(Duration::from_secs(60))?;
+    let (mut proc, mut stdin) = node_serve(&store)?;
     writeln!(stdin, "get /crash")?;
     let before: Value = serde_json::from_str(&proc.line(Duration::from_secs(30))?)?;
     let mut resent = 0;
@@ -230,15 +227,7 @@ fn node_serve_acknowledges_only_durable_updates_through_sigkill() -> TestResult 
 #[test]
 fn node_serve_stops_reading_stdin_while_sends_wait() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let (proc, stdin) = Proc::spawn(
-        referee()
-            .args(["--json", "node", "serve", "--dir"])
-            .arg(dir.path().join("wn"))
-            .args(["--listen", "tcp://127.0.0.1:0"])
-            .stdin(Stdio::piped()),
-    )?;
-    let mut stdin = stdin.ok_or("no stdin")?;
-    proc.line(Duration::from_secs(60))?;
+    let (proc, mut stdin) = node_serve(&dir.path().join("wn"))?;
     writeln!(stdin, "create /a data local")?;
     proc.line(Duration::from_secs(30))?;
     let writer = std::thread::spawn(move || {
@@ -489,6 +478,16 @@ impl Gateway {
     }
 }
 
+/// SIGKILLs the server once `acks` reaches `n` (or after a minute), then tells the writers to stop.
+fn kill_after_acks(mut gw: Gateway, acks: &AtomicU64, n: u64, stop: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    gw.proc.kill();
+    stop.store(true, Ordering::Relaxed);
+}
+
 #[test]
 fn node_update_over_rest_and_mcp_is_durable_when_answered_through_sigkill() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -566,13 +565,7 @@ fn node_update_over_rest_and_mcp_is_durable_when_answered_through_sigkill() -> T
                 })
             })
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acks.load(Ordering::Relaxed) < kill_after && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let mut gw = gw;
-        gw.proc.kill();
-        stop.store(true, Ordering::Relaxed);
+        kill_after_acks(gw, &acks, kill_after, &stop);
         for t in threads {
             let (field, w, _end) = t.join().map_err(|_| "a writer panicked")?;
             state.insert(field, w);
@@ -696,13 +689,7 @@ fn fs_write_and_token_revocation_are_durable_when_answered_through_sigkill() -> 
                 mine
             })
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acks.load(Ordering::Relaxed) < kill_after && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let mut gw = gw;
-        gw.proc.kill();
-        stop.store(true, Ordering::Relaxed);
+        kill_after_acks(gw, &acks, kill_after, &stop);
         for (k, t) in writers.into_iter().enumerate() {
             written[k] = t.join().map_err(|_| "a writer panicked")?;
         }
