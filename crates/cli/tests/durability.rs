@@ -258,6 +258,34 @@ fn node_serve_stops_reading_stdin_while_sends_wait() -> TestResult {
     Ok(())
 }
 
+/// Found attacking the fix above: one endless line (no newline) grew memory ~400 MB/s.
+#[test]
+fn node_serve_skips_a_line_longer_than_64_kib() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (proc, mut stdin) = node_serve(&dir.path().join("wn"))?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            stdin.write_all(&chunk)?;
+        }
+        stdin.write_all(b"\ncreate /a data local\n")?;
+        stdin.flush()
+    });
+    let refused: Value = serde_json::from_str(&proc.line(Duration::from_secs(60))?)?;
+    assert!(refused["error"].as_str().unwrap_or_default().contains("longer than the limit"), "{refused}");
+    let created: Value = serde_json::from_str(&proc.line(Duration::from_secs(30))?)?;
+    assert!(created["ok"].is_string(), "the next line is read whole: {created}");
+    writer.join().map_err(|_| "writer panicked")??;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.child.id()))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    assert!(rss_kb < 96 << 10, "peak RSS {rss_kb} kB for a 64 MiB line: it was held");
+    Ok(())
+}
+
 fn node_get(store: &Path) -> Result<Value, Box<dyn std::error::Error>> {
     let out = referee().args(["--json", "node", "get", "--dir"]).arg(store).arg("/crash").output()?;
     if !out.status.success() {

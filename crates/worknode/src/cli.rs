@@ -18,7 +18,7 @@
 //! | `idle` | wait until every accepted message is handled |
 
 use std::collections::VecDeque;
-use std::io::BufRead as _;
+use std::io::{BufRead as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,8 @@ use crate::{
 
 /// Most `serve` sends waiting for durability at once (below the default mailbox bound, 1024).
 const MAX_PENDING: usize = 512;
+/// Longest `serve` command line, in bytes (a longer one is skipped and answered with an error).
+const MAX_LINE: usize = 64 * 1024;
 
 /// `referee node` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -312,7 +314,33 @@ fn serve(
         // fills, the reader blocks and the writer on the other end of the pipe with it.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
         std::thread::spawn(move || {
-            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                // A line is at most MAX_LINE bytes: the rest of a longer one is skipped, not held.
+                match (&mut stdin).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = if buf.len() > MAX_LINE && !buf.ends_with(b"\n") {
+                    let mut skipped = buf.len();
+                    loop {
+                        let chunk = match stdin.fill_buf() {
+                            Ok([]) | Err(_) => break,
+                            Ok(chunk) => chunk,
+                        };
+                        let (n, end) = chunk.iter().position(|b| *b == b'\n').map_or((chunk.len(), false), |i| (i + 1, true));
+                        stdin.consume(n);
+                        skipped += n;
+                        if end {
+                            break;
+                        }
+                    }
+                    format!("too-long {skipped}")
+                } else {
+                    String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_owned()
+                };
                 if tx.blocking_send(line).is_err() {
                     break;
                 }
@@ -407,6 +435,7 @@ async fn control(sys: &Arc<System>, repl: &Arc<Replicator>, words: &[String]) ->
             tokio::task::spawn_blocking(move || idle(&sys)).await??;
             Ok(serde_json::json!(true))
         }
+        "too-long" => bail!("a command line of {} bytes is longer than the limit, {MAX_LINE}: skipped", w(1)?),
         other => bail!("unknown command {other:?}: create, send, send-key, get, peer, isolate, heal or idle"),
     }
 }

@@ -133,6 +133,8 @@ pub(crate) type Opener = Box<dyn Fn() -> Result<Database, redb::Error> + Send + 
 /// the store works again once the cause is gone, without a restart.
 struct Db {
     current: RwLock<Option<Arc<Database>>>,
+    /// A read hit an I/O error: reopen before the next.
+    broken: std::sync::atomic::AtomicBool,
     open: Opener,
     path: String,
 }
@@ -143,6 +145,9 @@ impl Db {
     }
 
     fn get(&self) -> Result<Arc<Database>, StoreError> {
+        if self.broken.swap(false, Ordering::AcqRel) {
+            self.reopen()?;
+        }
         if let Some(db) = self.current.read().unwrap_or_else(PoisonError::into_inner).clone() {
             return Ok(db);
         }
@@ -237,7 +242,12 @@ impl EventStore {
             txn.open_table(REVOKED).map_err(|e| err(e.into()))?;
         }
         txn.commit().map_err(|e| err(e.into()))?;
-        let db = Arc::new(Db { current: RwLock::new(Some(db)), open, path: path.display().to_string() });
+        let db = Arc::new(Db {
+            current: RwLock::new(Some(db)),
+            broken: std::sync::atomic::AtomicBool::new(false),
+            open,
+            path: path.display().to_string(),
+        });
         let (tx, rx) = mpsc::channel();
         let (commits, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let writer = Writer {
@@ -259,7 +269,13 @@ impl EventStore {
     }
 
     fn db_err<E: Into<redb::Error>>(&self, e: E) -> StoreError {
-        StoreError::Database { path: self.path.display().to_string(), reason: e.into().to_string() }
+        let e = e.into();
+        if matches!(e, redb::Error::PreviousIo | redb::Error::Io(_)) {
+            // Reads fail too until the file is reopened: the next `get` does it, so a worknode
+            // whose log must be read back recovers even when no write reaches the writer.
+            self.db.broken.store(true, Ordering::Release);
+        }
+        StoreError::Database { path: self.path.display().to_string(), reason: e.to_string() }
     }
 
     fn submit<T>(&self, make: impl FnOnce(SyncSender<Result<T, StoreError>>) -> Cmd) -> Result<T, StoreError> {

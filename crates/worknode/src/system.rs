@@ -650,7 +650,8 @@ impl Inner {
         if !node.stale {
             return true;
         }
-        match self.replay(id) {
+        // A first failure may be what tells the store to reopen its file: try twice.
+        match self.replay(id).or_else(|_| self.replay(id)) {
             Ok((state, version)) => {
                 node.state = (!state.is_empty()).then(|| Box::new(state));
                 node.version = version;
@@ -673,7 +674,9 @@ impl Inner {
                 // Nothing can be applied on top of a state that may not be the stored one.
                 for Msg { ack, .. } in buf.drain(..) {
                     if let Some(a) = ack {
-                        let _ = a.reply.send(Err(WriteError::Store(StoreError::Closed)));
+                        let reason = "the worknode's event log cannot be read back after a failed commit".to_owned();
+                        let e = StoreError::Database { path: String::new(), reason };
+                        let _ = a.reply.send(Err(WriteError::Store(e)));
                     }
                 }
                 return;
@@ -1542,9 +1545,10 @@ mod tests {
         let failed = sys.update(&Authority::System, a, vec![("n".into(), Op::Grow(5))]).unwrap().wait();
         assert!(matches!(failed, Err(WriteError::Store(_))), "{failed:?}");
         full.store(false, Ordering::SeqCst);
-        // Space again: the same name is free, and the refused update is not in the state.
-        sys.create(&Authority::System, &root, "b", "data", Consistency::Eventual).unwrap();
+        // Space again: the stale worknode reloads on its own (no other write needed), the
+        // refused update is not in its state, and the same name is free.
         let view = sys.query(&Authority::System, a, Consistency::Local).unwrap();
+        sys.create(&Authority::System, &root, "b", "data", Consistency::Eventual).unwrap();
         assert_eq!((view.state.to_json()["n"].clone(), view.version), (serde_json::json!(1), 1));
         let done = sys.update(&Authority::System, a, vec![("n".into(), Op::Grow(2))]).unwrap().wait().unwrap();
         assert_eq!(done.seq, Some(2));
