@@ -358,7 +358,7 @@ fn serve(
                     }
                 }, if !pending.is_empty() => {
                     pending.pop_front();
-                    answer(done.map(|c| committed(&c)).map_err(anyhow::Error::from));
+                    answer_send(done);
                 }
                 line = rx.recv(), if pending.len() < MAX_PENDING => {
                     let Some(line) = line else { break };
@@ -400,10 +400,15 @@ fn answer(reply: anyhow::Result<serde_json::Value>) {
     println!("{out}");
 }
 
+/// Prints the reply line of a send.
+fn answer_send(done: Result<Committed, crate::WriteError>) {
+    answer(done.map(|c| committed(&c)).map_err(anyhow::Error::from));
+}
+
 /// Waits for every pending send, answering each in order.
 async fn drain(pending: &mut VecDeque<Completion>) {
     while let Some(c) = pending.pop_front() {
-        answer(c.await.map(|c| committed(&c)).map_err(anyhow::Error::from));
+        answer_send(c.await);
     }
 }
 
