@@ -216,6 +216,7 @@ async fn listen(id: Identity, allow: AllowList, addrs: &[String], max: Option<u6
         listeners.push(l);
     }
     let mut seen = 0u64;
+    let mut replies = tokio::task::JoinSet::new();
     while let Some(m) = inbox.recv().await {
         let kind = if m.is_request() { "request" } else { "message" };
         let text = String::from_utf8_lossy(m.payload()).into_owned();
@@ -224,13 +225,22 @@ async fn listen(id: Identity, allow: AllowList, addrs: &[String], max: Option<u6
             serde_json::json!({"from": m.from().to_string(), "kind": kind, "payload": text}),
             format!("{} {kind}: {text}", m.from().short()),
         );
-        let p = m.payload().clone();
-        let _ = m.reply(p).await;
+        // Replied from its own task: a peer that stops reading fills only its own queue (and is
+        // disconnected after `Config::write_timeout`); the loop goes on serving everyone else.
+        if m.is_request() {
+            let p = m.payload().clone();
+            replies.spawn(async move {
+                let _ = m.reply(p).await;
+            });
+        }
+        while replies.try_join_next().is_some() {}
         seen += 1;
         if max.is_some_and(|max| seen >= max) {
             break;
         }
     }
+    // Queued replies go out before the close (each is bounded by `Config::write_timeout`).
+    while replies.join_next().await.is_some() {}
     node.close_all("listener exiting").await;
     Ok(())
 }

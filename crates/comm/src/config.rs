@@ -30,8 +30,34 @@ pub struct Config {
     pub max_pending_requests: usize,
     /// Concurrent connections per node (accepted + initiated); more are refused.
     pub max_connections: usize,
-    /// Concurrent handshakes in progress on a listener.
+    /// Handshakes in progress before authentication, node-wide (TCP, Unix and QUIC together).
+    /// When full, a new connection evicts the handshake idle longest, preferring one that has not
+    /// sent a complete first message: strangers holding sockets cannot starve allowed peers.
     pub max_handshakes: usize,
+    /// Handshakes in progress from one source (IP address; Unix: user id). A source over its
+    /// share evicts its own oldest handshake, never another source's.
+    pub max_handshakes_per_source: usize,
+    /// Time allowed between accepting a socket and receiving the preamble and the complete first
+    /// handshake message.
+    pub first_message_timeout: Duration,
+    /// An IK first message carries the initiator's clock; one older or newer than this (from the
+    /// responder's clock), or not newer than the last one seen from that identity, is refused
+    /// as a replay. See `docs/comm.md`, "Replay window".
+    pub ik_replay_window: Duration,
+    /// Connections one authenticated peer may hold on this node at once.
+    pub max_connections_per_peer: usize,
+    /// Bytes of received, not yet consumed data (partial fragmented messages, the inbox,
+    /// subscriptions) one peer may hold, over all its connections. Reading from that peer pauses
+    /// while it is spent. Also the bound on bytes queued *to* one peer (a separate budget).
+    pub peer_buffer_bytes: usize,
+    /// The same budget for the whole node, per direction: received data from all peers, and data
+    /// queued to all peers.
+    pub node_buffer_bytes: usize,
+    /// A fragmented message must arrive in full within this time once its first fragment came.
+    pub message_timeout: Duration,
+    /// A peer that accepts no bytes of a pending write for this long is disconnected (its
+    /// queued messages fail) rather than waited for.
+    pub write_timeout: Duration,
     /// Frames are coalesced into one socket write up to this many bytes.
     pub write_coalesce_bytes: usize,
     /// Reconnection policy for [`crate::Node::connect`].
@@ -83,6 +109,14 @@ impl Default for Config {
             max_pending_requests: 65536,
             max_connections: 16384,
             max_handshakes: 256,
+            max_handshakes_per_source: 32,
+            first_message_timeout: Duration::from_secs(3),
+            ik_replay_window: Duration::from_secs(300),
+            max_connections_per_peer: 1024,
+            peer_buffer_bytes: 40 * 1024 * 1024,
+            node_buffer_bytes: 256 * 1024 * 1024,
+            message_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             write_coalesce_bytes: 256 * 1024,
             reconnect: Backoff::default(),
         }
@@ -98,6 +132,13 @@ impl Config {
         self.inbox_capacity = self.inbox_capacity.max(1);
         self.subscription_capacity = self.subscription_capacity.max(1);
         self.max_message_len = self.max_message_len.min(u32::MAX as usize - 1024);
+        self.max_handshakes = self.max_handshakes.max(1);
+        self.max_handshakes_per_source = self.max_handshakes_per_source.clamp(1, self.max_handshakes);
+        self.max_connections_per_peer = self.max_connections_per_peer.max(1);
+        // One whole message (plus its envelope) must always fit, or a reader would wait forever.
+        let one = self.max_message_len + crate::frame::ENVELOPE_OVERHEAD + 1024;
+        self.peer_buffer_bytes = self.peer_buffer_bytes.clamp(one, crate::budget::MAX_BUDGET);
+        self.node_buffer_bytes = self.node_buffer_bytes.clamp(self.peer_buffer_bytes, crate::budget::MAX_BUDGET);
         self
     }
 }

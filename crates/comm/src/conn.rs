@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::budget::{Budget, Charge, MESSAGE_COST};
 use crate::config::Config;
 use crate::error::{ConnectionError, FrameError, RequestError, SendError};
 use crate::frame::{self, Envelope, FrameDecoder, Kind, LEN_PREFIX, MAX_RECORD, Record, TAG_LEN};
@@ -31,7 +32,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 enum Out {
-    Env(Box<Envelope>),
+    /// An envelope and the bytes it holds against the peer's outgoing budget until sealed.
+    Env(Box<Envelope>, Charge),
     Close(String),
 }
 
@@ -71,11 +73,13 @@ struct Inner {
     cfg: Arc<Config>,
     out: mpsc::Sender<Out>,
     pending: Mutex<HashMap<u64, ReplySlot>>,
-    subs: Mutex<HashMap<String, mpsc::Sender<Bytes>>>,
+    subs: Mutex<HashMap<String, mpsc::Sender<(Bytes, Charge)>>>,
     peer_topics: Mutex<HashSet<String>>,
     next_id: AtomicU64,
     closed: watch::Sender<Option<Arc<ConnectionError>>>,
     counters: Counters,
+    /// Bytes queued to this peer (shared by its connections, and node-wide).
+    out_budget: Budget,
 }
 
 impl Inner {
@@ -110,6 +114,8 @@ pub struct Incoming {
     conn: Connection,
     payload: Bytes,
     request: Option<u64>,
+    /// Held against the sender's incoming budget until the application consumes the message.
+    _charge: Charge,
 }
 
 impl Incoming {
@@ -153,14 +159,14 @@ impl Incoming {
 #[derive(Debug)]
 pub struct Subscription {
     topic: String,
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<(Bytes, Charge)>,
     conn: Connection,
 }
 
 impl Subscription {
     /// The next publication, or `None` once the connection closed.
     pub async fn recv(&mut self) -> Option<Bytes> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|(payload, _charge)| payload)
     }
     /// The topic.
     pub fn topic(&self) -> &str {
@@ -171,6 +177,14 @@ impl Subscription {
         lock(&self.conn.inner.subs).remove(&self.topic);
         self.conn.enqueue(Kind::Unsubscribe, 0, Some(self.topic.clone()), Bytes::new()).await
     }
+}
+
+/// What a new connection is plugged into: the node's configuration, its inbox, and the peer's
+/// (incoming, outgoing) byte budgets.
+pub(crate) struct Wiring {
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) inbox: mpsc::Sender<Incoming>,
+    pub(crate) budgets: (Budget, Budget),
 }
 
 /// A live, authenticated, encrypted connection to one peer. Clone it to share it.
@@ -197,10 +211,10 @@ impl Connection {
         write: BoxWrite,
         est: crate::handshake::Established,
         remote: String,
-        cfg: Arc<Config>,
-        inbox: mpsc::Sender<Incoming>,
+        wiring: Wiring,
         register: impl FnOnce(&Connection),
     ) -> Connection {
+        let Wiring { cfg, inbox, budgets: (in_budget, out_budget) } = wiring;
         let (out_tx, out_rx) = mpsc::channel(cfg.send_queue);
         let (closed, _) = watch::channel(None);
         let inner = Arc::new(Inner {
@@ -214,12 +228,13 @@ impl Connection {
             next_id: AtomicU64::new(1),
             closed,
             counters: Counters::default(),
+            out_budget,
         });
         let noise = Arc::new(Mutex::new(est.transport));
         let conn = Connection { inner };
         register(&conn);
         tokio::spawn(writer(conn.inner.clone(), out_rx, write, noise.clone(), est.preface));
-        tokio::spawn(reader(conn.clone(), read, est.decoder, noise, inbox));
+        tokio::spawn(reader(conn.clone(), read, est.decoder, noise, inbox, in_budget));
         conn
     }
 
@@ -284,7 +299,14 @@ impl Connection {
             return Err(SendError::TooLarge { len: payload.len(), max });
         }
         let env = Envelope { version: self.inner.peer.version, kind, id, correlation, topic, payload };
-        self.inner.out.send(Out::Env(Box::new(env))).await.map_err(|_| SendError::Closed(self.inner.close_reason()))?;
+        let closed = || SendError::Closed(self.inner.close_reason());
+        let mut watch = self.inner.closed.subscribe();
+        // Wait for room in the peer's outgoing budget, unless the connection closes meanwhile.
+        let charge = tokio::select! {
+            c = self.inner.out_budget.charge(env.encoded_len_hint() + MESSAGE_COST) => c,
+            _ = watch.wait_for(Option::is_some) => return Err(closed()),
+        };
+        self.inner.out.send(Out::Env(Box::new(env), charge)).await.map_err(|_| closed())?;
         self.inner.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -424,8 +446,7 @@ async fn writer(
     let mut sealer = Sealer { noise, wbuf: Vec::new(), frames_since_rekey: 0, keyed_at: Instant::now() };
     let work = async {
         if !preface.is_empty() {
-            w.write_all(&preface).await?;
-            w.flush().await?;
+            put(&mut w, &preface, inner.cfg.write_timeout).await?;
         }
         writer_loop(&inner, &mut rx, &mut w, &mut sealer).await
     };
@@ -454,7 +475,7 @@ async fn writer_loop(
         plain.reserve(limit);
         loop {
             match next {
-                Out::Env(env) => {
+                Out::Env(env, _charge) => {
                     let hint = env.encoded_len_hint();
                     if hint > max_entry {
                         flush_batch(inner, sealer, &mut plain)?;
@@ -482,8 +503,7 @@ async fn writer_loop(
                     rec.extend_from_slice(reason.as_bytes());
                     rec.truncate(1024);
                     sealer.seal_one(&rec)?;
-                    w.write_all(&sealer.wbuf).await?;
-                    w.flush().await?;
+                    put(w, &sealer.wbuf, inner.cfg.write_timeout).await?;
                     inner.shut(ConnectionError::ClosedLocally);
                     return Ok(());
                 }
@@ -497,8 +517,7 @@ async fn writer_loop(
             }
         }
         flush_batch(inner, sealer, &mut plain)?;
-        w.write_all(&sealer.wbuf).await?;
-        w.flush().await?;
+        put(w, &sealer.wbuf, inner.cfg.write_timeout).await?;
         sealer.wbuf.clear();
         // Idle connections keep no large buffers.
         if rx.is_empty() {
@@ -506,6 +525,21 @@ async fn writer_loop(
             plain = Vec::new();
         }
     }
+}
+
+/// Writes and flushes `buf`, failing with [`ConnectionError::WriteStalled`] if the peer accepts no
+/// bytes for `stall` (a peer that stopped reading is disconnected, not waited for).
+async fn put(w: &mut BoxWrite, mut buf: &[u8], stall: Duration) -> Result<(), ConnectionError> {
+    let stalled = |_| ConnectionError::WriteStalled(stall);
+    while !buf.is_empty() {
+        let n = tokio::time::timeout(stall, w.write(buf)).await.map_err(stalled)??;
+        if n == 0 {
+            return Err(ConnectionError::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        buf = buf.get(n..).unwrap_or_default();
+    }
+    tokio::time::timeout(stall, w.flush()).await.map_err(stalled)??;
+    Ok(())
 }
 
 fn flush_batch(inner: &Inner, sealer: &mut Sealer, plain: &mut Vec<u8>) -> Result<(), ConnectionError> {
@@ -522,31 +556,38 @@ async fn write_fragments(
     w: &mut BoxWrite,
     env: &Envelope,
 ) -> Result<(), ConnectionError> {
-    let mut whole = Vec::with_capacity(env.encoded_len_hint());
-    env.encode_into(&mut whole)?;
-    let total = u32::try_from(whole.len())
-        .map_err(|_| FrameError::MessageTooLarge { len: whole.len() as u64, max: inner.cfg.max_message_len })?;
+    use bytes::Buf as _;
+    // The payload is sent from where it lies (no 16 MiB copy): head, then payload slices.
+    let mut head = Vec::with_capacity(frame::ENVELOPE_OVERHEAD + env.topic.as_ref().map_or(0, String::len) + 2);
+    env.encode_head_into(&mut head)?;
+    let len = head.len() + env.payload.len();
+    let total = u32::try_from(len)
+        .map_err(|_| FrameError::MessageTooLarge { len: len as u64, max: inner.cfg.max_message_len })?;
+    let mut src = bytes::Buf::chain(head.as_slice(), env.payload.as_ref());
     let limit = inner.record_limit();
     let mut rec = Vec::with_capacity(limit);
-    let first_len = limit - 1 - 4;
-    let (first, mut rest) = whole.split_at(first_len.min(whole.len()));
     rec.push(frame::REC_FRAG_FIRST);
     rec.extend_from_slice(&total.to_be_bytes());
-    rec.extend_from_slice(first);
-    sealer.seal(inner, &rec)?;
-    while !rest.is_empty() {
-        let (chunk, after) = rest.split_at((limit - 1).min(rest.len()));
-        rest = after;
-        rec.clear();
-        rec.push(frame::REC_FRAG_MORE);
-        rec.extend_from_slice(chunk);
+    loop {
+        let mut room = limit - rec.len();
+        while room > 0 && src.has_remaining() {
+            let chunk = src.chunk();
+            let k = chunk.len().min(room);
+            rec.extend_from_slice(chunk.get(..k).unwrap_or_default());
+            src.advance(k);
+            room -= k;
+        }
         sealer.seal(inner, &rec)?;
         if sealer.wbuf.len() >= inner.cfg.write_coalesce_bytes {
-            w.write_all(&sealer.wbuf).await?;
+            put(w, &sealer.wbuf, inner.cfg.write_timeout).await?;
             sealer.wbuf.clear();
         }
+        if !src.has_remaining() {
+            return Ok(());
+        }
+        rec.clear();
+        rec.push(frame::REC_FRAG_MORE);
     }
-    Ok(())
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -558,10 +599,11 @@ async fn reader(
     dec: FrameDecoder,
     noise: Arc<Mutex<snow::TransportState>>,
     inbox: mpsc::Sender<Incoming>,
+    budget: Budget,
 ) {
     let mut closed = conn.inner.closed.subscribe();
     let result = tokio::select! {
-        r = reader_loop(&conn, &mut r, dec, &noise, &inbox) => r,
+        r = reader_loop(&conn, &mut r, dec, &noise, &inbox, &budget) => r,
         _ = closed.wait_for(Option::is_some) => Ok(()),
     };
     let reason = match result {
@@ -580,10 +622,11 @@ async fn reader_loop(
     mut dec: FrameDecoder,
     noise: &Mutex<snow::TransportState>,
     inbox: &mpsc::Sender<Incoming>,
+    budget: &Budget,
 ) -> Result<(), ConnectionError> {
     let inner = &conn.inner;
     let mut index: u64 = 0;
-    let mut frag: Option<(usize, BytesMut)> = None;
+    let mut frag: Option<Partial> = None;
     let max_env = inner.cfg.max_message_len.saturating_add(frame::ENVELOPE_OVERHEAD + 512);
     loop {
         while let Some(ct) = dec.next_frame()? {
@@ -599,8 +642,19 @@ async fn reader_loop(
                         return Err(FrameError::Malformed("batch inside a fragmented message").into());
                     }
                     for entry in entries {
-                        let env = Envelope::decode(&plain, entry?)?;
-                        dispatch(conn, env, inbox).await?;
+                        let mut env = Envelope::decode(&plain, entry?)?;
+                        let charge = match env.kind {
+                            Kind::Message | Kind::Request | Kind::Publish => {
+                                // A small payload is copied out so it does not pin the whole
+                                // record (up to 64 KiB) while it waits: what is charged is held.
+                                if env.payload.len() < plain.len() / 2 {
+                                    env.payload = Bytes::copy_from_slice(&env.payload);
+                                }
+                                Some(budget.charge(env.payload.len() + MESSAGE_COST).await)
+                            }
+                            _ => None,
+                        };
+                        dispatch(conn, env, inbox, charge).await?;
                     }
                 }
                 Record::FragFirst { total, chunk } => {
@@ -616,24 +670,28 @@ async fn reader_loop(
                     if chunk.len() >= total {
                         return Err(FrameError::Malformed("fragmented message fits one record").into());
                     }
+                    // The whole message is charged before any of it is buffered; reading from this
+                    // peer pauses while its share (or the node's) is spent.
+                    let charge = budget.charge(total + MESSAGE_COST).await;
                     let mut buf = BytesMut::with_capacity(total.min(1 << 20));
                     buf.extend_from_slice(chunk);
-                    frag = Some((total, buf));
+                    let deadline = tokio::time::Instant::now() + inner.cfg.message_timeout;
+                    frag = Some(Partial { total, buf, charge, deadline });
                 }
                 Record::FragMore(chunk) => {
-                    let Some((total, mut buf)) = frag.take() else {
+                    let Some(mut part) = frag.take() else {
                         return Err(FrameError::Malformed("continuation fragment without a first fragment").into());
                     };
-                    if buf.len() + chunk.len() > total {
+                    if part.buf.len() + chunk.len() > part.total {
                         return Err(FrameError::Malformed("fragments exceed the announced length").into());
                     }
-                    buf.extend_from_slice(chunk);
-                    if buf.len() == total {
-                        let whole = buf.freeze();
+                    part.buf.extend_from_slice(chunk);
+                    if part.buf.len() == part.total {
+                        let whole = part.buf.freeze();
                         let env = Envelope::decode(&whole, &whole)?;
-                        dispatch(conn, env, inbox).await?;
+                        dispatch(conn, env, inbox, Some(part.charge)).await?;
                     } else {
-                        frag = Some((total, buf));
+                        frag = Some(part);
                     }
                 }
                 Record::Rekey => {
@@ -644,22 +702,48 @@ async fn reader_loop(
                 Record::Accept(_) => return Err(FrameError::Malformed("ACCEPT after the handshake").into()),
             }
         }
-        if dec.buffered() == 0 {
+        // A fragmented message in progress must be complete by its deadline.
+        let deadline = frag.as_ref().map(|p| p.deadline);
+        let late = || ConnectionError::MessageTimeout(inner.cfg.message_timeout);
+        let n = if dec.buffered() == 0 {
             // Nothing in flight: read a little into a stack buffer so idle connections hold no heap.
             dec.release();
             let mut small = [0u8; IDLE_READ];
-            let n = r.read(&mut small).await?;
-            if n == 0 {
-                return Err(ConnectionError::Eof);
-            }
+            let n = match deadline {
+                Some(d) => tokio::time::timeout_at(d, r.read(&mut small)).await.map_err(|_| late())??,
+                None => r.read(&mut small).await?,
+            };
             dec.push(small.get(..n).unwrap_or_default());
-        } else if r.read_buf(dec.read_buf()).await? == 0 {
+            n
+        } else {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, r.read_buf(dec.read_buf())).await.map_err(|_| late())??,
+                None => r.read_buf(dec.read_buf()).await?,
+            }
+        };
+        if n == 0 {
             return Err(ConnectionError::Eof);
         }
     }
 }
 
-async fn dispatch(conn: &Connection, env: Envelope, inbox: &mpsc::Sender<Incoming>) -> Result<(), ConnectionError> {
+/// A fragmented message being reassembled, with the budget it holds and its deadline.
+struct Partial {
+    total: usize,
+    buf: BytesMut,
+    charge: Charge,
+    deadline: tokio::time::Instant,
+}
+
+/// Delivers one envelope. `charge` is what its payload holds against the peer's incoming budget;
+/// it travels with the payload to the inbox or subscription and is given back when consumed.
+async fn dispatch(
+    conn: &Connection,
+    env: Envelope,
+    inbox: &mpsc::Sender<Incoming>,
+    charge: Option<Charge>,
+) -> Result<(), ConnectionError> {
+    let charge = charge.unwrap_or_else(Charge::none);
     let inner = &conn.inner;
     if env.version != inner.peer.version {
         return Err(ConnectionError::VersionMismatch { got: env.version, negotiated: inner.peer.version });
@@ -669,7 +753,8 @@ async fn dispatch(conn: &Connection, env: Envelope, inbox: &mpsc::Sender<Incomin
         Kind::Message | Kind::Request => {
             let request = (env.kind == Kind::Request).then_some(env.id);
             // If the application dropped its inbox, messages are discarded (requests then time out).
-            let _ = inbox.send(Incoming { conn: conn.clone(), payload: env.payload, request }).await;
+            let incoming = Incoming { conn: conn.clone(), payload: env.payload, request, _charge: charge };
+            let _ = inbox.send(incoming).await;
         }
         Kind::Reply | Kind::Error => {
             let slot = lock(&inner.pending).remove(&env.correlation);
@@ -687,7 +772,7 @@ async fn dispatch(conn: &Connection, env: Envelope, inbox: &mpsc::Sender<Incomin
             let topic = env.topic.ok_or(FrameError::Malformed("publish without a topic"))?;
             let tx = lock(&inner.subs).get(&topic).cloned();
             if let Some(tx) = tx
-                && tx.send(env.payload).await.is_err()
+                && tx.send((env.payload, charge)).await.is_err()
             {
                 lock(&inner.subs).remove(&topic);
             }
@@ -754,10 +839,14 @@ mod tests {
             })
         };
         let mut b = b;
-        let est = respond(&mut b, &good, &allow_evil, &cfg).await?;
+        let guard = crate::handshake::ReplayGuard::new(cfg.ik_replay_window);
+        let mut on_first = || {};
+        let est = respond(&mut b, &good, &allow_evil, &cfg, &guard, &mut on_first).await?;
         let (r, w) = tokio::io::split(b);
         let (inbox, _inbox_rx) = mpsc::channel(16);
-        let conn = Connection::spawn(Box::new(r), Box::new(w), est, "evil".into(), cfg, inbox, |_| {});
+        let budgets = (Budget::standalone(1 << 30, 1 << 30), Budget::standalone(1 << 30, 1 << 30));
+        let wiring = Wiring { cfg, inbox, budgets };
+        let conn = Connection::spawn(Box::new(r), Box::new(w), est, "evil".into(), wiring, |_| {});
         let (mut a, mut est) = evil_side.await??;
         for plain in records {
             let mut buf = vec![0u8; plain.len() + TAG_LEN];
@@ -814,6 +903,48 @@ mod tests {
             ["a", "b", "c"].iter().map(|t| envelope(1, Kind::Subscribe, Some(t))).collect::<Result<Vec<_>, _>>()?;
         let reason = close_reason_after(vec![batch(&subs)], cfg).await?;
         assert!(reason.contains("more than 2 topics"), "{reason}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_fragmented_message_that_never_completes_times_out() -> R {
+        let cfg = Config { message_timeout: Duration::from_millis(100), ..Config::default() };
+        let first = vec![frame::REC_FRAG_FIRST, 0, 0, 10, 0, 1];
+        let reason = close_reason_after(vec![first], cfg).await?;
+        assert!(reason.contains("incomplete after 100ms"), "{reason}");
+        Ok(())
+    }
+
+    /// A peer that stops reading is disconnected after `write_timeout`, not waited for.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_disconnected() -> R {
+        let (evil, good) = (Identity::generate()?, Identity::generate()?);
+        let (mut a, mut b) = tokio::io::duplex(1 << 12);
+        let cfg = Arc::new(Config { write_timeout: Duration::from_millis(200), ..Config::default() });
+        let (allow_good, allow_evil) = (AllowList::new([good.id()]), AllowList::new([evil.id()]));
+        let evil_side = {
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let est = initiate(&mut a, &evil, &allow_good, Expect::default(), &cfg).await?;
+                Ok::<_, crate::error::HandshakeError>((a, est))
+            })
+        };
+        let guard = crate::handshake::ReplayGuard::new(cfg.ik_replay_window);
+        let mut on_first = || {};
+        let est = respond(&mut b, &good, &allow_evil, &cfg, &guard, &mut on_first).await?;
+        let (r, w) = tokio::io::split(b);
+        let (inbox, _inbox_rx) = mpsc::channel(16);
+        let budgets = (Budget::standalone(1 << 30, 1 << 30), Budget::standalone(1 << 30, 1 << 30));
+        let wiring = Wiring { cfg, inbox, budgets };
+        let conn = Connection::spawn(Box::new(r), Box::new(w), est, "evil".into(), wiring, |_| {});
+        let (_a, _est) = evil_side.await??; // holds its end open and never reads
+        let sender = tokio::spawn({
+            let conn = conn.clone();
+            async move { while conn.send(vec![0u8; 1 << 16]).await.is_ok() {} }
+        });
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await?;
+        assert!(reason.to_string().contains("read nothing for 200ms"), "{reason}");
+        tokio::time::timeout(Duration::from_secs(10), sender).await??;
         Ok(())
     }
 }

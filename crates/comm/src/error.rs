@@ -100,6 +100,20 @@ pub enum HandshakeError {
     /// The responder refused us after the handshake (its reason is included).
     #[error("peer refused the connection: {0}")]
     Refused(String),
+
+    /// An IK first message whose timestamp is not newer than the last one seen from that identity,
+    /// or outside the replay window around the responder's clock.
+    #[error("IK first message from {peer} refused: {why}")]
+    Replay {
+        /// The identity the message claims.
+        peer: PeerId,
+        /// Replayed, too old or too far in the future.
+        why: String,
+    },
+
+    /// The pre-authentication pool was full and this handshake was the one idle longest.
+    #[error("handshake evicted: too many unauthenticated handshakes in progress (Config::max_handshakes)")]
+    Evicted,
     /// The peer closed the socket mid-handshake.
     #[error(
         "peer closed the connection during the handshake (it may not allow our identity, or the static key we expected for it is wrong)"
@@ -143,6 +157,14 @@ pub enum ConnectionError {
     /// The peer subscribed to more topics than allowed.
     #[error("peer subscribed to more than {0} topics; raise `Config::max_topics_per_peer` if that is legitimate")]
     TooManyTopics(usize),
+
+    /// The peer accepted no bytes of a pending write within `Config::write_timeout`.
+    #[error("peer read nothing for {0:?}; disconnected instead of waiting (Config::write_timeout)")]
+    WriteStalled(Duration),
+
+    /// A fragmented message did not arrive in full within `Config::message_timeout`.
+    #[error("fragmented message incomplete after {0:?}; disconnected (Config::message_timeout)")]
+    MessageTimeout(Duration),
 }
 
 /// Why a message could not be queued.

@@ -262,6 +262,32 @@ impl Envelope {
         rmp_serde::encode::write(out, &wire).map_err(|e| FrameError::Envelope(e.to_string()))
     }
 
+    /// Appends the encoding of everything before the payload bytes, ending with the payload's
+    /// MessagePack `bin` header: `head ‖ payload` is exactly what [`Envelope::encode_into`]
+    /// writes. Lets a large payload be sent in fragments without copying it.
+    pub fn encode_head_into(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let start = out.len();
+        let wire = WireOut(self.version, self.kind as u8, self.id, self.correlation, self.topic.as_deref(), &[]);
+        rmp_serde::encode::write(out, &wire).map_err(|e| FrameError::Envelope(e.to_string()))?;
+        // An empty payload encodes as `bin8` of length 0 (0xc4 0x00), the last two bytes.
+        if out.len() < start + 2 || out.get(out.len() - 2..) != Some(&[0xc4, 0x00][..]) {
+            return Err(FrameError::Envelope("unexpected encoding of an empty payload".into()));
+        }
+        out.truncate(out.len() - 2);
+        let n = self.payload.len();
+        if let Ok(n) = u8::try_from(n) {
+            out.extend_from_slice(&[0xc4, n]);
+        } else if let Ok(n) = u16::try_from(n) {
+            out.push(0xc5);
+            out.extend_from_slice(&n.to_be_bytes());
+        } else {
+            let n = u32::try_from(n).map_err(|_| FrameError::Envelope("payload above 4 GiB".into()))?;
+            out.push(0xc6);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Ok(())
+    }
+
     /// Upper bound of the encoded size.
     pub fn encoded_len_hint(&self) -> usize {
         ENVELOPE_OVERHEAD + self.topic.as_ref().map_or(0, |t| t.len() + 2) + self.payload.len()
@@ -317,6 +343,21 @@ mod tests {
         assert_eq!(d, e);
         let (p0, r0) = (d.payload.as_ptr() as usize, record.as_ptr() as usize);
         assert!(p0 >= r0 && p0 < r0 + record.len(), "payload must not be copied");
+        Ok(())
+    }
+
+    #[test]
+    fn head_then_payload_is_the_whole_encoding() -> Result<(), FrameError> {
+        for n in [0usize, 1, 255, 256, 65535, 65536, 1 << 20] {
+            for topic in [None, Some("t/1".to_owned())] {
+                let e = Envelope { payload: Bytes::from(vec![7u8; n]), topic, ..env(b"") };
+                let (mut whole, mut head) = (Vec::new(), Vec::new());
+                e.encode_into(&mut whole)?;
+                e.encode_head_into(&mut head)?;
+                head.extend_from_slice(&e.payload);
+                assert!(head == whole, "payload of {n} bytes");
+            }
+        }
         Ok(())
     }
 

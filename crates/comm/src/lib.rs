@@ -41,7 +41,9 @@
 
 #![deny(missing_docs)]
 
+mod admission;
 pub mod bench;
+mod budget;
 pub mod cli;
 mod config;
 mod conn;
@@ -56,6 +58,6 @@ mod quic;
 pub use config::{Backoff, Config};
 pub use conn::{ConnStats, Connection, Incoming, Subscription};
 pub use error::{ConnectError, ConnectionError, FrameError, HandshakeError, IdentityError, RequestError, SendError};
-pub use handshake::{PREAMBLE_MAGIC, PREAMBLE_VERSION, PeerInfo};
+pub use handshake::{IK_TIMESTAMP_LEN, PREAMBLE_MAGIC, PREAMBLE_VERSION, PeerInfo};
 pub use identity::{AllowList, BINDING_LABEL, HELLO_LEN, HELLO_MAGIC, Identity, PeerId};
 pub use node::{Addr, ConnectOptions, Event, Inbox, Listener, Node};

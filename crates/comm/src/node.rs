@@ -11,13 +11,15 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::admission::Admission;
+use crate::budget::Budgets;
 use crate::config::Config;
-use crate::conn::{BoxRead, BoxWrite, Connection, Incoming};
+use crate::conn::{BoxRead, BoxWrite, Connection, Incoming, Wiring};
 use crate::error::{ConnectError, HandshakeError};
-use crate::handshake::{self, Expect};
+use crate::handshake::{self, Expect, ReplayGuard};
 use crate::identity::{AllowList, Identity, PeerId};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,7 +170,11 @@ pub(crate) struct NodeInner {
     by_addr: Mutex<HashMap<Addr, Connection>>,
     statics: Mutex<HashMap<Addr, (PeerId, [u8; 32])>>,
     next_conn: AtomicU64,
-    handshakes: Arc<Semaphore>,
+    /// Connections per authenticated peer (for `Config::max_connections_per_peer`).
+    per_peer: Mutex<HashMap<PeerId, usize>>,
+    pub(crate) admission: Arc<Admission>,
+    replay: ReplayGuard,
+    budgets: Budgets,
     pub(crate) quic: Mutex<Option<quinn::Endpoint>>,
 }
 
@@ -221,7 +227,10 @@ impl Node {
         let inner = NodeInner {
             identity,
             allow,
-            handshakes: Arc::new(Semaphore::new(cfg.max_handshakes.max(1))),
+            admission: Arc::new(Admission::new(cfg.max_handshakes, cfg.max_handshakes_per_source)),
+            replay: ReplayGuard::new(cfg.ik_replay_window),
+            budgets: Budgets::new(&cfg),
+            per_peer: Mutex::new(HashMap::new()),
             cfg,
             inbox: tx,
             events,
@@ -266,7 +275,8 @@ impl Node {
                         };
                         let _ = s.set_nodelay(true);
                         let Some(node) = weak.upgrade() else { return };
-                        spawn_responder(node, s, remote.to_string(), |s: TcpStream| {
+                        let source = remote.ip().to_string();
+                        spawn_responder(node, s, remote.to_string(), source, |s: TcpStream| {
                             let (r, w) = s.into_split();
                             (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
                         });
@@ -285,7 +295,9 @@ impl Node {
                             continue;
                         };
                         let Some(node) = weak.upgrade() else { return };
-                        spawn_responder(node, s, shown.clone(), |s: UnixStream| {
+                        // Local peers are told apart by user id (a Unix socket has no address).
+                        let source = s.peer_cred().map_or_else(|_| "unix".to_owned(), |c| format!("uid {}", c.uid()));
+                        spawn_responder(node, s, shown.clone(), source, |s: UnixStream| {
                             let (r, w) = s.into_split();
                             (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
                         });
@@ -394,9 +406,8 @@ impl Node {
                 .map_err(|_| hs_err(HandshakeError::Timeout(t)))?
                 .map_err(hs_err)?;
         let (r, w) = split(s);
-        let conn = Connection::spawn(r, w, est, addr.to_string(), inner.cfg.clone(), inner.inbox.clone(), |c| {
-            register(&self.inner, c.clone(), false)
-        });
+        let wiring = wiring(inner, est.peer.id);
+        let conn = Connection::spawn(r, w, est, addr.to_string(), wiring, |c| register(&self.inner, c.clone(), false));
         Ok(conn)
     }
 
@@ -426,28 +437,31 @@ pub(crate) fn emit(inner: &NodeInner, e: Event) {
     let _ = inner.events.send(e);
 }
 
+/// What a new connection to `peer` is plugged into.
+fn wiring(inner: &NodeInner, peer: PeerId) -> Wiring {
+    Wiring { cfg: inner.cfg.clone(), inbox: inner.inbox.clone(), budgets: inner.budgets.for_peer(peer) }
+}
+
 /// Registers a new connection and removes it again when it closes.
 fn register(inner: &Arc<NodeInner>, conn: Connection, inbound: bool) {
     let key = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+    let peer = conn.peer().id;
     let over = {
         let mut conns = lock(&inner.conns);
-        let over = conns.len() >= inner.cfg.max_connections;
-        if !over {
+        let mut per_peer = lock(&inner.per_peer);
+        let mine = per_peer.get(&peer).copied().unwrap_or(0);
+        if conns.len() >= inner.cfg.max_connections {
+            Some(format!("node already holds {} connections (Config::max_connections)", inner.cfg.max_connections))
+        } else if mine >= inner.cfg.max_connections_per_peer {
+            Some(format!("peer {peer} already holds {mine} connections (Config::max_connections_per_peer)"))
+        } else {
             conns.insert(key, conn.clone());
+            per_peer.insert(peer, mine + 1);
+            None
         }
-        over
     };
-    if over {
-        emit(
-            inner,
-            Event::Refused {
-                remote: conn.remote_addr().to_owned(),
-                reason: format!(
-                    "node already holds {} connections (Config::max_connections)",
-                    inner.cfg.max_connections
-                ),
-            },
-        );
+    if let Some(reason) = over {
+        emit(inner, Event::Refused { remote: conn.remote_addr().to_owned(), reason });
         conn.abort();
         return;
     }
@@ -457,6 +471,15 @@ fn register(inner: &Arc<NodeInner>, conn: Connection, inbound: bool) {
         let reason = conn.closed().await;
         if let Some(inner) = weak.upgrade() {
             lock(&inner.conns).remove(&key);
+            {
+                let mut per_peer = lock(&inner.per_peer);
+                match per_peer.get_mut(&conn.peer().id) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    _ => {
+                        per_peer.remove(&conn.peer().id);
+                    }
+                }
+            }
             lock(&inner.by_addr).retain(|_, c| !c.is_closed());
             emit(
                 &inner,
@@ -470,32 +493,37 @@ fn register(inner: &Arc<NodeInner>, conn: Connection, inbound: bool) {
     });
 }
 
-/// Runs the responder handshake for an accepted stream in its own task.
+/// Runs the responder handshake for an accepted stream in its own task, holding a place in the
+/// admission pool (see [`crate::admission`]) until it is authenticated, fails or is evicted.
 pub(crate) fn spawn_responder<S>(
     inner: Arc<NodeInner>,
     mut s: S,
     remote: String,
+    source: String,
     split: impl FnOnce(S) -> (BoxRead, BoxWrite) + Send + 'static,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Ok(permit) = inner.handshakes.clone().try_acquire_owned() else {
-        emit(&inner, Event::Refused { remote, reason: "too many handshakes in progress".into() });
-        return;
-    };
+    let (ticket, evicted) = inner.admission.admit(&source);
     tokio::spawn(async move {
         let t = inner.cfg.handshake_timeout;
-        let res = tokio::time::timeout(t, handshake::respond(&mut s, &inner.identity, &inner.allow, &inner.cfg)).await;
-        drop(permit);
-        match res {
-            Ok(Ok(est)) => {
-                let (r, w) = split(s);
-                let _ = Connection::spawn(r, w, est, remote, inner.cfg.clone(), inner.inbox.clone(), |c| {
-                    register(&inner, c.clone(), true)
-                });
+        let res = {
+            let mut on_first = || ticket.progressed();
+            let hs =
+                handshake::respond(&mut s, &inner.identity, &inner.allow, &inner.cfg, &inner.replay, &mut on_first);
+            tokio::select! {
+                r = tokio::time::timeout(t, hs) => r.unwrap_or(Err(HandshakeError::Timeout(t))),
+                _ = evicted => Err(HandshakeError::Evicted),
             }
-            Ok(Err(e)) => emit(&inner, Event::Refused { remote, reason: e.to_string() }),
-            Err(_) => emit(&inner, Event::Refused { remote, reason: HandshakeError::Timeout(t).to_string() }),
+        };
+        drop(ticket);
+        match res {
+            Ok(est) => {
+                let (r, w) = split(s);
+                let wiring = wiring(&inner, est.peer.id);
+                let _ = Connection::spawn(r, w, est, remote, wiring, |c| register(&inner, c.clone(), true));
+            }
+            Err(e) => emit(&inner, Event::Refused { remote, reason: e.to_string() }),
         }
     });
 }

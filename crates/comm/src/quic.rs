@@ -17,7 +17,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use zeroize::Zeroizing;
 
 use crate::conn::{BoxRead, BoxWrite, Connection};
-use crate::error::ConnectError;
+use crate::error::{ConnectError, HandshakeError};
 use crate::handshake::Expect;
 use crate::identity::{AllowList, Identity, PeerId};
 use crate::node::{Addr, Event, Listener, Node, emit, spawn_responder};
@@ -217,17 +217,31 @@ pub(crate) async fn listen(node: &Node, a: &str) -> Result<Listener, ConnectErro
     let task = tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             let Some(inner) = weak.upgrade() else { return };
+            // Under load, a client must first prove its address with a stateless Retry token
+            // (QUIC's cookie challenge) before it costs a TLS handshake or a place in the pool.
+            if !incoming.remote_address_validated() && incoming.may_retry() && inner.admission.under_load() {
+                let _ = incoming.retry();
+                continue;
+            }
             tokio::spawn(async move {
                 let remote = format!("quic://{}", incoming.remote_address());
+                let source = incoming.remote_address().ip().to_string();
+                // The TLS handshake is unauthenticated work too: it holds a place in the pool.
+                let (ticket, evicted) = inner.admission.admit(&source);
                 let t = inner.cfg.handshake_timeout;
                 let accepted = tokio::time::timeout(t, async {
                     let conn = incoming.await.map_err(|e| e.to_string())?;
-                    conn.accept_bi().await.map_err(|e| e.to_string())
+                    ticket.progressed();
+                    tokio::select! {
+                        r = conn.accept_bi() => r.map_err(|e| e.to_string()),
+                        _ = evicted => Err(HandshakeError::Evicted.to_string()),
+                    }
                 })
                 .await;
+                drop(ticket);
                 match accepted {
                     Ok(Ok((send, recv))) => {
-                        spawn_responder(inner, tokio::io::join(recv, send), remote, split_quic);
+                        spawn_responder(inner, tokio::io::join(recv, send), remote, source, split_quic);
                     }
                     Ok(Err(reason)) => emit(&inner, Event::Refused { remote, reason: format!("QUIC/TLS: {reason}") }),
                     Err(_) => emit(&inner, Event::Refused { remote, reason: "QUIC handshake timed out".into() }),

@@ -83,6 +83,7 @@ class Peer:
     def __init__(self, sock, noise):
         self.sock, self.noise = sock, noise
         self.sent_records, self.next_id, self.inbound = 0, 1, []
+        self.rekey_every = REKEY_EVERY
 
     def recv_exact(self, n):
         out = b""
@@ -103,7 +104,7 @@ class Peer:
     def send_record(self, plain):
         self.write_frame(self.noise.encrypt(plain))
         self.sent_records += 1
-        if self.sent_records % REKEY_EVERY == 0:
+        if self.sent_records % self.rekey_every == 0:
             self.write_frame(self.noise.encrypt(bytes([REC_REKEY])))
             self.noise.rekey_outbound_cipher()
 
@@ -137,25 +138,29 @@ class Peer:
         return self.inbound.pop(0)
 
 
-def main():
-    host, port = sys.argv[1].rsplit(":", 1)
-    server_id = bytes.fromhex(sys.argv[2])
+class Keys:
+    """An identity: Ed25519 signing key, X25519 static key and the identity hello."""
 
-    signing = ed25519.Ed25519PrivateKey.generate()
-    static = x25519.X25519PrivateKey.generate()
-    static_pub = raw(static.public_key())
-    my_id = raw(signing.public_key())
-    hello = b"RCH1" + bytes([1, 1]) + my_id + signing.sign(BINDING_LABEL + static_pub)
-    print("id " + my_id.hex(), flush=True)
+    def __init__(self):
+        self.signing = ed25519.Ed25519PrivateKey.generate()
+        self.static = x25519.X25519PrivateKey.generate()
+        self.static_pub = raw(self.static.public_key())
+        self.id = raw(self.signing.public_key())
+        self.hello = b"RCH1" + bytes([1, 1]) + self.id + self.signing.sign(BINDING_LABEL + self.static_pub)
 
+    def static_private(self):
+        return self.static.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+
+def connect_xx(host, port, server_id, keys):
+    """Runs the XX handshake as initiator and returns the established Peer."""
     sock = socket.create_connection((host, int(port)))
     sock.sendall(PREAMBLE)
     noise = NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_SHA256")
     noise.set_as_initiator()
-    noise.set_keypair_from_private_bytes(
-        Keypair.STATIC,
-        static.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
-    )
+    noise.set_keypair_from_private_bytes(Keypair.STATIC, keys.static_private())
     noise.set_prologue(PREAMBLE)
     noise.start_handshake()
     peer = Peer(sock, noise)
@@ -170,9 +175,19 @@ def main():
         ed25519.Ed25519PublicKey.from_public_bytes(their_id).verify(sig, BINDING_LABEL + their_static)
     except InvalidSignature:
         sys.exit("server's identity does not sign its Noise static key")
-    peer.write_frame(noise.write_message(hello))  # -> s, se, hello
+    peer.write_frame(noise.write_message(keys.hello))  # -> s, se, hello
     accept = bytes(noise.decrypt(peer.read_frame()))
     assert accept == bytes([REC_ACCEPT, 1]), "expected ACCEPT v1, got %r" % accept
+    return peer
+
+
+def main():
+    host, port = sys.argv[1].rsplit(":", 1)
+    server_id = bytes.fromhex(sys.argv[2])
+    keys = Keys()
+    print("id " + keys.id.hex(), flush=True)
+    peer = connect_xx(host, port, server_id, keys)
+    sock = peer.sock
 
     replies = 0
     for i in range(20):
