@@ -15,8 +15,9 @@ use crate::identity::PeerId;
 /// Largest configurable budget (well below the semaphore's own limit).
 pub(crate) const MAX_BUDGET: usize = 1 << 40;
 
-/// Bytes charged per queued message on top of its payload (envelope, queue slot, bookkeeping).
-pub(crate) const MESSAGE_COST: usize = 256;
+/// Bytes charged per queued message on top of its payload: envelope, queue slot, and whatever the
+/// application holds per message while it works on it (a task per request, say).
+pub(crate) const MESSAGE_COST: usize = 1024;
 
 /// One direction's budget for one peer: its own share and the node's.
 #[derive(Clone)]

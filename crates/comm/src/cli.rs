@@ -202,6 +202,9 @@ async fn connect(id: Identity, addr: &str, to: PeerId) -> anyhow::Result<crate::
     Ok(node.connect_with(&addr, ConnectOptions::default().expect_peer(to)).await?)
 }
 
+/// Bytes of each message `comm listen` prints (the JSON form says the full length in `len`).
+const PRINTED: usize = 4096;
+
 async fn listen(id: Identity, allow: AllowList, addrs: &[String], max: Option<u64>, json: bool) -> anyhow::Result<()> {
     let me = id.id();
     let (node, mut inbox) = Node::new(id, allow, Config::default());
@@ -219,11 +222,15 @@ async fn listen(id: Identity, allow: AllowList, addrs: &[String], max: Option<u6
     let mut replies = tokio::task::JoinSet::new();
     while let Some(m) = inbox.recv().await {
         let kind = if m.is_request() { "request" } else { "message" };
-        let text = String::from_utf8_lossy(m.payload()).into_owned();
+        // At most PRINTED bytes are shown: a 16 MiB message is not copied twice to be printed.
+        let len = m.payload().len();
+        let shown = m.payload().get(..len.min(PRINTED)).unwrap_or_default();
+        let text = String::from_utf8_lossy(shown).into_owned();
+        let more = if len > PRINTED { format!(" … ({len} bytes)") } else { String::new() };
         print(
             json,
-            serde_json::json!({"from": m.from().to_string(), "kind": kind, "payload": text}),
-            format!("{} {kind}: {text}", m.from().short()),
+            serde_json::json!({"from": m.from().to_string(), "kind": kind, "payload": text, "len": len}),
+            format!("{} {kind}: {text}{more}", m.from().short()),
         );
         // Replied from its own task: a peer that stops reading fills only its own queue (and is
         // disconnected after `Config::write_timeout`); the loop goes on serving everyone else.

@@ -673,7 +673,9 @@ async fn reader_loop(
                     // The whole message is charged before any of it is buffered; reading from this
                     // peer pauses while its share (or the node's) is spent.
                     let charge = budget.charge(total + MESSAGE_COST).await;
-                    let mut buf = BytesMut::with_capacity(total.min(1 << 20));
+                    // Charged, so allocated at once at its exact size: growing it by doubling
+                    // would briefly hold half as much again, outside the budget.
+                    let mut buf = BytesMut::with_capacity(total);
                     buf.extend_from_slice(chunk);
                     let deadline = tokio::time::Instant::now() + inner.cfg.message_timeout;
                     frag = Some(Partial { total, buf, charge, deadline });

@@ -13,7 +13,8 @@
   slow-reader N                  N requests of 60 KiB on one connection, never reading replies
 
 The last three print "holding sent=BYTES" once every send has finished or stalled for 3 s (the
-node stopped reading: backpressure), then hold their sockets until stdin closes.
+node stopped reading: backpressure), then hold their sockets until stdin closes (or for
+HOSTILE_HOLD seconds if that is set).
 """
 import os
 import socket
@@ -136,7 +137,11 @@ def flood(host, port, server_id, mode, n):
     for t in threads:
         t.join()
     print("holding sent=%d" % sum(sent), flush=True)
-    sys.stdin.read()
+    hold = os.environ.get("HOSTILE_HOLD")
+    if hold:
+        time.sleep(float(hold))
+    else:
+        sys.stdin.read()
 
 
 def main():
