@@ -18,7 +18,8 @@ use serde_json::Value;
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// The node's default budget for one peer (`Config::peer_buffer_bytes`, once for what it sent
-/// and once for what is queued to it) and the allowance above it.
+/// and once for what is queued to it) and the allowance above it. Floods that only send
+/// are held to the incoming half.
 const PEER_BUDGET: u64 = 2 * (40 << 20);
 const SLACK: u64 = 32 << 20;
 
@@ -191,12 +192,14 @@ fn a_replayed_ik_first_message_gets_no_answer() -> TestResult {
 
 /// Runs a flood by one allowed peer and checks the listener's memory stays within the peer's
 /// budget plus the allowance, and that another peer is still served.
-fn bounded_flood(mode: &str, n: &str) -> TestResult {
+fn bounded_flood(mode: &str, n: &str, budget: u64) -> TestResult {
     let l = listener()?;
     std::thread::sleep(Duration::from_millis(300));
     let base = l.proc.rss();
     let attack = l.hostile(mode, &[n])?;
     let held = attack.wait_for("holding", Duration::from_secs(180))?;
+    let sent: u64 = held.trim_start_matches("holding sent=").parse()?;
+    assert!(sent >= 16 << 20, "{mode}: the peer could send only {sent} bytes (the node stopped reading too early)");
     let mut peak = l.proc.rss();
     let took = l.request()?;
     for _ in 0..10 {
@@ -210,10 +213,10 @@ fn bounded_flood(mode: &str, n: &str) -> TestResult {
         base >> 20
     );
     assert!(
-        growth <= PEER_BUDGET + SLACK,
+        growth <= budget + SLACK,
         "{mode}: the listener grew by {} MiB, above the peer budget ({} MiB) + {} MiB",
         growth >> 20,
-        PEER_BUDGET >> 20,
+        budget >> 20,
         SLACK >> 20
     );
     assert!(took < Duration::from_secs(3), "an honest request took {took:?} during the flood");
@@ -224,13 +227,37 @@ fn bounded_flood(mode: &str, n: &str) -> TestResult {
 /// took the listener from 10 MB to 797 MB (no per-peer byte bound, no partial-message timeout).
 #[test]
 fn partial_messages_of_one_peer_are_bounded_by_its_budget() -> TestResult {
-    bounded_flood("frag-hold", "48")
+    bounded_flood("frag-hold", "48", PEER_BUDGET / 2)
+}
+
+/// Found attacking the fix: half-read frames were charged to no budget and had no deadline; one
+/// identity with 1,024 connections, each holding 65,000 bytes of an unfinished frame, pinned
+/// ~82 MiB on top of its budget (and 16 identities 1.3 GB).
+#[test]
+fn half_read_frames_of_one_peer_are_bounded_by_its_budget() -> TestResult {
+    bounded_flood("half-frames", "1024", PEER_BUDGET / 2)
+}
+
+/// Found attacking the fix: a first fragment reserved its announced total from the node-wide
+/// budget, so 20 identities announcing 16 MiB messages (100 bytes sent each) used up the
+/// node's 256 MiB and honest requests waited behind them (1 of 14 answered). The node's budget
+/// is now charged as bytes arrive.
+#[test]
+fn announced_sizes_cost_the_node_nothing() -> TestResult {
+    let l = listener()?;
+    let attack = l.hostile("announce", &["20", "3"])?;
+    attack.wait_for("holding", Duration::from_secs(120))?;
+    for _ in 0..3 {
+        let took = l.request()?;
+        assert!(took < Duration::from_secs(3), "an honest request took {took:?} behind announced messages");
+    }
+    Ok(())
 }
 
 /// Finding 3: 40 requests of 16 MiB queued by message count, not bytes: 745 MB.
 #[test]
 fn queued_requests_of_one_peer_are_bounded_in_bytes() -> TestResult {
-    bounded_flood("big-requests", "40")
+    bounded_flood("big-requests", "40", PEER_BUDGET)
 }
 
 /// Finding 4: `comm listen` awaited each reply inline, so one peer that never reads its socket

@@ -46,6 +46,19 @@ impl Charge {
     pub(crate) fn none() -> Self {
         Self { _peer: None, _node: None }
     }
+
+    /// Adds what `other` holds to this charge.
+    pub(crate) fn merge(&mut self, other: Charge) {
+        fn join(a: &mut Option<OwnedSemaphorePermit>, b: Option<OwnedSemaphorePermit>) {
+            match (a.as_mut(), b) {
+                (Some(a), Some(b)) => a.merge(b),
+                (None, b) => *a = b,
+                (Some(_), None) => {}
+            }
+        }
+        join(&mut self._peer, other._peer);
+        join(&mut self._node, other._node);
+    }
 }
 
 impl Budget {
@@ -66,6 +79,19 @@ impl Budget {
         let peer = self.peer.clone().acquire_many_owned(n).await.ok();
         let node = self.node.clone().acquire_many_owned(n).await.ok();
         Charge { _peer: peer, _node: node }
+    }
+
+    /// Charges `n` bytes to the peer's share only (a reservation for bytes still to come; the
+    /// node's budget is charged as they arrive, so announcing a size costs the node nothing).
+    pub(crate) async fn charge_peer(&self, n: usize) -> Charge {
+        let n = u32::try_from(n.min(self.cap)).unwrap_or(u32::MAX);
+        Charge { _peer: self.peer.clone().acquire_many_owned(n).await.ok(), _node: None }
+    }
+
+    /// Charges `n` bytes that have arrived to the node's budget only.
+    pub(crate) async fn charge_node(&self, n: usize) -> Charge {
+        let n = u32::try_from(n.min(self.cap)).unwrap_or(u32::MAX);
+        Charge { _peer: None, _node: self.node.clone().acquire_many_owned(n).await.ok() }
     }
 
     /// Bytes currently available to this peer (for tests and stats).

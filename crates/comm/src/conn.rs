@@ -627,6 +627,8 @@ async fn reader_loop(
     let inner = &conn.inner;
     let mut index: u64 = 0;
     let mut frag: Option<Partial> = None;
+    let mut in_frame: Option<(Charge, tokio::time::Instant)> = None;
+    let mut frames_at_deadline = 0;
     let max_env = inner.cfg.max_message_len.saturating_add(frame::ENVELOPE_OVERHEAD + 512);
     loop {
         while let Some(ct) = dec.next_frame()? {
@@ -670,9 +672,11 @@ async fn reader_loop(
                     if chunk.len() >= total {
                         return Err(FrameError::Malformed("fragmented message fits one record").into());
                     }
-                    // The whole message is charged before any of it is buffered; reading from this
-                    // peer pauses while its share (or the node's) is spent.
-                    let charge = budget.charge(total + MESSAGE_COST).await;
+                    // The whole message is reserved from the peer's share before any of it is
+                    // buffered (reading from this peer pauses while its share is spent); the node's
+                    // budget is charged as the bytes arrive, so announcing 16 MiB costs others nothing.
+                    let mut charge = budget.charge_peer(total + MESSAGE_COST).await;
+                    charge.merge(budget.charge_node(chunk.len() + MESSAGE_COST).await);
                     // Charged, so allocated at once at its exact size: growing it by doubling
                     // would briefly hold half as much again, outside the budget.
                     let mut buf = BytesMut::with_capacity(total);
@@ -687,6 +691,7 @@ async fn reader_loop(
                     if part.buf.len() + chunk.len() > part.total {
                         return Err(FrameError::Malformed("fragments exceed the announced length").into());
                     }
+                    part.charge.merge(budget.charge_node(chunk.len()).await);
                     part.buf.extend_from_slice(chunk);
                     if part.buf.len() == part.total {
                         let whole = part.buf.freeze();
@@ -704,8 +709,30 @@ async fn reader_loop(
                 Record::Accept(_) => return Err(FrameError::Malformed("ACCEPT after the handshake").into()),
             }
         }
-        // A fragmented message in progress must be complete by its deadline.
-        let deadline = frag.as_ref().map(|p| p.deadline);
+        if dec.buffered() == 0 || frag.is_some() {
+            // No frame in progress, or its bytes belong to a message whose reservation already
+            // covers them (and whose deadline applies): no separate charge. Never waiting for one
+            // while holding a reservation keeps two connections of one peer from waiting on each
+            // other (the semaphore is first come, first served).
+            in_frame = None;
+        } else if let Some((_, deadline)) = in_frame.as_mut()
+            && index != frames_at_deadline
+        {
+            // Frames keep completing (a peer streaming steadily): the next one gets its own time.
+            *deadline = tokio::time::Instant::now() + inner.cfg.message_timeout;
+            frames_at_deadline = index;
+        } else if in_frame.is_none() {
+            // A frame in progress holds a buffer up to `max_frame_len`: charged (to the peer and
+            // the node) until it completes, and it must complete within `message_timeout`.
+            let charge = budget.charge(inner.cfg.max_frame_len + LEN_PREFIX).await;
+            in_frame = Some((charge, tokio::time::Instant::now() + inner.cfg.message_timeout));
+            frames_at_deadline = index;
+        }
+        // A fragmented message, or a frame, in progress must be complete by its deadline.
+        let deadline = match (frag.as_ref().map(|p| p.deadline), in_frame.as_ref().map(|f| f.1)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let late = || ConnectionError::MessageTimeout(inner.cfg.message_timeout);
         let n = if dec.buffered() == 0 {
             // Nothing in flight: read a little into a stack buffer so idle connections hold no heap.
@@ -829,6 +856,15 @@ mod tests {
         records: Vec<Vec<u8>>,
         cfg: Config,
     ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        close_reason_after_raw(records, Vec::new(), cfg).await
+    }
+
+    /// [`close_reason_after`], then `tail` written as raw bytes.
+    async fn close_reason_after_raw(
+        records: Vec<Vec<u8>>,
+        tail: Vec<u8>,
+        cfg: Config,
+    ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
         let (evil, good) = (Identity::generate()?, Identity::generate()?);
         let (mut a, b) = tokio::io::duplex(1 << 20);
         let cfg = Arc::new(cfg);
@@ -856,6 +892,7 @@ mod tests {
             a.write_all(&(n as u16).to_be_bytes()).await?;
             a.write_all(buf.get(..n).unwrap_or_default()).await?;
         }
+        a.write_all(&tail).await?;
         let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await?;
         Ok(reason.to_string())
     }
@@ -913,6 +950,10 @@ mod tests {
         let cfg = Config { message_timeout: Duration::from_millis(100), ..Config::default() };
         let first = vec![frame::REC_FRAG_FIRST, 0, 0, 10, 0, 1];
         let reason = close_reason_after(vec![first], cfg).await?;
+        assert!(reason.contains("incomplete after 100ms"), "{reason}");
+        // Half a frame, never finished: the same deadline.
+        let cfg = Config { message_timeout: Duration::from_millis(100), ..Config::default() };
+        let reason = close_reason_after_raw(vec![], vec![0x03, 0xe8, 1, 2, 3], cfg).await?;
         assert!(reason.contains("incomplete after 100ms"), "{reason}");
         Ok(())
     }

@@ -162,8 +162,8 @@ pub enum ConnectionError {
     #[error("peer read nothing for {0:?}; disconnected instead of waiting (Config::write_timeout)")]
     WriteStalled(Duration),
 
-    /// A fragmented message did not arrive in full within `Config::message_timeout`.
-    #[error("fragmented message incomplete after {0:?}; disconnected (Config::message_timeout)")]
+    /// A fragmented message, or one frame, did not arrive in full within `Config::message_timeout`.
+    #[error("message or frame incomplete after {0:?}; disconnected (Config::message_timeout)")]
     MessageTimeout(Duration),
 }
 

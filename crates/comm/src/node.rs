@@ -178,6 +178,9 @@ pub(crate) struct NodeInner {
     pub(crate) quic: Mutex<Option<quinn::Endpoint>>,
 }
 
+/// Attempts in all for a handshake the responder cut off without a reason.
+const HANDSHAKE_RETRIES: u32 = 4;
+
 /// A mesh node. Cheap to clone; all clones share connections.
 #[derive(Clone)]
 pub struct Node {
@@ -358,6 +361,19 @@ impl Node {
                     tokio::time::sleep(backoff.delay(attempt)).await;
                     attempt += 1;
                 }
+                // Cut off mid-handshake without a reason (a busy responder evicts handshakes
+                // under a flood): retried like a failed dial, a few times.
+                Err(ConnectError::Handshake {
+                    addr: a,
+                    source: source @ (HandshakeError::Io(_) | HandshakeError::PeerClosed),
+                }) => {
+                    if attempt >= backoff.attempts.min(HANDSHAKE_RETRIES) {
+                        return Err(ConnectError::Handshake { addr: a, source });
+                    }
+                    emit(&self.inner, Event::Retrying { remote: a, attempt, reason: source.to_string() });
+                    tokio::time::sleep(backoff.delay(attempt)).await;
+                    attempt += 1;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -442,16 +458,45 @@ fn wiring(inner: &NodeInner, peer: PeerId) -> Wiring {
     Wiring { cfg: inner.cfg.clone(), inbox: inner.inbox.clone(), budgets: inner.budgets.for_peer(peer) }
 }
 
+/// Lowers `peer`'s connection count by one.
+fn forget_peer_conn(per_peer: &mut HashMap<PeerId, usize>, peer: PeerId) {
+    match per_peer.get_mut(&peer) {
+        Some(n) if *n > 1 => *n -= 1,
+        _ => {
+            per_peer.remove(&peer);
+        }
+    }
+}
+
 /// Registers a new connection and removes it again when it closes.
 fn register(inner: &Arc<NodeInner>, conn: Connection, inbound: bool) {
     let key = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let peer = conn.peer().id;
+    let mut evicted = None;
     let over = {
         let mut conns = lock(&inner.conns);
         let mut per_peer = lock(&inner.per_peer);
         let mine = per_peer.get(&peer).copied().unwrap_or(0);
         if conns.len() >= inner.cfg.max_connections {
-            Some(format!("node already holds {} connections (Config::max_connections)", inner.cfg.max_connections))
+            // Full: the peer holding the most connections gives up its oldest, so identities
+            // that hoard connections cannot lock out one that holds few.
+            let top = per_peer.iter().max_by_key(|(_, n)| **n).map(|(p, n)| (*p, *n));
+            match top {
+                Some((top, n)) if n > mine + 1 => {
+                    let victim = conns.iter().filter(|(_, c)| c.peer().id == top).map(|(k, _)| *k).min();
+                    if let Some(c) = victim.and_then(|k| conns.remove(&k)) {
+                        forget_peer_conn(&mut per_peer, top);
+                        evicted = Some(c);
+                    }
+                    conns.insert(key, conn.clone());
+                    per_peer.insert(peer, mine + 1);
+                    None
+                }
+                _ => Some(format!(
+                    "node already holds {} connections (Config::max_connections)",
+                    inner.cfg.max_connections
+                )),
+            }
         } else if mine >= inner.cfg.max_connections_per_peer {
             Some(format!("peer {peer} already holds {mine} connections (Config::max_connections_per_peer)"))
         } else {
@@ -460,6 +505,9 @@ fn register(inner: &Arc<NodeInner>, conn: Connection, inbound: bool) {
             None
         }
     };
+    if let Some(victim) = evicted {
+        victim.abort();
+    }
     if let Some(reason) = over {
         emit(inner, Event::Refused { remote: conn.remote_addr().to_owned(), reason });
         conn.abort();
@@ -470,15 +518,9 @@ fn register(inner: &Arc<NodeInner>, conn: Connection, inbound: bool) {
     tokio::spawn(async move {
         let reason = conn.closed().await;
         if let Some(inner) = weak.upgrade() {
-            lock(&inner.conns).remove(&key);
-            {
-                let mut per_peer = lock(&inner.per_peer);
-                match per_peer.get_mut(&conn.peer().id) {
-                    Some(n) if *n > 1 => *n -= 1,
-                    _ => {
-                        per_peer.remove(&conn.peer().id);
-                    }
-                }
+            // An evicted connection was already taken out (and its peer's count lowered).
+            if lock(&inner.conns).remove(&key).is_some() {
+                forget_peer_conn(&mut lock(&inner.per_peer), conn.peer().id);
             }
             lock(&inner.by_addr).retain(|_, c| !c.is_closed());
             emit(

@@ -150,3 +150,39 @@ async fn message_above_the_limit_is_refused_locally() -> TestResult {
     assert_eq!(&conn.request(vec![1u8; 1000], Duration::from_secs(5)).await?[..], &[1u8; 1000][..]);
     Ok(())
 }
+
+/// Found attacking the admission fix: identities that hoard connections filled
+/// `max_connections` and every other peer was refused. Now the peer holding the most gives up
+/// its oldest connection to one that holds few.
+#[tokio::test]
+async fn a_full_node_evicts_a_hoarding_peers_oldest_connection_for_a_new_peer() -> TestResult {
+    use referee_comm::{AllowList, ConnectOptions, Identity, Node};
+    let server_id = Identity::generate()?;
+    let mut cfg = Config::default();
+    cfg.max_connections = 4;
+    let (server, _inbox) = Node::new(server_id.clone(), AllowList::allow_any(), cfg);
+    let listener = server.listen(&"tcp://127.0.0.1:0".parse()?).await?;
+    let addr = listener.local_addr().clone();
+    let opts = ConnectOptions::default().expect_peer(server_id.id()).reuse(false);
+    let hog = Node::new(Identity::generate()?, AllowList::new([server_id.id()]), Config::default()).0;
+    let mut hoarded = Vec::new();
+    for _ in 0..4 {
+        hoarded.push(hog.connect_with(&addr, opts.clone()).await?);
+    }
+    let other = Node::new(Identity::generate()?, AllowList::new([server_id.id()]), Config::default()).0;
+    let conn = other.connect_with(&addr, opts.clone()).await?;
+    let reason = tokio::time::timeout(GUARD, hoarded[0].closed()).await?;
+    assert!(!conn.is_closed(), "the newcomer keeps its connection");
+    assert!(hoarded[1..].iter().all(|c| !c.is_closed()), "only the oldest is evicted ({reason})");
+    tokio::time::timeout(GUARD, async {
+        while server.connections().len() != 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
+    // The hoarder cannot take its place back from a peer holding one connection.
+    let refused = hog.connect_with(&addr, opts).await?;
+    tokio::time::timeout(GUARD, refused.closed()).await?;
+    assert!(!conn.is_closed());
+    Ok(())
+}

@@ -9,6 +9,10 @@
                                  (prints "replays answered=K of N": K got any byte back)
   frag-hold CONNS                CONNS connections of one identity, each sending all but the last
                                  byte of a 16 MiB fragmented message, then holding it
+  half-frames CONNS              CONNS connections of one identity, each sending a frame header
+                                 announcing 65535 bytes and only 65000 of them
+  announce IDS CONNS             IDS identities x CONNS connections, each announcing a 16 MiB
+                                 message with a 100-byte first fragment, then nothing
   big-requests N                 N requests of 16 MiB on one connection, never reading replies
   slow-reader N                  N requests of 60 KiB on one connection, never reading replies
 
@@ -106,7 +110,7 @@ def send_fragments(peer, env, leave):
 def flood(host, port, server_id, mode, n):
     keys = p.Keys()
     print("id " + keys.id.hex(), flush=True)
-    conns = n if mode == "frag-hold" else 1
+    conns = n if mode in ("frag-hold", "half-frames") else 1
     peers = []
     for _ in range(conns):
         peer = p.connect_xx(host, port, server_id, keys)
@@ -118,7 +122,11 @@ def flood(host, port, server_id, mode, n):
     def run(k):
         peer = peers[k]
         try:
-            if mode == "frag-hold":
+            if mode == "half-frames":
+                # A frame header announcing 65535 bytes, and all but 535 of them.
+                peer.sock.sendall(struct.pack(">H", 65535) + bytes(65000))
+                sent[k] += 65002
+            elif mode == "frag-hold":
                 # Never completed, so its content does not matter: only the announced total.
                 sent[k] += send_fragments(peer, ZEROS, leave=1)
             elif mode == "big-requests":
@@ -144,12 +152,33 @@ def flood(host, port, server_id, mode, n):
         sys.stdin.read()
 
 
+def announce(host, port, server_id, ids, conns):
+    """IDS identities x CONNS connections, each announcing a 16 MiB message with a 100-byte
+    first fragment and sending nothing more."""
+    peers = []
+    for _ in range(ids):
+        keys = p.Keys()
+        for _ in range(conns):
+            peer = p.connect_xx(host, port, server_id, keys)
+            peer.rekey_every = 1 << 30
+            peer.send_record(bytes([REC_FRAG_FIRST]) + struct.pack(">I", BIG) + bytes(100))
+            peers.append(peer)
+    print("holding sent=%d" % (len(peers) * 105), flush=True)
+    hold = os.environ.get("HOSTILE_HOLD")
+    if hold:
+        time.sleep(float(hold))
+    else:
+        sys.stdin.read()
+
+
 def main():
     mode, addr, server_id = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
     host, port = addr.rsplit(":", 1)
     if mode == "ik-replay":
         ik_replay(host, port, server_id, bytes.fromhex(sys.argv[4]), int(sys.argv[5]))
-    elif mode in ("frag-hold", "big-requests", "slow-reader"):
+    elif mode == "announce":
+        announce(host, port, server_id, int(sys.argv[4]), int(sys.argv[5]))
+    elif mode in ("frag-hold", "half-frames", "big-requests", "slow-reader"):
         flood(host, port, server_id, mode, int(sys.argv[4]))
     else:
         sys.exit("unknown mode " + mode)
