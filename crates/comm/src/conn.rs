@@ -628,10 +628,16 @@ async fn reader_loop(
     let mut index: u64 = 0;
     let mut frag: Option<Partial> = None;
     let mut in_frame: Option<(Charge, tokio::time::Instant)> = None;
-    let mut frames_at_deadline = 0;
     let max_env = inner.cfg.max_message_len.saturating_add(frame::ENVELOPE_OVERHEAD + 512);
+    // Every wait for budget is bounded: a reader never waits longer than `message_timeout`
+    // (whatever it holds is then given back by closing), so readers can never wedge each other.
+    let wait = inner.cfg.message_timeout;
+    let starved = || ConnectionError::BudgetTimeout(wait);
     loop {
         while let Some(ct) = dec.next_frame()? {
+            // The frame left the buffer: its charge is given back before anything else is charged
+            // (never wait for budget while holding some).
+            in_frame = None;
             let mut plain = BytesMut::zeroed(ct.len().saturating_sub(TAG_LEN));
             let n = lock(noise).read_message(&ct, &mut plain).map_err(|_| ConnectionError::Decrypt { index })?;
             plain.truncate(n);
@@ -652,7 +658,8 @@ async fn reader_loop(
                                 if env.payload.len() < plain.len() / 2 {
                                     env.payload = Bytes::copy_from_slice(&env.payload);
                                 }
-                                Some(budget.charge(env.payload.len() + MESSAGE_COST).await)
+                                let charge = budget.charge(env.payload.len() + MESSAGE_COST);
+                                Some(tokio::time::timeout(wait, charge).await.map_err(|_| starved())?)
                             }
                             _ => None,
                         };
@@ -675,8 +682,11 @@ async fn reader_loop(
                     // The whole message is reserved from the peer's share before any of it is
                     // buffered (reading from this peer pauses while its share is spent); the node's
                     // budget is charged as the bytes arrive, so announcing 16 MiB costs others nothing.
-                    let mut charge = budget.charge_peer(total + MESSAGE_COST).await;
-                    charge.merge(budget.charge_node(chunk.len() + MESSAGE_COST).await);
+                    let mut charge = tokio::time::timeout(wait, budget.charge_peer(total + MESSAGE_COST))
+                        .await
+                        .map_err(|_| starved())?;
+                    let node = budget.charge_node(chunk.len() + MESSAGE_COST);
+                    charge.merge(tokio::time::timeout(wait, node).await.map_err(|_| starved())?);
                     // Charged, so allocated at once at its exact size: growing it by doubling
                     // would briefly hold half as much again, outside the budget.
                     let mut buf = BytesMut::with_capacity(total);
@@ -691,7 +701,8 @@ async fn reader_loop(
                     if part.buf.len() + chunk.len() > part.total {
                         return Err(FrameError::Malformed("fragments exceed the announced length").into());
                     }
-                    part.charge.merge(budget.charge_node(chunk.len()).await);
+                    let node = budget.charge_node(chunk.len());
+                    part.charge.merge(tokio::time::timeout(wait, node).await.map_err(|_| starved())?);
                     part.buf.extend_from_slice(chunk);
                     if part.buf.len() == part.total {
                         let whole = part.buf.freeze();
@@ -715,18 +726,12 @@ async fn reader_loop(
             // while holding a reservation keeps two connections of one peer from waiting on each
             // other (the semaphore is first come, first served).
             in_frame = None;
-        } else if let Some((_, deadline)) = in_frame.as_mut()
-            && index != frames_at_deadline
-        {
-            // Frames keep completing (a peer streaming steadily): the next one gets its own time.
-            *deadline = tokio::time::Instant::now() + inner.cfg.message_timeout;
-            frames_at_deadline = index;
         } else if in_frame.is_none() {
             // A frame in progress holds a buffer up to `max_frame_len`: charged (to the peer and
             // the node) until it completes, and it must complete within `message_timeout`.
-            let charge = budget.charge(inner.cfg.max_frame_len + LEN_PREFIX).await;
+            let charge = budget.charge(inner.cfg.max_frame_len + LEN_PREFIX);
+            let charge = tokio::time::timeout(wait, charge).await.map_err(|_| starved())?;
             in_frame = Some((charge, tokio::time::Instant::now() + inner.cfg.message_timeout));
-            frames_at_deadline = index;
         }
         // A fragmented message, or a frame, in progress must be complete by its deadline.
         let deadline = match (frag.as_ref().map(|p| p.deadline), in_frame.as_ref().map(|f| f.1)) {
@@ -988,6 +993,67 @@ mod tests {
         let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await?;
         assert!(reason.to_string().contains("read nothing for 200ms"), "{reason}");
         tokio::time::timeout(Duration::from_secs(10), sender).await??;
+        Ok(())
+    }
+
+    /// Found re-attacking the budgets: a reader held its frame's charge while waiting for room
+    /// for the message in that frame; with the budget full of such frames no reader could go on
+    /// and the node stayed wedged after the attackers left. Here one frame's charge takes the
+    /// whole budget, and the frame completes while the next one begins.
+    #[tokio::test]
+    async fn completing_a_frame_never_waits_on_its_own_charge() -> R {
+        let (evil, good) = (Identity::generate()?, Identity::generate()?);
+        let cfg = Config {
+            max_frame_len: 4096,
+            max_message_len: 1024,
+            peer_buffer_bytes: 4098,
+            node_buffer_bytes: 4098,
+            ..Config::default()
+        }
+        .normalized();
+        let cfg = Arc::new(cfg);
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let allow_good = AllowList::new([good.id()]);
+        let evil_side = {
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let est = initiate(&mut a, &evil, &allow_good, Expect::default(), &cfg).await?;
+                Ok::<_, crate::error::HandshakeError>((a, est))
+            })
+        };
+        let guard = crate::handshake::ReplayGuard::new(cfg.ik_replay_window);
+        let mut on_first = || {};
+        let est = respond(&mut b, &good, &AllowList::allow_any(), &cfg, &guard, &mut on_first).await?;
+        let budgets = crate::budget::Budgets::new(&cfg).for_peer(est.peer.id);
+        let (r, w) = tokio::io::split(b);
+        let (inbox, mut inbox_rx) = mpsc::channel(16);
+        let wiring = Wiring { cfg: cfg.clone(), inbox, budgets };
+        let _conn = Connection::spawn(Box::new(r), Box::new(w), est, "evil".into(), wiring, |_| {});
+        let (mut a, mut est) = evil_side.await??;
+        let env = Envelope {
+            version: 1,
+            kind: Kind::Message,
+            id: 1,
+            correlation: 0,
+            topic: None,
+            payload: Bytes::from(vec![7u8; 1000]),
+        };
+        let mut e = Vec::new();
+        env.encode_into(&mut e)?;
+        let mut buf = vec![0u8; 4096];
+        let mut out = Vec::new();
+        // The first 100 bytes of the frame, then (after the reader charged it) the rest of it
+        // and the start of the next frame in one write.
+        let n = est.transport.write_message(&batch(&[e]), &mut buf)?;
+        out.extend_from_slice(&u16::try_from(n)?.to_be_bytes());
+        out.extend_from_slice(buf.get(..n).unwrap_or_default());
+        let (head, rest) = out.split_at(100);
+        a.write_all(head).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        a.write_all(rest).await?;
+        a.write_all(&[0x03, 0xe8, 1, 2, 3]).await?;
+        let m = tokio::time::timeout(Duration::from_secs(5), inbox_rx.recv()).await?.ok_or("inbox closed")?;
+        assert_eq!(m.payload().len(), 1000);
         Ok(())
     }
 }

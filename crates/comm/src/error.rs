@@ -162,6 +162,10 @@ pub enum ConnectionError {
     #[error("peer read nothing for {0:?}; disconnected instead of waiting (Config::write_timeout)")]
     WriteStalled(Duration),
 
+    /// No room in the byte budget (the peer's or the node's) within `Config::message_timeout`.
+    #[error("no room in the byte budget for {0:?} (the peer's or the node's); disconnected (Config::message_timeout)")]
+    BudgetTimeout(Duration),
+
     /// A fragmented message, or one frame, did not arrive in full within `Config::message_timeout`.
     #[error("message or frame incomplete after {0:?}; disconnected (Config::message_timeout)")]
     MessageTimeout(Duration),
