@@ -47,6 +47,18 @@ impl Charge {
         Self { _peer: None, _node: None }
     }
 
+    /// Takes `n` bytes out of this charge, if it holds that many of both the peer's and the
+    /// node's budget (a frame's charge handed on to the messages it carries, without waiting).
+    pub(crate) fn split(&mut self, n: usize) -> Option<Charge> {
+        let held = |p: &Option<OwnedSemaphorePermit>| p.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        if held(&self._peer) < n || held(&self._node) < n {
+            return None;
+        }
+        let peer = self._peer.as_mut().and_then(|p| p.split(n));
+        let node = self._node.as_mut().and_then(|p| p.split(n));
+        Some(Charge { _peer: peer, _node: node })
+    }
+
     /// Adds what `other` holds to this charge.
     pub(crate) fn merge(&mut self, other: Charge) {
         fn join(a: &mut Option<OwnedSemaphorePermit>, b: Option<OwnedSemaphorePermit>) {

@@ -635,9 +635,10 @@ async fn reader_loop(
     let starved = || ConnectionError::BudgetTimeout(wait);
     loop {
         while let Some(ct) = dec.next_frame()? {
-            // The frame left the buffer: its charge is given back before anything else is charged
-            // (never wait for budget while holding some).
-            in_frame = None;
+            // The frame left the buffer: its charge is handed on to the messages it carries, and
+            // what is left given back before anything else is charged (never wait for budget
+            // while holding some).
+            let mut frame_charge = in_frame.take().map(|(c, _)| c);
             let mut plain = BytesMut::zeroed(ct.len().saturating_sub(TAG_LEN));
             let n = lock(noise).read_message(&ct, &mut plain).map_err(|_| ConnectionError::Decrypt { index })?;
             plain.truncate(n);
@@ -658,8 +659,15 @@ async fn reader_loop(
                                 if env.payload.len() < plain.len() / 2 {
                                     env.payload = Bytes::copy_from_slice(&env.payload);
                                 }
-                                let charge = budget.charge(env.payload.len() + MESSAGE_COST);
-                                Some(tokio::time::timeout(wait, charge).await.map_err(|_| starved())?)
+                                let need = env.payload.len() + MESSAGE_COST;
+                                match frame_charge.as_mut().and_then(|c| c.split(need)) {
+                                    Some(c) => Some(c),
+                                    None => {
+                                        frame_charge = None;
+                                        let charge = budget.charge(need);
+                                        Some(tokio::time::timeout(wait, charge).await.map_err(|_| starved())?)
+                                    }
+                                }
                             }
                             _ => None,
                         };
@@ -667,6 +675,7 @@ async fn reader_loop(
                     }
                 }
                 Record::FragFirst { total, chunk } => {
+                    frame_charge = None;
                     let total = total as usize;
                     if frag.is_some() {
                         return Err(FrameError::Malformed("new fragmented message before the last one ended").into());
@@ -701,8 +710,14 @@ async fn reader_loop(
                     if part.buf.len() + chunk.len() > part.total {
                         return Err(FrameError::Malformed("fragments exceed the announced length").into());
                     }
-                    let node = budget.charge_node(chunk.len());
-                    part.charge.merge(tokio::time::timeout(wait, node).await.map_err(|_| starved())?);
+                    match frame_charge.as_mut().and_then(|c| c.split(chunk.len())) {
+                        Some(c) => part.charge.merge(c),
+                        None => {
+                            frame_charge = None;
+                            let node = budget.charge_node(chunk.len());
+                            part.charge.merge(tokio::time::timeout(wait, node).await.map_err(|_| starved())?);
+                        }
+                    }
                     part.buf.extend_from_slice(chunk);
                     if part.buf.len() == part.total {
                         let whole = part.buf.freeze();
