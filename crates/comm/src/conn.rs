@@ -613,6 +613,9 @@ async fn reader(
     conn.inner.shut(reason);
 }
 
+/// Bytes read past the end of the frame in progress (uncharged until the next frame starts).
+const READ_AHEAD: usize = 4096;
+
 /// Bytes of the small read used while no frame is in progress (keeps idle connections small).
 const IDLE_READ: usize = 512;
 
@@ -765,9 +768,13 @@ async fn reader_loop(
             dec.push(small.get(..n).unwrap_or_default());
             n
         } else {
+            // Read the frame in progress and at most a little more: bytes of the next frame are
+            // not buffered before that frame is charged.
+            let want = dec.frame_remaining() + READ_AHEAD;
+            let mut buf = bytes::BufMut::limit(dec.read_buf(), want);
             match deadline {
-                Some(d) => tokio::time::timeout_at(d, r.read_buf(dec.read_buf())).await.map_err(|_| late())??,
-                None => r.read_buf(dec.read_buf()).await?,
+                Some(d) => tokio::time::timeout_at(d, r.read_buf(&mut buf)).await.map_err(|_| late())??,
+                None => r.read_buf(&mut buf).await?,
             }
         };
         if n == 0 {

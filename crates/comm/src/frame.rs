@@ -83,6 +83,12 @@ impl FrameDecoder {
         }
     }
 
+    /// Bytes still missing from the frame in progress (its length prefix included).
+    pub fn frame_remaining(&self) -> usize {
+        let whole = self.pending_len().map_or(LEN_PREFIX, |len| LEN_PREFIX + len);
+        whole.saturating_sub(self.buf.len())
+    }
+
     /// Drops the buffer's allocation when it is empty (idle connections hold no heap).
     pub fn release(&mut self) {
         if self.buf.is_empty() {
