@@ -74,16 +74,6 @@ impl Charge {
 }
 
 impl Budget {
-    /// A budget of `peer` bytes inside a node-wide one of `node` bytes (tests).
-    #[cfg(test)]
-    pub(crate) fn standalone(peer: usize, node: usize) -> Self {
-        Self {
-            peer: Arc::new(Semaphore::new(peer.min(MAX_BUDGET))),
-            node: Arc::new(Semaphore::new(node.min(MAX_BUDGET))),
-            cap: peer.min(node),
-        }
-    }
-
     /// Charges `n` bytes, waiting while the peer's or the node's budget is spent.
     pub(crate) async fn charge(&self, n: usize) -> Charge {
         let n = u32::try_from(n.min(self.cap)).unwrap_or(u32::MAX);

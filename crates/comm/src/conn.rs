@@ -886,16 +886,19 @@ mod tests {
         close_reason_after_raw(records, Vec::new(), cfg).await
     }
 
-    /// [`close_reason_after`], then `tail` written as raw bytes.
-    async fn close_reason_after_raw(
-        records: Vec<Vec<u8>>,
-        tail: Vec<u8>,
+    /// An evil initiator (its stream end and transport) connected to a real connection on the
+    /// other end, with the node budgets `cfg` gives, and that connection's inbox.
+    async fn evil_connection(
         cfg: Config,
-    ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        duplex: usize,
+    ) -> Result<
+        (tokio::io::DuplexStream, crate::handshake::Established, Connection, mpsc::Receiver<Incoming>),
+        Box<dyn std::error::Error + Send + Sync>,
+    > {
+        let cfg = Arc::new(cfg.normalized());
         let (evil, good) = (Identity::generate()?, Identity::generate()?);
-        let (mut a, b) = tokio::io::duplex(1 << 20);
-        let cfg = Arc::new(cfg);
-        let (allow_good, allow_evil) = (AllowList::new([good.id()]), AllowList::new([evil.id()]));
+        let (mut a, mut b) = tokio::io::duplex(duplex);
+        let allow_good = AllowList::new([good.id()]);
         let evil_side = {
             let cfg = cfg.clone();
             tokio::spawn(async move {
@@ -903,16 +906,25 @@ mod tests {
                 Ok::<_, crate::error::HandshakeError>((a, est))
             })
         };
-        let mut b = b;
         let guard = crate::handshake::ReplayGuard::new(cfg.ik_replay_window);
         let mut on_first = || {};
-        let est = respond(&mut b, &good, &allow_evil, &cfg, &guard, &mut on_first).await?;
+        let est = respond(&mut b, &good, &AllowList::allow_any(), &cfg, &guard, &mut on_first).await?;
+        let budgets = crate::budget::Budgets::new(&cfg).for_peer(est.peer.id);
         let (r, w) = tokio::io::split(b);
-        let (inbox, _inbox_rx) = mpsc::channel(16);
-        let budgets = (Budget::standalone(1 << 30, 1 << 30), Budget::standalone(1 << 30, 1 << 30));
+        let (inbox, inbox_rx) = mpsc::channel(16);
         let wiring = Wiring { cfg, inbox, budgets };
         let conn = Connection::spawn(Box::new(r), Box::new(w), est, "evil".into(), wiring, |_| {});
-        let (mut a, mut est) = evil_side.await??;
+        let (a, est) = evil_side.await??;
+        Ok((a, est, conn, inbox_rx))
+    }
+
+    /// [`close_reason_after`], then `tail` written as raw bytes.
+    async fn close_reason_after_raw(
+        records: Vec<Vec<u8>>,
+        tail: Vec<u8>,
+        cfg: Config,
+    ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        let (mut a, mut est, conn, _inbox_rx) = evil_connection(cfg, 1 << 20).await?;
         for plain in records {
             let mut buf = vec![0u8; plain.len() + TAG_LEN];
             let n = est.transport.write_message(&plain, &mut buf)?;
@@ -988,26 +1000,9 @@ mod tests {
     /// A peer that stops reading is disconnected after `write_timeout`, not waited for.
     #[tokio::test]
     async fn a_peer_that_stops_reading_is_disconnected() -> R {
-        let (evil, good) = (Identity::generate()?, Identity::generate()?);
-        let (mut a, mut b) = tokio::io::duplex(1 << 12);
-        let cfg = Arc::new(Config { write_timeout: Duration::from_millis(200), ..Config::default() });
-        let (allow_good, allow_evil) = (AllowList::new([good.id()]), AllowList::new([evil.id()]));
-        let evil_side = {
-            let cfg = cfg.clone();
-            tokio::spawn(async move {
-                let est = initiate(&mut a, &evil, &allow_good, Expect::default(), &cfg).await?;
-                Ok::<_, crate::error::HandshakeError>((a, est))
-            })
-        };
-        let guard = crate::handshake::ReplayGuard::new(cfg.ik_replay_window);
-        let mut on_first = || {};
-        let est = respond(&mut b, &good, &allow_evil, &cfg, &guard, &mut on_first).await?;
-        let (r, w) = tokio::io::split(b);
-        let (inbox, _inbox_rx) = mpsc::channel(16);
-        let budgets = (Budget::standalone(1 << 30, 1 << 30), Budget::standalone(1 << 30, 1 << 30));
-        let wiring = Wiring { cfg, inbox, budgets };
-        let conn = Connection::spawn(Box::new(r), Box::new(w), est, "evil".into(), wiring, |_| {});
-        let (_a, _est) = evil_side.await??; // holds its end open and never reads
+        let cfg = Config { write_timeout: Duration::from_millis(200), ..Config::default() };
+        // The evil end holds its stream open and never reads.
+        let (_a, _est, conn, _inbox_rx) = evil_connection(cfg, 1 << 12).await?;
         let sender = tokio::spawn({
             let conn = conn.clone();
             async move { while conn.send(vec![0u8; 1 << 16]).await.is_ok() {} }
@@ -1024,34 +1019,14 @@ mod tests {
     /// whole budget, and the frame completes while the next one begins.
     #[tokio::test]
     async fn completing_a_frame_never_waits_on_its_own_charge() -> R {
-        let (evil, good) = (Identity::generate()?, Identity::generate()?);
         let cfg = Config {
             max_frame_len: 4096,
             max_message_len: 1024,
             peer_buffer_bytes: 4098,
             node_buffer_bytes: 4098,
             ..Config::default()
-        }
-        .normalized();
-        let cfg = Arc::new(cfg);
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let allow_good = AllowList::new([good.id()]);
-        let evil_side = {
-            let cfg = cfg.clone();
-            tokio::spawn(async move {
-                let est = initiate(&mut a, &evil, &allow_good, Expect::default(), &cfg).await?;
-                Ok::<_, crate::error::HandshakeError>((a, est))
-            })
         };
-        let guard = crate::handshake::ReplayGuard::new(cfg.ik_replay_window);
-        let mut on_first = || {};
-        let est = respond(&mut b, &good, &AllowList::allow_any(), &cfg, &guard, &mut on_first).await?;
-        let budgets = crate::budget::Budgets::new(&cfg).for_peer(est.peer.id);
-        let (r, w) = tokio::io::split(b);
-        let (inbox, mut inbox_rx) = mpsc::channel(16);
-        let wiring = Wiring { cfg: cfg.clone(), inbox, budgets };
-        let _conn = Connection::spawn(Box::new(r), Box::new(w), est, "evil".into(), wiring, |_| {});
-        let (mut a, mut est) = evil_side.await??;
+        let (mut a, mut est, _conn, mut inbox_rx) = evil_connection(cfg, 1 << 16).await?;
         let env = Envelope {
             version: 1,
             kind: Kind::Message,
