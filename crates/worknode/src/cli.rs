@@ -16,6 +16,11 @@
 //! | `peer ADDR PEER_ID` | keep a connection to a peer replica |
 //! | `isolate` / `heal` | cut this replica off the network / reconnect (anti-entropy runs) |
 //! | `idle` | wait until every accepted message is handled |
+//! | `stats` | messages handled, restarts, operations rejected, replicated changes refused per reason |
+//!
+//! A refused replicated change is also audited on standard error as a JSON line
+//! (`{"audit": "replication_refused", "code", "path", "detail", "count"}`) for the 1st, 2nd,
+//! 4th, 8th… refusal of each reason.
 
 use std::collections::VecDeque;
 use std::io::{BufRead as _, Read as _};
@@ -289,6 +294,16 @@ fn serve(
     allow_any: bool,
 ) -> anyhow::Result<()> {
     let sys = Arc::new(open(dir)?);
+    // Audit: one line on stderr for the 1st, 2nd, 4th, 8th… refusal of each reason, so a flood
+    // of forged changes cannot flood the log; `stats` answers the exact counts.
+    sys.set_audit_sink(|r, n| {
+        if n.is_power_of_two() {
+            let line = serde_json::json!({
+                "audit": "replication_refused", "code": r.code, "path": r.path, "detail": r.detail, "count": n,
+            });
+            eprintln!("{line}");
+        }
+    });
     let identity = match identity {
         Some(p) => Identity::load(p).with_context(|| format!("loading identity {}", p.display()))?,
         None => Identity::generate()?,
@@ -440,7 +455,13 @@ async fn control(sys: &Arc<System>, repl: &Arc<Replicator>, words: &[String]) ->
             tokio::task::spawn_blocking(move || idle(&sys)).await??;
             Ok(serde_json::json!(true))
         }
+        "stats" => {
+            let s = sys.stats();
+            Ok(serde_json::json!({
+                "handled": s.handled, "restarts": s.restarts, "rejected": s.rejected, "refused": sys.refusals(),
+            }))
+        }
         "too-long" => bail!("a command line of {} bytes is longer than the limit, {MAX_LINE}: skipped", w(1)?),
-        other => bail!("unknown command {other:?}: create, send, send-key, get, peer, isolate, heal or idle"),
+        other => bail!("unknown command {other:?}: create, send, send-key, get, peer, isolate, heal, idle or stats"),
     }
 }

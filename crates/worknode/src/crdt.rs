@@ -23,6 +23,14 @@ pub type Dot = (ReplicaId, u64);
 pub trait Lattice: Clone + PartialEq {
     /// Joins `other` into `self`.
     fn merge(&mut self, other: &Self);
+
+    /// Joins `other` into `self`; returns whether `self` changed (a delta that changes nothing
+    /// is not stored).
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        let before = self.clone();
+        self.merge(other);
+        *self != before
+    }
 }
 
 /// Grow-only counter: one monotone count per replica; the value is their sum.
@@ -55,14 +63,31 @@ impl GCounter {
     pub fn can_inc(&self, n: u64) -> bool {
         self.total() + u128::from(n) <= u128::from(u64::MAX)
     }
+
+    /// Whether the value is exact (the sum fits a `u64`): a merge that would break it is refused.
+    pub fn is_exact(&self) -> bool {
+        self.total() <= u128::from(u64::MAX)
+    }
 }
 
 impl Lattice for GCounter {
     fn merge(&mut self, other: &Self) {
+        self.merge_changed(other);
+    }
+
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        let mut changed = false;
         for (r, v) in &other.0 {
+            if *v == 0 {
+                continue;
+            }
             let slot = self.0.entry(*r).or_insert(0);
-            *slot = (*slot).max(*v);
+            if *v > *slot {
+                *slot = *v;
+                changed = true;
+            }
         }
+        changed
     }
 }
 
@@ -98,6 +123,11 @@ impl PnCounter {
         p <= max && n <= max && i64::try_from(value).is_ok()
     }
 
+    /// Whether both sides and the value are exact (within `u64` and `i64`).
+    pub fn is_exact(&self) -> bool {
+        self.can_add(0)
+    }
+
     /// Increments minus decrements (saturating to the i64 range).
     pub fn value(&self) -> i64 {
         let v = i128::from(self.p.value()) - i128::from(self.n.value());
@@ -107,8 +137,12 @@ impl PnCounter {
 
 impl Lattice for PnCounter {
     fn merge(&mut self, other: &Self) {
-        self.p.merge(&other.p);
-        self.n.merge(&other.n);
+        self.merge_changed(other);
+    }
+
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        let p = self.p.merge_changed(&other.p);
+        self.n.merge_changed(&other.n) || p
     }
 }
 
@@ -146,15 +180,19 @@ impl<T: Ord + Clone> LwwRegister<T> {
 
 impl<T: Ord + Clone> Lattice for LwwRegister<T> {
     fn merge(&mut self, other: &Self) {
-        if let Some(theirs) = &other.entry {
-            let newer = match &self.entry {
-                None => true,
-                Some(mine) => (theirs.0, theirs.1, &theirs.2) > (mine.0, mine.1, &mine.2),
-            };
-            if newer {
-                self.entry = other.entry.clone();
-            }
+        self.merge_changed(other);
+    }
+
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        let Some(theirs) = &other.entry else { return false };
+        let newer = match &self.entry {
+            None => true,
+            Some(mine) => (theirs.0, theirs.1, &theirs.2) > (mine.0, mine.1, &mine.2),
+        };
+        if newer {
+            self.entry = other.entry.clone();
         }
+        newer
     }
 }
 
@@ -245,14 +283,24 @@ impl<T: Clone + PartialEq> DotFun<T> {
     }
 
     fn merge(&mut self, other: &Self) {
+        self.merge_changed(other);
+    }
+
+    /// [`DotFun::merge`], returning whether anything changed.
+    fn merge_changed(&mut self, other: &Self) -> bool {
         // Keep a dot if both have it, or one has it and the other never saw it.
+        let before = self.live.len();
         self.live.retain(|d, _| other.live.contains_key(d) || !other.ctx.contains(d));
+        let mut changed = self.live.len() != before;
         for (d, v) in &other.live {
             if !self.live.contains_key(d) && !self.ctx.contains(d) {
                 self.live.insert(*d, v.clone());
+                changed = true;
             }
         }
+        let ctx = self.ctx.clone();
         self.ctx.merge(&other.ctx);
+        changed || self.ctx != ctx
     }
 }
 
@@ -284,6 +332,10 @@ impl<T: Clone + Ord> MvRegister<T> {
 impl<T: Clone + Ord> Lattice for MvRegister<T> {
     fn merge(&mut self, other: &Self) {
         self.0.merge(&other.0);
+    }
+
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        self.0.merge_changed(&other.0)
     }
 }
 
@@ -330,6 +382,10 @@ impl<T: Clone + Ord> Lattice for OrSet<T> {
     fn merge(&mut self, other: &Self) {
         self.0.merge(&other.0);
     }
+
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        self.0.merge_changed(&other.0)
+    }
 }
 
 /// Observed-remove map of embedded CRDTs: key presence is an add-wins [`OrSet`]; values merge
@@ -352,8 +408,14 @@ impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
     /// Returns the map delta (presence of `key` plus the value delta).
     pub fn update(&mut self, replica: ReplicaId, key: K, f: impl FnOnce(&mut V) -> V) -> OrMap<K, V> {
         let keys = self.keys.add(replica, key.clone());
-        let vdelta = f(self.values.entry(key.clone()).or_default());
-        OrMap { keys, values: BTreeMap::from([(key, vdelta)]) }
+        let slot = self.values.entry(key.clone()).or_default();
+        let vdelta = f(slot);
+        // Canonical: a bottom value is never stored (merge does not store one either).
+        if *slot == V::default() {
+            self.values.remove(&key);
+        }
+        let values = if vdelta == V::default() { BTreeMap::new() } else { BTreeMap::from([(key, vdelta)]) };
+        OrMap { keys, values }
     }
 
     /// Removes `key` as observed here; returns the delta.
@@ -372,17 +434,25 @@ impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
     }
 }
 
-impl<K: Clone + Ord, V: Lattice> Lattice for OrMap<K, V> {
+impl<K: Clone + Ord, V: Lattice + Default> Lattice for OrMap<K, V> {
     fn merge(&mut self, other: &Self) {
-        self.keys.merge(&other.keys);
+        self.merge_changed(other);
+    }
+
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        let mut changed = self.keys.merge_changed(&other.keys);
         for (k, v) in &other.values {
             match self.values.get_mut(k) {
-                Some(mine) => mine.merge(v),
+                Some(mine) => changed |= mine.merge_changed(v),
+                // A value equal to the bottom (an empty register) changes nothing.
+                None if *v == V::default() => {}
                 None => {
                     self.values.insert(k.clone(), v.clone());
+                    changed = true;
                 }
             }
         }
+        changed
     }
 }
 
@@ -424,7 +494,9 @@ mod tests {
                 }
                 Step::Sync { from, to } => {
                     let src = r[from].clone();
-                    r[to].merge(&src);
+                    let before = r[to].clone();
+                    let changed = r[to].merge_changed(&src);
+                    assert_eq!(changed, r[to] != before, "merge_changed disagrees with ==");
                 }
             }
         }

@@ -200,6 +200,9 @@ pub enum CreateError {
     /// No behaviour registered for the kind.
     #[error("no behaviour registered for kind {0:?}: register it with System::register")]
     UnknownKind(String),
+    /// The root kind belongs to `/` alone.
+    #[error("kind \"root\" is reserved for the root worknode /: use another kind (\"data\")")]
+    ReservedKind,
     /// The consistency level is not available yet.
     #[error(transparent)]
     Unsupported(#[from] Unsupported),

@@ -41,6 +41,18 @@ pub enum Wire {
     },
 }
 
+impl Wire {
+    /// The MessagePack encoding sent between replicas.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes what [`Wire::to_bytes`] produced (`None` for anything else).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Wire> {
+        rmp_serde::from_slice(bytes).ok()
+    }
+}
+
 /// How long to wait between dial attempts to a peer that is down.
 const REDIAL: Duration = Duration::from_millis(200);
 
@@ -152,8 +164,7 @@ impl Replicator {
                     conn.close("isolated").await;
                     continue;
                 }
-                let sync = Wire::Sync { nodes: self.system.eventual_states() };
-                let _ = conn.send(encode(&sync)).await;
+                let _ = conn.send(Wire::sync(&self.system).to_bytes()).await;
             }
         }
     }
@@ -164,25 +175,30 @@ impl Replicator {
                 msg.connection().close("isolated").await;
                 continue;
             }
-            let Ok(wire) = rmp_serde::from_slice::<Wire>(msg.payload()) else { continue };
-            match wire {
-                Wire::Deltas { chain, events } => self.apply(&chain, events),
-                Wire::Sync { nodes } => {
-                    for (chain, state) in nodes {
-                        let Some(last) = chain.last() else { continue };
-                        let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();
-                        self.apply(&chain, events);
-                    }
-                }
-            }
+            let Some(wire) = Wire::from_bytes(msg.payload()) else { continue };
+            wire.merge_into(&self.system);
         }
     }
+}
 
-    fn apply(&self, chain: &[Meta], events: Vec<Replicated>) {
-        let Some(last) = chain.last() else { return };
-        // A chain we cannot create here (unknown kind, limits) is skipped; the peer keeps it.
-        if self.system.ensure_chain(chain).is_ok() {
-            let _ = self.system.merge_remote(last.id, events);
+impl Wire {
+    /// The anti-entropy message: the full state of every Eventual worknode of `system`.
+    pub fn sync(system: &System) -> Wire {
+        Wire::Sync { nodes: system.eventual_states() }
+    }
+
+    /// Merges what a peer sent into `system`. A chain or delta that breaks a rule here is
+    /// refused (counted and audited by the system); the peer keeps its copy.
+    pub fn merge_into(self, system: &System) {
+        match self {
+            Wire::Deltas { chain, events } => drop(system.merge_replicated(&chain, events)),
+            Wire::Sync { nodes } => {
+                for (chain, state) in nodes {
+                    let Some(last) = chain.last() else { continue };
+                    let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();
+                    drop(system.merge_replicated(&chain, events));
+                }
+            }
         }
     }
 }

@@ -38,18 +38,38 @@ impl Crdt {
         }
     }
 
-    /// Joins `other` (same kind) into `self`.
-    fn merge(&mut self, other: &Crdt) -> Result<(), StateError> {
-        match (self, other) {
-            (Crdt::GCounter(a), Crdt::GCounter(b)) => a.merge(b),
-            (Crdt::PnCounter(a), Crdt::PnCounter(b)) => a.merge(b),
-            (Crdt::Lww(a), Crdt::Lww(b)) => a.merge(b),
-            (Crdt::Mv(a), Crdt::Mv(b)) => a.merge(b),
-            (Crdt::Set(a), Crdt::Set(b)) => a.merge(b),
-            (Crdt::Map(a), Crdt::Map(b)) => a.merge(b),
+    /// Joins `other` (same kind) into `self`; returns whether `self` changed.
+    fn merge(&mut self, other: &Crdt) -> Result<bool, StateError> {
+        Ok(match (self, other) {
+            (Crdt::GCounter(a), Crdt::GCounter(b)) => a.merge_changed(b),
+            (Crdt::PnCounter(a), Crdt::PnCounter(b)) => a.merge_changed(b),
+            (Crdt::Lww(a), Crdt::Lww(b)) => a.merge_changed(b),
+            (Crdt::Mv(a), Crdt::Mv(b)) => a.merge_changed(b),
+            (Crdt::Set(a), Crdt::Set(b)) => a.merge_changed(b),
+            (Crdt::Map(a), Crdt::Map(b)) => a.merge_changed(b),
             (a, b) => return Err(StateError::TypeMismatch { have: a.kind(), got: b.kind() }),
+        })
+    }
+
+    /// Whether a counter's value is exact (never true of a clamped sum); other kinds always are.
+    fn is_exact(&self) -> bool {
+        match self {
+            Crdt::GCounter(c) => c.is_exact(),
+            Crdt::PnCounter(c) => c.is_exact(),
+            _ => true,
         }
-        Ok(())
+    }
+
+    /// The empty value of this kind.
+    fn bottom(&self) -> Crdt {
+        match self {
+            Crdt::GCounter(_) => Crdt::GCounter(GCounter::default()),
+            Crdt::PnCounter(_) => Crdt::PnCounter(PnCounter::default()),
+            Crdt::Lww(_) => Crdt::Lww(LwwRegister::default()),
+            Crdt::Mv(_) => Crdt::Mv(MvRegister::default()),
+            Crdt::Set(_) => Crdt::Set(OrSet::default()),
+            Crdt::Map(_) => Crdt::Map(OrMap::default()),
+        }
     }
 
     /// The value as JSON (for queries, the CLI and the gateway).
@@ -151,14 +171,39 @@ impl State {
         Ok(Delta { field: field.to_owned(), delta })
     }
 
-    /// Merges a delta (or a whole field state) in.
-    pub fn apply(&mut self, d: &Delta) -> Result<(), StateError> {
+    /// Merges a delta (or a whole field state) in; returns whether anything changed. A delta
+    /// that changes nothing (an empty one, or one already merged) creates no field.
+    pub fn apply(&mut self, d: &Delta) -> Result<bool, StateError> {
         match self.fields.get_mut(&d.field) {
             Some(c) => c.merge(&d.delta),
+            None if d.delta == d.delta.bottom() => Ok(false),
             None => {
                 self.fields.insert(d.field.clone(), d.delta.clone());
-                Ok(())
+                Ok(true)
             }
+        }
+    }
+
+    /// Merges a delta from another replica: the same kind, and counters that stay exact (an
+    /// increment past the range is refused with [`StateError::Overflow`], never clamped, so a
+    /// forged huge count cannot pin a counter at its limit). Returns whether anything changed;
+    /// on an error nothing is.
+    pub fn absorb(&mut self, d: &Delta) -> Result<bool, StateError> {
+        if !d.delta.is_exact() {
+            return Err(StateError::Overflow { field: d.field.clone() });
+        }
+        match self.fields.get_mut(&d.field) {
+            Some(c @ (Crdt::GCounter(_) | Crdt::PnCounter(_))) => {
+                // Counters are small: merge a copy and keep it only if it stays exact.
+                let mut next = c.clone();
+                let changed = next.merge(&d.delta)?;
+                if !next.is_exact() {
+                    return Err(StateError::Overflow { field: d.field.clone() });
+                }
+                *c = next;
+                Ok(changed)
+            }
+            _ => self.apply(d),
         }
     }
 

@@ -1,7 +1,7 @@
 //! The worknode system: an arena of worknodes, a pool of worker threads running their turns,
 //! supervision, persistence through the event store and the hooks replication uses.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::ops::Range;
@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::caps::{Authority, Capabilities, Right};
 use crate::crdt::ReplicaId;
-use crate::error::{CapError, CreateError, QueryError, SendError, StoreError, Unsupported, WriteError};
+use crate::error::{CapError, CreateError, QueryError, SendError, StateError, StoreError, Unsupported, WriteError};
 use crate::id::{WnPath, WorknodeId};
 use crate::sched::{Core, Lock as _, PushError, StdSync};
 use crate::state::{Delta, Op, State};
@@ -319,6 +319,9 @@ pub struct Meta {
     pub consistency: Consistency,
 }
 
+/// The kind of the root worknode `/`: reserved, neither created locally nor replicated.
+pub const ROOT_KIND: &str = "root";
+
 /// The id of every system's root worknode `/` (the nil UUID, the same on every replica).
 pub const ROOT_ID: WorknodeId = WorknodeId::nil();
 
@@ -409,6 +412,51 @@ pub struct Shipment {
 
 type Sink = Box<dyn Fn(Shipment) + Send + Sync>;
 
+/// A replicated change this node refused: it broke a rule a local change would have broken too
+/// (a name, a depth, a kind, a consistency class, a quota, a counter's range), or it contradicts
+/// what is here. Counted per `code` ([`System::refusals`]) and handed to the audit sink
+/// ([`System::set_audit_sink`]); the peer keeps its copy, nothing of it is applied here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Stable reason code: `chain` (malformed or too deep), `name`, `kind`, `consistency`,
+    /// `conflict` (the path holds a worknode of another kind or consistency), `id` (the id names
+    /// another worknode here), `quota`, `store`, `overflow`, `type`.
+    pub code: &'static str,
+    /// The path concerned (as far as it could be read).
+    pub path: String,
+    /// What was wrong.
+    pub detail: String,
+}
+
+impl Refused {
+    /// A refusal; `path` and `detail` are clipped to 256 bytes each (they may quote what a peer
+    /// sent, which is not bounded by anything here).
+    pub fn new(code: &'static str, path: impl Into<String>, detail: impl Into<String>) -> Self {
+        fn clip(mut s: String) -> String {
+            if s.len() > 256 {
+                let mut end = 256;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                s.truncate(end);
+                s.push('…');
+            }
+            s
+        }
+        Self { code, path: clip(path.into()), detail: clip(detail.into()) }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "replicated change refused ({}) at {}: {}", self.code, self.path, self.detail)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+type AuditSink = Box<dyn Fn(&Refused, u64) + Send + Sync>;
+
 type Kinds = Vec<(String, Arc<dyn Behaviour>)>;
 
 /// A worker's copy of the kind table (avoids a shared lock per message).
@@ -448,6 +496,9 @@ pub(crate) struct Inner {
     handled: AtomicU64,
     restarts: AtomicU64,
     rejected: AtomicU64,
+    /// Replicated changes refused, per [`Refused::code`].
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    audit: OnceLock<AuditSink>,
 }
 
 /// Assembles a [`System`] (see [`System::builder`]).
@@ -558,6 +609,37 @@ impl Inner {
         if n > 0 && self.in_flight.fetch_sub(n, Ordering::AcqRel) == n {
             let _g = self.idle.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             self.idle.1.notify_all();
+        }
+    }
+
+    /// Counts and audits a refused replicated change.
+    fn refused(&self, r: &Refused) {
+        let n = {
+            let mut counts = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = counts.entry(r.code).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if let Some(sink) = self.audit.get() {
+            sink(r, n);
+        }
+    }
+
+    /// A replicated delta refused inside a turn.
+    fn refuse(&self, info: &Info, e: &StateError) {
+        let code = match e {
+            StateError::Overflow { .. } => "overflow",
+            _ => "type",
+        };
+        self.refused(&Refused::new(code, self.path_of_info(info), e.to_string()));
+    }
+
+    fn path_of_info(&self, info: &Info) -> String {
+        match self.info(info.parent) {
+            Some(_) => {
+                self.path_of(info.parent).child(&info.name).map_or_else(|_| info.name.to_string(), |p| p.to_string())
+            }
+            None => "/".to_owned(),
         }
     }
 
@@ -747,10 +829,13 @@ impl Inner {
             Body::Update(ops) => return Ok(self.update_state(node, ops, ids, log)),
             Body::Merge(events) => {
                 let state = node.state.get_or_insert_with(Box::default);
+                // Checked as a local change is (kinds, counter ranges); one that changes nothing
+                // (seen before, or empty) is not stored.
                 for (eid, delta) in events {
-                    match state.apply(delta) {
-                        Ok(()) => log.events.push((*eid, delta.clone(), false)),
-                        Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
+                    match state.absorb(delta) {
+                        Ok(true) => log.events.push((*eid, delta.clone(), false)),
+                        Ok(false) => {}
+                        Err(e) => self.refuse(info, &e),
                     }
                 }
                 return Ok(Handled::Applied(start..log.events.len()));
@@ -777,8 +862,10 @@ impl Inner {
         for (field, op) in &ops {
             match state.prepare(self.cfg.replica, now_ms(), field, op) {
                 Ok(delta) => {
-                    let _ = state.apply(&delta);
-                    log.events.push((*uuid::Uuid::now_v7().as_bytes(), delta, true));
+                    // An operation that changes nothing (grow 0, removing what is absent) is not stored.
+                    if state.apply(&delta) == Ok(true) {
+                        log.events.push((*uuid::Uuid::now_v7().as_bytes(), delta, true));
+                    }
                 }
                 Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
             }
@@ -822,10 +909,14 @@ impl Inner {
         for (i, (field, op)) in ops.iter().enumerate() {
             match target.prepare(self.cfg.replica, now, field, op) {
                 Ok(delta) => {
-                    let _ = target.apply(&delta);
-                    let id =
-                        ids.and_then(|ids| ids.get(i).copied()).unwrap_or_else(|| *uuid::Uuid::now_v7().as_bytes());
-                    log.events.push((id, delta, true));
+                    // An operation that changes nothing (grow 0, removing what is absent) is not
+                    // stored, unless it is part of an idempotent update: its ids are what tells a
+                    // retry the update was applied.
+                    if target.apply(&delta) == Ok(true) || ids.is_some() {
+                        let id =
+                            ids.and_then(|ids| ids.get(i).copied()).unwrap_or_else(|| *uuid::Uuid::now_v7().as_bytes());
+                        log.events.push((id, delta, true));
+                    }
                 }
                 Err(reason) => {
                     self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -952,7 +1043,8 @@ impl System {
 
     fn start_with(b: SystemBuilder) -> Result<Self, StoreError> {
         let SystemBuilder { cfg, store, caps, kinds: extra } = b;
-        let mut kinds: Kinds = vec![("root".into(), Arc::new(DataBehaviour)), ("data".into(), Arc::new(DataBehaviour))];
+        let mut kinds: Kinds =
+            vec![(ROOT_KIND.into(), Arc::new(DataBehaviour)), ("data".into(), Arc::new(DataBehaviour))];
         for (name, behaviour) in extra {
             match kinds.iter_mut().find(|k| k.0 == name) {
                 Some(k) => k.1 = behaviour,
@@ -977,6 +1069,8 @@ impl System {
             handled: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            refused: Mutex::new(BTreeMap::new()),
+            audit: OnceLock::new(),
         });
         let root = Info {
             id: ROOT_ID,
@@ -1074,6 +1168,18 @@ impl System {
     /// Calls `f` with every batch of committed local events of Eventual worknodes (set once).
     pub fn set_replication_sink(&self, f: impl Fn(Shipment) + Send + Sync + 'static) {
         let _ = self.inner.sink.set(Box::new(f));
+    }
+
+    /// Sets the audit sink: called with every refused replicated change and how many of its
+    /// [`Refused::code`] this system has refused so far (so a sink can log the 1st, 2nd, 4th,
+    /// 8th… of a flood). Set once; later calls are ignored.
+    pub fn set_audit_sink(&self, f: impl Fn(&Refused, u64) + Send + Sync + 'static) {
+        let _ = self.inner.audit.set(Box::new(f));
+    }
+
+    /// Replicated changes refused so far, per [`Refused::code`].
+    pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
+        self.inner.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// This node's replica id.
@@ -1191,6 +1297,9 @@ impl System {
         if consistency == Consistency::Strong {
             return Err(Unsupported("Consistency::Strong").into());
         }
+        if kind == ROOT_KIND {
+            return Err(CreateError::ReservedKind);
+        }
         let path = parent.child(name)?;
         if path.depth() > self.inner.cfg.max_depth {
             return Err(CreateError::TooDeep { depth: path.depth(), path, max: self.inner.cfg.max_depth });
@@ -1212,24 +1321,123 @@ impl System {
         Ok((id, Handle(idx)))
     }
 
-    /// Makes sure every worknode of a replicated chain exists here (creating missing ones with
-    /// the origin's ids); returns the last one's id.
-    pub fn ensure_chain(&self, chain: &[Meta]) -> Result<(), CreateError> {
-        for meta in chain {
-            if self.inner.index(meta.id).is_some() {
-                continue;
-            }
-            let idx = self.insert(meta, State::default(), 0)?;
-            if let Some(store) = &self.inner.store
-                && let Err(e) = store.put_meta(meta.id, &encode(meta))
-            {
-                if let Some(parent) = self.inner.index(meta.parent) {
-                    self.forget(idx, parent, meta);
-                }
-                return Err(e.into());
-            }
+    /// Merges replicated events into the worknode a peer's `chain` names (the replication
+    /// layer's entry point). The chain is held to the rules a local create is held to, and
+    /// resolved by path:
+    ///
+    /// - every name is a valid segment, the chain is no deeper than `max_depth`, links each
+    ///   worknode to the one before it, creates no `root` kind, no unknown kind and nothing
+    ///   `Strong`; quotas (`max_children`, `max_worknodes`) hold as for a local create;
+    /// - a worknode already here under the same id must sit at the same path;
+    /// - a path that holds a worknode under another id was created concurrently on two replicas:
+    ///   it is the same worknode if kind and consistency agree (its states merge; each replica
+    ///   keeps the id it saw first), and refused as a `conflict` if not;
+    /// - the events go only into an `Eventual` worknode.
+    ///
+    /// A refusal is counted and audited (see [`Refused`]) and nothing of the chain is applied
+    /// beyond the ancestors that passed. Deltas that do not fit their field (another CRDT kind,
+    /// a counter pushed out of range) are refused one by one inside the worknode's turn.
+    pub fn merge_replicated(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
+        let r = self.adopt_chain(chain).and_then(|(idx, path)| {
+            let id = self.inner.info(idx).map(|i| i.id);
+            let merge = Msg::plain(Envelope { from: Authority::System, body: Body::Merge(events) });
+            self.inner.push(idx, id, merge, false).map_err(|e| Refused::new("store", path.to_string(), e.to_string()))
+        });
+        if let Err(e) = &r {
+            self.inner.refused(e);
         }
-        Ok(())
+        r
+    }
+
+    /// Resolves (creating what is missing) a replicated chain: see [`System::merge_replicated`].
+    fn adopt_chain(&self, chain: &[Meta]) -> Result<(u32, WnPath), Refused> {
+        let inner = &self.inner;
+        let refuse = |code, path: &WnPath, detail: String| Refused::new(code, path.to_string(), detail);
+        let max = inner.cfg.max_depth;
+        if chain.is_empty() || chain.len() > max {
+            return Err(refuse("chain", &WnPath::root(), format!("a chain of {} worknodes (1 to {max})", chain.len())));
+        }
+        // The whole chain is checked before anything of it is created.
+        let (mut path, mut parent_id) = (WnPath::root(), ROOT_ID);
+        let mut paths = Vec::with_capacity(chain.len());
+        for meta in chain {
+            let Ok(next) = path.child(&meta.name) else {
+                return Err(refuse("name", &path, format!("{:?} is not a worknode name", meta.name)));
+            };
+            path = next;
+            if meta.parent != parent_id {
+                return Err(refuse(
+                    "chain",
+                    &path,
+                    format!("its parent is {}, not the chain's {parent_id}", meta.parent),
+                ));
+            }
+            if meta.consistency == Consistency::Strong {
+                return Err(refuse("consistency", &path, "Strong worknodes are not replicated".into()));
+            }
+            if meta.kind == ROOT_KIND {
+                return Err(refuse("kind", &path, "the root kind is reserved for /".into()));
+            }
+            parent_id = meta.id;
+            paths.push(path.clone());
+        }
+        let mut idx = 0u32;
+        for (meta, path) in chain.iter().zip(&paths) {
+            let here = match inner.index(meta.id) {
+                Some(i) => {
+                    let info = inner.info(i).ok_or_else(|| refuse("id", path, "a forgotten worknode".into()))?;
+                    if info.parent != idx || *info.name != *meta.name {
+                        return Err(refuse("id", path, format!("{} is {} here", meta.id, inner.path_of(i))));
+                    }
+                    Some(i)
+                }
+                None => inner.child_named(idx, &meta.name),
+            };
+            idx = match here {
+                Some(i) => {
+                    let info = inner.info(i).ok_or_else(|| refuse("id", path, "a forgotten worknode".into()))?;
+                    let kind = inner.kind_name(info.kind);
+                    if kind != meta.kind || info.consistency != meta.consistency {
+                        return Err(refuse(
+                            "conflict",
+                            path,
+                            format!(
+                                "it is {kind} {:?} here, {} {:?} there",
+                                info.consistency, meta.kind, meta.consistency
+                            ),
+                        ));
+                    }
+                    i
+                }
+                None => {
+                    let here_parent = inner.info(idx).map_or(ROOT_ID, |p| p.id);
+                    let local = Meta { parent: here_parent, ..meta.clone() };
+                    let created = self.insert(&local, State::default(), 0).map_err(|e| {
+                        let code = match e {
+                            CreateError::UnknownKind(_) => "kind",
+                            CreateError::TooManyChildren { .. } | CreateError::Capacity(_) => "quota",
+                            _ => "conflict",
+                        };
+                        refuse(code, path, e.to_string())
+                    })?;
+                    if let Some(store) = &inner.store
+                        && let Err(e) = store.put_meta(local.id, &encode(&local))
+                    {
+                        self.forget(created, idx, &local);
+                        return Err(refuse("store", path, e.to_string()));
+                    }
+                    created
+                }
+            };
+        }
+        match inner.info(idx).map(|i| i.consistency) {
+            Some(Consistency::Eventual) => Ok((idx, path)),
+            other => Err(refuse(
+                "consistency",
+                &path,
+                format!("it is {other:?} here: only Eventual worknodes take replicated changes"),
+            )),
+        }
     }
 
     /// Undoes [`System::insert`] of a worknode whose record could not be stored: its name and id
@@ -1323,17 +1531,6 @@ impl System {
     /// fan-out; an operation that does not fit its field is dropped silently).
     pub fn update_detached(&self, auth: &Authority, id: WorknodeId, ops: Vec<(String, Op)>) -> Result<(), SendError> {
         self.detached(auth, id, Body::Update(ops))
-    }
-
-    /// Merges replicated events into worknode `id` (the replication layer's entry point).
-    pub fn merge_remote(&self, id: WorknodeId, events: Vec<Replicated>) -> Result<(), SendError> {
-        let idx = self.inner.index(id).ok_or_else(|| SendError::NotFound(id.to_string()))?;
-        self.inner.push(
-            idx,
-            Some(id),
-            Msg::plain(Envelope { from: Authority::System, body: Body::Merge(events) }),
-            false,
-        )
     }
 
     /// Sends data by handle: the fast path (no lookup, no capability check: the system's own sends).

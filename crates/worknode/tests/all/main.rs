@@ -13,6 +13,7 @@ mod cli;
 mod crash;
 mod muscle;
 mod replicas;
+mod sim;
 mod store;
 mod system;
 mod util;

@@ -1,0 +1,335 @@
+//! Replication under hostile peers (issue 21, slice 2): the real `referee node serve`, fed forged
+//! replication messages by an allowed peer (a referee-comm node in this test, speaking the same
+//! `Wire` format), and two real replicas that create the same path on both sides of a partition.
+//! Each test is one finding of the attack on the release build; each failed before the fix.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "test helpers")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use referee_comm::{AllowList, Config, ConnectOptions, Identity, Node};
+use referee_worknode::crdt::{GCounter, PnCounter};
+use referee_worknode::replication::Wire;
+use referee_worknode::{Consistency, Crdt, Delta, Meta, ROOT_ID, WorknodeId};
+use serde_json::Value;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `referee node serve` on a free TCP port (any authenticated peer allowed), driven over stdin.
+struct Replica {
+    child: Child,
+    stdin: ChildStdin,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+    addr: String,
+    id: String,
+    _dir: tempfile::TempDir,
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+impl Replica {
+    fn start() -> Result<Replica, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_referee"))
+            .env_remove("REFEREE_HOME")
+            .env_remove("REFEREE_COMM_IDENTITY")
+            .args(["--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--allow-any", "--dir"])
+            .arg(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let out = lines(child.stdout.take().ok_or("stdout")?);
+        let err = lines(child.stderr.take().ok_or("stderr")?);
+        let stdin = child.stdin.take().ok_or("stdin")?;
+        let hello: Value = serde_json::from_str(&out.recv_timeout(WAIT)?)?;
+        Ok(Replica {
+            addr: hello["listening"].as_str().ok_or("listening")?.to_owned(),
+            id: hello["id"].as_str().ok_or("id")?.to_owned(),
+            child,
+            stdin,
+            out,
+            err,
+            _dir: dir,
+        })
+    }
+
+    fn ask(&mut self, line: &str) -> Result<Value, Box<dyn std::error::Error>> {
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        Ok(serde_json::from_str(&self.out.recv_timeout(WAIT)?)?)
+    }
+
+    fn ok(&mut self, line: &str) -> Result<Value, Box<dyn std::error::Error>> {
+        let reply = self.ask(line)?;
+        match reply.get("ok") {
+            Some(v) => Ok(v.clone()),
+            None => Err(format!("{line:?} failed: {reply}").into()),
+        }
+    }
+
+    /// Refusals so far, per reason.
+    fn refused(&mut self) -> Result<Value, Box<dyn std::error::Error>> {
+        Ok(self.ok("stats")?["refused"].clone())
+    }
+
+    /// Polls until `what` (a `get` or `stats` reply) satisfies `pred`.
+    fn wait(&mut self, line: &str, pred: impl Fn(&Value) -> bool) -> Result<Value, Box<dyn std::error::Error>> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.ask(line)?;
+            if pred(&v) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out on {line:?}: last {v}").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The audit lines printed on stderr so far.
+    fn audit(&self) -> Vec<Value> {
+        self.err
+            .try_iter()
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .filter(|v| v["audit"].is_string())
+            .collect()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An allowed peer that is not a replica: it connects to `r`, collects what `r` sends it for a
+/// moment (the full state of every Eventual worknode, on connection) and sends `forged`.
+fn hostile(r: &Replica, forged: Vec<Wire>) -> Result<Vec<Wire>, Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async {
+        let (node, mut inbox) = Node::new(Identity::generate()?, AllowList::allow_any(), Config::default());
+        let conn = node.connect_with(&r.addr.parse()?, ConnectOptions::default().expect_peer(r.id.parse()?)).await?;
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, inbox.recv()).await {
+            seen.extend(Wire::from_bytes(msg.payload()));
+        }
+        for w in forged {
+            conn.send(w.to_bytes()).await?;
+        }
+        // Give the replica the messages before the connection closes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(seen)
+    })
+}
+
+fn meta(parent: WorknodeId, name: &str, kind: &str, consistency: Consistency) -> Meta {
+    Meta { id: WorknodeId::new(), parent, name: name.to_owned(), kind: kind.to_owned(), consistency }
+}
+
+fn delta(field: &str, delta: Crdt) -> Delta {
+    Delta { field: field.to_owned(), delta }
+}
+
+fn grow(replica: u64, n: u64) -> Crdt {
+    Crdt::GCounter(GCounter::default().inc(replica, n))
+}
+
+fn deltas(chain: Vec<Meta>, d: Vec<Delta>) -> Wire {
+    let events = d.into_iter().map(|d| (WorknodeId::new().to_bytes(), d));
+    Wire::Deltas { chain, events: events.collect() }
+}
+
+/// The chains of the full state `seen` holds.
+fn chains(seen: &[Wire]) -> Vec<Vec<Meta>> {
+    seen.iter()
+        .filter_map(|w| match w {
+            Wire::Sync { nodes } => Some(nodes.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>()),
+            Wire::Deltas { .. } => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Finding 8: a peer wrote into a Local worknode, created Strong ones, chains deeper than the
+/// limit, kind `root`, and names such as `../etc`, `a/b` and `""`.
+#[test]
+fn remote_changes_obey_the_local_rules() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /loc data local")?;
+    r.ok("create /loc/ev data eventual")?;
+    r.ok("send /loc add n 1")?;
+    // The peer learns the Local parent's id from the chain of its Eventual child.
+    let seen = hostile(&r, vec![])?;
+    let chain = chains(&seen).into_iter().find(|c| c.len() == 2).ok_or("no chain of /loc/ev")?;
+    let local = chain[0].clone();
+    assert_eq!(local.consistency, Consistency::Local);
+
+    let d = || vec![delta("n", Crdt::PnCounter(PnCounter::default().add(99, 1000)))];
+    let mut forged = vec![
+        // Into the Local worknode, by its id and by its path under a fresh id.
+        deltas(vec![local.clone()], d()),
+        deltas(vec![meta(ROOT_ID, "loc", "data", Consistency::Local)], d()),
+        deltas(vec![meta(ROOT_ID, "strong", "data", Consistency::Strong)], d()),
+        deltas(vec![meta(ROOT_ID, "kroot", "root", Consistency::Eventual)], d()),
+        deltas(vec![meta(ROOT_ID, "unknown", "no-such-kind", Consistency::Eventual)], d()),
+        // Same path as the Eventual /loc/ev but another kind (a concurrent create that cannot merge).
+        deltas(vec![local.clone(), meta(local.id, "ev", "root2", Consistency::Eventual)], d()),
+    ];
+    for name in ["../etc", "a/b", "", ".", "x".repeat(65).as_str()] {
+        forged.push(deltas(vec![meta(ROOT_ID, name, "data", Consistency::Eventual)], d()));
+    }
+    // A chain whose links do not join, and one deeper than max_depth (32).
+    forged.push(deltas(
+        vec![
+            meta(ROOT_ID, "a", "data", Consistency::Eventual),
+            meta(WorknodeId::new(), "b", "data", Consistency::Eventual),
+        ],
+        d(),
+    ));
+    let mut deep = Vec::new();
+    let mut parent = ROOT_ID;
+    for i in 0..40 {
+        let m = meta(parent, &format!("d{i}"), "data", Consistency::Eventual);
+        parent = m.id;
+        deep.push(m);
+    }
+    forged.push(deltas(deep, d()));
+    let n = forged.len() as u64;
+    hostile(&r, forged)?;
+
+    let stats = r.wait("stats", |v| {
+        v["ok"]["refused"].as_object().is_some_and(|m| m.values().filter_map(Value::as_u64).sum::<u64>() >= n)
+    })?;
+    let refused = &stats["ok"]["refused"];
+    assert_eq!(refused["consistency"], 3, "{refused}");
+    assert_eq!(refused["kind"], 2, "{refused}");
+    assert_eq!(refused["conflict"], 1, "{refused}");
+    assert_eq!(refused["name"], 5, "{refused}");
+    assert_eq!(refused["chain"], 2, "{refused}");
+    // Nothing was created or written: / still has one child, /loc its one child and its count.
+    assert_eq!(r.ok("get /")?["children"], 1);
+    let loc = r.ok("get /loc")?;
+    assert_eq!((loc["children"].clone(), loc["state"]["n"].clone()), (1.into(), 1.into()), "{loc}");
+    assert_eq!(r.ok("get /loc/ev")?["kind"], "data");
+    let audit = r.audit();
+    assert!(audit.iter().any(|a| a["code"] == "name" && a["audit"] == "replication_refused"), "{audit:?}");
+    Ok(())
+}
+
+/// Finding 8: no-op updates bloated the database (1M updates → 272 MB).
+#[test]
+fn a_no_op_update_is_not_stored() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /ev data eventual")?;
+    let v = r.ok("send /ev grow g 5")?["version"].as_u64().ok_or("version")?;
+    // Local no-ops: nothing to store.
+    let noop = r.ok("send /ev grow g 0")?;
+    assert_eq!((noop["version"].as_u64(), noop["seq"].clone()), (Some(v), Value::Null), "{noop}");
+    let noop = r.ok("send /ev remove s absent")?;
+    assert_eq!(noop["version"].as_u64(), Some(v), "{noop}");
+    // Remote: one change, then 2,000 repeats of it under fresh event ids.
+    let seen = hostile(&r, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let mut forged = vec![deltas(chain.clone(), vec![delta("h", grow(77, 3))])];
+    for _ in 0..2000 {
+        forged.push(deltas(chain.clone(), vec![delta("h", grow(77, 3)), delta("g", grow(77, 0))]));
+    }
+    // A last, real change marks the end (one connection's messages are merged in order).
+    forged.push(deltas(chain, vec![delta("end", grow(77, 1))]));
+    hostile(&r, forged)?;
+    r.wait("get /ev", |g| g["ok"]["state"]["end"] == 1)?;
+    r.ok("idle")?;
+    let got = r.ok("get /ev")?;
+    assert_eq!(got["state"]["h"], 3, "{got}");
+    assert_eq!(got["version"].as_u64(), Some(v + 2), "only the two real remote changes are stored: {got}");
+    Ok(())
+}
+
+/// Finding 5: one update with a counter at 2^64 − 1 froze it (every later increment refused).
+#[test]
+fn a_counter_refuses_an_overflowing_merge_instead_of_freezing() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /ev data eventual")?;
+    r.ok("send /ev grow g 11")?;
+    r.ok("send /ev add c 11")?;
+    let seen = hostile(&r, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let forged = vec![
+        deltas(chain.clone(), vec![delta("g", grow(66, u64::MAX))]),
+        deltas(chain.clone(), vec![delta("c", Crdt::PnCounter(PnCounter::default().add(66, i64::MAX)))]),
+        // A single delta that is out of range by itself.
+        deltas(
+            chain.clone(),
+            vec![delta(
+                "fresh",
+                Crdt::GCounter({
+                    let mut g = GCounter::default();
+                    g.inc(66, u64::MAX);
+                    g.inc(67, 1);
+                    g
+                }),
+            )],
+        ),
+    ];
+    hostile(&r, forged)?;
+    r.wait("stats", |v| v["ok"]["refused"]["overflow"] == 3)?;
+    r.ok("send /ev grow g 1")?;
+    r.ok("send /ev add c -20")?;
+    let state = r.ok("get /ev")?["state"].clone();
+    assert_eq!(
+        (state["g"].clone(), state["c"].clone(), state["fresh"].clone()),
+        (12.into(), (-9).into(), Value::Null),
+        "{state}"
+    );
+    Ok(())
+}
+
+/// Finding 6: during a partition both sides ran `create /dup data eventual`; after the heal each
+/// side refused the other's worknode for good and the counters stayed at 11 and 22.
+#[test]
+fn the_same_path_created_on_both_sides_of_a_partition_merges() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    let (b_addr, b_id) = (b.addr.clone(), b.id.clone());
+    a.ok(&format!("peer {b_addr} {b_id}"))?;
+    a.ok("isolate")?;
+    b.ok("isolate")?;
+    a.ok("create /dup data eventual")?;
+    a.ok("create /dup/x data eventual")?;
+    b.ok("create /dup data eventual")?;
+    a.ok("send /dup add n 11")?;
+    b.ok("send /dup add n 22")?;
+    a.ok("send /dup/x insert s from-a")?;
+    a.ok("heal")?;
+    b.ok("heal")?;
+    for r in [&mut a, &mut b] {
+        r.wait("get /dup", |g| g["ok"]["state"]["n"] == 33)?;
+        r.wait("get /dup/x", |g| g["ok"]["state"]["s"] == serde_json::json!(["from-a"]))?;
+    }
+    // Both keep merging after the heal, whichever id they know the worknode by.
+    b.ok("send /dup add n 100")?;
+    a.wait("get /dup", |g| g["ok"]["state"]["n"] == 133)?;
+    assert_eq!(a.refused()?, serde_json::json!({}));
+    assert_eq!(b.refused()?, serde_json::json!({}));
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! A deterministic simulation of eventual replication: three replicas (real `System`s with real
+//! event stores) and a seeded in-process network that delays, reorders, duplicates and drops
+//! messages, cuts random partitions, and restarts replicas from their stores. Replicas create
+//! the same paths on both sides of partitions. After every run the network heals and the test
+//! checks that the replicas converged to the same state, with no acknowledged update lost.
+//!
+//! The messages are the real [`Wire`] values, merged with [`Wire::merge_into`], the code path of
+//! `Replicator`; what this leaves out is referee-comm itself (tested on its own).
+//! `WN_SIM_SEEDS` (default 24) and `WN_SIM_STEPS` (default 150) size a run; a failure names its
+//! seed, and `WN_SIM_SEED=N` replays that one.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use referee_worknode::replication::Wire;
+use referee_worknode::{Authority, Consistency, EventStore, Op, Shipment, StoreConfig, System, SystemConfig, WnPath};
+
+const N: usize = 3;
+const PATHS: [&str; 4] = ["/a", "/a/b", "/c", "/a/b/d"];
+const IDLE: Duration = Duration::from_secs(30);
+
+/// splitmix64: small, seedable, good enough to pick actions.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+struct Replica {
+    dir: tempfile::TempDir,
+    replica: u64,
+    sys: Option<System>,
+    outbox: Arc<Mutex<Vec<Shipment>>>,
+}
+
+impl Replica {
+    fn start(&mut self) {
+        let store = EventStore::open(&self.dir.path().join("worknodes.redb"), StoreConfig::default()).unwrap();
+        let cfg = SystemConfig { replica: self.replica, workers: 1, ..SystemConfig::default() };
+        let sys = System::start(cfg, Some(Arc::new(store)), None).unwrap();
+        let outbox = self.outbox.clone();
+        sys.set_replication_sink(move |s| outbox.lock().unwrap().push(s));
+        self.sys = Some(sys);
+    }
+
+    fn sys(&self) -> &System {
+        self.sys.as_ref().unwrap()
+    }
+}
+
+/// What every replica must end up holding: per path, the sum of acknowledged adds and the
+/// acknowledged set inserts.
+#[derive(Default)]
+struct Acked {
+    sums: BTreeMap<String, i64>,
+    inserts: BTreeMap<String, BTreeSet<String>>,
+}
+
+struct Sim {
+    rng: Rng,
+    seed: u64,
+    reps: Vec<Replica>,
+    /// Partition group per replica: messages pass only within a group.
+    group: [u8; N],
+    /// In flight: (deliver at, from, to, message).
+    net: VecDeque<(u64, usize, usize, Wire)>,
+    now: u64,
+    acked: Acked,
+    log: Vec<String>,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let base = std::path::Path::new("/dev/shm");
+        let reps = (0..N)
+            .map(|i| {
+                let dir = if base.is_dir() { tempfile::tempdir_in(base) } else { tempfile::tempdir() }.unwrap();
+                let mut r = Replica { dir, replica: 1000 + i as u64, sys: None, outbox: Arc::default() };
+                r.start();
+                r
+            })
+            .collect();
+        Sim {
+            rng: Rng(seed),
+            seed,
+            reps,
+            group: [0; N],
+            net: VecDeque::new(),
+            now: 0,
+            acked: Acked::default(),
+            log: Vec::new(),
+        }
+    }
+
+    fn connected(&self, a: usize, b: usize) -> bool {
+        a != b && self.group[a] == self.group[b] && self.reps[a].sys.is_some() && self.reps[b].sys.is_some()
+    }
+
+    /// A message on the wire: delayed (so reordered), sometimes duplicated.
+    fn post(&mut self, from: usize, to: usize, w: Wire) {
+        let at = self.now + self.rng.below(6);
+        if self.rng.chance(10) {
+            let again = self.now + self.rng.below(12);
+            self.net.push_back((again, from, to, w.clone()));
+        }
+        self.net.push_back((at, from, to, w));
+    }
+
+    /// A (re)connection: both sides send their full state, as `Replicator` does.
+    fn connect(&mut self, a: usize, b: usize) {
+        let (wa, wb) = (Wire::sync(self.reps[a].sys()), Wire::sync(self.reps[b].sys()));
+        self.post(a, b, wa);
+        self.post(b, a, wb);
+    }
+
+    /// Ships every replica's committed local events to the peers it is connected to.
+    fn ship(&mut self) {
+        for from in 0..N {
+            let out: Vec<Shipment> = std::mem::take(&mut *self.reps[from].outbox.lock().unwrap());
+            for s in out {
+                for to in 0..N {
+                    if self.connected(from, to) {
+                        let w = Wire::Deltas { chain: s.chain.clone(), events: s.events.clone() };
+                        self.post(from, to, w);
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver_due(&mut self, all: bool) {
+        let (due, later): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.net).into_iter().partition(|m| all || m.0 <= self.now);
+        self.net = later;
+        for (_, from, to, w) in due {
+            // A message across a partition, or to or from a replica that is down, is lost with
+            // its connection.
+            if self.connected(from, to) {
+                w.merge_into(self.reps[to].sys());
+            }
+        }
+        for r in &self.reps {
+            if let Some(sys) = &r.sys {
+                assert!(sys.wait_idle(IDLE), "seed {}: replica {} never idle", self.seed, r.replica);
+            }
+        }
+    }
+
+    /// Creates what is missing of `path` on replica `r` (Eventual, kind data).
+    fn ensure(&mut self, r: usize, path: &WnPath) {
+        let sys = self.reps[r].sys();
+        let mut cur = WnPath::root();
+        for seg in path.segments() {
+            let next = cur.child(seg).unwrap();
+            if sys.resolve(&next).is_none() {
+                sys.create(&Authority::System, &cur, seg, "data", Consistency::Eventual).unwrap();
+                self.log.push(format!("t{} r{r} create {next}", self.now));
+            }
+            cur = next;
+        }
+    }
+
+    fn update(&mut self, r: usize) {
+        let path: WnPath = PATHS[self.rng.below(PATHS.len() as u64) as usize].parse().unwrap();
+        self.ensure(r, &path);
+        let sys = self.reps[r].sys();
+        let id = sys.resolve(&path).unwrap();
+        let (field, op, note) = match self.rng.below(3) {
+            0 => {
+                let n = self.rng.below(21) as i64 - 10;
+                ("n", Op::Add(n), format!("add {n}"))
+            }
+            1 => {
+                let e = format!("e{}", self.rng.below(1000));
+                ("s", Op::Insert(e.clone()), format!("insert {e}"))
+            }
+            _ => ("v", Op::Set(format!("v{}", self.rng.below(100))), "set".into()),
+        };
+        let done = sys.update(&Authority::System, id, vec![(field.into(), op.clone())]).unwrap().wait();
+        if done.is_ok() {
+            match op {
+                Op::Add(n) => *self.acked.sums.entry(path.to_string()).or_default() += n,
+                Op::Insert(e) => {
+                    self.acked.inserts.entry(path.to_string()).or_default().insert(e);
+                }
+                _ => {}
+            }
+        }
+        self.log.push(format!("t{} r{r} {path} {note}: {}", self.now, if done.is_ok() { "acked" } else { "refused" }));
+    }
+
+    fn repartition(&mut self) {
+        let before = self.group;
+        for g in &mut self.group {
+            *g = self.rng.below(2) as u8;
+        }
+        if self.rng.chance(30) {
+            self.group = [0; N];
+        }
+        self.log.push(format!("t{} groups {:?}", self.now, self.group));
+        // A cut closes its connections: what was in flight on them is lost.
+        let group = self.group;
+        self.net.retain(|m| group[m.1] == group[m.2]);
+        self.reconnect(before);
+    }
+
+    fn reconnect(&mut self, before: [u8; N]) {
+        for a in 0..N {
+            for b in a + 1..N {
+                if self.connected(a, b) && before[a] != before[b] {
+                    self.connect(a, b);
+                }
+            }
+        }
+    }
+
+    fn restart(&mut self, r: usize) {
+        self.log.push(format!("t{} r{r} restart", self.now));
+        // Like a crash: what was not yet shipped is lost (anti-entropy repairs it).
+        self.reps[r].sys = None;
+        self.reps[r].outbox.lock().unwrap().clear();
+        self.net.retain(|m| m.1 != r && m.2 != r);
+        self.reps[r].start();
+        for b in 0..N {
+            if self.connected(r, b) {
+                self.connect(r, b);
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        self.now += 1;
+        match self.rng.below(100) {
+            0..=54 => {
+                let r = self.rng.below(N as u64) as usize;
+                self.update(r);
+            }
+            55..=64 => self.repartition(),
+            65..=69 => {
+                let r = self.rng.below(N as u64) as usize;
+                self.restart(r);
+            }
+            _ => {}
+        }
+        self.ship();
+        self.deliver_due(false);
+    }
+
+    /// Heals everything and lets the network drain until nothing moves.
+    fn settle(&mut self) {
+        let before = self.group;
+        self.group = [0; N];
+        self.reconnect(before);
+        for _ in 0..2 {
+            for a in 0..N {
+                for b in a + 1..N {
+                    self.connect(a, b);
+                }
+            }
+            while !self.net.is_empty() {
+                self.now += 1;
+                self.ship();
+                self.deliver_due(true);
+            }
+        }
+    }
+
+    fn snapshot(&self, r: usize) -> BTreeMap<String, serde_json::Value> {
+        let sys = self.reps[r].sys();
+        PATHS
+            .iter()
+            .filter_map(|p| {
+                let id = sys.resolve(&p.parse().unwrap())?;
+                let view = sys.query(&Authority::System, id, Consistency::Local).unwrap();
+                Some(((*p).to_owned(), view.state.to_json()))
+            })
+            .collect()
+    }
+
+    fn check(&self) {
+        let first = self.snapshot(0);
+        let why = || format!("seed {} diverged; history:\n{}", self.seed, self.log.join("\n"));
+        for r in 1..N {
+            assert_eq!(self.snapshot(r), first, "replica {r} differs from replica 0: {}", why());
+        }
+        for (path, sum) in &self.acked.sums {
+            assert_eq!(first[path]["n"].as_i64().unwrap_or(0), *sum, "{path}: acknowledged adds lost: {}", why());
+        }
+        for (path, inserts) in &self.acked.inserts {
+            let have: BTreeSet<String> =
+                serde_json::from_value(first[path]["s"].clone()).unwrap_or_else(|_| panic!("{path}: {}", why()));
+            assert!(inserts.is_subset(&have), "{path}: acknowledged inserts lost: {}", why());
+        }
+        for r in &self.reps {
+            assert_eq!(r.sys().refusals(), BTreeMap::new(), "seed {}: honest changes refused", self.seed);
+        }
+    }
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[test]
+fn honest_replicas_converge_under_partitions_delays_duplicates_and_restarts() {
+    let steps = env("WN_SIM_STEPS", 150);
+    let seeds: Vec<u64> = match std::env::var("WN_SIM_SEED").ok().and_then(|v| v.parse().ok()) {
+        Some(one) => vec![one],
+        None => (1..=env("WN_SIM_SEEDS", 24)).collect(),
+    };
+    for seed in seeds {
+        let mut sim = Sim::new(seed);
+        for _ in 0..steps {
+            sim.step();
+        }
+        sim.settle();
+        sim.check();
+    }
+}
