@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use referee_comm::{AllowList, Config, ConnectOptions, Identity, Node};
-use referee_worknode::crdt::{GCounter, PnCounter};
+use referee_worknode::crdt::{GCounter, LwwRegister, OrSet, PnCounter};
 use referee_worknode::replication::Wire;
 use referee_worknode::{Consistency, Crdt, Delta, Meta, ROOT_ID, WorknodeId};
 use serde_json::Value;
@@ -263,6 +263,27 @@ fn a_no_op_update_is_not_stored() -> TestResult {
     let got = r.ok("get /ev")?;
     assert_eq!(got["state"]["h"], 3, "{got}");
     assert_eq!(got["version"].as_u64(), Some(v + 2), "only the two real remote changes are stored: {got}");
+    Ok(())
+}
+
+/// Finding 8: a 2.7 MB replicated update made each later local insert take 100 ms. A change is
+/// held to the size a local one may have (`max_delta_bytes`, 2 MiB).
+#[test]
+fn a_replicated_change_above_the_size_limit_is_refused() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /ev data eventual")?;
+    let seen = hostile(&r, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let big = "x".repeat(3 << 20);
+    let set = OrSet::default().add(99, big.clone());
+    let reg = LwwRegister::default().set(99, 1, big);
+    let forged =
+        vec![deltas(chain, vec![delta("s", Crdt::Set(set)), delta("t", Crdt::Lww(reg)), delta("small", grow(99, 1))])];
+    hostile(&r, forged)?;
+    r.wait("stats", |v| v["ok"]["refused"]["quota"] == 2)?;
+    let state = r.wait("get /ev", |g| g["ok"]["state"]["small"] == 1)?["ok"]["state"].clone();
+    assert_eq!((state["s"].clone(), state["t"].clone()), (Value::Null, Value::Null), "{state}");
+    r.ok("send /ev insert s local")?;
     Ok(())
 }
 

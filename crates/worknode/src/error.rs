@@ -36,6 +36,16 @@ pub enum StateError {
         /// The field.
         field: String,
     },
+    /// The change is larger than `SystemConfig::max_delta_bytes` (encoded).
+    #[error("a change of {bytes} bytes to field {field:?} is above the limit of {max}: split the value")]
+    TooLarge {
+        /// The field.
+        field: String,
+        /// Its encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Event store failures.

@@ -196,7 +196,7 @@ impl Wire {
                 for (chain, state) in nodes {
                     let Some(last) = chain.last() else { continue };
                     let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();
-                    drop(system.merge_replicated(&chain, events));
+                    drop(system.merge_replicated_state(&chain, events));
                 }
             }
         }

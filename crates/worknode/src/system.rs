@@ -56,6 +56,9 @@ pub struct SystemConfig {
     pub snapshot_every: u64,
     /// Restarts after which a failing worknode is stopped.
     pub max_restarts: u32,
+    /// Largest change (one field's delta, encoded) a local operation may make or a peer may
+    /// send; larger ones are refused ([`StateError::TooLarge`], audited `quota` when replicated).
+    pub max_delta_bytes: usize,
     /// This node's replica id (CRDT dots); must differ between replicas.
     pub replica: ReplicaId,
 }
@@ -71,6 +74,7 @@ impl Default for SystemConfig {
             max_worknodes: 4 << 20,
             snapshot_every: 100,
             max_restarts: 10,
+            max_delta_bytes: 2 << 20,
             replica: u64::from_le_bytes(uuid::Uuid::now_v7().as_bytes()[8..].try_into().unwrap_or([1; 8])),
         }
     }
@@ -612,6 +616,16 @@ impl Inner {
         }
     }
 
+    /// Refuses a change larger than `max_delta_bytes` (encoded, as it would be stored and sent).
+    fn fits(&self, d: Delta) -> Result<Delta, StateError> {
+        let bytes = encode(&d).len();
+        let max = self.cfg.max_delta_bytes;
+        if bytes > max {
+            return Err(StateError::TooLarge { field: d.field, bytes, max });
+        }
+        Ok(d)
+    }
+
     /// Counts and audits a refused replicated change.
     fn refused(&self, r: &Refused) {
         let n = {
@@ -629,6 +643,7 @@ impl Inner {
     fn refuse(&self, info: &Info, e: &StateError) {
         let code = match e {
             StateError::Overflow { .. } => "overflow",
+            StateError::TooLarge { .. } => "quota",
             _ => "type",
         };
         self.refused(&Refused::new(code, self.path_of_info(info), e.to_string()));
@@ -860,7 +875,7 @@ impl Inner {
         // operation that does not fit its field is dropped and counted; the others apply.
         let state = node.state.get_or_insert_with(Box::default);
         for (field, op) in &ops {
-            match state.prepare(self.cfg.replica, now_ms(), field, op) {
+            match state.prepare(self.cfg.replica, now_ms(), field, op).and_then(|d| self.fits(d)) {
                 Ok(delta) => {
                     // An operation that changes nothing (grow 0, removing what is absent) is not stored.
                     if state.apply(&delta) == Ok(true) {
@@ -907,7 +922,7 @@ impl Inner {
         let target = scratch.as_mut().unwrap_or(state);
         let now = now_ms();
         for (i, (field, op)) in ops.iter().enumerate() {
-            match target.prepare(self.cfg.replica, now, field, op) {
+            match target.prepare(self.cfg.replica, now, field, op).and_then(|d| self.fits(d)) {
                 Ok(delta) => {
                     // An operation that changes nothing (grow 0, removing what is absent) is not
                     // stored, unless it is part of an idempotent update: its ids are what tells a
@@ -1337,7 +1352,34 @@ impl System {
     /// A refusal is counted and audited (see [`Refused`]) and nothing of the chain is applied
     /// beyond the ancestors that passed. Deltas that do not fit their field (another CRDT kind,
     /// a counter pushed out of range) are refused one by one inside the worknode's turn.
-    pub fn merge_replicated(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
+    ///
+    /// Each delta is held to `max_delta_bytes` as a local change is; one above it is refused
+    /// (`quota`) and the others are merged.
+    pub fn merge_replicated(&self, chain: &[Meta], mut events: Vec<Replicated>) -> Result<(), Refused> {
+        let max = self.inner.cfg.max_delta_bytes;
+        let name = chain.last().map_or("", |m| m.name.as_str());
+        events.retain(|(_, d)| {
+            let bytes = encode(d).len();
+            if bytes > max {
+                let detail = format!("a change of {bytes} bytes to field {:?} (limit {max})", d.field);
+                self.inner.refused(&Refused::new("quota", format!("…/{name}"), detail));
+            }
+            bytes <= max
+        });
+        self.merge_events(chain, events)
+    }
+
+    /// Merges full field states from a peer's anti-entropy message (`Wire::Sync`): the same
+    /// checks as [`System::merge_replicated`] but for `max_delta_bytes`, since a whole field may
+    /// be larger than one change (the peer's message size still bounds it).
+    pub fn merge_replicated_state(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
+        self.merge_events(chain, events)
+    }
+
+    fn merge_events(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
+        if events.is_empty() && chain.iter().all(|m| self.inner.index(m.id).is_some()) {
+            return Ok(());
+        }
         let r = self.adopt_chain(chain).and_then(|(idx, path)| {
             let id = self.inner.info(idx).map(|i| i.id);
             let merge = Msg::plain(Envelope { from: Authority::System, body: Body::Merge(events) });

@@ -210,7 +210,19 @@ fn bounds_and_reserved_consistency_are_enforced() {
         sys.create(&sys_auth, &p("/a"), "k", "no-such-kind", Consistency::Local),
         Err(CreateError::UnknownKind(_))
     ));
+    // The root kind belongs to / alone (a peer cannot create it either).
+    assert_eq!(sys.create(&sys_auth, &p("/a"), "r", "root", Consistency::Local), Err(CreateError::ReservedKind));
     let a = sys.resolve(&p("/a")).unwrap();
+    // A change larger than max_delta_bytes is refused whole; one that changes nothing is not stored.
+    let big = "x".repeat(SystemConfig::default().max_delta_bytes + 1);
+    let refused = sys.update(&sys_auth, a, vec![("n".into(), Op::Add(1)), ("t".into(), Op::Set(big))]).unwrap().wait();
+    assert!(
+        matches!(&refused, Err(WriteError::Rejected { reason: referee_worknode::StateError::TooLarge { .. }, .. })),
+        "{refused:?}"
+    );
+    let noop = sys.update(&sys_auth, a, vec![("g".into(), Op::Grow(0))]).unwrap().wait().unwrap();
+    assert_eq!((noop.seq, noop.events, noop.version), (None, 0, 0));
+    assert_eq!(counter(&sys, a, "n"), serde_json::Value::Null);
     assert!(matches!(sys.query(&sys_auth, a, Consistency::Strong), Err(QueryError::Unsupported(_))));
     let tree: Vec<String> =
         sys.tree(&sys_auth, &WnPath::root(), 100).unwrap().into_iter().map(|e| e.path.to_string()).collect();

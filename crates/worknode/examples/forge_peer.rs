@@ -1,0 +1,55 @@
+//! A hostile replication peer for attack tests: connects to a `referee node serve` replica as an
+//! allowed peer (a fresh identity), prints every message the replica sends as one JSON line
+//! `{"recv": "<hex of the MessagePack Wire>"}`, and sends every stdin line (hex of a MessagePack
+//! payload, normally a `Wire`) as one message. Ends when stdin closes (after a short linger).
+//!
+//! ```text
+//! cargo run --release -p referee-worknode --example forge_peer -- tcp://127.0.0.1:7400 <PEER_ID>
+//! ```
+//!
+//! The MessagePack layout is `rmp-serde`'s default (structs as arrays, enums as
+//! `{variant: value}`); decode a received `Sync` to see it.
+
+use std::io::BufRead as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use referee_comm::{AllowList, Config, ConnectOptions, Identity, Node};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().context("usage: forge_peer ADDR PEER_ID")?;
+    let peer = args.next().context("usage: forge_peer ADDR PEER_ID")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let (node, mut inbox) = Node::new(Identity::generate()?, AllowList::allow_any(), Config::default());
+        let conn = node.connect_with(&addr.parse()?, ConnectOptions::default().expect_peer(peer.parse()?)).await?;
+        tokio::spawn(async move {
+            while let Some(msg) = inbox.recv().await {
+                println!("{}", serde_json::json!({ "recv": hex::encode(msg.payload()) }));
+            }
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                match hex::decode(line.trim()) {
+                    Ok(bytes) => {
+                        if tx.blocking_send(bytes).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => eprintln!("not hex: {e}"),
+                }
+            }
+        });
+        let mut sent = 0u64;
+        while let Some(bytes) = rx.recv().await {
+            conn.send(bytes).await?;
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        eprintln!("{}", serde_json::json!({ "sent": sent }));
+        anyhow::Ok(())
+    })
+}
