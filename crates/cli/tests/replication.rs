@@ -28,6 +28,7 @@ struct Replica {
     err: mpsc::Receiver<String>,
     addr: String,
     id: String,
+    replica: u64,
     _dir: tempfile::TempDir,
 }
 
@@ -63,6 +64,7 @@ impl Replica {
         Ok(Replica {
             addr: hello["listening"].as_str().ok_or("listening")?.to_owned(),
             id: hello["id"].as_str().ok_or("id")?.to_owned(),
+            replica: hello["replica"].as_u64().ok_or("replica")?,
             child,
             stdin,
             out,
@@ -125,6 +127,11 @@ impl Drop for Replica {
 /// An allowed peer that is not a replica: it connects to `r`, collects what `r` sends it for a
 /// moment (the full state of every Eventual worknode, on connection) and sends `forged`.
 fn hostile(r: &Replica, forged: Vec<Wire>) -> Result<Vec<Wire>, Box<dyn std::error::Error>> {
+    hostile_bytes(r, forged.iter().map(Wire::to_bytes).collect())
+}
+
+/// [`hostile`] with raw payloads.
+fn hostile_bytes(r: &Replica, forged: Vec<Vec<u8>>) -> Result<Vec<Wire>, Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
         let (node, mut inbox) = Node::new(Identity::generate()?, AllowList::allow_any(), Config::default());
@@ -134,8 +141,8 @@ fn hostile(r: &Replica, forged: Vec<Wire>) -> Result<Vec<Wire>, Box<dyn std::err
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, inbox.recv()).await {
             seen.extend(Wire::from_bytes(msg.payload()));
         }
-        for w in forged {
-            conn.send(w.to_bytes()).await?;
+        for payload in forged {
+            conn.send(payload).await?;
         }
         // Give the replica the messages before the connection closes.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -193,6 +200,14 @@ fn remote_changes_obey_the_local_rules() -> TestResult {
         deltas(vec![meta(ROOT_ID, "strong", "data", Consistency::Strong)], d()),
         deltas(vec![meta(ROOT_ID, "kroot", "root", Consistency::Eventual)], d()),
         deltas(vec![meta(ROOT_ID, "unknown", "no-such-kind", Consistency::Eventual)], d()),
+        // Found re-attacking: a refused Local target was still created, and so were the
+        // ancestors of a target refused for its kind.
+        deltas(vec![meta(ROOT_ID, "futl", "data", Consistency::Local)], d()),
+        {
+            let pa = meta(ROOT_ID, "pa1", "data", Consistency::Eventual);
+            let bad = meta(pa.id, "bad", "zzz", Consistency::Eventual);
+            deltas(vec![pa, bad], d())
+        },
         // Same path as the Eventual /loc/ev but another kind (a concurrent create that cannot merge).
         deltas(vec![local.clone(), meta(local.id, "ev", "root2", Consistency::Eventual)], d()),
     ];
@@ -215,15 +230,19 @@ fn remote_changes_obey_the_local_rules() -> TestResult {
         deep.push(m);
     }
     forged.push(deltas(deep, d()));
-    let n = forged.len() as u64;
-    hostile(&r, forged)?;
+    let mut bytes: Vec<Vec<u8>> = forged.iter().map(Wire::to_bytes).collect();
+    // Found re-attacking: what is not a replication message was dropped without a trace.
+    bytes.push(b"not messagepack".to_vec());
+    let n = bytes.len() as u64;
+    hostile_bytes(&r, bytes)?;
 
     let stats = r.wait("stats", |v| {
         v["ok"]["refused"].as_object().is_some_and(|m| m.values().filter_map(Value::as_u64).sum::<u64>() >= n)
     })?;
     let refused = &stats["ok"]["refused"];
-    assert_eq!(refused["consistency"], 3, "{refused}");
-    assert_eq!(refused["kind"], 2, "{refused}");
+    assert_eq!(refused["consistency"], 4, "{refused}");
+    assert_eq!(refused["kind"], 3, "{refused}");
+    assert_eq!(refused["malformed"], 1, "{refused}");
     assert_eq!(refused["conflict"], 1, "{refused}");
     assert_eq!(refused["name"], 5, "{refused}");
     assert_eq!(refused["chain"], 2, "{refused}");
@@ -287,42 +306,79 @@ fn a_replicated_change_above_the_size_limit_is_refused() -> TestResult {
     Ok(())
 }
 
-/// Finding 5: one update with a counter at 2^64 − 1 froze it (every later increment refused).
+/// Finding 5 (counters): a forged count froze a counter; with merges range-checked, it split two
+/// honest replicas (found re-attacking: one refused the other's increments for good). A merge is
+/// never refused for its values now, so replicas agree; a counter pushed past its range reads as
+/// its limit, and a PN counter whose sides are huge still takes changes that keep it in range.
 #[test]
-fn a_counter_refuses_an_overflowing_merge_instead_of_freezing() -> TestResult {
+fn forged_counters_neither_split_replicas_nor_lock_a_pn_counter() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    a.ok("create /k data eventual")?;
+    a.ok("send /k grow g 5")?;
+    b.wait("get /k", |g| g["ok"]["state"]["g"] == 5)?;
+    let seen = hostile(&a, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let mut q = PnCounter::default();
+    for (replica, n) in [(1, i64::MAX), (1, i64::MAX), (2, -i64::MAX), (2, -i64::MAX)] {
+        q.add(replica, n);
+    }
+    hostile(&a, vec![deltas(chain, vec![delta("g", grow(999, u64::MAX - 5)), delta("q", Crdt::PnCounter(q))])])?;
+    a.wait("get /k", |g| g["ok"]["state"]["g"] == u64::MAX)?;
+    b.ok("send /k grow g 3")?;
+    a.ok("send /k add q 20")?;
+    a.ok("send /k add q -15")?;
+    // A full G-counter refuses a local increment rather than clamping it.
+    assert!(a.ask("send /k grow g 1")?["error"].as_str().is_some_and(|e| e.contains("overflow")));
+    // Reconnect, so each side sends the other its full state.
+    a.ok("isolate")?;
+    a.ok("heal")?;
+    let want = serde_json::json!({"g": u64::MAX, "q": 5});
+    for r in [&mut a, &mut b] {
+        r.wait("get /k", |g| g["ok"]["state"] == want)?;
+    }
+    assert_eq!(a.refused()?, serde_json::json!({}));
+    Ok(())
+}
+
+/// Found re-attacking slice 2: a peer planted replica B's id for `/q` at `/poison` on replica A,
+/// and A then refused every change B made to `/q`: the replicas diverged for good. Chains are
+/// resolved by path, so a planted id changes nothing.
+#[test]
+fn a_planted_id_does_not_split_replicas() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /q data eventual")?;
+    b.ok("create /q data eventual")?;
+    let seen = hostile(&b, vec![])?;
+    let qb = chains(&seen).into_iter().find(|c| c[0].name == "q").ok_or("no /q")?[0].clone();
+    let planted = Meta { name: "poison".into(), ..qb };
+    hostile(&a, vec![deltas(vec![planted], vec![delta("p", grow(5, 1))])])?;
+    a.wait("get /poison", |g| g["ok"]["state"]["p"] == 1)?;
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.ok("send /q grow c 10")?;
+    a.ok("send /q grow c 100")?;
+    for r in [&mut a, &mut b] {
+        r.wait("get /q", |g| g["ok"]["state"]["c"] == 110)?;
+    }
+    assert_eq!(a.refused()?, serde_json::json!({}));
+    assert_eq!(b.refused()?, serde_json::json!({}));
+    Ok(())
+}
+
+/// Found re-attacking slice 2: a set delta naming this replica's own dots up to `u64::MAX` made
+/// every later local insert answer `ok` and store nothing. Such an insert is now refused.
+#[test]
+fn used_up_dots_refuse_a_local_change_instead_of_losing_it() -> TestResult {
     let mut r = Replica::start()?;
     r.ok("create /ev data eventual")?;
-    r.ok("send /ev grow g 11")?;
-    r.ok("send /ev add c 11")?;
     let seen = hostile(&r, vec![])?;
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
-    let forged = vec![
-        deltas(chain.clone(), vec![delta("g", grow(66, u64::MAX))]),
-        deltas(chain.clone(), vec![delta("c", Crdt::PnCounter(PnCounter::default().add(66, i64::MAX)))]),
-        // A single delta that is out of range by itself.
-        deltas(
-            chain.clone(),
-            vec![delta(
-                "fresh",
-                Crdt::GCounter({
-                    let mut g = GCounter::default();
-                    g.inc(66, u64::MAX);
-                    g.inc(67, 1);
-                    g
-                }),
-            )],
-        ),
-    ];
-    hostile(&r, forged)?;
-    r.wait("stats", |v| v["ok"]["refused"]["overflow"] == 3)?;
-    r.ok("send /ev grow g 1")?;
-    r.ok("send /ev add c -20")?;
-    let state = r.ok("get /ev")?["state"].clone();
-    assert_eq!(
-        (state["g"].clone(), state["c"].clone(), state["fresh"].clone()),
-        (12.into(), (-9).into(), Value::Null),
-        "{state}"
-    );
+    let ctx = serde_json::json!({ "vv": { r.replica.to_string(): u64::MAX }, "cloud": [] });
+    let set: OrSet<String> = serde_json::from_value(serde_json::json!({ "live": {}, "ctx": ctx }))?;
+    hostile(&r, vec![deltas(chain, vec![delta("s", Crdt::Set(set))])])?;
+    r.wait("get /ev", |g| g["ok"]["version"] == 1)?;
+    let reply = r.ask("send /ev insert s y")?;
+    assert!(reply["error"].as_str().is_some_and(|e| e.contains("overflow")), "{reply}");
     Ok(())
 }
 
@@ -352,5 +408,48 @@ fn the_same_path_created_on_both_sides_of_a_partition_merges() -> TestResult {
     a.wait("get /dup", |g| g["ok"]["state"]["n"] == 133)?;
     assert_eq!(a.refused()?, serde_json::json!({}));
     assert_eq!(b.refused()?, serde_json::json!({}));
+    Ok(())
+}
+
+/// Finding 4 (replication): a peer that stopped reading froze delivery to every other peer (the
+/// replica waited on each peer in turn). Each peer has its own queue and sender now.
+#[test]
+fn a_peer_that_does_not_read_delays_no_other_peer() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /ev data eventual")?;
+    // An allowed peer (the independent Python implementation) that connects and never reads.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../comm/tests/interop/hostile.py");
+    let mut silent = Command::new("python3")
+        .arg(script)
+        .args(["slow-reader", a.addr.trim_start_matches("tcp://"), &a.id, "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let held = lines(silent.stdout.take().ok_or("stdout")?);
+    while !held.recv_timeout(WAIT)?.contains("holding") {}
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.wait("get /ev", |g| g["ok"]["version"] == 0)?;
+    // 60 MB of changes: more than the silent peer's socket buffers and its outgoing budget
+    // (40 MiB) hold.
+    let (n, value) = (1000, "v".repeat(60_000));
+    for i in 0..n {
+        writeln!(a.stdin, "send /ev set big {i}{value}")?;
+    }
+    a.stdin.flush()?;
+    for _ in 0..n {
+        let reply: Value = serde_json::from_str(&a.out.recv_timeout(WAIT)?)?;
+        assert!(reply.get("ok").is_some(), "{reply}");
+    }
+    let sent = Instant::now();
+    b.wait("get /ev", |g| g["ok"]["state"]["big"].as_str().is_some_and(|v| v.starts_with(&format!("{}v", n - 1))))?;
+    let took = sent.elapsed();
+    // Before, B waited for the silent peer's write timeout (30 s) at least once.
+    assert!(took < Duration::from_secs(15), "B got the last change {took:?} after it was acknowledged");
+    // The replica still answers promptly, isolation included.
+    let start = Instant::now();
+    a.ok("isolate")?;
+    assert!(start.elapsed() < Duration::from_secs(5), "isolate took {:?}", start.elapsed());
+    let _ = silent.kill();
+    let _ = silent.wait();
     Ok(())
 }

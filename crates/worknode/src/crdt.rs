@@ -63,11 +63,6 @@ impl GCounter {
     pub fn can_inc(&self, n: u64) -> bool {
         self.total() + u128::from(n) <= u128::from(u64::MAX)
     }
-
-    /// Whether the value is exact (the sum fits a `u64`): a merge that would break it is refused.
-    pub fn is_exact(&self) -> bool {
-        self.total() <= u128::from(u64::MAX)
-    }
 }
 
 impl Lattice for GCounter {
@@ -110,27 +105,29 @@ impl PnCounter {
         out
     }
 
-    /// Whether adding `delta` keeps both sides and the value exact (within `u64` and `i64`).
-    pub fn can_add(&self, delta: i64) -> bool {
-        let (mut p, mut n) = (self.p.total(), self.n.total());
-        if delta >= 0 {
-            p += u128::from(delta.unsigned_abs());
-        } else {
-            n += u128::from(delta.unsigned_abs());
+    /// Whether `replica` can add `delta` and keep the value exact: its own side's count stays
+    /// within `u64` and the value within `i64`. (The sides' sums are exact in `u128`, so what
+    /// other replicas counted never blocks a change that brings the value back into range.)
+    pub fn can_add(&self, replica: ReplicaId, delta: i64) -> bool {
+        let side = if delta >= 0 { &self.p } else { &self.n };
+        let own = side.0.get(&replica).copied().unwrap_or(0);
+        if own.checked_add(delta.unsigned_abs()).is_none() {
+            return false;
         }
-        let max = u128::from(u64::MAX);
-        let value = i128::try_from(p).unwrap_or(i128::MAX) - i128::try_from(n).unwrap_or(i128::MAX);
-        p <= max && n <= max && i64::try_from(value).is_ok()
+        let value = self.exact() + i128::from(delta);
+        i64::try_from(value).is_ok()
     }
 
-    /// Whether both sides and the value are exact (within `u64` and `i64`).
-    pub fn is_exact(&self) -> bool {
-        self.can_add(0)
+    /// Increments minus decrements, exactly.
+    fn exact(&self) -> i128 {
+        let clamp = |v: u128| i128::try_from(v).unwrap_or(i128::MAX);
+        clamp(self.p.total()) - clamp(self.n.total())
     }
 
-    /// Increments minus decrements (saturating to the i64 range).
+    /// Increments minus decrements (saturating to the i64 range: only merges of concurrent
+    /// changes can take it out of range, since a local one that would is refused).
     pub fn value(&self) -> i64 {
-        let v = i128::from(self.p.value()) - i128::from(self.n.value());
+        let v = self.exact();
         i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
     }
 }
@@ -210,11 +207,22 @@ impl CausalContext {
         self.vv.get(&dot.0).is_some_and(|n| dot.1 <= *n) || self.cloud.contains(dot)
     }
 
-    /// A fresh dot for `replica`: one past everything seen from it.
-    fn next_dot(&self, replica: ReplicaId) -> Dot {
+    /// The newest dot seen from `replica` (0: none).
+    fn last_dot(&self, replica: ReplicaId) -> u64 {
         let in_vv = self.vv.get(&replica).copied().unwrap_or(0);
         let in_cloud = self.cloud.range((replica, 0)..=(replica, u64::MAX)).next_back().map_or(0, |d| d.1);
-        (replica, in_vv.max(in_cloud) + 1)
+        in_vv.max(in_cloud)
+    }
+
+    /// A fresh dot for `replica`: one past everything seen from it (callers check
+    /// [`CausalContext::exhausted`] first).
+    fn next_dot(&self, replica: ReplicaId) -> Dot {
+        (replica, self.last_dot(replica).saturating_add(1))
+    }
+
+    /// Whether `replica` has no fresh dot left (its last one is `u64::MAX`).
+    fn exhausted(&self, replica: ReplicaId) -> bool {
+        self.last_dot(replica) == u64::MAX
     }
 
     fn insert(&mut self, dot: Dot) {
@@ -322,6 +330,11 @@ impl<T: Clone + Ord> MvRegister<T> {
         MvRegister(self.0.replace(replica, seen, Some(value)))
     }
 
+    /// Whether `replica` can make no more writes here (its dots are used up).
+    pub fn exhausted(&self, replica: ReplicaId) -> bool {
+        self.0.ctx.exhausted(replica)
+    }
+
     /// The concurrent values, sorted, without duplicates.
     pub fn values(&self) -> Vec<T> {
         let set: BTreeSet<&T> = self.0.live.values().collect();
@@ -364,6 +377,11 @@ impl<T: Clone + Ord> OrSet<T> {
     pub fn remove(&mut self, replica: ReplicaId, elem: &T) -> OrSet<T> {
         let old = self.dots_of(elem);
         OrSet(self.0.replace(replica, old, None))
+    }
+
+    /// Whether `replica` can make no more changes here (its dots are used up).
+    pub fn exhausted(&self, replica: ReplicaId) -> bool {
+        self.0.ctx.exhausted(replica)
     }
 
     /// Whether `elem` is present.
@@ -426,6 +444,11 @@ impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
     /// The value at `key`, if the key is present.
     pub fn get(&self, key: &K) -> Option<&V> {
         self.keys.contains(key).then(|| self.values.get(key)).flatten()
+    }
+
+    /// Whether `replica` can make no more changes here (its dots are used up).
+    pub fn exhausted(&self, replica: ReplicaId) -> bool {
+        self.keys.exhausted(replica)
     }
 
     /// The present entries, sorted by key.

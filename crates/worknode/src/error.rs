@@ -29,9 +29,10 @@ pub enum StateError {
         /// Kind the operation needs.
         got: &'static str,
     },
-    /// The counter would leave its range (`u64` for grow, `i64` for add, each side of an add
-    /// counter `u64`): the update is refused rather than clamped.
-    #[error("counter {field:?} would overflow: nothing was applied")]
+    /// The field would leave its range: a counter past `u64` (grow) or `i64` (add; one
+    /// replica's side of it past `u64`), or a replica's dots used up. The update is refused
+    /// rather than clamped or lost.
+    #[error("field {field:?} would overflow: nothing was applied")]
     Overflow {
         /// The field.
         field: String,

@@ -6,15 +6,21 @@
 //! - On every (re)connection both sides send [`Wire::Sync`]: the full state of every Eventual
 //!   worknode (anti-entropy). Merge is a join, so replicas converge after a partition heals no
 //!   matter which deltas were lost while it lasted.
+//! - Each peer has its own queue and sender task (at most [`PEER_QUEUE_BYTES`] waiting), so a
+//!   peer that stops reading delays nobody else: once its queue is full it is disconnected, and
+//!   it gets the full state again when it reconnects.
 //! - Peers are dialled with retry; a replica can be [`Replicator::isolate`]d (all connections
 //!   closed and refused, shipments dropped) and [`Replicator::heal`]ed, which is how the partition
 //!   tests cut the network.
 //!
 //! Payloads are MessagePack (`rmp-serde`) inside referee-comm's authenticated, encrypted messages.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use referee_comm::{Addr, ConnectOptions, Event, Inbox, Node, PeerId};
 use serde::{Deserialize, Serialize};
@@ -56,6 +62,17 @@ impl Wire {
 /// How long to wait between dial attempts to a peer that is down.
 const REDIAL: Duration = Duration::from_millis(200);
 
+/// Most bytes waiting to go to one peer. A peer that falls this far behind (it does not read) is
+/// disconnected and its queue dropped: it is sent the full state again when it reconnects, and
+/// the other peers never wait for it.
+pub const PEER_QUEUE_BYTES: usize = 32 << 20;
+
+/// What waits to go to one peer, sent by that peer's own task.
+struct PeerQueue {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
 /// Replication of one [`System`] over one referee-comm [`Node`].
 pub struct Replicator {
     system: Arc<System>,
@@ -63,6 +80,7 @@ pub struct Replicator {
     isolated: AtomicBool,
     /// Mirrors `isolated` for tasks that wait for the partition to heal.
     healed: watch::Sender<bool>,
+    peers: Mutex<HashMap<PeerId, PeerQueue>>,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -90,7 +108,13 @@ impl Replicator {
     /// Starts replicating `system` over `node` (whose inbox is `inbox`). Must be called inside a
     /// tokio runtime; spawns the tasks that ship deltas, answer peers and run anti-entropy.
     pub fn start(system: Arc<System>, node: Node, inbox: Inbox) -> Arc<Self> {
-        let me = Arc::new(Self { system, node, isolated: AtomicBool::new(false), healed: watch::Sender::new(true) });
+        let me = Arc::new(Self {
+            system,
+            node,
+            isolated: AtomicBool::new(false),
+            healed: watch::Sender::new(true),
+            peers: Mutex::new(HashMap::new()),
+        });
         let (tx, rx) = mpsc::unbounded_channel::<Shipment>();
         me.system.set_replication_sink(move |s| {
             let _ = tx.send(s);
@@ -128,7 +152,11 @@ impl Replicator {
     pub async fn isolate(&self) {
         self.isolated.store(true, Ordering::Release);
         self.healed.send_replace(false);
-        self.node.close_all("isolated").await;
+        // A cut, not a goodbye: waiting for queued messages would wait on a peer that does not
+        // read (what was queued is repaired by the full state sent on reconnection).
+        for conn in self.node.connections() {
+            conn.abort();
+        }
     }
 
     /// Ends isolation: peers are dialled again and anti-entropy runs on reconnection.
@@ -137,16 +165,61 @@ impl Replicator {
         self.healed.send_replace(true);
     }
 
+    /// Hands every shipment to each connected peer's queue; never waits for a peer.
     async fn ship(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Shipment>) {
         while let Some(s) = rx.recv().await {
             if self.isolated.load(Ordering::Acquire) {
                 continue;
             }
-            let bytes = bytes::Bytes::from(encode(&Wire::Deltas { chain: s.chain, events: s.events }));
-            for conn in self.node.connections() {
-                // A lost delta is repaired by anti-entropy on reconnection.
-                let _ = conn.send(bytes.clone()).await;
+            let bytes = Bytes::from(encode(&Wire::Deltas { chain: s.chain, events: s.events }));
+            let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
+            for peer in peers {
+                self.enqueue(peer, bytes.clone()).await;
             }
+        }
+    }
+
+    /// Queues `bytes` for `peer`, starting its sender task on first use. A peer whose queue is
+    /// full is disconnected (a lost delta is repaired by the full state sent on reconnection).
+    async fn enqueue(self: &Arc<Self>, peer: PeerId, bytes: Bytes) {
+        let full = {
+            let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let q = peers.entry(peer).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let queued = Arc::new(AtomicUsize::new(0));
+                tokio::spawn(self.clone().send_to(peer, rx, queued.clone()));
+                PeerQueue { tx, queued }
+            });
+            let len = bytes.len();
+            if q.queued.load(Ordering::Acquire).saturating_add(len) > PEER_QUEUE_BYTES {
+                // Dropping the sender ends the task once it has sent what it holds.
+                peers.remove(&peer);
+                true
+            } else {
+                q.queued.fetch_add(len, Ordering::AcqRel);
+                if q.tx.send(bytes).is_err() {
+                    q.queued.fetch_sub(len, Ordering::AcqRel);
+                }
+                false
+            }
+        };
+        if full {
+            for conn in self.node.connections().into_iter().filter(|c| c.peer().id == peer) {
+                conn.abort();
+            }
+        }
+    }
+
+    /// One peer's sender: waits on that peer only (referee-comm disconnects a peer whose socket
+    /// makes no progress for `write_timeout`).
+    async fn send_to(self: Arc<Self>, peer: PeerId, mut rx: mpsc::UnboundedReceiver<Bytes>, queued: Arc<AtomicUsize>) {
+        while let Some(bytes) = rx.recv().await {
+            let len = bytes.len();
+            let conn = self.node.connections().into_iter().find(|c| c.peer().id == peer && !c.is_closed());
+            if let Some(conn) = conn {
+                let _ = conn.send(bytes).await;
+            }
+            queued.fetch_sub(len, Ordering::AcqRel);
         }
     }
 
@@ -158,13 +231,23 @@ impl Replicator {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            let Event::Connected { peer, .. } = ev else { continue };
-            for conn in self.node.connections().into_iter().filter(|c| c.peer().id == peer) {
-                if self.isolated.load(Ordering::Acquire) {
-                    conn.close("isolated").await;
-                    continue;
+            match ev {
+                Event::Connected { peer, .. } => {
+                    if self.isolated.load(Ordering::Acquire) {
+                        for conn in self.node.connections().into_iter().filter(|c| c.peer().id == peer) {
+                            conn.abort();
+                        }
+                        continue;
+                    }
+                    self.enqueue(peer, Bytes::from(Wire::sync(&self.system).to_bytes())).await;
                 }
-                let _ = conn.send(Wire::sync(&self.system).to_bytes()).await;
+                // The last connection of a peer gone: its queue and task go too.
+                Event::Closed { peer, .. }
+                    if !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) =>
+                {
+                    self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
+                }
+                _ => {}
             }
         }
     }
@@ -172,11 +255,17 @@ impl Replicator {
     async fn receive(self: Arc<Self>, mut inbox: Inbox) {
         while let Some(msg) = inbox.recv().await {
             if self.isolated.load(Ordering::Acquire) {
-                msg.connection().close("isolated").await;
+                msg.connection().abort();
                 continue;
             }
-            let Some(wire) = Wire::from_bytes(msg.payload()) else { continue };
-            wire.merge_into(&self.system);
+            match Wire::from_bytes(msg.payload()) {
+                Some(wire) => wire.merge_into(&self.system),
+                None => {
+                    let detail =
+                        format!("{} bytes from {} that are not a replication message", msg.payload().len(), msg.from());
+                    self.system.refuse_replicated(&crate::system::Refused::new("malformed", "/", detail));
+                }
+            }
         }
     }
 }

@@ -51,15 +51,6 @@ impl Crdt {
         })
     }
 
-    /// Whether a counter's value is exact (never true of a clamped sum); other kinds always are.
-    fn is_exact(&self) -> bool {
-        match self {
-            Crdt::GCounter(c) => c.is_exact(),
-            Crdt::PnCounter(c) => c.is_exact(),
-            _ => true,
-        }
-    }
-
     /// The empty value of this kind.
     fn bottom(&self) -> Crdt {
         match self {
@@ -153,7 +144,16 @@ impl State {
             (Crdt::GCounter(c), Op::Grow(n)) if !c.can_inc(*n) => {
                 return Err(StateError::Overflow { field: field.to_owned() });
             }
-            (Crdt::PnCounter(c), Op::Add(n)) if !c.can_add(*n) => {
+            (Crdt::PnCounter(c), Op::Add(n)) if !c.can_add(replica, *n) => {
+                return Err(StateError::Overflow { field: field.to_owned() });
+            }
+            (Crdt::Mv(r), Op::Write(_)) if r.exhausted(replica) => {
+                return Err(StateError::Overflow { field: field.to_owned() });
+            }
+            (Crdt::Set(s), Op::Insert(_) | Op::Remove(_)) if s.exhausted(replica) => {
+                return Err(StateError::Overflow { field: field.to_owned() });
+            }
+            (Crdt::Map(m), Op::Put(..) | Op::Delete(_)) if m.exhausted(replica) => {
                 return Err(StateError::Overflow { field: field.to_owned() });
             }
             (Crdt::GCounter(c), Op::Grow(n)) => Crdt::GCounter(c.inc(replica, *n)),
@@ -184,27 +184,12 @@ impl State {
         }
     }
 
-    /// Merges a delta from another replica: the same kind, and counters that stay exact (an
-    /// increment past the range is refused with [`StateError::Overflow`], never clamped, so a
-    /// forged huge count cannot pin a counter at its limit). Returns whether anything changed;
-    /// on an error nothing is.
+    /// Merges a delta from another replica: of the field's CRDT kind ([`StateError::TypeMismatch`]
+    /// otherwise). Never refused for its values, so replicas stay convergent whatever order they
+    /// merge in: a counter pushed past its range by concurrent changes reads as its limit (and
+    /// takes no further local change in that direction). Returns whether anything changed.
     pub fn absorb(&mut self, d: &Delta) -> Result<bool, StateError> {
-        if !d.delta.is_exact() {
-            return Err(StateError::Overflow { field: d.field.clone() });
-        }
-        match self.fields.get_mut(&d.field) {
-            Some(c @ (Crdt::GCounter(_) | Crdt::PnCounter(_))) => {
-                // Counters are small: merge a copy and keep it only if it stays exact.
-                let mut next = c.clone();
-                let changed = next.merge(&d.delta)?;
-                if !next.is_exact() {
-                    return Err(StateError::Overflow { field: d.field.clone() });
-                }
-                *c = next;
-                Ok(changed)
-            }
-            _ => self.apply(d),
-        }
+        self.apply(d)
     }
 
     /// Merges a whole state in (anti-entropy).

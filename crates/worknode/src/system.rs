@@ -422,9 +422,9 @@ type Sink = Box<dyn Fn(Shipment) + Send + Sync>;
 /// ([`System::set_audit_sink`]); the peer keeps its copy, nothing of it is applied here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
-    /// Stable reason code: `chain` (malformed or too deep), `name`, `kind`, `consistency`,
-    /// `conflict` (the path holds a worknode of another kind or consistency), `id` (the id names
-    /// another worknode here), `quota`, `store`, `overflow`, `type`.
+    /// Stable reason code: `malformed` (not a replication message), `chain` (malformed or too
+    /// deep), `name`, `kind`, `consistency`, `conflict` (the path holds a worknode of another
+    /// kind or consistency), `quota`, `store`, `type`.
     pub code: &'static str,
     /// The path concerned (as far as it could be read).
     pub path: String,
@@ -1192,6 +1192,12 @@ impl System {
         let _ = self.inner.audit.set(Box::new(f));
     }
 
+    /// Counts and audits a refusal the replication layer made itself (a message it could not
+    /// decode).
+    pub fn refuse_replicated(&self, r: &Refused) {
+        self.inner.refused(r);
+    }
+
     /// Replicated changes refused so far, per [`Refused::code`].
     pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
         self.inner.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -1337,24 +1343,20 @@ impl System {
     }
 
     /// Merges replicated events into the worknode a peer's `chain` names (the replication
-    /// layer's entry point). The chain is held to the rules a local create is held to, and
-    /// resolved by path:
+    /// layer's entry point). The chain is held to the rules a local create is held to, all of it
+    /// before anything is created: every name is a valid segment, the chain is no deeper than
+    /// `max_depth` and its links join, it creates no `root` kind, no unknown kind and nothing
+    /// `Strong`, and its last worknode (the one the events go to) is `Eventual`; quotas
+    /// (`max_children`, `max_worknodes`) hold as for a local create.
     ///
-    /// - every name is a valid segment, the chain is no deeper than `max_depth`, links each
-    ///   worknode to the one before it, creates no `root` kind, no unknown kind and nothing
-    ///   `Strong`; quotas (`max_children`, `max_worknodes`) hold as for a local create;
-    /// - a worknode already here under the same id must sit at the same path;
-    /// - a path that holds a worknode under another id was created concurrently on two replicas:
-    ///   it is the same worknode if kind and consistency agree (its states merge; each replica
-    ///   keeps the id it saw first), and refused as a `conflict` if not;
-    /// - the events go only into an `Eventual` worknode.
+    /// The chain is resolved by **path**; ids are only what the origin calls its worknodes. A
+    /// path that holds a worknode here already (created concurrently on two replicas, under
+    /// another id) is the same worknode if kind and consistency agree, so the states merge, and a
+    /// `conflict` if not. A missing worknode is created with the origin's id when that id is
+    /// free here and a fresh one when it is not.
     ///
-    /// A refusal is counted and audited (see [`Refused`]) and nothing of the chain is applied
-    /// beyond the ancestors that passed. Deltas that do not fit their field (another CRDT kind,
-    /// a counter pushed out of range) are refused one by one inside the worknode's turn.
-    ///
-    /// Each delta is held to `max_delta_bytes` as a local change is; one above it is refused
-    /// (`quota`) and the others are merged.
+    /// A refusal is counted and audited (see [`Refused`]) and applies nothing. Deltas that do not
+    /// fit their field (another CRDT kind) are refused one by one inside the worknode's turn.
     pub fn merge_replicated(&self, chain: &[Meta], mut events: Vec<Replicated>) -> Result<(), Refused> {
         let max = self.inner.cfg.max_delta_bytes;
         let name = chain.last().map_or("", |m| m.name.as_str());
@@ -1377,9 +1379,6 @@ impl System {
     }
 
     fn merge_events(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
-        if events.is_empty() && chain.iter().all(|m| self.inner.index(m.id).is_some()) {
-            return Ok(());
-        }
         let r = self.adopt_chain(chain).and_then(|(idx, path)| {
             let id = self.inner.info(idx).map(|i| i.id);
             let merge = Msg::plain(Envelope { from: Authority::System, body: Body::Merge(events) });
@@ -1423,63 +1422,67 @@ impl System {
             parent_id = meta.id;
             paths.push(path.clone());
         }
+        let Some(last) = chain.last() else {
+            return Err(refuse("chain", &path, "an empty chain".into()));
+        };
+        if last.consistency != Consistency::Eventual {
+            return Err(refuse("consistency", &path, "only Eventual worknodes take replicated changes".into()));
+        }
+        // Resolved by path, never by id: an id is only what the origin calls the worknode (a peer
+        // could plant a known id elsewhere). What exists is found without changing anything.
         let mut idx = 0u32;
-        for (meta, path) in chain.iter().zip(&paths) {
-            let here = match inner.index(meta.id) {
-                Some(i) => {
-                    let info = inner.info(i).ok_or_else(|| refuse("id", path, "a forgotten worknode".into()))?;
-                    if info.parent != idx || *info.name != *meta.name {
-                        return Err(refuse("id", path, format!("{} is {} here", meta.id, inner.path_of(i))));
-                    }
-                    Some(i)
-                }
-                None => inner.child_named(idx, &meta.name),
-            };
-            idx = match here {
-                Some(i) => {
-                    let info = inner.info(i).ok_or_else(|| refuse("id", path, "a forgotten worknode".into()))?;
-                    let kind = inner.kind_name(info.kind);
-                    if kind != meta.kind || info.consistency != meta.consistency {
-                        return Err(refuse(
-                            "conflict",
-                            path,
-                            format!(
-                                "it is {kind} {:?} here, {} {:?} there",
-                                info.consistency, meta.kind, meta.consistency
-                            ),
-                        ));
-                    }
-                    i
-                }
+        let mut missing = chain.len();
+        for (i, meta) in chain.iter().enumerate() {
+            match inner.child_named(idx, &meta.name) {
+                Some(c) => idx = c,
                 None => {
-                    let here_parent = inner.info(idx).map_or(ROOT_ID, |p| p.id);
-                    let local = Meta { parent: here_parent, ..meta.clone() };
-                    let created = self.insert(&local, State::default(), 0).map_err(|e| {
-                        let code = match e {
-                            CreateError::UnknownKind(_) => "kind",
-                            CreateError::TooManyChildren { .. } | CreateError::Capacity(_) => "quota",
-                            _ => "conflict",
-                        };
-                        refuse(code, path, e.to_string())
-                    })?;
-                    if let Some(store) = &inner.store
-                        && let Err(e) = store.put_meta(local.id, &encode(&local))
-                    {
-                        self.forget(created, idx, &local);
-                        return Err(refuse("store", path, e.to_string()));
-                    }
-                    created
+                    missing = i;
+                    break;
                 }
-            };
+            }
         }
-        match inner.info(idx).map(|i| i.consistency) {
-            Some(Consistency::Eventual) => Ok((idx, path)),
-            other => Err(refuse(
-                "consistency",
-                &path,
-                format!("it is {other:?} here: only Eventual worknodes take replicated changes"),
-            )),
+        if missing == chain.len() {
+            // The same path created on another replica (perhaps under another id) is this
+            // worknode if kind and consistency agree.
+            let info = inner.info(idx).ok_or_else(|| refuse("conflict", &path, "a forgotten worknode".into()))?;
+            let (kind, meta) = (inner.kind_name(info.kind), last);
+            if kind != meta.kind || info.consistency != meta.consistency {
+                let detail =
+                    format!("it is {kind} {:?} here, {} {:?} there", info.consistency, meta.kind, meta.consistency);
+                return Err(refuse("conflict", &path, detail));
+            }
+            return Ok((idx, path));
         }
+        {
+            let kinds = inner.kinds.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((meta, p)) =
+                chain.iter().zip(&paths).skip(missing).find(|(m, _)| !kinds.iter().any(|k| k.0 == m.kind))
+            {
+                return Err(refuse("kind", p, format!("no behaviour for kind {:?} here", meta.kind)));
+            }
+        }
+        for (meta, p) in chain.iter().zip(&paths).skip(missing) {
+            // The origin's id when it is free here, a fresh one when it is not.
+            let id = if inner.index(meta.id).is_none() { meta.id } else { WorknodeId::new() };
+            let here_parent = inner.info(idx).map_or(ROOT_ID, |i| i.id);
+            let local = Meta { id, parent: here_parent, ..meta.clone() };
+            let created = self.insert(&local, State::default(), 0).map_err(|e| {
+                let code = match e {
+                    CreateError::UnknownKind(_) => "kind",
+                    CreateError::TooManyChildren { .. } | CreateError::Capacity(_) => "quota",
+                    _ => "conflict",
+                };
+                refuse(code, p, e.to_string())
+            })?;
+            if let Some(store) = &inner.store
+                && let Err(e) = store.put_meta(local.id, &encode(&local))
+            {
+                self.forget(created, idx, &local);
+                return Err(refuse("store", p, e.to_string()));
+            }
+            idx = created;
+        }
+        Ok((idx, path))
     }
 
     /// Undoes [`System::insert`] of a worknode whose record could not be stored: its name and id
