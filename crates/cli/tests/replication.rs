@@ -453,3 +453,38 @@ fn a_peer_that_does_not_read_delays_no_other_peer() -> TestResult {
     let _ = silent.wait();
     Ok(())
 }
+
+/// Finding 6: a peer that gave one update different contents on two replicas left them different
+/// for good (the same dot with two values: each kept its own). Equivocation is audited, the
+/// larger value wins on every replica, and an event id already stored with other contents is
+/// refused (the store would keep one, the state the other).
+#[test]
+fn equivocation_is_audited_and_resolved_the_same_way_everywhere() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    a.ok("create /ev data eventual")?;
+    b.wait("get /ev", |g| g["ok"]["version"] == 0)?;
+    let seen = hostile(&a, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let id = WorknodeId::new().to_bytes();
+    let one = |v: &str| {
+        let set = OrSet::default().add(55, v.to_owned());
+        Wire::Deltas { chain: chain.clone(), events: vec![(id, delta("s", Crdt::Set(set)))] }
+    };
+    hostile(&a, vec![one("a")])?;
+    hostile(&b, vec![one("b")])?;
+    a.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["a"]))?;
+    b.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b"]))?;
+    // The same event id again with the other contents.
+    hostile(&a, vec![one("b")])?;
+    a.wait("stats", |v| v["ok"]["refused"]["equivocation"] == 1)?;
+    // Reconnect: each side sends the other its full state.
+    a.ok("isolate")?;
+    a.ok("heal")?;
+    for r in [&mut a, &mut b] {
+        r.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b"]))?;
+    }
+    assert!(b.refused()?["equivocation"].as_u64() >= Some(1));
+    assert!(a.audit().iter().any(|l| l["code"] == "equivocation"));
+    Ok(())
+}

@@ -31,6 +31,13 @@ pub trait Lattice: Clone + PartialEq {
         self.merge(other);
         *self != before
     }
+
+    /// Whether `other` gives one update (a dot, or an LWW timestamp and replica) another value
+    /// than `self` does: only a replica that reused it (equivocation) can. Merge still joins
+    /// (the larger value wins everywhere); this is for auditing it.
+    fn equivocates(&self, _other: &Self) -> bool {
+        false
+    }
 }
 
 /// Grow-only counter: one monotone count per replica; the value is their sum.
@@ -191,6 +198,13 @@ impl<T: Ord + Clone> Lattice for LwwRegister<T> {
         }
         newer
     }
+
+    fn equivocates(&self, other: &Self) -> bool {
+        match (&self.entry, &other.entry) {
+            (Some(a), Some(b)) => a.0 == b.0 && a.1 == b.1 && a.2 != b.2,
+            _ => false,
+        }
+    }
 }
 
 /// The set of dots a replica has seen: a version vector plus the dots beyond it ("dot cloud").
@@ -274,7 +288,7 @@ impl<T> Default for DotFun<T> {
     }
 }
 
-impl<T: Clone + PartialEq> DotFun<T> {
+impl<T: Clone + Ord> DotFun<T> {
     /// A delta that removes `dots` and, if given, adds `value` under a fresh dot; applied to `self`.
     fn replace(&mut self, replica: ReplicaId, dots: Vec<Dot>, value: Option<T>) -> DotFun<T> {
         let mut delta = DotFun::default();
@@ -301,14 +315,29 @@ impl<T: Clone + PartialEq> DotFun<T> {
         self.live.retain(|d, _| other.live.contains_key(d) || !other.ctx.contains(d));
         let mut changed = self.live.len() != before;
         for (d, v) in &other.live {
-            if !self.live.contains_key(d) && !self.ctx.contains(d) {
-                self.live.insert(*d, v.clone());
-                changed = true;
+            match self.live.get_mut(d) {
+                // One dot with two values: only a replica that reused a dot (equivocation) makes
+                // this. The larger value wins everywhere, so merge stays a join.
+                Some(mine) if v > mine => {
+                    v.clone_into(mine);
+                    changed = true;
+                }
+                Some(_) => {}
+                None if !self.ctx.contains(d) => {
+                    self.live.insert(*d, v.clone());
+                    changed = true;
+                }
+                None => {}
             }
         }
         let ctx = self.ctx.clone();
         self.ctx.merge(&other.ctx);
         changed || self.ctx != ctx
+    }
+
+    /// Whether `other` has a dot `self` has, with another value.
+    fn equivocates(&self, other: &Self) -> bool {
+        other.live.iter().any(|(d, v)| self.live.get(d).is_some_and(|mine| mine != v))
     }
 }
 
@@ -349,6 +378,10 @@ impl<T: Clone + Ord> Lattice for MvRegister<T> {
 
     fn merge_changed(&mut self, other: &Self) -> bool {
         self.0.merge_changed(&other.0)
+    }
+
+    fn equivocates(&self, other: &Self) -> bool {
+        self.0.equivocates(&other.0)
     }
 }
 
@@ -403,6 +436,10 @@ impl<T: Clone + Ord> Lattice for OrSet<T> {
 
     fn merge_changed(&mut self, other: &Self) -> bool {
         self.0.merge_changed(&other.0)
+    }
+
+    fn equivocates(&self, other: &Self) -> bool {
+        self.0.equivocates(&other.0)
     }
 }
 
@@ -476,6 +513,11 @@ impl<K: Clone + Ord, V: Lattice + Default> Lattice for OrMap<K, V> {
             }
         }
         changed
+    }
+
+    fn equivocates(&self, other: &Self) -> bool {
+        self.keys.equivocates(&other.keys)
+            || other.values.iter().any(|(k, v)| self.values.get(k).is_some_and(|mine| mine.equivocates(v)))
     }
 }
 
@@ -595,6 +637,22 @@ mod tests {
             });
             laws(&r);
         }
+    }
+
+    #[test]
+    fn one_dot_with_two_values_merges_to_the_larger_in_any_order() {
+        let (mut a, mut b) = (OrSet::default(), OrSet::default());
+        let (da, db) = (a.add(7, "a"), b.add(7, "b"));
+        assert!(a.equivocates(&db) && b.equivocates(&da));
+        a.merge(&db);
+        b.merge(&da);
+        assert_eq!((a.elements(), b.elements()), (vec!["b"], vec!["b"]));
+        assert!(!a.equivocates(&b));
+        let (mut x, y) = (LwwRegister::default(), LwwRegister { entry: Some((5, 1, "y")) });
+        x.set(1, 5, "x");
+        assert!(x.equivocates(&y));
+        x.merge(&y);
+        assert_eq!(x.get(), Some(&"y"));
     }
 
     #[test]

@@ -51,6 +51,18 @@ impl Crdt {
         })
     }
 
+    /// Whether `other` gives an update this value holds another value (see
+    /// [`Lattice::equivocates`]).
+    fn equivocates(&self, other: &Crdt) -> bool {
+        match (self, other) {
+            (Crdt::Lww(a), Crdt::Lww(b)) => a.equivocates(b),
+            (Crdt::Mv(a), Crdt::Mv(b)) => a.equivocates(b),
+            (Crdt::Set(a), Crdt::Set(b)) => a.equivocates(b),
+            (Crdt::Map(a), Crdt::Map(b)) => a.equivocates(b),
+            _ => false,
+        }
+    }
+
     /// The empty value of this kind.
     fn bottom(&self) -> Crdt {
         match self {
@@ -190,6 +202,12 @@ impl State {
     /// takes no further local change in that direction). Returns whether anything changed.
     pub fn absorb(&mut self, d: &Delta) -> Result<bool, StateError> {
         self.apply(d)
+    }
+
+    /// Whether merging `d` would resolve an equivocation: an update (a dot, an LWW timestamp and
+    /// replica) that `d` and this state give different values.
+    pub fn equivocates(&self, d: &Delta) -> bool {
+        self.fields.get(&d.field).is_some_and(|c| c.equivocates(&d.delta))
     }
 
     /// Merges a whole state in (anti-entropy).

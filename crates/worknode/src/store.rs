@@ -352,6 +352,28 @@ impl EventStore {
         Ok(Some((WorknodeId::from_bytes(stream), seq_of(k))))
     }
 
+    /// Event `id` if it is stored: its stream, sequence number and body (to tell a duplicate
+    /// from another event under the same id).
+    pub fn event(&self, id: &EventId) -> Result<Option<(WorknodeId, u64, Vec<u8>)>, StoreError> {
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+        let ids = txn.open_table(EVENT_IDS).map_err(|e| self.db_err(e))?;
+        let Some(k) = ids.get(id).map_err(|e| self.db_err(e))? else { return Ok(None) };
+        let k = *k.value();
+        let mut stream = [0u8; 16];
+        stream.copy_from_slice(&k[..16]);
+        let stream = WorknodeId::from_bytes(stream);
+        let events = txn.open_table(EVENTS).map_err(|e| self.db_err(e))?;
+        let Some(v) = events.get(&k).map_err(|e| self.db_err(e))? else {
+            return Err(corrupt(format!("{stream}/{}", seq_of(&k)), "an event id without its event"));
+        };
+        let body = v
+            .value()
+            .get(16..)
+            .ok_or_else(|| corrupt(format!("{stream}/{}", seq_of(&k)), "event shorter than its id"))?;
+        Ok(Some((stream, seq_of(&k), body.to_vec())))
+    }
+
     /// The latest snapshot of `stream`: `(seq, state)`.
     pub fn snapshot(&self, stream: WorknodeId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let db = self.db.get()?;

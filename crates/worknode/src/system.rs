@@ -424,7 +424,8 @@ type Sink = Box<dyn Fn(Shipment) + Send + Sync>;
 pub struct Refused {
     /// Stable reason code: `malformed` (not a replication message), `chain` (malformed or too
     /// deep), `name`, `kind`, `consistency`, `conflict` (the path holds a worknode of another
-    /// kind or consistency), `quota`, `store`, `type`.
+    /// kind or consistency), `quota`, `store`, `type`, `equivocation` (an event id already
+    /// stored with other contents).
     pub code: &'static str,
     /// The path concerned (as far as it could be read).
     pub path: String,
@@ -844,9 +845,33 @@ impl Inner {
             Body::Update(ops) => return Ok(self.update_state(node, ops, ids, log)),
             Body::Merge(events) => {
                 let state = node.state.get_or_insert_with(Box::default);
-                // Checked as a local change is (kinds, counter ranges); one that changes nothing
-                // (seen before, or empty) is not stored.
+                // Checked as a local change is (kinds); one that changes nothing (seen before, or
+                // empty) is not stored. An id already stored (or earlier in this turn) with other
+                // contents is equivocation: refused and audited (the store would keep the first
+                // and drop the second, so state and log would disagree).
                 for (eid, delta) in events {
+                    let seen = match log.events.iter().find(|e| e.0 == *eid) {
+                        Some(e) => Some(e.1 == *delta),
+                        None => self
+                            .store
+                            .as_ref()
+                            .and_then(|s| s.event(eid).ok().flatten())
+                            .map(|(_, _, body)| body == encode(delta)),
+                    };
+                    match seen {
+                        Some(true) => continue,
+                        Some(false) => {
+                            let detail = format!("event {} is stored with other contents", hex::encode(eid));
+                            self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
+                            continue;
+                        }
+                        None => {}
+                    }
+                    if state.equivocates(delta) {
+                        // Resolved the same way everywhere (the larger value wins); audited.
+                        let detail = format!("field {:?}: one update with two values (the larger kept)", delta.field);
+                        self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
+                    }
                     match state.absorb(delta) {
                         Ok(true) => log.events.push((*eid, delta.clone(), false)),
                         Ok(false) => {}

@@ -1,7 +1,8 @@
 //! A deterministic simulation of eventual replication: three replicas (real `System`s with real
 //! event stores) and a seeded in-process network that delays, reorders, duplicates and drops
 //! messages, cuts random partitions, and restarts replicas from their stores. Replicas create
-//! the same paths on both sides of partitions. After every run the network heals and the test
+//! the same paths on both sides of partitions, and a hostile peer equivocates (gives two
+//! replicas one update with different contents). After every run the network heals and the test
 //! checks that the replicas converged to the same state, with no acknowledged update lost.
 //!
 //! The messages are the real [`Wire`] values, merged with [`Wire::merge_into`], the code path of
@@ -204,6 +205,22 @@ impl Sim {
         self.log.push(format!("t{} r{r} {path} {note}: {}", self.now, if done.is_ok() { "acked" } else { "refused" }));
     }
 
+    /// A hostile peer gives two replicas one update (the same dot, the same event id) with
+    /// different contents, as if from outside the simulated network.
+    fn equivocate(&mut self) {
+        let (r1, r2) = (self.rng.below(N as u64) as usize, self.rng.below(N as u64) as usize);
+        let path: WnPath = PATHS[self.rng.below(PATHS.len() as u64) as usize].parse().unwrap();
+        let k = self.rng.below(1000);
+        let id = uuid_bytes(self.seed, self.now);
+        for (r, v) in [(r1, format!("x{k}")), (r2, format!("y{k}"))] {
+            let Some(chain) = chain_of(self.reps[r].sys(), &path) else { continue };
+            let set = referee_worknode::crdt::OrSet::default().add(77, v);
+            let delta = referee_worknode::Delta { field: "s".into(), delta: referee_worknode::Crdt::Set(set) };
+            Wire::Deltas { chain, events: vec![(id, delta)] }.merge_into(self.reps[r].sys());
+        }
+        self.log.push(format!("t{} equivocate {path} r{r1} r{r2}", self.now));
+    }
+
     fn repartition(&mut self) {
         let before = self.group;
         for g in &mut self.group {
@@ -255,6 +272,7 @@ impl Sim {
                 let r = self.rng.below(N as u64) as usize;
                 self.restart(r);
             }
+            70..=74 => self.equivocate(),
             _ => {}
         }
         self.ship();
@@ -307,9 +325,27 @@ impl Sim {
             assert!(inserts.is_subset(&have), "{path}: acknowledged inserts lost: {}", why());
         }
         for r in &self.reps {
-            assert_eq!(r.sys().refusals(), BTreeMap::new(), "seed {}: honest changes refused", self.seed);
+            let mut refused = r.sys().refusals();
+            refused.remove("equivocation");
+            assert_eq!(refused, BTreeMap::new(), "seed {}: honest changes refused", self.seed);
         }
     }
+}
+
+/// The chain of `path` on `sys` (what its `Replicator` would ship), if it exists there.
+fn chain_of(sys: &System, path: &WnPath) -> Option<Vec<referee_worknode::Meta>> {
+    sys.eventual_states().into_iter().map(|(chain, _)| chain).find(|chain| {
+        let names: Vec<&str> = chain.iter().map(|m| m.name.as_str()).collect();
+        names == path.segments().collect::<Vec<_>>()
+    })
+}
+
+/// A deterministic event id.
+fn uuid_bytes(seed: u64, t: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&seed.to_le_bytes());
+    out[8..].copy_from_slice(&t.to_le_bytes());
+    out
 }
 
 fn env(name: &str, default: u64) -> u64 {
