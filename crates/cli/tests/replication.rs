@@ -488,3 +488,42 @@ fn equivocation_is_audited_and_resolved_the_same_way_everywhere() -> TestResult 
     assert!(a.audit().iter().any(|l| l["code"] == "equivocation"));
     Ok(())
 }
+
+/// Found re-attacking slice 2: a peer created `/fut` on A as a Local ancestor (of an Eventual
+/// child), and A then refused B's Eventual `/fut` for good (`conflict`). A peer never creates a
+/// Local worknode: a missing ancestor is an Eventual container.
+#[test]
+fn a_peer_cannot_create_a_local_worknode_to_split_replicas() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    let fut = meta(ROOT_ID, "fut", "data", Consistency::Local);
+    let kid = meta(fut.id, "kid", "data", Consistency::Eventual);
+    hostile(&a, vec![deltas(vec![fut, kid], vec![delta("c", grow(5, 1))])])?;
+    a.wait("get /fut/kid", |g| g["ok"]["state"]["c"] == 1)?;
+    assert_eq!(a.ok("get /fut")?["consistency"], "eventual");
+    b.ok("create /fut data eventual")?;
+    b.ok("send /fut grow c 9")?;
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    a.wait("get /fut", |g| g["ok"]["state"]["c"] == 9)?;
+    b.wait("get /fut/kid", |g| g["ok"]["state"]["c"] == 1)?;
+    assert_eq!(a.refused()?, serde_json::json!({}));
+    Ok(())
+}
+
+/// Found re-attacking slice 2: the events of one message cost quadratic time (a duplicate check
+/// scanned the turn's events): 100,000 tiny events held the replica for 24 s, `get` and
+/// `isolate` with it.
+#[test]
+fn many_events_in_one_message_cost_linear_time() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /b data eventual")?;
+    let seen = hostile(&r, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let n = 100_000u64;
+    let events = (1..=n).map(|i| delta("g", grow(5, i))).collect();
+    let start = Instant::now();
+    hostile(&r, vec![deltas(chain, events)])?;
+    r.wait("get /b", |g| g["ok"]["state"]["g"] == n)?;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(15), "{n} events took {took:?}");
+    Ok(())
+}

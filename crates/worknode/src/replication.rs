@@ -67,6 +67,10 @@ const REDIAL: Duration = Duration::from_millis(200);
 /// the other peers never wait for it.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 
+/// Most replicated bytes (encoded) accepted and not yet merged by the worknodes; above it no
+/// more messages are taken from peers until the worknodes catch up.
+pub const MERGE_BACKLOG_BYTES: usize = 16 << 20;
+
 /// What waits to go to one peer, sent by that peer's own task.
 struct PeerQueue {
     tx: mpsc::UnboundedSender<Bytes>,
@@ -253,7 +257,13 @@ impl Replicator {
     }
 
     async fn receive(self: Arc<Self>, mut inbox: Inbox) {
-        while let Some(msg) = inbox.recv().await {
+        loop {
+            // Backpressure: while the worknodes are behind, peers' messages wait in referee-comm
+            // (whose byte budgets then stop reading their sockets), not decoded in mailboxes.
+            while self.system.merging_bytes() > MERGE_BACKLOG_BYTES {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let Some(msg) = inbox.recv().await else { return };
             if self.isolated.load(Ordering::Acquire) {
                 msg.connection().abort();
                 continue;

@@ -7,7 +7,7 @@ use std::hash::BuildHasher;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -204,6 +204,21 @@ fn idempotent_ids(stream: WorknodeId, key: &[u8], ops: usize) -> Box<[EventId]> 
 pub(crate) struct Msg {
     env: Envelope,
     ack: Option<Ack>,
+    /// Replicated bytes this message holds, counted in [`System::merging_bytes`] until it is
+    /// handled (or dropped).
+    _merging: Option<Merging>,
+}
+
+/// Bytes of replicated changes waiting in mailboxes; given back on drop.
+struct Merging {
+    counter: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Merging {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 struct Ack {
@@ -214,7 +229,7 @@ struct Ack {
 
 impl Msg {
     fn plain(env: Envelope) -> Self {
-        Self { env, ack: None }
+        Self { env, ack: None, _merging: None }
     }
 }
 
@@ -236,6 +251,8 @@ struct TurnLog {
     /// `(event id, delta, local)`: local events are shipped to replicas, merged ones are not.
     events: Vec<(EventId, Delta, bool)>,
     acks: Vec<(Reply, Handled)>,
+    /// Index in `events` of each merged event id (a duplicate in one turn is found in O(1)).
+    merged: HashMap<EventId, usize>,
 }
 
 /// A behaviour failure; the worknode restarts from its event log.
@@ -503,6 +520,8 @@ pub(crate) struct Inner {
     rejected: AtomicU64,
     /// Replicated changes refused, per [`Refused::code`].
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Encoded bytes of replicated changes waiting in mailboxes ([`System::merging_bytes`]).
+    merging: Arc<AtomicUsize>,
     audit: OnceLock<AuditSink>,
 }
 
@@ -781,7 +800,7 @@ impl Inner {
             }
             let mut log = TurnLog::default();
             let mut msgs = buf.drain(..);
-            for Msg { env, ack } in msgs.by_ref() {
+            for Msg { env, ack, _merging } in msgs.by_ref() {
                 if node.stopped {
                     // Dropped unanswered: its completion reports the stop.
                     break;
@@ -850,7 +869,7 @@ impl Inner {
                 // contents is equivocation: refused and audited (the store would keep the first
                 // and drop the second, so state and log would disagree).
                 for (eid, delta) in events {
-                    let seen = match log.events.iter().find(|e| e.0 == *eid) {
+                    let seen = match log.merged.get(eid).and_then(|i| log.events.get(*i)) {
                         Some(e) => Some(e.1 == *delta),
                         None => self
                             .store
@@ -873,7 +892,10 @@ impl Inner {
                         self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
                     }
                     match state.absorb(delta) {
-                        Ok(true) => log.events.push((*eid, delta.clone(), false)),
+                        Ok(true) => {
+                            log.merged.insert(*eid, log.events.len());
+                            log.events.push((*eid, delta.clone(), false));
+                        }
                         Ok(false) => {}
                         Err(e) => self.refuse(info, &e),
                     }
@@ -1110,6 +1132,7 @@ impl System {
             restarts: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             refused: Mutex::new(BTreeMap::new()),
+            merging: Arc::new(AtomicUsize::new(0)),
             audit: OnceLock::new(),
         });
         let root = Info {
@@ -1385,28 +1408,45 @@ impl System {
     pub fn merge_replicated(&self, chain: &[Meta], mut events: Vec<Replicated>) -> Result<(), Refused> {
         let max = self.inner.cfg.max_delta_bytes;
         let name = chain.last().map_or("", |m| m.name.as_str());
+        let mut total = 0usize;
         events.retain(|(_, d)| {
             let bytes = encode(d).len();
             if bytes > max {
                 let detail = format!("a change of {bytes} bytes to field {:?} (limit {max})", d.field);
                 self.inner.refused(&Refused::new("quota", format!("…/{name}"), detail));
+                return false;
             }
-            bytes <= max
+            total = total.saturating_add(bytes);
+            true
         });
-        self.merge_events(chain, events)
+        self.merge_events(chain, events, total)
     }
 
     /// Merges full field states from a peer's anti-entropy message (`Wire::Sync`): the same
     /// checks as [`System::merge_replicated`] but for `max_delta_bytes`, since a whole field may
     /// be larger than one change (the peer's message size still bounds it).
     pub fn merge_replicated_state(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
-        self.merge_events(chain, events)
+        let total = events.iter().map(|(_, d)| encode(d).len()).fold(0usize, usize::saturating_add);
+        self.merge_events(chain, events, total)
     }
 
-    fn merge_events(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
+    /// Encoded bytes of replicated changes accepted and not yet handled. The replication layer
+    /// stops reading from peers while this is high, so a peer faster than the worknodes is held
+    /// back by its connection, not buffered here.
+    pub fn merging_bytes(&self) -> usize {
+        self.inner.merging.load(Ordering::Acquire)
+    }
+
+    fn merge_events(&self, chain: &[Meta], events: Vec<Replicated>, bytes: usize) -> Result<(), Refused> {
         let r = self.adopt_chain(chain).and_then(|(idx, path)| {
             let id = self.inner.info(idx).map(|i| i.id);
-            let merge = Msg::plain(Envelope { from: Authority::System, body: Body::Merge(events) });
+            self.inner.merging.fetch_add(bytes, Ordering::AcqRel);
+            let merging = Some(Merging { counter: self.inner.merging.clone(), bytes });
+            let merge = Msg {
+                env: Envelope { from: Authority::System, body: Body::Merge(events) },
+                ack: None,
+                _merging: merging,
+            };
             self.inner.push(idx, id, merge, false).map_err(|e| Refused::new("store", path.to_string(), e.to_string()))
         });
         if let Err(e) = &r {
@@ -1490,7 +1530,10 @@ impl System {
             // The origin's id when it is free here, a fresh one when it is not.
             let id = if inner.index(meta.id).is_none() { meta.id } else { WorknodeId::new() };
             let here_parent = inner.info(idx).map_or(ROOT_ID, |i| i.id);
-            let local = Meta { id, parent: here_parent, ..meta.clone() };
+            // A peer never creates a Local worknode here: an ancestor that is Local at its origin
+            // (its state never leaves it) is an Eventual container here, so the same path
+            // created Eventual on another replica merges with it.
+            let local = Meta { id, parent: here_parent, consistency: Consistency::Eventual, ..meta.clone() };
             let created = self.insert(&local, State::default(), 0).map_err(|e| {
                 let code = match e {
                     CreateError::UnknownKind(_) => "kind",
@@ -1549,7 +1592,7 @@ impl System {
     ) -> Result<Completion, SendError> {
         let idx = self.writable(auth, id)?;
         let (reply, rx) = oneshot::channel();
-        let msg = Msg { env: Envelope { from: auth.clone(), body }, ack: Some(Ack { reply, ids }) };
+        let msg = Msg { env: Envelope { from: auth.clone(), body }, ack: Some(Ack { reply, ids }), _merging: None };
         self.inner.push(idx, Some(id), msg, true)?;
         Ok(Completion { id, rx })
     }
