@@ -209,6 +209,11 @@ pub(crate) struct Msg {
     _merging: Option<Merging>,
 }
 
+/// What one replicated event costs in memory beyond its encoded bytes (decoded, in the turn's
+/// log, in the commit batch), as [`System::merging_bytes`] counts it: a flood of tiny events is
+/// mostly this.
+const EVENT_OVERHEAD: usize = 512;
+
 /// Bytes of replicated changes waiting in mailboxes; given back on drop.
 struct Merging {
     counter: Arc<AtomicUsize>,
@@ -1416,7 +1421,7 @@ impl System {
                 self.inner.refused(&Refused::new("quota", format!("…/{name}"), detail));
                 return false;
             }
-            total = total.saturating_add(bytes);
+            total = total.saturating_add(bytes + EVENT_OVERHEAD);
             true
         });
         self.merge_events(chain, events, total)
@@ -1426,11 +1431,12 @@ impl System {
     /// checks as [`System::merge_replicated`] but for `max_delta_bytes`, since a whole field may
     /// be larger than one change (the peer's message size still bounds it).
     pub fn merge_replicated_state(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
-        let total = events.iter().map(|(_, d)| encode(d).len()).fold(0usize, usize::saturating_add);
+        let total = events.iter().map(|(_, d)| encode(d).len() + EVENT_OVERHEAD).fold(0usize, usize::saturating_add);
         self.merge_events(chain, events, total)
     }
 
-    /// Encoded bytes of replicated changes accepted and not yet handled. The replication layer
+    /// Bytes of replicated changes accepted and not yet handled (encoded, plus a fixed cost per
+    /// event). The replication layer
     /// stops reading from peers while this is high, so a peer faster than the worknodes is held
     /// back by its connection, not buffered here.
     pub fn merging_bytes(&self) -> usize {
