@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use referee_comm::{AllowList, Config, ConnectOptions, Identity, Node};
 use referee_worknode::crdt::{GCounter, LwwRegister, OrSet, PnCounter};
-use referee_worknode::replication::Wire;
+use referee_worknode::replication::{Wire, replica_of};
 use referee_worknode::{Consistency, Crdt, Delta, Meta, ROOT_ID, WorknodeId};
 use serde_json::Value;
 
@@ -130,11 +130,23 @@ fn hostile(r: &Replica, forged: Vec<Wire>) -> Result<Vec<Wire>, Box<dyn std::err
     hostile_bytes(r, forged.iter().map(Wire::to_bytes).collect())
 }
 
+/// The hostile peer's identity: one per test process, so its replica id ([`hr`]) is known.
+fn hostile_identity() -> Identity {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = TEXT.get_or_init(|| Identity::generate().unwrap().to_text().to_string());
+    Identity::from_text(text).unwrap()
+}
+
+/// The hostile peer's replica id: what it may write as.
+fn hr() -> u64 {
+    replica_of(&hostile_identity().id())
+}
+
 /// [`hostile`] with raw payloads.
 fn hostile_bytes(r: &Replica, forged: Vec<Vec<u8>>) -> Result<Vec<Wire>, Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
-        let (node, mut inbox) = Node::new(Identity::generate()?, AllowList::allow_any(), Config::default());
+        let (node, mut inbox) = Node::new(hostile_identity(), AllowList::allow_any(), Config::default());
         let conn = node.connect_with(&r.addr.parse()?, ConnectOptions::default().expect_peer(r.id.parse()?)).await?;
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
@@ -192,7 +204,7 @@ fn remote_changes_obey_the_local_rules() -> TestResult {
     let local = chain[0].clone();
     assert_eq!(local.consistency, Consistency::Local);
 
-    let d = || vec![delta("n", Crdt::PnCounter(PnCounter::default().add(99, 1000)))];
+    let d = || vec![delta("n", Crdt::PnCounter(PnCounter::default().add(hr(), 1000)))];
     let mut forged = vec![
         // Into the Local worknode, by its id and by its path under a fresh id.
         deltas(vec![local.clone()], d()),
@@ -270,12 +282,12 @@ fn a_no_op_update_is_not_stored() -> TestResult {
     // Remote: one change, then 2,000 repeats of it under fresh event ids.
     let seen = hostile(&r, vec![])?;
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
-    let mut forged = vec![deltas(chain.clone(), vec![delta("h", grow(77, 3))])];
+    let mut forged = vec![deltas(chain.clone(), vec![delta("h", grow(hr(), 3))])];
     for _ in 0..2000 {
-        forged.push(deltas(chain.clone(), vec![delta("h", grow(77, 3)), delta("g", grow(77, 0))]));
+        forged.push(deltas(chain.clone(), vec![delta("h", grow(hr(), 3)), delta("g", grow(hr(), 0))]));
     }
     // A last, real change marks the end (one connection's messages are merged in order).
-    forged.push(deltas(chain, vec![delta("end", grow(77, 1))]));
+    forged.push(deltas(chain, vec![delta("end", grow(hr(), 1))]));
     hostile(&r, forged)?;
     r.wait("get /ev", |g| g["ok"]["state"]["end"] == 1)?;
     r.ok("idle")?;
@@ -294,10 +306,12 @@ fn a_replicated_change_above_the_size_limit_is_refused() -> TestResult {
     let seen = hostile(&r, vec![])?;
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
     let big = "x".repeat(3 << 20);
-    let set = OrSet::default().add(99, big.clone());
-    let reg = LwwRegister::default().set(99, 1, big);
-    let forged =
-        vec![deltas(chain, vec![delta("s", Crdt::Set(set)), delta("t", Crdt::Lww(reg)), delta("small", grow(99, 1))])];
+    let set = OrSet::default().add(hr(), big.clone());
+    let reg = LwwRegister::default().set(hr(), 1, big);
+    let forged = vec![deltas(
+        chain,
+        vec![delta("s", Crdt::Set(set)), delta("t", Crdt::Lww(reg)), delta("small", grow(hr(), 1))],
+    )];
     hostile(&r, forged)?;
     r.wait("stats", |v| v["ok"]["refused"]["quota"] == 2)?;
     let state = r.wait("get /ev", |g| g["ok"]["state"]["small"] == 1)?["ok"]["state"].clone();
@@ -320,12 +334,16 @@ fn forged_counters_neither_split_replicas_nor_lock_a_pn_counter() -> TestResult 
     let seen = hostile(&a, vec![])?;
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
     let mut q = PnCounter::default();
-    for (replica, n) in [(1, i64::MAX), (1, i64::MAX), (2, -i64::MAX), (2, -i64::MAX)] {
-        q.add(replica, n);
+    for n in [i64::MAX, i64::MAX, -i64::MAX, -i64::MAX] {
+        q.add(hr(), n);
     }
-    hostile(&a, vec![deltas(chain, vec![delta("g", grow(999, u64::MAX - 5)), delta("q", Crdt::PnCounter(q))])])?;
-    a.wait("get /k", |g| g["ok"]["state"]["g"] == u64::MAX)?;
+    // An allowed peer's own counts, however large: it tells both replicas (no replica relays
+    // another's updates), with the same event ids.
+    let forged = deltas(chain, vec![delta("g", grow(hr(), u64::MAX - 5)), delta("q", Crdt::PnCounter(q))]);
     b.ok("send /k grow g 3")?;
+    hostile(&a, vec![forged.clone()])?;
+    hostile(&b, vec![forged])?;
+    a.wait("get /k", |g| g["ok"]["state"]["g"] == u64::MAX)?;
     a.ok("send /k add q 20")?;
     a.ok("send /k add q -15")?;
     // A full G-counter refuses a local increment rather than clamping it.
@@ -352,7 +370,7 @@ fn a_planted_id_does_not_split_replicas() -> TestResult {
     let seen = hostile(&b, vec![])?;
     let qb = chains(&seen).into_iter().find(|c| c[0].name == "q").ok_or("no /q")?[0].clone();
     let planted = Meta { name: "poison".into(), ..qb };
-    hostile(&a, vec![deltas(vec![planted], vec![delta("p", grow(5, 1))])])?;
+    hostile(&a, vec![deltas(vec![planted], vec![delta("p", grow(hr(), 1))])])?;
     a.wait("get /poison", |g| g["ok"]["state"]["p"] == 1)?;
     a.ok(&format!("peer {} {}", b.addr, b.id))?;
     b.ok("send /q grow c 10")?;
@@ -365,20 +383,104 @@ fn a_planted_id_does_not_split_replicas() -> TestResult {
     Ok(())
 }
 
-/// Found re-attacking slice 2: a set delta naming this replica's own dots up to `u64::MAX` made
-/// every later local insert answer `ok` and store nothing. Such an insert is now refused.
+/// Finding 5 (markers): forged "already seen" markers for the replicas' ids (`u64::MAX` of
+/// each, in a change and in a full state) made every later insert by the honest replicas vanish,
+/// on every replica. A peer's claim to have seen other replicas' updates is taken only for
+/// updates seen here, so later inserts survive everywhere. (Found re-attacking slice 2: markers
+/// for the replica's own id made its later inserts answer `ok` and store nothing.)
 #[test]
-fn used_up_dots_refuse_a_local_change_instead_of_losing_it() -> TestResult {
+fn forged_seen_markers_do_not_swallow_later_inserts() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    assert_eq!(a.replica, replica_of(&a.id.parse()?), "the replica id is bound to the identity");
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    a.ok("create /ev data eventual")?;
+    b.wait("get /ev", |g| g["ok"]["version"] == 0)?;
+    let seen = hostile(&a, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let ctx =
+        serde_json::json!({ "vv": { a.replica.to_string(): u64::MAX, b.replica.to_string(): u64::MAX }, "cloud": [] });
+    let markers: OrSet<String> = serde_json::from_value(serde_json::json!({ "live": {}, "ctx": ctx }))?;
+    let mut state = referee_worknode::State::default();
+    state.apply(&delta("s", Crdt::Set(markers.clone())))?;
+    let forged =
+        vec![deltas(chain.clone(), vec![delta("s", Crdt::Set(markers))]), Wire::Sync { nodes: vec![(chain, state)] }];
+    hostile(&a, forged.clone())?;
+    hostile(&b, forged)?;
+    for r in [&mut a, &mut b] {
+        r.wait("stats", |v| v["ok"]["refused"]["unseen"] == 2)?;
+    }
+    a.ok("send /ev insert s from-a")?;
+    b.ok("send /ev insert s from-b")?;
+    let both = serde_json::json!(["from-a", "from-b"]);
+    for r in [&mut a, &mut b] {
+        r.wait("get /ev", |g| g["ok"]["state"]["s"] == both)?;
+    }
+    assert!(a.audit().iter().any(|l| l["code"] == "unseen"));
+    Ok(())
+}
+
+/// Finding 5 (authorship): a peer could write in other replicas' names (a count, a write, a set
+/// entry), so a forged update looked like an honest replica's everywhere. A peer's own change
+/// holding another replica's update is refused `author`; of its full state, what others made is
+/// left out. And no peer may speak as the replica itself.
+#[test]
+fn a_peer_speaks_only_for_itself() -> TestResult {
     let mut r = Replica::start()?;
     r.ok("create /ev data eventual")?;
+    r.ok("send /ev grow g 1")?;
     let seen = hostile(&r, vec![])?;
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
-    let ctx = serde_json::json!({ "vv": { r.replica.to_string(): u64::MAX }, "cloud": [] });
-    let set: OrSet<String> = serde_json::from_value(serde_json::json!({ "live": {}, "ctx": ctx }))?;
-    hostile(&r, vec![deltas(chain, vec![delta("s", Crdt::Set(set))])])?;
-    r.wait("get /ev", |g| g["ok"]["version"] == 1)?;
-    let reply = r.ask("send /ev insert s y")?;
-    assert!(reply["error"].as_str().is_some_and(|e| e.contains("overflow")), "{reply}");
+    let me = r.replica;
+    let other = hr().wrapping_add(1);
+    let mut state = referee_worknode::State::default();
+    state.apply(&delta("g", grow(other, 1000)))?;
+    state.apply(&delta("own", grow(hr(), 7)))?;
+    let forged = vec![
+        deltas(chain.clone(), vec![delta("g", grow(me, 1000))]),
+        deltas(chain.clone(), vec![delta("g", grow(other, 1000))]),
+        deltas(chain.clone(), vec![delta("t", Crdt::Lww(LwwRegister::default().set(other, 1, "forged".into())))]),
+        deltas(chain.clone(), vec![delta("s", Crdt::Set(OrSet::default().add(other, "forged".to_owned())))]),
+        // One change of its own and one in another's name, in one message: only the latter goes.
+        deltas(chain.clone(), vec![delta("mine", grow(hr(), 2)), delta("g", grow(other, 5))]),
+        Wire::Sync { nodes: vec![(chain, state)] },
+    ];
+    hostile(&r, forged)?;
+    let got = r.wait("get /ev", |g| g["ok"]["state"]["own"] == 7)?;
+    assert_eq!(got["ok"]["state"], serde_json::json!({"g": 1, "mine": 2, "own": 7}), "{got}");
+    assert_eq!(r.refused()?, serde_json::json!({"author": 5}));
+    Ok(())
+}
+
+/// A store keeps the replica id it was first served with, derived from the identity in it (or
+/// given with `--identity`): served under another identity its changes would be refused by
+/// every peer, so `serve` refuses to start.
+#[test]
+fn a_store_is_served_only_under_its_own_identity() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let serve = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_referee"));
+        cmd.env_remove("REFEREE_HOME").env_remove("REFEREE_COMM_IDENTITY");
+        cmd.args(["--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--dir"]).arg(dir.path()).args(extra);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    };
+    let hello = |cmd: &mut Command| -> Result<Value, Box<dyn std::error::Error>> {
+        let mut child = cmd.spawn()?;
+        let out = lines(child.stdout.take().ok_or("stdout")?);
+        let line = out.recv_timeout(WAIT)?;
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(serde_json::from_str(&line)?)
+    };
+    let first = hello(&mut serve(&[]))?;
+    let again = hello(&mut serve(&[]))?;
+    assert_eq!((first["id"].clone(), first["replica"].clone()), (again["id"].clone(), again["replica"].clone()));
+    let other = dir.path().join("other-identity");
+    Identity::generate()?.save_new(&other)?;
+    let out = serve(&["--identity", other.to_str().ok_or("path")?]).output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to replica"), "{err}");
     Ok(())
 }
 
@@ -455,11 +557,13 @@ fn a_peer_that_does_not_read_delays_no_other_peer() -> TestResult {
 }
 
 /// Finding 6: a peer that gave one update different contents on two replicas left them different
-/// for good (the same dot with two values: each kept its own). Equivocation is audited, the
-/// larger value wins on every replica, and an event id already stored with other contents is
-/// refused (the store would keep one, the state the other).
+/// for good (the same dot with two values: each kept its own). An event id already stored with
+/// other contents is refused and audited (the store would keep one, the state the other). No
+/// replica relays another's updates, so neither takes the other's version: each keeps what the
+/// peer told it, and the peer's updates are its own (until relayed state is signed, no replica
+/// can prove to another what the peer said).
 #[test]
-fn equivocation_is_audited_and_resolved_the_same_way_everywhere() -> TestResult {
+fn equivocation_is_audited_and_not_relayed() -> TestResult {
     let (mut a, mut b) = (Replica::start()?, Replica::start()?);
     a.ok(&format!("peer {} {}", b.addr, b.id))?;
     a.ok("create /ev data eventual")?;
@@ -468,7 +572,7 @@ fn equivocation_is_audited_and_resolved_the_same_way_everywhere() -> TestResult 
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
     let id = WorknodeId::new().to_bytes();
     let one = |v: &str| {
-        let set = OrSet::default().add(55, v.to_owned());
+        let set = OrSet::default().add(hr(), v.to_owned());
         Wire::Deltas { chain: chain.clone(), events: vec![(id, delta("s", Crdt::Set(set)))] }
     };
     hostile(&a, vec![one("a")])?;
@@ -478,13 +582,13 @@ fn equivocation_is_audited_and_resolved_the_same_way_everywhere() -> TestResult 
     // The same event id again with the other contents.
     hostile(&a, vec![one("b")])?;
     a.wait("stats", |v| v["ok"]["refused"]["equivocation"] == 1)?;
-    // Reconnect: each side sends the other its full state.
+    // Reconnect: each side sends the other its full state, and writes something of its own.
     a.ok("isolate")?;
     a.ok("heal")?;
-    for r in [&mut a, &mut b] {
-        r.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b"]))?;
-    }
-    assert!(b.refused()?["equivocation"].as_u64() >= Some(1));
+    a.ok("send /ev insert s by-a")?;
+    b.ok("send /ev insert s by-b")?;
+    a.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["a", "by-a", "by-b"]))?;
+    b.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b", "by-a", "by-b"]))?;
     assert!(a.audit().iter().any(|l| l["code"] == "equivocation"));
     Ok(())
 }
@@ -497,14 +601,15 @@ fn a_peer_cannot_create_a_local_worknode_to_split_replicas() -> TestResult {
     let (mut a, mut b) = (Replica::start()?, Replica::start()?);
     let fut = meta(ROOT_ID, "fut", "data", Consistency::Local);
     let kid = meta(fut.id, "kid", "data", Consistency::Eventual);
-    hostile(&a, vec![deltas(vec![fut, kid], vec![delta("c", grow(5, 1))])])?;
+    hostile(&a, vec![deltas(vec![fut, kid], vec![delta("c", grow(hr(), 1))])])?;
     a.wait("get /fut/kid", |g| g["ok"]["state"]["c"] == 1)?;
     assert_eq!(a.ok("get /fut")?["consistency"], "eventual");
     b.ok("create /fut data eventual")?;
     b.ok("send /fut grow c 9")?;
     a.ok(&format!("peer {} {}", b.addr, b.id))?;
     a.wait("get /fut", |g| g["ok"]["state"]["c"] == 9)?;
-    b.wait("get /fut/kid", |g| g["ok"]["state"]["c"] == 1)?;
+    // B learns of /fut/kid from A's full state; its count is the peer's, which A does not relay.
+    b.wait("get /fut/kid", |g| g["ok"]["version"] == 0)?;
     assert_eq!(a.refused()?, serde_json::json!({}));
     Ok(())
 }
@@ -519,7 +624,7 @@ fn many_events_in_one_message_cost_linear_time() -> TestResult {
     let seen = hostile(&r, vec![])?;
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
     let n = 100_000u64;
-    let events = (1..=n).map(|i| delta("g", grow(5, i))).collect();
+    let events = (1..=n).map(|i| delta("g", grow(hr(), i))).collect();
     let start = Instant::now();
     hostile(&r, vec![deltas(chain, events)])?;
     r.wait("get /b", |g| g["ok"]["state"]["g"] == n)?;

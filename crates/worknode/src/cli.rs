@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use referee_comm::{Addr, AllowList, Config, Identity, Node, PeerId};
 
-use crate::replication::Replicator;
+use crate::replication::{Replicator, replica_of};
 use crate::{
     Authority, Committed, Completion, Consistency, EventStore, Op, StoreConfig, System, SystemConfig, WnPath,
     WorknodeId,
@@ -47,13 +47,15 @@ const MAX_LINE: usize = 64 * 1024;
 pub enum NodeCommand {
     /// Run a replica: listen for peers, replicate Eventual worknodes, take commands on stdin.
     Serve {
-        /// Store directory (holds worknodes.redb and the replica id).
+        /// Store directory (holds worknodes.redb, the replica id and, by default, the identity).
         #[arg(long, env = "REFEREE_NODE_DIR", default_value = "worknodes")]
         dir: PathBuf,
         /// Address to listen on (tcp://HOST:PORT, unix:///PATH, quic://HOST:PORT).
         #[arg(long)]
         listen: String,
-        /// Identity file (default: a fresh ephemeral identity).
+        /// Identity file (default: `identity` in the store directory, made on first use). The
+        /// replica id is derived from it, and a store keeps the replica id it was first served
+        /// with.
         #[arg(long, env = "REFEREE_COMM_IDENTITY")]
         identity: Option<PathBuf>,
         /// Peer replica as ADDR@PEER_ID (repeatable).
@@ -117,26 +119,63 @@ pub enum NodeCommand {
     },
 }
 
-/// Opens the system stored in `dir` (creating it), with a stable replica id.
+/// Opens the system stored in `dir` (creating it), as the replica recorded in its `replica-id`
+/// file (on first use: the replica of the store's own identity, see [`dir_identity`]).
 pub fn open(dir: &Path) -> anyhow::Result<System> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let id_file = dir.join("replica-id");
     let replica = match std::fs::read_to_string(&id_file) {
         Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not a replica id", id_file.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let fresh = SystemConfig::default().replica;
-            write_synced(&id_file, fresh.to_string().as_bytes())
-                .with_context(|| format!("writing {}", id_file.display()))?;
-            fresh
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => replica_of(&dir_identity(dir)?.id()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", id_file.display())),
     };
+    open_as(dir, replica)
+}
+
+/// Opens the system stored in `dir` as `replica`, which must be the replica the store was
+/// first written by (recorded in its `replica-id` file): peers take a replica's changes only
+/// from the identity it is derived from ([`replica_of`]), so a store served under another
+/// identity could never replicate what it holds.
+fn open_as(dir: &Path, replica: u64) -> anyhow::Result<System> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let id_file = dir.join("replica-id");
+    match std::fs::read_to_string(&id_file) {
+        Ok(text) => {
+            let was =
+                text.trim().parse::<u64>().with_context(|| format!("{} is not a replica id", id_file.display()))?;
+            anyhow::ensure!(
+                was == replica,
+                "{} belongs to replica {was}, and this identity is replica {replica}: serve it with the identity it \
+                 was first served with (peers take a replica's changes only from that identity)",
+                dir.display()
+            );
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_synced(&id_file, replica.to_string().as_bytes())
+                .with_context(|| format!("writing {}", id_file.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", id_file.display())),
+    }
     let store = EventStore::open(&dir.join("worknodes.redb"), StoreConfig::default())?;
     Ok(System::start(SystemConfig { replica, ..SystemConfig::default() }, Some(Arc::new(store)), None)?)
 }
 
-/// Writes `bytes` to `path` so that it is whole and survives a power loss once this returns: a
-/// synced temporary file renamed into place, then the directory synced.
+/// The store's own identity, `<dir>/identity` (owner-only), made on first use.
+pub fn dir_identity(dir: &Path) -> anyhow::Result<Identity> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("identity");
+    if !path.exists() {
+        let fresh = Identity::generate()?;
+        match fresh.save_new(&path) {
+            Ok(()) => return Ok(fresh),
+            // Made by a concurrent first use: load that one.
+            Err(_) if path.exists() => {}
+            Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
+        }
+    }
+    Identity::load(&path).with_context(|| format!("loading identity {}", path.display()))
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
@@ -293,7 +332,11 @@ fn serve(
     allow: &[String],
     allow_any: bool,
 ) -> anyhow::Result<()> {
-    let sys = Arc::new(open(dir)?);
+    let identity = match identity {
+        Some(p) => Identity::load(p).with_context(|| format!("loading identity {}", p.display()))?,
+        None => dir_identity(dir)?,
+    };
+    let sys = Arc::new(open_as(dir, replica_of(&identity.id()))?);
     // Audit: one line on stderr for the 1st, 2nd, 4th, 8th… refusal of each reason, so a flood
     // of forged changes cannot flood the log; `stats` answers the exact counts.
     sys.set_audit_sink(|r, n| {
@@ -304,10 +347,6 @@ fn serve(
             eprintln!("{line}");
         }
     });
-    let identity = match identity {
-        Some(p) => Identity::load(p).with_context(|| format!("loading identity {}", p.display()))?,
-        None => Identity::generate()?,
-    };
     let mut allowed = if allow_any { AllowList::allow_any() } else { AllowList::new([]) };
     for a in allow {
         allowed.insert(a.parse()?);

@@ -40,6 +40,32 @@ pub trait Lattice: Clone + PartialEq {
     }
 }
 
+/// What a replica takes of a value a peer sent: see [`Authored::admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted<T> {
+    /// The part merged here.
+    pub value: T,
+    /// The peer sent updates made by other replicas (counter counts, writes, live dots): they
+    /// were left out.
+    pub foreign: bool,
+    /// The peer claimed to have seen updates of other replicas that this replica has not seen
+    /// (a causal context beyond ours): the claims were left out.
+    pub unseen: bool,
+}
+
+/// Authorship: a peer speaks only for itself.
+///
+/// A replica takes from a peer the updates that peer made (its own counter counts, writes and
+/// dots). What the peer says about other replicas' updates is taken only where it cannot forge
+/// anything: the claim that an update was seen (and so, absent from the peer's live dots,
+/// removed) is taken for updates this replica has seen too. Other replicas' updates themselves
+/// are taken from those replicas. So no peer can raise another replica's counter, write in its
+/// name, or mark its future updates as seen (which would make them vanish everywhere).
+pub trait Authored: Lattice + Default {
+    /// The part of `self`, sent by replica `author`, that a replica holding `local` merges.
+    fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self>;
+}
+
 /// Grow-only counter: one monotone count per replica; the value is their sum.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GCounter(BTreeMap<ReplicaId, u64>);
@@ -90,6 +116,18 @@ impl Lattice for GCounter {
             }
         }
         changed
+    }
+}
+
+impl Authored for GCounter {
+    fn admit(&self, author: ReplicaId, _local: &Self) -> Admitted<Self> {
+        let foreign = self.0.iter().any(|(r, v)| *r != author && *v > 0);
+        let own = self.0.get(&author).copied().filter(|v| *v > 0);
+        Admitted {
+            value: GCounter(own.map(|v| BTreeMap::from([(author, v)])).unwrap_or_default()),
+            foreign,
+            unseen: false,
+        }
     }
 }
 
@@ -150,6 +188,13 @@ impl Lattice for PnCounter {
     }
 }
 
+impl Authored for PnCounter {
+    fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self> {
+        let (p, n) = (self.p.admit(author, &local.p), self.n.admit(author, &local.n));
+        Admitted { value: PnCounter { p: p.value, n: n.value }, foreign: p.foreign || n.foreign, unseen: false }
+    }
+}
+
 /// Last-writer-wins register: the write with the highest `(timestamp, replica)` wins (the value
 /// breaks the remaining tie, which only a misbehaving replica could create, so merge stays a join).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +252,14 @@ impl<T: Ord + Clone> Lattice for LwwRegister<T> {
     }
 }
 
+impl<T: Ord + Clone> Authored for LwwRegister<T> {
+    fn admit(&self, author: ReplicaId, _local: &Self) -> Admitted<Self> {
+        let foreign = self.entry.as_ref().is_some_and(|e| e.1 != author);
+        let value = if foreign { LwwRegister::default() } else { self.clone() };
+        Admitted { value, foreign, unseen: false }
+    }
+}
+
 /// The set of dots a replica has seen: a version vector plus the dots beyond it ("dot cloud").
 /// Always compacted, so the representation of a given set of dots is unique.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +290,25 @@ impl CausalContext {
     /// Whether `replica` has no fresh dot left (its last one is `u64::MAX`).
     fn exhausted(&self, replica: ReplicaId) -> bool {
         self.last_dot(replica) == u64::MAX
+    }
+
+    /// The dots of `replica` only (`keep`), or of every other replica (`!keep`).
+    fn split(&self, replica: ReplicaId, keep: bool) -> CausalContext {
+        CausalContext {
+            vv: self.vv.iter().filter(|(r, _)| (**r == replica) == keep).map(|(r, n)| (*r, *n)).collect(),
+            cloud: self.cloud.iter().filter(|d| (d.0 == replica) == keep).copied().collect(),
+        }
+    }
+
+    /// The dots in both.
+    fn intersect(&self, other: &Self) -> CausalContext {
+        let mut out = CausalContext {
+            vv: self.vv.iter().filter_map(|(r, n)| other.vv.get(r).map(|m| (*r, (*n).min(*m)))).collect(),
+            cloud: self.cloud.iter().filter(|d| other.contains(d)).copied().collect(),
+        };
+        out.cloud.extend(other.cloud.iter().filter(|d| self.contains(d)));
+        out.compact();
+        out
     }
 
     fn insert(&mut self, dot: Dot) {
@@ -339,6 +411,31 @@ impl<T: Clone + Ord> DotFun<T> {
     fn equivocates(&self, other: &Self) -> bool {
         other.live.iter().any(|(d, v)| self.live.get(d).is_some_and(|mine| mine != v))
     }
+
+    /// See [`Authored::admit`]: `author`'s dots, and the other replicas' dots seen here. One of
+    /// those live here stays as it is here (live, with this replica's value); one the peer
+    /// holds live and this replica removed stays removed.
+    fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self> {
+        let others = self.ctx.split(author, false);
+        let seen = others.intersect(&local.ctx);
+        let unseen = seen != others;
+        let mut ctx = self.ctx.split(author, true);
+        let mut live = BTreeMap::new();
+        let mut foreign = false;
+        for (d, v) in &self.live {
+            if d.0 == author {
+                ctx.insert(*d);
+                live.insert(*d, v.clone());
+            } else {
+                foreign = true;
+                if let Some(here) = local.live.get(d).filter(|_| seen.contains(d)) {
+                    live.insert(*d, here.clone());
+                }
+            }
+        }
+        ctx.merge(&seen);
+        Admitted { value: DotFun { live, ctx }, foreign, unseen }
+    }
 }
 
 /// Multi-value register: a write replaces every value it has seen; concurrent writes all survive
@@ -368,6 +465,13 @@ impl<T: Clone + Ord> MvRegister<T> {
     pub fn values(&self) -> Vec<T> {
         let set: BTreeSet<&T> = self.0.live.values().collect();
         set.into_iter().cloned().collect()
+    }
+}
+
+impl<T: Clone + Ord> Authored for MvRegister<T> {
+    fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self> {
+        let a = self.0.admit(author, &local.0);
+        Admitted { value: MvRegister(a.value), foreign: a.foreign, unseen: a.unseen }
     }
 }
 
@@ -426,6 +530,13 @@ impl<T: Clone + Ord> OrSet<T> {
     pub fn elements(&self) -> Vec<T> {
         let set: BTreeSet<&T> = self.0.live.values().collect();
         set.into_iter().cloned().collect()
+    }
+}
+
+impl<T: Clone + Ord> Authored for OrSet<T> {
+    fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self> {
+        let a = self.0.admit(author, &local.0);
+        Admitted { value: OrSet(a.value), foreign: a.foreign, unseen: a.unseen }
     }
 }
 
@@ -491,6 +602,24 @@ impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
     /// The present entries, sorted by key.
     pub fn entries(&self) -> Vec<(&K, &V)> {
         self.values.iter().filter(|(k, _)| self.keys.contains(k)).collect()
+    }
+}
+
+impl<K: Clone + Ord, V: Authored> Authored for OrMap<K, V> {
+    fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self> {
+        let keys = self.keys.admit(author, &local.keys);
+        let (mut foreign, mut unseen) = (keys.foreign, keys.unseen);
+        let bottom = V::default();
+        let mut values = BTreeMap::new();
+        for (k, v) in &self.values {
+            let a = v.admit(author, local.values.get(k).unwrap_or(&bottom));
+            foreign |= a.foreign;
+            unseen |= a.unseen;
+            if a.value != bottom {
+                values.insert(k.clone(), a.value);
+            }
+        }
+        Admitted { value: OrMap { keys: keys.value, values }, foreign, unseen }
     }
 }
 
@@ -582,6 +711,39 @@ mod tests {
         assert_eq!(join(&all, a), all, "join is not an upper bound");
     }
 
+    /// Replicas that take from each other only what [`Authored::admit`] lets through (each peer
+    /// speaking for itself, as over `Replicator`) still converge, to the join of what they hold,
+    /// once every pair has exchanged full states twice (the second round carries the claims on
+    /// updates the first round made seen).
+    fn converge_by_admit<T: Authored + Debug>(history: &[Step], op: impl Fn(&mut T, ReplicaId, u8, u8) -> T) {
+        let mut r: [T; 3] = Default::default();
+        let admit_into = |r: &mut [T; 3], from: usize, to: usize| {
+            let a = r[from].admit(from as ReplicaId + 1, &r[to]);
+            assert!(!a.foreign || from != to);
+            r[to].merge(&a.value);
+        };
+        for s in history {
+            match *s {
+                Step::Op { at, kind, arg } => drop(op(&mut r[at], at as ReplicaId + 1, kind, arg)),
+                Step::Sync { from, to } if from != to => admit_into(&mut r, from, to),
+                Step::Sync { .. } => {}
+            }
+        }
+        let all = join(&join(&r[0], &r[1]), &r[2]);
+        for _ in 0..2 {
+            for from in 0..3 {
+                for to in 0..3 {
+                    if from != to {
+                        admit_into(&mut r, from, to);
+                    }
+                }
+            }
+        }
+        for x in &r {
+            assert_eq!(*x, all, "replicas did not converge to the join");
+        }
+    }
+
     fn counter_op(c: &mut PnCounter, r: ReplicaId, kind: u8, arg: u8) -> PnCounter {
         let n = i64::from(arg);
         c.add(r, if kind.is_multiple_of(2) { n } else { -n })
@@ -631,6 +793,17 @@ mod tests {
         }
 
         #[test]
+        fn admitted_sets_counters_and_maps_converge(h in steps()) {
+            converge_by_admit(&h, counter_op);
+            converge_by_admit(&h, set_op);
+            converge_by_admit(&h, |reg: &mut MvRegister<u8>, r, _, arg| reg.set(r, arg));
+            converge_by_admit(&h, |reg: &mut LwwRegister<u8>, r, kind, arg| reg.set(r, u64::from(kind), arg));
+            converge_by_admit(&h, |m: &mut OrMap<u8, LwwRegister<u8>>, r, kind, arg| {
+                if kind == 3 { m.remove(r, &arg) } else { m.update(r, arg % 3, |v| v.set(r, u64::from(kind), arg)) }
+            });
+        }
+
+        #[test]
         fn ormap_laws(h in steps()) {
             let r = run(&h, |m: &mut OrMap<u8, PnCounter>, r, kind, arg| {
                 if kind == 3 { m.remove(r, &arg) } else { m.update(r, arg % 3, |c| counter_op(c, r, kind, arg)) }
@@ -653,6 +826,55 @@ mod tests {
         assert!(x.equivocates(&y));
         x.merge(&y);
         assert_eq!(x.get(), Some(&"y"));
+    }
+
+    #[test]
+    fn a_peer_speaks_for_itself_and_claims_only_what_was_seen_here() {
+        // Replica 1 added "x"; replica 2 saw it and removed it, then added "y".
+        let (mut one, mut two) = (OrSet::default(), OrSet::default());
+        let add_x = one.add(1, "x");
+        two.merge(&add_x);
+        let remove_x = two.remove(2, &"x");
+        two.add(2, "y");
+        // Replica 3 has not seen "x": the claim on (1, 1) waits for it; "y" is taken.
+        let mut three = OrSet::default();
+        let a = two.admit(2, &three);
+        assert!(a.unseen && !a.foreign);
+        three.merge(&a.value);
+        assert_eq!(three.elements(), vec!["y"]);
+        three.merge(&add_x);
+        assert_eq!(three.elements(), vec!["x", "y"]);
+        // Once seen, the same claim is a remove.
+        let a = remove_x.admit(2, &three);
+        assert!(!a.unseen);
+        three.merge(&a.value);
+        assert_eq!(three.elements(), vec!["y"]);
+        // A forged claim on replica 1's next dot (or any beyond) takes nothing: 1's next add stays.
+        let forged: OrSet<&str> = OrSet(DotFun {
+            live: BTreeMap::new(),
+            ctx: CausalContext { vv: BTreeMap::from([(1, u64::MAX)]), cloud: BTreeSet::new() },
+        });
+        let a = forged.admit(2, &three);
+        assert!(a.unseen);
+        three.merge(&a.value);
+        let next = one.add(1, "z");
+        three.merge(&next);
+        assert!(three.contains(&"z"));
+        // Another replica's live dot is kept as it is here, never with the peer's value.
+        let mut lying = three.clone();
+        if let Some(v) = lying.0.live.get_mut(&(1, 2)) {
+            *v = "zz";
+        }
+        let a = lying.admit(2, &three);
+        assert!(a.foreign);
+        assert_eq!(a.value.0.live.get(&(1, 2)), Some(&"z"));
+        // Counts and writes in another replica's name are left out.
+        let c = GCounter::default().inc(1, 5);
+        let a = c.admit(2, &GCounter::default());
+        assert!(a.foreign && a.value == GCounter::default());
+        let w = LwwRegister::default().set(1, 5, "w");
+        assert!(w.admit(2, &LwwRegister::default()).foreign);
+        assert!(!w.admit(1, &LwwRegister::default()).foreign);
     }
 
     #[test]

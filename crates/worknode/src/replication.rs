@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
+use crate::crdt::ReplicaId;
 use crate::state::{Delta, State};
 use crate::system::{Meta, Replicated, Shipment, System};
 
@@ -57,6 +58,19 @@ impl Wire {
     pub fn from_bytes(bytes: &[u8]) -> Option<Wire> {
         rmp_serde::from_slice(bytes).ok()
     }
+}
+
+/// The replica id of the node whose referee-comm identity is `peer`: the first 8 bytes of a
+/// SHA-256 of its public key. Bound to the key, so a peer's changes are checked against the
+/// identity its connection proved ([`crate::crdt::Authored`]): no peer can write in another
+/// replica's name.
+pub fn replica_of(peer: &PeerId) -> ReplicaId {
+    let digest = Sha256::new().chain_update(b"referee-worknode-replica\0").chain_update(peer.as_bytes()).finalize();
+    let mut id = [0u8; 8];
+    for (o, d) in id.iter_mut().zip(digest.iter()) {
+        *o = *d;
+    }
+    u64::from_le_bytes(id)
 }
 
 /// How long to wait between dial attempts to a peer that is down.
@@ -269,7 +283,7 @@ impl Replicator {
                 continue;
             }
             match Wire::from_bytes(msg.payload()) {
-                Some(wire) => wire.merge_into(&self.system),
+                Some(wire) => wire.merge_into(&self.system, replica_of(&msg.from())),
                 None => {
                     let detail =
                         format!("{} bytes from {} that are not a replication message", msg.payload().len(), msg.from());
@@ -286,16 +300,19 @@ impl Wire {
         Wire::Sync { nodes: system.eventual_states() }
     }
 
-    /// Merges what a peer sent into `system`. A chain or delta that breaks a rule here is
-    /// refused (counted and audited by the system); the peer keeps its copy.
-    pub fn merge_into(self, system: &System) {
+    /// Merges what the peer whose replica id is `author` sent into `system`. A chain or delta
+    /// that breaks a rule here is refused (counted and audited by the system); the peer keeps its
+    /// copy. The peer speaks for its own updates only: its [`Wire::Deltas`] must hold nothing
+    /// another replica made, and of its [`Wire::Sync`] what other replicas made is left out
+    /// (taken from them).
+    pub fn merge_into(self, system: &System, author: ReplicaId) {
         match self {
-            Wire::Deltas { chain, events } => drop(system.merge_replicated(&chain, events)),
+            Wire::Deltas { chain, events } => drop(system.merge_replicated(author, &chain, events)),
             Wire::Sync { nodes } => {
                 for (chain, state) in nodes {
                     let Some(last) = chain.last() else { continue };
                     let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();
-                    drop(system.merge_replicated_state(&chain, events));
+                    drop(system.merge_replicated_state(author, &chain, events));
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crdt::{GCounter, Lattice, LwwRegister, MvRegister, OrMap, OrSet, PnCounter, ReplicaId};
+use crate::crdt::{Admitted, Authored, GCounter, Lattice, LwwRegister, MvRegister, OrMap, OrSet, PnCounter, ReplicaId};
 use crate::error::StateError;
 
 /// One CRDT value of a field.
@@ -60,6 +60,41 @@ impl Crdt {
             (Crdt::Set(a), Crdt::Set(b)) => a.equivocates(b),
             (Crdt::Map(a), Crdt::Map(b)) => a.equivocates(b),
             _ => false,
+        }
+    }
+
+    /// The part of `self` (sent by replica `author`) a replica holding `local` merges: see
+    /// [`Authored::admit`]. `local` of another kind counts as empty (the merge refuses it).
+    fn admit(&self, author: ReplicaId, local: Option<&Crdt>) -> Admitted<Crdt> {
+        fn lift<T: Authored>(mine: &T, author: ReplicaId, local: Option<&T>, wrap: fn(T) -> Crdt) -> Admitted<Crdt> {
+            let a = mine.admit(author, local.unwrap_or(&T::default()));
+            Admitted { value: wrap(a.value), foreign: a.foreign, unseen: a.unseen }
+        }
+        match self {
+            Crdt::GCounter(c) => lift(
+                c,
+                author,
+                local.and_then(|l| if let Crdt::GCounter(l) = l { Some(l) } else { None }),
+                Crdt::GCounter,
+            ),
+            Crdt::PnCounter(c) => lift(
+                c,
+                author,
+                local.and_then(|l| if let Crdt::PnCounter(l) = l { Some(l) } else { None }),
+                Crdt::PnCounter,
+            ),
+            Crdt::Lww(r) => {
+                lift(r, author, local.and_then(|l| if let Crdt::Lww(l) = l { Some(l) } else { None }), Crdt::Lww)
+            }
+            Crdt::Mv(r) => {
+                lift(r, author, local.and_then(|l| if let Crdt::Mv(l) = l { Some(l) } else { None }), Crdt::Mv)
+            }
+            Crdt::Set(r) => {
+                lift(r, author, local.and_then(|l| if let Crdt::Set(l) = l { Some(l) } else { None }), Crdt::Set)
+            }
+            Crdt::Map(r) => {
+                lift(r, author, local.and_then(|l| if let Crdt::Map(l) = l { Some(l) } else { None }), Crdt::Map)
+            }
         }
     }
 
@@ -202,6 +237,14 @@ impl State {
     /// takes no further local change in that direction). Returns whether anything changed.
     pub fn absorb(&mut self, d: &Delta) -> Result<bool, StateError> {
         self.apply(d)
+    }
+
+    /// The part of `d`, a change replica `author` sent, that this replica merges: what `author`
+    /// made, and its claims to have seen other replicas' updates as far as they were seen here
+    /// (see [`Authored::admit`]). `foreign` and `unseen` say what was left out.
+    pub fn admit(&self, author: ReplicaId, d: &Delta) -> Admitted<Delta> {
+        let a = d.delta.admit(author, self.fields.get(&d.field));
+        Admitted { value: Delta { field: d.field.clone(), delta: a.value }, foreign: a.foreign, unseen: a.unseen }
     }
 
     /// Whether merging `d` would resolve an equivocation: an update (a dot, an LWW timestamp and

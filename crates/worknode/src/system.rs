@@ -115,8 +115,18 @@ pub enum Body {
     Update(Vec<(String, Op)>),
     /// Supervision notice for the behaviour.
     Signal(Signal),
-    /// Deltas from a peer replica.
-    Merge(Vec<Replicated>),
+    /// Changes from a peer replica.
+    Merge {
+        /// The peer's replica id: it speaks for its own updates only (see
+        /// [`crate::crdt::Authored`]).
+        author: ReplicaId,
+        /// `false`: the author's own new changes, which must hold nothing another replica made
+        /// (refused `author` otherwise). `true`: its full state, from which what other replicas
+        /// made is left out.
+        full: bool,
+        /// The changes.
+        events: Vec<Replicated>,
+    },
 }
 
 /// A message and the authority of whoever sent it.
@@ -447,7 +457,10 @@ pub struct Refused {
     /// Stable reason code: `malformed` (not a replication message), `chain` (malformed or too
     /// deep), `name`, `kind`, `consistency`, `conflict` (the path holds a worknode of another
     /// kind or consistency), `quota`, `store`, `type`, `equivocation` (an event id already
-    /// stored with other contents).
+    /// stored with other contents), `author` (a peer's own change holding updates other
+    /// replicas made, or a peer speaking as this replica), `unseen` (a claim that updates of
+    /// other replicas were seen which this replica has not seen: the claim is left out, the
+    /// rest merged; an honest peer that saw them first makes this too).
     pub code: &'static str,
     /// The path concerned (as far as it could be read).
     pub path: String,
@@ -588,6 +601,21 @@ fn now_ms() -> u64 {
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing our own plain data types to a Vec cannot fail.
     rmp_serde::to_vec(v).unwrap_or_default()
+}
+
+/// The id a replicated change is stored under when only part of it was merged: derived from
+/// the origin's id and the part, so the same part is stored once.
+fn cut_id(origin: &EventId, part: &Delta) -> EventId {
+    let digest = Sha256::new()
+        .chain_update(b"referee-worknode-cut\0")
+        .chain_update(origin)
+        .chain_update(encode(part))
+        .finalize();
+    let mut id = EventId::default();
+    for (o, d) in id.iter_mut().zip(digest.iter()) {
+        *o = *d;
+    }
+    id
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -867,7 +895,7 @@ impl Inner {
         let start = log.events.len();
         let ops = match &env.body {
             Body::Update(ops) => return Ok(self.update_state(node, ops, ids, log)),
-            Body::Merge(events) => {
+            Body::Merge { author, full, events } => {
                 let state = node.state.get_or_insert_with(Box::default);
                 // Checked as a local change is (kinds); one that changes nothing (seen before, or
                 // empty) is not stored. An id already stored (or earlier in this turn) with other
@@ -891,15 +919,37 @@ impl Inner {
                         }
                         None => {}
                     }
-                    if state.equivocates(delta) {
+                    // Authorship: the peer speaks for its own updates only.
+                    let admitted = state.admit(*author, delta);
+                    if admitted.foreign && !*full {
+                        let detail = format!("field {:?}: a change holding other replicas' updates", delta.field);
+                        self.refused(&Refused::new("author", self.path_of_info(info), detail));
+                        continue;
+                    }
+                    if admitted.unseen {
+                        let detail = format!(
+                            "field {:?}: claims other replicas' updates this replica has not seen were seen (left out)",
+                            delta.field
+                        );
+                        self.refused(&Refused::new("unseen", self.path_of_info(info), detail));
+                    }
+                    // What is stored is what was merged: a change cut down here is stored under an id
+                    // of its own (the origin's id names the whole change, which is not what this
+                    // replica applied, and may be admitted in full later).
+                    let (eid, delta) = if admitted.value == *delta {
+                        (*eid, delta.clone())
+                    } else {
+                        (cut_id(eid, &admitted.value), admitted.value)
+                    };
+                    if state.equivocates(&delta) {
                         // Resolved the same way everywhere (the larger value wins); audited.
                         let detail = format!("field {:?}: one update with two values (the larger kept)", delta.field);
                         self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
                     }
-                    match state.absorb(delta) {
+                    match state.absorb(&delta) {
                         Ok(true) => {
-                            log.merged.insert(*eid, log.events.len());
-                            log.events.push((*eid, delta.clone(), false));
+                            log.merged.insert(eid, log.events.len());
+                            log.events.push((eid, delta, false));
                         }
                         Ok(false) => {}
                         Err(e) => self.refuse(info, &e),
@@ -1410,7 +1460,12 @@ impl System {
     ///
     /// A refusal is counted and audited (see [`Refused`]) and applies nothing. Deltas that do not
     /// fit their field (another CRDT kind) are refused one by one inside the worknode's turn.
-    pub fn merge_replicated(&self, chain: &[Meta], mut events: Vec<Replicated>) -> Result<(), Refused> {
+    pub fn merge_replicated(
+        &self,
+        author: ReplicaId,
+        chain: &[Meta],
+        mut events: Vec<Replicated>,
+    ) -> Result<(), Refused> {
         let max = self.inner.cfg.max_delta_bytes;
         let name = chain.last().map_or("", |m| m.name.as_str());
         let mut total = 0usize;
@@ -1424,15 +1479,20 @@ impl System {
             total = total.saturating_add(bytes + EVENT_OVERHEAD);
             true
         });
-        self.merge_events(chain, events, total)
+        self.merge_events(author, false, chain, events, total)
     }
 
     /// Merges full field states from a peer's anti-entropy message (`Wire::Sync`): the same
     /// checks as [`System::merge_replicated`] but for `max_delta_bytes`, since a whole field may
     /// be larger than one change (the peer's message size still bounds it).
-    pub fn merge_replicated_state(&self, chain: &[Meta], events: Vec<Replicated>) -> Result<(), Refused> {
+    pub fn merge_replicated_state(
+        &self,
+        author: ReplicaId,
+        chain: &[Meta],
+        events: Vec<Replicated>,
+    ) -> Result<(), Refused> {
         let total = events.iter().map(|(_, d)| encode(d).len() + EVENT_OVERHEAD).fold(0usize, usize::saturating_add);
-        self.merge_events(chain, events, total)
+        self.merge_events(author, true, chain, events, total)
     }
 
     /// Bytes of replicated changes accepted and not yet handled (encoded, plus a fixed cost per
@@ -1443,13 +1503,26 @@ impl System {
         self.inner.merging.load(Ordering::Acquire)
     }
 
-    fn merge_events(&self, chain: &[Meta], events: Vec<Replicated>, bytes: usize) -> Result<(), Refused> {
+    fn merge_events(
+        &self,
+        author: ReplicaId,
+        full: bool,
+        chain: &[Meta],
+        events: Vec<Replicated>,
+        bytes: usize,
+    ) -> Result<(), Refused> {
+        if author == self.inner.cfg.replica {
+            let detail = format!("a peer speaking as this replica ({author})");
+            let r = Refused::new("author", "/", detail);
+            self.inner.refused(&r);
+            return Err(r);
+        }
         let r = self.adopt_chain(chain).and_then(|(idx, path)| {
             let id = self.inner.info(idx).map(|i| i.id);
             self.inner.merging.fetch_add(bytes, Ordering::AcqRel);
             let merging = Some(Merging { counter: self.inner.merging.clone(), bytes });
             let merge = Msg {
-                env: Envelope { from: Authority::System, body: Body::Merge(events) },
+                env: Envelope { from: Authority::System, body: Body::Merge { author, full, events } },
                 ack: None,
                 _merging: merging,
             };

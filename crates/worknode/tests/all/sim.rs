@@ -82,6 +82,8 @@ struct Sim {
     net: VecDeque<(u64, usize, usize, Wire)>,
     now: u64,
     acked: Acked,
+    /// Forged messages each replica got.
+    forged: [u64; N],
     log: Vec<String>,
 }
 
@@ -104,6 +106,7 @@ impl Sim {
             net: VecDeque::new(),
             now: 0,
             acked: Acked::default(),
+            forged: [0; N],
             log: Vec::new(),
         }
     }
@@ -152,7 +155,7 @@ impl Sim {
             // A message across a partition, or to or from a replica that is down, is lost with
             // its connection.
             if self.connected(from, to) {
-                w.merge_into(self.reps[to].sys());
+                w.merge_into(self.reps[to].sys(), self.reps[from].replica);
             }
         }
         for r in &self.reps {
@@ -205,8 +208,39 @@ impl Sim {
         self.log.push(format!("t{} r{r} {path} {note}: {}", self.now, if done.is_ok() { "acked" } else { "refused" }));
     }
 
-    /// A hostile peer gives two replicas one update (the same dot, the same event id) with
-    /// different contents, as if from outside the simulated network.
+    /// A hostile peer (replica 66) forges: a claim that honest replicas' next updates of field
+    /// `s` were seen (which, merged, would make their later inserts vanish everywhere),
+    /// and, as a change of its own, a count in another replica's name. Neither may take hold.
+    fn forge(&mut self) {
+        let r = self.rng.below(N as u64) as usize;
+        let path: WnPath = PATHS[self.rng.below(PATHS.len() as u64) as usize].parse().unwrap();
+        let Some(chain) = chain_of(self.reps[r].sys(), &path) else { return };
+        // Dots past any a replica has made yet (one per step at most): they come later.
+        let cloud: Vec<(u64, u64)> =
+            self.reps.iter().flat_map(|rep| (self.now + 1..=self.now + 64).map(|n| (rep.replica, n))).collect();
+        let claim: referee_worknode::crdt::OrSet<String> =
+            serde_json::from_value(serde_json::json!({ "live": {}, "ctx": { "vv": {}, "cloud": cloud } })).unwrap();
+        let claim = referee_worknode::Delta { field: "s".into(), delta: referee_worknode::Crdt::Set(claim) };
+        let count = referee_worknode::crdt::PnCounter::default().add(self.reps[(r + 1) % N].replica, 1 << 40);
+        let count = referee_worknode::Delta { field: "n".into(), delta: referee_worknode::Crdt::PnCounter(count) };
+        let sync = Wire::Sync {
+            nodes: vec![(
+                chain.clone(),
+                serde_json::from_value(serde_json::json!({ "fields": { "s": claim.delta } })).unwrap(),
+            )],
+        };
+        sync.merge_into(self.reps[r].sys(), 66);
+        let id = uuid_bytes(self.seed ^ 0x66, self.now);
+        Wire::Deltas { chain, events: vec![(id, claim), (uuid_bytes(self.seed ^ 0x67, self.now), count)] }
+            .merge_into(self.reps[r].sys(), 66);
+        self.forged[r] += 1;
+        self.log.push(format!("t{} forge {path} r{r}", self.now));
+    }
+
+    /// A hostile peer (replica 77) gives two replicas one update (the same dot, the same event
+    /// id) with different contents, as if from outside the simulated network. It goes to field
+    /// `e`, which only it writes: no replica relays another's updates, so each keeps what 77 told
+    /// it (until relayed state is signed, nobody can prove 77 equivocated).
     fn equivocate(&mut self) {
         let (r1, r2) = (self.rng.below(N as u64) as usize, self.rng.below(N as u64) as usize);
         let path: WnPath = PATHS[self.rng.below(PATHS.len() as u64) as usize].parse().unwrap();
@@ -215,8 +249,8 @@ impl Sim {
         for (r, v) in [(r1, format!("x{k}")), (r2, format!("y{k}"))] {
             let Some(chain) = chain_of(self.reps[r].sys(), &path) else { continue };
             let set = referee_worknode::crdt::OrSet::default().add(77, v);
-            let delta = referee_worknode::Delta { field: "s".into(), delta: referee_worknode::Crdt::Set(set) };
-            Wire::Deltas { chain, events: vec![(id, delta)] }.merge_into(self.reps[r].sys());
+            let delta = referee_worknode::Delta { field: "e".into(), delta: referee_worknode::Crdt::Set(set) };
+            Wire::Deltas { chain, events: vec![(id, delta)] }.merge_into(self.reps[r].sys(), 77);
         }
         self.log.push(format!("t{} equivocate {path} r{r1} r{r2}", self.now));
     }
@@ -250,6 +284,7 @@ impl Sim {
         self.log.push(format!("t{} r{r} restart", self.now));
         // Like a crash: what was not yet shipped is lost (anti-entropy repairs it).
         self.reps[r].sys = None;
+        self.forged[r] = 0;
         self.reps[r].outbox.lock().unwrap().clear();
         self.net.retain(|m| m.1 != r && m.2 != r);
         self.reps[r].start();
@@ -273,6 +308,7 @@ impl Sim {
                 self.restart(r);
             }
             70..=74 => self.equivocate(),
+            75..=77 => self.forge(),
             _ => {}
         }
         self.ship();
@@ -311,10 +347,21 @@ impl Sim {
     }
 
     fn check(&self) {
-        let first = self.snapshot(0);
+        // Field `e` is the equivocator's alone: each replica holds at most what it was told.
+        let snapshot = |r: usize| {
+            let mut snap = self.snapshot(r);
+            for state in snap.values_mut() {
+                if let Some(e) = state.as_object_mut().and_then(|o| o.remove("e")) {
+                    let n = e.as_array().map_or(0, Vec::len);
+                    assert!(n <= 1, "seed {}: replica {r} took the equivocator's updates from another: {e}", self.seed);
+                }
+            }
+            snap
+        };
+        let first = snapshot(0);
         let why = || format!("seed {} diverged; history:\n{}", self.seed, self.log.join("\n"));
         for r in 1..N {
-            assert_eq!(self.snapshot(r), first, "replica {r} differs from replica 0: {}", why());
+            assert_eq!(snapshot(r), first, "replica {r} differs from replica 0: {}", why());
         }
         for (path, sum) in &self.acked.sums {
             assert_eq!(first[path]["n"].as_i64().unwrap_or(0), *sum, "{path}: acknowledged adds lost: {}", why());
@@ -324,8 +371,12 @@ impl Sim {
                 serde_json::from_value(first[path]["s"].clone()).unwrap_or_else(|_| panic!("{path}: {}", why()));
             assert!(inserts.is_subset(&have), "{path}: acknowledged inserts lost: {}", why());
         }
-        for r in &self.reps {
+        for (i, r) in self.reps.iter().enumerate() {
             let mut refused = r.sys().refusals();
+            // The forger's count in another's name, and only that, is refused `author`.
+            assert_eq!(refused.remove("author").unwrap_or(0), self.forged[i], "seed {}: replica {i}", self.seed);
+            // Claims on unseen updates: the forger's, and honest peers' that saw an update first.
+            refused.remove("unseen");
             refused.remove("equivocation");
             assert_eq!(refused, BTreeMap::new(), "seed {}: honest changes refused", self.seed);
         }
