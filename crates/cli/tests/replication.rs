@@ -184,7 +184,7 @@ fn chains(seen: &[Wire]) -> Vec<Vec<Meta>> {
     seen.iter()
         .filter_map(|w| match w {
             Wire::Sync { nodes } => Some(nodes.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>()),
-            Wire::Deltas { .. } => None,
+            _ => None,
         })
         .flatten()
         .collect()
@@ -557,39 +557,102 @@ fn a_peer_that_does_not_read_delays_no_other_peer() -> TestResult {
 }
 
 /// Finding 6: a peer that gave one update different contents on two replicas left them different
-/// for good (the same dot with two values: each kept its own). An event id already stored with
-/// other contents is refused and audited (the store would keep one, the state the other). No
-/// replica relays another's updates, so neither takes the other's version: each keeps what the
-/// peer told it, and the peer's updates are its own (until relayed state is signed, no replica
-/// can prove to another what the peer said).
+/// for good (the same dot with two values: each kept its own). Its changes are signed now, and a
+/// replica passes signed changes on to its other peers, so the versions meet: the larger wins on
+/// both, and the meeting is audited. An event id already stored with other contents is refused
+/// (the store would keep one, the state the other). Unsigned, the peer's changes are its own word
+/// to each replica and are not passed on, so each keeps what it was told.
 #[test]
-fn equivocation_is_audited_and_not_relayed() -> TestResult {
+fn equivocation_is_audited_and_resolved_the_same_way_everywhere() -> TestResult {
     let (mut a, mut b) = (Replica::start()?, Replica::start()?);
     a.ok(&format!("peer {} {}", b.addr, b.id))?;
     a.ok("create /ev data eventual")?;
     b.wait("get /ev", |g| g["ok"]["version"] == 0)?;
     let seen = hostile(&a, vec![])?;
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
-    let id = WorknodeId::new().to_bytes();
-    let one = |v: &str| {
+    let me = hostile_identity();
+    let one = |field: &str, v: &str, id: [u8; 16], signed: bool| {
         let set = OrSet::default().add(hr(), v.to_owned());
-        Wire::Deltas { chain: chain.clone(), events: vec![(id, delta("s", Crdt::Set(set)))] }
+        let deltas = Wire::Deltas { chain: chain.clone(), events: vec![(id, delta(field, Crdt::Set(set)))] };
+        if signed { Wire::signed(me.id(), &deltas, |d, m| me.sign(d, m)) } else { deltas }
     };
-    hostile(&a, vec![one("a")])?;
-    hostile(&b, vec![one("b")])?;
-    a.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["a"]))?;
-    b.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b"]))?;
-    // The same event id again with the other contents.
-    hostile(&a, vec![one("b")])?;
-    a.wait("stats", |v| v["ok"]["refused"]["equivocation"] == 1)?;
-    // Reconnect: each side sends the other its full state, and writes something of its own.
+    let (signed_id, plain_id) = (WorknodeId::new().to_bytes(), WorknodeId::new().to_bytes());
+    hostile(&a, vec![one("s", "a", signed_id, true), one("u", "a", plain_id, false)])?;
+    hostile(&b, vec![one("s", "b", signed_id, true), one("u", "b", plain_id, false)])?;
+    for r in [&mut a, &mut b] {
+        r.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b"]))?;
+        r.wait("stats", |v| v["ok"]["refused"]["equivocation"].as_u64() >= Some(1))?;
+    }
+    assert!(a.audit().iter().any(|l| l["code"] == "equivocation"));
+    // The unsigned version: each keeps its own, also after a reconnection (full states carry
+    // only their sender's own updates).
     a.ok("isolate")?;
     a.ok("heal")?;
     a.ok("send /ev insert s by-a")?;
-    b.ok("send /ev insert s by-b")?;
-    a.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["a", "by-a", "by-b"]))?;
-    b.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b", "by-a", "by-b"]))?;
-    assert!(a.audit().iter().any(|l| l["code"] == "equivocation"));
+    b.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["b", "by-a"]))?;
+    assert_eq!(a.ok("get /ev")?["state"]["u"], serde_json::json!(["a"]));
+    assert_eq!(b.ok("get /ev")?["state"]["u"], serde_json::json!(["b"]));
+    Ok(())
+}
+
+/// Signed changes travel: with A linked to B and C linked to B only, what A writes reaches C and
+/// what C writes reaches A (before, only with B's next full state, and unverified).
+#[test]
+fn signed_changes_reach_replicas_their_author_is_not_linked_to() -> TestResult {
+    let (mut a, mut b, mut c) = (Replica::start()?, Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    c.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.ok("create /ev data eventual")?;
+    b.ok("send /ev add n 1")?;
+    for r in [&mut a, &mut c] {
+        r.wait("get /ev", |g| g["ok"]["state"]["n"] == 1)?;
+    }
+    a.ok("send /ev insert s from-a")?;
+    c.ok("send /ev insert s from-c")?;
+    a.ok("send /ev add n 2")?;
+    c.ok("send /ev add n 3")?;
+    let want = serde_json::json!({"n": 6, "s": ["from-a", "from-c"]});
+    for r in [&mut a, &mut b, &mut c] {
+        r.wait("get /ev", |g| g["ok"]["state"] == want)?;
+    }
+    for r in [&mut a, &mut b, &mut c] {
+        assert_eq!(r.refused()?, serde_json::json!({}));
+    }
+    Ok(())
+}
+
+/// A signed change is taken as its signer's only if the signature holds for that key over those
+/// bytes: a peer cannot pass its changes (or anything) off as another replica's.
+#[test]
+fn forged_signatures_are_refused() -> TestResult {
+    let (mut a, b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /ev data eventual")?;
+    let seen = hostile(&a, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let me = hostile_identity();
+    let victim: referee_comm::PeerId = b.id.parse()?;
+    let deltas = deltas(chain.clone(), vec![delta("g", grow(replica_of(&victim), 1000))]);
+    let Wire::Signed { sig, body, .. } = Wire::signed(me.id(), &deltas, |d, m| me.sign(d, m)) else { unreachable!() };
+    let mut flipped = body.clone();
+    if let Some(last) = flipped.last_mut() {
+        *last ^= 1;
+    }
+    let forged = vec![
+        // B's key, the peer's own signature.
+        Wire::Signed { author: victim.as_bytes().to_vec(), sig: sig.clone(), body: body.clone() },
+        // Its own key, but bytes other than those signed.
+        Wire::Signed { author: me.id().as_bytes().to_vec(), sig: sig.clone(), body: flipped },
+        // Truncated key and signature.
+        Wire::Signed { author: vec![1; 31], sig: sig[..63].to_vec(), body: body.clone() },
+        // A valid signature over something that is not a change.
+        Wire::signed(me.id(), &Wire::Sync { nodes: vec![] }, |d, m| me.sign(d, m)),
+        // Its own valid signature over a change in B's name: refused as any change of its own.
+        Wire::Signed { author: me.id().as_bytes().to_vec(), sig, body },
+    ];
+    hostile(&a, forged)?;
+    let refused = a.wait("stats", |v| v["ok"]["refused"]["author"] == 1)?["ok"]["refused"].clone();
+    assert_eq!(refused, serde_json::json!({"author": 1, "malformed": 4}));
+    assert_eq!(a.ok("get /ev")?["state"], serde_json::json!({}));
     Ok(())
 }
 

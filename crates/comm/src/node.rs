@@ -251,6 +251,11 @@ impl Node {
         self.inner.identity.id()
     }
 
+    /// Signs `msg` for `domain` with this node's identity ([`Identity::sign`]).
+    pub fn sign(&self, domain: &str, msg: &[u8]) -> [u8; 64] {
+        self.inner.identity.sign(domain, msg)
+    }
+
     /// Subscribes to node events (connections, refusals, closes).
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()

@@ -7,6 +7,10 @@
 //! cargo run --release -p referee-worknode --example forge_peer -- tcp://127.0.0.1:7400 <PEER_ID>
 //! ```
 //!
+//! `FORGE_IDENTITY=PATH` uses (or creates) that identity file instead of a fresh identity, so
+//! the peer keeps one replica id across runs; the first stderr line is
+//! `{"id": "<PEER_ID>", "replica": N}`: a replica takes from this peer only updates made as `N`.
+//!
 //! The MessagePack layout is `rmp-serde`'s default (structs as arrays, enums as
 //! `{variant: value}`); decode a received `Sync` to see it.
 
@@ -22,7 +26,16 @@ fn main() -> anyhow::Result<()> {
     let peer = args.next().context("usage: forge_peer ADDR PEER_ID")?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let (node, mut inbox) = Node::new(Identity::generate()?, AllowList::allow_any(), Config::default());
+        let identity = match std::env::var_os("FORGE_IDENTITY") {
+            Some(path) => referee_worknode::cli::identity_file(std::path::Path::new(&path))?,
+            None => Identity::generate()?,
+        };
+        let id = identity.id();
+        eprintln!(
+            "{}",
+            serde_json::json!({ "id": id.to_string(), "replica": referee_worknode::replication::replica_of(&id) })
+        );
+        let (node, mut inbox) = Node::new(identity, AllowList::allow_any(), Config::default());
         let conn = node.connect_with(&addr.parse()?, ConnectOptions::default().expect_peer(peer.parse()?)).await?;
         tokio::spawn(async move {
             while let Some(msg) = inbox.recv().await {

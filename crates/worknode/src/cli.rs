@@ -163,17 +163,21 @@ fn open_as(dir: &Path, replica: u64) -> anyhow::Result<System> {
 /// The store's own identity, `<dir>/identity` (owner-only), made on first use.
 pub fn dir_identity(dir: &Path) -> anyhow::Result<Identity> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("identity");
+    identity_file(&dir.join("identity"))
+}
+
+/// The identity in the file at `path`, made (owner-only) on first use.
+pub fn identity_file(path: &Path) -> anyhow::Result<Identity> {
     if !path.exists() {
         let fresh = Identity::generate()?;
-        match fresh.save_new(&path) {
+        match fresh.save_new(path) {
             Ok(()) => return Ok(fresh),
             // Made by a concurrent first use: load that one.
             Err(_) if path.exists() => {}
             Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
         }
     }
-    Identity::load(&path).with_context(|| format!("loading identity {}", path.display()))
+    Identity::load(path).with_context(|| format!("loading identity {}", path.display()))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

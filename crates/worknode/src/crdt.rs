@@ -300,13 +300,17 @@ impl CausalContext {
         }
     }
 
-    /// The dots in both.
+    /// The dots in both. Costs what `self` holds, not what `other` does (`other` is a local
+    /// state, which may be large; `self` is what a peer sent).
     fn intersect(&self, other: &Self) -> CausalContext {
         let mut out = CausalContext {
             vv: self.vv.iter().filter_map(|(r, n)| other.vv.get(r).map(|m| (*r, (*n).min(*m)))).collect(),
             cloud: self.cloud.iter().filter(|d| other.contains(d)).copied().collect(),
         };
-        out.cloud.extend(other.cloud.iter().filter(|d| self.contains(d)));
+        // `other`'s cloud dots within `self`'s version vector (those in `self`'s cloud are in).
+        for (r, n) in &self.vv {
+            out.cloud.extend(other.cloud.range((*r, 0)..=(*r, *n)));
+        }
         out.compact();
         out
     }
@@ -424,7 +428,10 @@ impl<T: Clone + Ord> DotFun<T> {
         let mut foreign = false;
         for (d, v) in &self.live {
             if d.0 == author {
-                ctx.insert(*d);
+                // A live dot is always in the context (compacted once, below).
+                if !ctx.contains(d) {
+                    ctx.cloud.insert(*d);
+                }
                 live.insert(*d, v.clone());
             } else {
                 foreign = true;
@@ -433,7 +440,7 @@ impl<T: Clone + Ord> DotFun<T> {
                 }
             }
         }
-        ctx.merge(&seen);
+        ctx.merge(&seen); // compacts
         Admitted { value: DotFun { live, ctx }, foreign, unseen }
     }
 }

@@ -2,7 +2,12 @@
 //!
 //! - Every committed batch of *local* events of an Eventual worknode is sent to every connected
 //!   peer as [`Wire::Deltas`] (with the worknode's metadata chain, so a peer creates it on first
-//!   sight). Events keep their origin ids, so a redelivered delta is a no-op in the peer's store.
+//!   sight), signed by this replica ([`Wire::Signed`]). Events keep their origin ids, so a
+//!   redelivered delta is a no-op in the peer's store.
+//! - A peer speaks only for itself ([`crate::crdt::Authored`]); a replica's signed changes are
+//!   taken as that replica's from anyone, and each replica passes a signed message on to its
+//!   other peers the first time it sees it ([`Relay`]), so changes reach replicas their author
+//!   is not connected to.
 //! - On every (re)connection both sides send [`Wire::Sync`]: the full state of every Eventual
 //!   worknode (anti-entropy). Merge is a join, so replicas converge after a partition heals no
 //!   matter which deltas were lost while it lasted.
@@ -29,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::crdt::ReplicaId;
 use crate::state::{Delta, State};
-use crate::system::{Meta, Replicated, Shipment, System};
+use crate::system::{Meta, Refused, Replicated, Shipment, System};
 
 /// What replicas say to each other.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +51,114 @@ pub enum Wire {
         /// `(chain, state)` per worknode.
         nodes: Vec<(Vec<Meta>, State)>,
     },
+    /// A replica's new changes (`body`: a [`Wire::Deltas`] encoding), signed by it, so any
+    /// replica can pass them on: a replica merges them as their author's whoever brought them,
+    /// and passes them on to its other peers the first time it sees them.
+    Signed {
+        /// The author's referee-comm identity (its Ed25519 public key, 32 bytes).
+        #[serde(with = "serde_bytes")]
+        author: Vec<u8>,
+        /// The author's signature of `body` ([`DELTAS_DOMAIN`], 64 bytes).
+        #[serde(with = "serde_bytes")]
+        sig: Vec<u8>,
+        /// The changes.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+}
+
+/// The signature domain of [`Wire::Signed`] bodies.
+pub const DELTAS_DOMAIN: &str = "referee-worknode/v1 deltas";
+
+/// How many signed messages a replica remembers having passed on (a message seen again after
+/// that many newer ones is merged again, a no-op, and passed on again).
+pub const RELAY_MEMORY: usize = 1 << 16;
+
+/// Checks a [`Wire::Signed`]: its author and the [`Wire::Deltas`] it holds, if the signature
+/// holds.
+fn open(author: &[u8], sig: &[u8], body: &[u8]) -> Result<(PeerId, Wire), String> {
+    let (Ok(author), Ok(sig)) = (<[u8; 32]>::try_from(author), <[u8; 64]>::try_from(sig)) else {
+        return Err("a signed message with a malformed key or signature".into());
+    };
+    let author = PeerId::from_bytes(author);
+    if !author.verify(DELTAS_DOMAIN, body, &sig) {
+        return Err(format!("a message signed as {author} whose signature does not hold"));
+    }
+    match Wire::from_bytes(body) {
+        Some(w @ Wire::Deltas { .. }) => Ok((author, w)),
+        _ => Err(format!("a message signed by {author} that holds no changes")),
+    }
+}
+
+/// Signed changes: opening, merging and passing on (used by [`Replicator`], and by tests that
+/// drive replicas without a network).
+#[derive(Debug)]
+pub struct Relay {
+    me: PeerId,
+    seen: Mutex<Seen>,
+}
+
+/// The signed messages a [`Relay`] passed on, newest last.
+#[derive(Debug, Default)]
+struct Seen {
+    keys: HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl Relay {
+    /// The relay of the replica whose identity is `me`.
+    pub fn new(me: PeerId) -> Self {
+        Self { me, seen: Mutex::new(Seen::default()) }
+    }
+
+    /// Whether this is the first sight of the signed message `key` (remembered, bounded).
+    fn first_sight(&self, key: [u8; 32]) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !seen.keys.insert(key) {
+            return false;
+        }
+        seen.order.push_back(key);
+        if seen.order.len() > RELAY_MEMORY
+            && let Some(old) = seen.order.pop_front()
+        {
+            seen.keys.remove(&old);
+        }
+        true
+    }
+
+    /// Handles `payload` from the peer `from`: merges it into `system` (a signed message as its
+    /// author's, anything else as `from`'s own), and returns the message to pass on and its
+    /// author (to every other peer but the author) when it is a signed one seen for the first
+    /// time. Our own changes coming back are dropped; a bad signature is refused `malformed`.
+    pub fn receive(&self, system: &System, from: &PeerId, payload: &[u8]) -> Option<PeerId> {
+        match Wire::from_bytes(payload) {
+            Some(Wire::Signed { author, sig, body }) => {
+                let (author, deltas) = match open(&author, &sig, &body) {
+                    Ok(opened) => opened,
+                    Err(why) => {
+                        system.refuse_replicated(&Refused::new("malformed", "/", format!("from {from}: {why}")));
+                        return None;
+                    }
+                };
+                if author == self.me {
+                    return None;
+                }
+                let key: [u8; 32] = Sha256::new().chain_update(author.as_bytes()).chain_update(&sig).finalize().into();
+                let fresh = self.first_sight(key);
+                deltas.merge_into(system, replica_of(&author));
+                fresh.then_some(author)
+            }
+            Some(wire) => {
+                wire.merge_into(system, replica_of(from));
+                None
+            }
+            None => {
+                let detail = format!("{} bytes from {from} that are not a replication message", payload.len());
+                system.refuse_replicated(&Refused::new("malformed", "/", detail));
+                None
+            }
+        }
+    }
 }
 
 impl Wire {
@@ -57,6 +170,14 @@ impl Wire {
     /// Decodes what [`Wire::to_bytes`] produced (`None` for anything else).
     pub fn from_bytes(bytes: &[u8]) -> Option<Wire> {
         rmp_serde::from_slice(bytes).ok()
+    }
+
+    /// `deltas` (a [`Wire::Deltas`]) signed by `author` with `sign` (its
+    /// [`referee_comm::Identity::sign`] or [`Node::sign`]).
+    pub fn signed(author: PeerId, deltas: &Wire, sign: impl FnOnce(&str, &[u8]) -> [u8; 64]) -> Wire {
+        let body = deltas.to_bytes();
+        let sig = sign(DELTAS_DOMAIN, &body).to_vec();
+        Wire::Signed { author: author.as_bytes().to_vec(), sig, body }
     }
 }
 
@@ -99,6 +220,7 @@ pub struct Replicator {
     /// Mirrors `isolated` for tasks that wait for the partition to heal.
     healed: watch::Sender<bool>,
     peers: Mutex<HashMap<PeerId, PeerQueue>>,
+    relay: Relay,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -128,10 +250,11 @@ impl Replicator {
     pub fn start(system: Arc<System>, node: Node, inbox: Inbox) -> Arc<Self> {
         let me = Arc::new(Self {
             system,
-            node,
             isolated: AtomicBool::new(false),
             healed: watch::Sender::new(true),
             peers: Mutex::new(HashMap::new()),
+            relay: Relay::new(node.id()),
+            node,
         });
         let (tx, rx) = mpsc::unbounded_channel::<Shipment>();
         me.system.set_replication_sink(move |s| {
@@ -189,7 +312,8 @@ impl Replicator {
             if self.isolated.load(Ordering::Acquire) {
                 continue;
             }
-            let bytes = Bytes::from(encode(&Wire::Deltas { chain: s.chain, events: s.events }));
+            let deltas = Wire::Deltas { chain: s.chain, events: s.events };
+            let bytes = Bytes::from(Wire::signed(self.node.id(), &deltas, |d, m| self.node.sign(d, m)).to_bytes());
             let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
             for peer in peers {
                 self.enqueue(peer, bytes.clone()).await;
@@ -282,12 +406,12 @@ impl Replicator {
                 msg.connection().abort();
                 continue;
             }
-            match Wire::from_bytes(msg.payload()) {
-                Some(wire) => wire.merge_into(&self.system, replica_of(&msg.from())),
-                None => {
-                    let detail =
-                        format!("{} bytes from {} that are not a replication message", msg.payload().len(), msg.from());
-                    self.system.refuse_replicated(&crate::system::Refused::new("malformed", "/", detail));
+            let from = msg.from();
+            if let Some(author) = self.relay.receive(&self.system, &from, msg.payload()) {
+                // Passed on to every other peer (the author has it), through their own queues.
+                let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
+                for peer in peers.into_iter().filter(|p| *p != from && *p != author) {
+                    self.enqueue(peer, msg.payload().clone()).await;
                 }
             }
         }
@@ -304,9 +428,15 @@ impl Wire {
     /// that breaks a rule here is refused (counted and audited by the system); the peer keeps its
     /// copy. The peer speaks for its own updates only: its [`Wire::Deltas`] must hold nothing
     /// another replica made, and of its [`Wire::Sync`] what other replicas made is left out
-    /// (taken from them).
+    /// (taken from them). A [`Wire::Signed`] is merged as its signer's, whoever `author` is.
     pub fn merge_into(self, system: &System, author: ReplicaId) {
         match self {
+            Wire::Signed { author: key, sig, body } => match open(&key, &sig, &body) {
+                // This replica's own changes, come back: nothing to do.
+                Ok((signer, _)) if replica_of(&signer) == system.replica() => {}
+                Ok((signer, deltas)) => deltas.merge_into(system, replica_of(&signer)),
+                Err(why) => system.refuse_replicated(&Refused::new("malformed", "/", why)),
+            },
             Wire::Deltas { chain, events } => drop(system.merge_replicated(author, &chain, events)),
             Wire::Sync { nodes } => {
                 for (chain, state) in nodes {

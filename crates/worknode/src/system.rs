@@ -456,8 +456,9 @@ type Sink = Box<dyn Fn(Shipment) + Send + Sync>;
 pub struct Refused {
     /// Stable reason code: `malformed` (not a replication message), `chain` (malformed or too
     /// deep), `name`, `kind`, `consistency`, `conflict` (the path holds a worknode of another
-    /// kind or consistency), `quota`, `store`, `type`, `equivocation` (an event id already
-    /// stored with other contents), `author` (a peer's own change holding updates other
+    /// kind or consistency), `quota`, `store`, `type`, `equivocation` (audited, not refused: an
+    /// event id already stored with other contents, or one update with two values; both are
+    /// merged and the larger value wins everywhere), `author` (a peer's own change holding updates other
     /// replicas made, or a peer speaking as this replica), `unseen` (a claim that updates of
     /// other replicas were seen which this replica has not seen: the claim is left out, the
     /// rest merged; an honest peer that saw them first makes this too).
@@ -901,21 +902,35 @@ impl Inner {
                 // empty) is not stored. An id already stored (or earlier in this turn) with other
                 // contents is equivocation: refused and audited (the store would keep the first
                 // and drop the second, so state and log would disagree).
+                let stored = |log: &TurnLog, eid: &EventId, delta: &Delta| match log
+                    .merged
+                    .get(eid)
+                    .and_then(|i| log.events.get(*i))
+                {
+                    Some(e) => Some(e.1 == *delta),
+                    None => self
+                        .store
+                        .as_ref()
+                        .and_then(|s| s.event(eid).ok().flatten())
+                        .map(|(_, _, body)| body == encode(delta)),
+                };
                 for (eid, delta) in events {
-                    let seen = match log.merged.get(eid).and_then(|i| log.events.get(*i)) {
-                        Some(e) => Some(e.1 == *delta),
-                        None => self
-                            .store
-                            .as_ref()
-                            .and_then(|s| s.event(eid).ok().flatten())
-                            .map(|(_, _, body)| body == encode(delta)),
-                    };
-                    match seen {
+                    let mut eid = *eid;
+                    match stored(log, &eid, delta) {
                         Some(true) => continue,
                         Some(false) => {
-                            let detail = format!("event {} is stored with other contents", hex::encode(eid));
+                            // Its author gave one change two contents (equivocation). Both are
+                            // merged, wherever they arrive first, so replicas agree (the larger
+                            // value of an update wins); the second is stored under an id of its own.
+                            let detail = format!(
+                                "event {} is stored with other contents (both merged: the larger value of an update wins)",
+                                hex::encode(eid)
+                            );
                             self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
-                            continue;
+                            eid = cut_id(&eid, delta);
+                            if stored(log, &eid, delta).is_some() {
+                                continue;
+                            }
                         }
                         None => {}
                     }
@@ -937,9 +952,9 @@ impl Inner {
                     // of its own (the origin's id names the whole change, which is not what this
                     // replica applied, and may be admitted in full later).
                     let (eid, delta) = if admitted.value == *delta {
-                        (*eid, delta.clone())
+                        (eid, delta.clone())
                     } else {
-                        (cut_id(eid, &admitted.value), admitted.value)
+                        (cut_id(&eid, &admitted.value), admitted.value)
                     };
                     if state.equivocates(&delta) {
                         // Resolved the same way everywhere (the larger value wins); audited.

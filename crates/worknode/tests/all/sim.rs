@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use referee_worknode::replication::Wire;
+use referee_comm::Identity;
+use referee_worknode::replication::{Relay, Wire, replica_of};
 use referee_worknode::{Authority, Consistency, EventStore, Op, Shipment, StoreConfig, System, SystemConfig, WnPath};
 
 const N: usize = 3;
@@ -44,13 +45,34 @@ impl Rng {
 
 struct Replica {
     dir: tempfile::TempDir,
+    identity: Identity,
     replica: u64,
     sys: Option<System>,
+    /// What it passed on (in memory: forgotten on restart, like `Replicator`'s).
+    relay: Relay,
     outbox: Arc<Mutex<Vec<Shipment>>>,
 }
 
+/// A deterministic identity (the run must replay from its seed): only its signing key is used.
+fn identity(seed: u64, n: u64) -> Identity {
+    let mut rng = Rng(seed ^ n.wrapping_mul(0xA076_1D64_78BD_642F));
+    let mut raw = [0u8; 96];
+    for chunk in raw[..32].chunks_mut(8) {
+        chunk.copy_from_slice(&rng.next().to_le_bytes());
+    }
+    Identity::from_text(&format!("referee-comm-identity-v1\n{}\n", hex::encode(raw))).unwrap()
+}
+
 impl Replica {
+    fn new(dir: tempfile::TempDir, identity: Identity) -> Replica {
+        let (replica, relay) = (replica_of(&identity.id()), Relay::new(identity.id()));
+        let mut r = Replica { dir, identity, replica, sys: None, relay, outbox: Arc::default() };
+        r.start();
+        r
+    }
+
     fn start(&mut self) {
+        self.relay = Relay::new(self.identity.id());
         let store = EventStore::open(&self.dir.path().join("worknodes.redb"), StoreConfig::default()).unwrap();
         let cfg = SystemConfig { replica: self.replica, workers: 1, ..SystemConfig::default() };
         let sys = System::start(cfg, Some(Arc::new(store)), None).unwrap();
@@ -93,9 +115,7 @@ impl Sim {
         let reps = (0..N)
             .map(|i| {
                 let dir = if base.is_dir() { tempfile::tempdir_in(base) } else { tempfile::tempdir() }.unwrap();
-                let mut r = Replica { dir, replica: 1000 + i as u64, sys: None, outbox: Arc::default() };
-                r.start();
-                r
+                Replica::new(dir, identity(seed, i as u64))
             })
             .collect();
         Sim {
@@ -137,10 +157,12 @@ impl Sim {
         for from in 0..N {
             let out: Vec<Shipment> = std::mem::take(&mut *self.reps[from].outbox.lock().unwrap());
             for s in out {
+                let deltas = Wire::Deltas { chain: s.chain, events: s.events };
+                let me = &self.reps[from].identity;
+                let w = Wire::signed(me.id(), &deltas, |d, m| me.sign(d, m));
                 for to in 0..N {
                     if self.connected(from, to) {
-                        let w = Wire::Deltas { chain: s.chain.clone(), events: s.events.clone() };
-                        self.post(from, to, w);
+                        self.post(from, to, w.clone());
                     }
                 }
             }
@@ -155,7 +177,16 @@ impl Sim {
             // A message across a partition, or to or from a replica that is down, is lost with
             // its connection.
             if self.connected(from, to) {
-                w.merge_into(self.reps[to].sys(), self.reps[from].replica);
+                let (sender, rep) = (self.reps[from].identity.id(), &self.reps[to]);
+                // As `Replicator` does: a signed message seen for the first time is passed on to
+                // every other connected peer but its author.
+                if let Some(author) = rep.relay.receive(rep.sys(), &sender, &w.to_bytes()) {
+                    for next in 0..N {
+                        if next != from && self.reps[next].identity.id() != author && self.connected(to, next) {
+                            self.post(to, next, w.clone());
+                        }
+                    }
+                }
             }
         }
         for r in &self.reps {
@@ -237,10 +268,11 @@ impl Sim {
         self.log.push(format!("t{} forge {path} r{r}", self.now));
     }
 
-    /// A hostile peer (replica 77) gives two replicas one update (the same dot, the same event
-    /// id) with different contents, as if from outside the simulated network. It goes to field
-    /// `e`, which only it writes: no replica relays another's updates, so each keeps what 77 told
-    /// it (until relayed state is signed, nobody can prove 77 equivocated).
+    /// A hostile peer gives two replicas one update (the same dot, the same event id) with
+    /// different contents, signed, as if from outside the simulated network. It goes to field
+    /// `e`, which only it writes. Replicas pass its signed changes on when they first see them,
+    /// so where both versions meet the larger wins; one cut off at that moment keeps its version
+    /// (full states carry only their sender's own updates), so `e` is left out of convergence.
     fn equivocate(&mut self) {
         let (r1, r2) = (self.rng.below(N as u64) as usize, self.rng.below(N as u64) as usize);
         let path: WnPath = PATHS[self.rng.below(PATHS.len() as u64) as usize].parse().unwrap();
@@ -248,9 +280,18 @@ impl Sim {
         let id = uuid_bytes(self.seed, self.now);
         for (r, v) in [(r1, format!("x{k}")), (r2, format!("y{k}"))] {
             let Some(chain) = chain_of(self.reps[r].sys(), &path) else { continue };
-            let set = referee_worknode::crdt::OrSet::default().add(77, v);
+            let liar = identity(self.seed, 77);
+            let set = referee_worknode::crdt::OrSet::default().add(replica_of(&liar.id()), v);
             let delta = referee_worknode::Delta { field: "e".into(), delta: referee_worknode::Crdt::Set(set) };
-            Wire::Deltas { chain, events: vec![(id, delta)] }.merge_into(self.reps[r].sys(), 77);
+            let w = Wire::signed(liar.id(), &Wire::Deltas { chain, events: vec![(id, delta)] }, |d, m| liar.sign(d, m));
+            // Straight to `r`, which passes it on like any signed change.
+            if self.reps[r].relay.receive(self.reps[r].sys(), &liar.id(), &w.to_bytes()).is_some() {
+                for next in 0..N {
+                    if next != r && self.connected(r, next) {
+                        self.post(r, next, w.clone());
+                    }
+                }
+            }
         }
         self.log.push(format!("t{} equivocate {path} r{r1} r{r2}", self.now));
     }
