@@ -695,3 +695,26 @@ fn many_events_in_one_message_cost_linear_time() -> TestResult {
     assert!(took < Duration::from_secs(15), "{n} events took {took:?}");
     Ok(())
 }
+
+/// Finding 9: one invalid UTF-8 line made `node serve` exit 0, as if stdin had closed, and a
+/// 300 MiB line was read whole. Each is answered with an error line, and the next command is
+/// served.
+#[test]
+fn the_stdin_protocol_answers_bad_lines_and_keeps_going() -> TestResult {
+    let mut r = Replica::start()?;
+    r.stdin.write_all(b"get /\xff\xfe\n")?;
+    r.stdin.flush()?;
+    let reply: Value = serde_json::from_str(&r.out.recv_timeout(WAIT)?)?;
+    assert!(reply["error"].is_string(), "{reply}");
+    // 8 MiB on one line (the limit is 64 KiB): skipped as it streams, not held.
+    let long = vec![b'x'; 8 << 20];
+    r.stdin.write_all(b"send /a set f ")?;
+    r.stdin.write_all(&long)?;
+    r.stdin.write_all(b"\n")?;
+    r.stdin.flush()?;
+    let reply: Value = serde_json::from_str(&r.out.recv_timeout(WAIT)?)?;
+    assert!(reply["error"].as_str().is_some_and(|e| e.contains("longer than the limit")), "{reply}");
+    assert_eq!(r.ok("get /")?["path"], "/");
+    assert!(r.child.try_wait()?.is_none(), "serve exited");
+    Ok(())
+}
