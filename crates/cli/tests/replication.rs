@@ -162,6 +162,26 @@ fn hostile_bytes(r: &Replica, forged: Vec<Vec<u8>>) -> Result<Vec<Wire>, Box<dyn
     })
 }
 
+/// An OR-set with exactly these live dots and causal context (what the API never builds: dot 0,
+/// other replicas' dots, gaps), through its MessagePack layout.
+fn dots(live: &[((u64, u64), &str)], vv: &[(u64, u64)], cloud: &[(u64, u64)]) -> OrSet<String> {
+    #[derive(serde::Serialize)]
+    struct Ctx {
+        vv: std::collections::BTreeMap<u64, u64>,
+        cloud: std::collections::BTreeSet<(u64, u64)>,
+    }
+    #[derive(serde::Serialize)]
+    struct Dots {
+        live: std::collections::BTreeMap<(u64, u64), String>,
+        ctx: Ctx,
+    }
+    let raw = Dots {
+        live: live.iter().map(|(d, v)| (*d, (*v).to_owned())).collect(),
+        ctx: Ctx { vv: vv.iter().copied().collect(), cloud: cloud.iter().copied().collect() },
+    };
+    rmp_serde::from_slice(&rmp_serde::to_vec(&raw).unwrap()).unwrap()
+}
+
 fn meta(parent: WorknodeId, name: &str, kind: &str, consistency: Consistency) -> Meta {
     Meta { id: WorknodeId::new(), parent, name: name.to_owned(), kind: kind.to_owned(), consistency }
 }
@@ -716,5 +736,138 @@ fn the_stdin_protocol_answers_bad_lines_and_keeps_going() -> TestResult {
     assert!(reply["error"].as_str().is_some_and(|e| e.contains("longer than the limit")), "{reply}");
     assert_eq!(r.ok("get /")?["path"], "/");
     assert!(r.child.try_wait()?.is_none(), "serve exited");
+    Ok(())
+}
+
+/// Found attacking authorship: a peer's own live dot 0 could never be removed (no causal context
+/// holds dot 0), so it pinned set entries and map keys for good; and a write of its own stamped
+/// `u64::MAX` won over every later write, which then answered `ok` and was lost. Dot 0 is
+/// nobody's (refused `author`), a write stamped more than a day ahead is refused (`clock`), and
+/// a local write that could not win is refused, never lost.
+#[test]
+fn dot_zero_and_far_future_writes_are_refused() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /ev data eventual")?;
+    r.ok("send /ev set t honest")?;
+    let seen = hostile(&r, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let pinned = dots(&[((hr(), 0), "pinned")], &[], &[]);
+    let mut future = LwwRegister::default();
+    future.set(hr(), u64::MAX, "owned".to_owned());
+    let mut soon = LwwRegister::default();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    soon.set(hr(), now + 2 * 86_400_000, "owned".to_owned());
+    let forged = vec![
+        deltas(chain.clone(), vec![delta("s", Crdt::Set(pinned))]),
+        deltas(chain.clone(), vec![delta("t", Crdt::Lww(future))]),
+        deltas(chain.clone(), vec![delta("t", Crdt::Lww(soon))]),
+        deltas(chain, vec![delta("end", grow(hr(), 1))]),
+    ];
+    hostile(&r, forged)?;
+    r.wait("get /ev", |g| g["ok"]["state"]["end"] == 1)?;
+    let refused = r.refused()?;
+    assert_eq!((refused["author"].clone(), refused["clock"].clone()), (1.into(), 2.into()), "{refused}");
+    r.ok("send /ev set t later")?;
+    assert_eq!(r.ok("get /ev")?["state"]["t"], "later");
+    Ok(())
+}
+
+/// Found attacking authorship: a full state naming the replica's own live dots (with empty
+/// values) plus one new dot of the peer's was admitted with the replica's own values copied in
+/// and stored whole each time: 1.39 MB sent grew the store by 197 MB. What is admitted holds
+/// only what the peer made, so the store grows by about what the peer sends.
+#[test]
+fn a_full_state_cannot_make_the_store_copy_the_replicas_own_values() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /ev data eventual")?;
+    let value = "v".repeat(1000);
+    for i in 0..300 {
+        writeln!(r.stdin, "send /ev insert s {i}{value}")?;
+    }
+    r.stdin.flush()?;
+    for _ in 0..300 {
+        let reply: Value = serde_json::from_str(&r.out.recv_timeout(WAIT)?)?;
+        assert!(reply.get("ok").is_some(), "{reply}");
+    }
+    let db = r._dir.path().join("worknodes.redb");
+    let before = std::fs::metadata(&db)?.len();
+    let me = r.replica;
+    let mut sent = 0usize;
+    let mut forged = Vec::new();
+    let chain = chains(&hostile(&r, vec![])?).into_iter().next().ok_or("no chain")?;
+    for k in 1..=50u64 {
+        // The replica's 300 dots with empty values, and one new dot of the peer's own.
+        let mine = format!("p{k}");
+        let mut live: Vec<((u64, u64), &str)> = (1..=300u64).map(|n| ((me, n), "")).collect();
+        live.push(((hr(), k), mine.as_str()));
+        let set = dots(&live, &[(me, 300), (hr(), k)], &[]);
+        let mut state = referee_worknode::State::default();
+        state.apply(&delta("s", Crdt::Set(set)))?;
+        let w = Wire::Sync { nodes: vec![(chain.clone(), state)] };
+        sent += w.to_bytes().len();
+        forged.push(w);
+    }
+    hostile(&r, forged)?;
+    // Each state replaces the peer's previous element: 300 of the replica's, and "p50".
+    let deadline = Instant::now() + WAIT;
+    while r.ok("get /ev")?["version"] != 350 {
+        assert!(Instant::now() < deadline, "the 50 states were not all merged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = r.ok("get /ev")?["state"]["s"].clone();
+    assert!(s.as_array().is_some_and(|s| s.len() == 301 && s.contains(&Value::from("p50"))));
+    r.ok("idle")?;
+    let grew = std::fs::metadata(&db)?.len().saturating_sub(before);
+    assert!(grew < (sent as u64) * 4 + (4 << 20), "sent {sent} bytes, the store grew by {grew}");
+    Ok(())
+}
+
+/// Found attacking authorship: a peer's gapped dots of its own (2M in one field) made every later
+/// change of that field slow (a local insert took 0.68 s) and held the replica's memory. A field
+/// holds at most `MAX_GAPS` dots out of order; past it, a change is refused (`quota`).
+#[test]
+fn a_field_takes_a_bounded_number_of_dots_out_of_order() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /ev data eventual")?;
+    let seen = hostile(&r, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let cloud: Vec<(u64, u64)> = (0..70_000u64).map(|i| (hr(), 2 + 2 * i)).collect();
+    let gapped = dots(&[], &[], &cloud);
+    hostile(
+        &r,
+        vec![
+            deltas(chain.clone(), vec![delta("s", Crdt::Set(gapped))]),
+            deltas(chain, vec![delta("end", grow(hr(), 1))]),
+        ],
+    )?;
+    r.wait("get /ev", |g| g["ok"]["state"]["end"] == 1)?;
+    assert_eq!(r.refused()?["quota"], 1);
+    let start = Instant::now();
+    r.ok("send /ev insert s quick")?;
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    Ok(())
+}
+
+/// Found attacking authorship: all Eventual worknodes went in one anti-entropy message, so one
+/// state over referee-comm's 16 MiB limit kept every worknode from every peer (a change missed
+/// in a partition was never repaired). The full state goes in chunks of one worknode at least.
+#[test]
+fn one_large_worknode_does_not_keep_the_others_from_a_peer() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /big data eventual")?;
+    a.ok("create /small data eventual")?;
+    a.ok("send /small grow g 7")?;
+    let value = "b".repeat(60_000);
+    for i in 0..300 {
+        writeln!(a.stdin, "send /big insert s {i}{value}")?;
+    }
+    a.stdin.flush()?;
+    for _ in 0..300 {
+        let reply: Value = serde_json::from_str(&a.out.recv_timeout(WAIT)?)?;
+        assert!(reply.get("ok").is_some(), "{reply}");
+    }
+    // 18 MB in /big: more than one message may hold. B connects only now.
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    b.wait("get /small", |g| g["ok"]["state"]["g"] == 7)?;
     Ok(())
 }

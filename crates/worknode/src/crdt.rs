@@ -64,6 +64,12 @@ pub struct Admitted<T> {
 pub trait Authored: Lattice + Default {
     /// The part of `self`, sent by replica `author`, that a replica holding `local` merges.
     fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self>;
+
+    /// The latest write timestamp `self` holds (milliseconds; 0 for types without any): a
+    /// replica refuses writes stamped far in its future, which would win over every later one.
+    fn latest(&self) -> u64 {
+        0
+    }
 }
 
 /// Grow-only counter: one monotone count per replica; the value is their sum.
@@ -225,6 +231,12 @@ impl<T: Ord + Clone> LwwRegister<T> {
     pub fn get(&self) -> Option<&T> {
         self.entry.as_ref().map(|(_, _, v)| v)
     }
+
+    /// Whether no write can supersede the current one (its timestamp is `u64::MAX`): a local
+    /// write is then refused rather than lost.
+    pub fn stuck(&self) -> bool {
+        self.entry.as_ref().is_some_and(|e| e.0 == u64::MAX)
+    }
 }
 
 impl<T: Ord + Clone> Lattice for LwwRegister<T> {
@@ -257,6 +269,10 @@ impl<T: Ord + Clone> Authored for LwwRegister<T> {
         let foreign = self.entry.as_ref().is_some_and(|e| e.1 != author);
         let value = if foreign { LwwRegister::default() } else { self.clone() };
         Admitted { value, foreign, unseen: false }
+    }
+
+    fn latest(&self) -> u64 {
+        self.entry.as_ref().map_or(0, |e| e.0)
     }
 }
 
@@ -316,37 +332,63 @@ impl CausalContext {
     }
 
     fn insert(&mut self, dot: Dot) {
-        if !self.contains(&dot) {
+        if dot.1 > 0 && !self.contains(&dot) {
             self.cloud.insert(dot);
-            self.compact();
+            self.compact_replicas(&BTreeSet::from([dot.0]));
         }
     }
 
+    /// Restores the canonical form: no dot 0, no cloud dot the version vector covers or could
+    /// extend over, no zero entry.
     fn compact(&mut self) {
-        let cloud = std::mem::take(&mut self.cloud);
-        for dot in cloud {
-            let n = self.vv.entry(dot.0).or_insert(0);
-            if dot.1 == *n + 1 {
-                *n = dot.1;
-            } else if dot.1 > *n {
-                self.cloud.insert(dot);
+        let replicas: BTreeSet<ReplicaId> = self.cloud.iter().map(|d| d.0).chain(self.vv.keys().copied()).collect();
+        self.compact_replicas(&replicas);
+    }
+
+    /// [`CausalContext::compact`] for `replicas` only (the others are canonical already): costs
+    /// the dots it moves, not the size of the context.
+    fn compact_replicas(&mut self, replicas: &BTreeSet<ReplicaId>) {
+        for r in replicas {
+            let mut n = self.vv.get(r).copied().unwrap_or(0);
+            let covered: Vec<Dot> = self.cloud.range((*r, 0)..=(*r, n)).copied().collect();
+            for d in covered {
+                self.cloud.remove(&d);
+            }
+            while n < u64::MAX && self.cloud.remove(&(*r, n + 1)) {
+                n += 1;
+            }
+            if n > 0 {
+                self.vv.insert(*r, n);
+            } else {
+                self.vv.remove(r);
             }
         }
-        self.vv.retain(|_, n| *n > 0);
-        // A dot moved into the vv may make later cloud dots contiguous: compact to a fixpoint.
-        let mergeable = self.cloud.iter().any(|d| self.vv.get(&d.0).is_some_and(|n| d.1 <= *n + 1));
-        if mergeable {
-            self.compact();
-        }
     }
 
-    fn merge(&mut self, other: &Self) {
+    /// Joins `other` in; returns whether a dot was added. Costs what `other` holds (and the dots
+    /// it lets the version vector absorb), not what `self` holds.
+    fn merge_changed(&mut self, other: &Self) -> bool {
+        let mut changed = false;
+        let mut touched = BTreeSet::new();
         for (r, n) in &other.vv {
-            let mine = self.vv.entry(*r).or_insert(0);
-            *mine = (*mine).max(*n);
+            let mine = self.vv.get(r).copied().unwrap_or(0);
+            if *n > mine {
+                // New, unless the cloud holds every dot of mine+1..=n already.
+                let held = self.cloud.range((*r, mine + 1)..=(*r, *n)).count() as u64;
+                changed |= held < n - mine;
+                self.vv.insert(*r, *n);
+                touched.insert(*r);
+            }
         }
-        self.cloud.extend(other.cloud.iter().copied());
-        self.compact();
+        for d in &other.cloud {
+            if d.1 > 0 && !self.contains(d) {
+                self.cloud.insert(*d);
+                changed = true;
+                touched.insert(d.0);
+            }
+        }
+        self.compact_replicas(&touched);
+        changed
     }
 }
 
@@ -386,10 +428,18 @@ impl<T: Clone + Ord> DotFun<T> {
 
     /// [`DotFun::merge`], returning whether anything changed.
     fn merge_changed(&mut self, other: &Self) -> bool {
-        // Keep a dot if both have it, or one has it and the other never saw it.
-        let before = self.live.len();
-        self.live.retain(|d, _| other.live.contains_key(d) || !other.ctx.contains(d));
-        let mut changed = self.live.len() != before;
+        // Keep a dot if both have it, or one has it and the other never saw it. Only dots
+        // `other` saw can go: found through its context, so a small delta costs little however
+        // large `self` is.
+        let seen_by_other = other.ctx.vv.iter().flat_map(|(r, n)| self.live.range((*r, 1)..=(*r, *n)).map(|(d, _)| *d));
+        let gone: Vec<Dot> = seen_by_other
+            .chain(other.ctx.cloud.iter().filter(|d| self.live.contains_key(d)).copied())
+            .filter(|d| !other.live.contains_key(d))
+            .collect();
+        let mut changed = !gone.is_empty();
+        for d in gone {
+            self.live.remove(&d);
+        }
         for (d, v) in &other.live {
             match self.live.get_mut(d) {
                 // One dot with two values: only a replica that reused a dot (equivocation) makes
@@ -406,9 +456,7 @@ impl<T: Clone + Ord> DotFun<T> {
                 None => {}
             }
         }
-        let ctx = self.ctx.clone();
-        self.ctx.merge(&other.ctx);
-        changed || self.ctx != ctx
+        self.ctx.merge_changed(&other.ctx) || changed
     }
 
     /// Whether `other` has a dot `self` has, with another value.
@@ -416,18 +464,18 @@ impl<T: Clone + Ord> DotFun<T> {
         other.live.iter().any(|(d, v)| self.live.get(d).is_some_and(|mine| mine != v))
     }
 
-    /// See [`Authored::admit`]: `author`'s dots, and the other replicas' dots seen here. One of
-    /// those live here stays as it is here (live, with this replica's value); one the peer
-    /// holds live and this replica removed stays removed.
+    /// See [`Authored::admit`]: `author`'s own dots (never dot 0, which no context can hold, so
+    /// nothing could ever remove it), and of its claims on other replicas' dots, those that
+    /// remove a dot live here: seen here, so never forged ahead of its author. The result holds
+    /// none of this replica's values, so what is stored is never more than what the peer sent.
     fn admit(&self, author: ReplicaId, local: &Self) -> Admitted<Self> {
         let others = self.ctx.split(author, false);
-        let seen = others.intersect(&local.ctx);
-        let unseen = seen != others;
+        let unseen = others.intersect(&local.ctx) != others;
         let mut ctx = self.ctx.split(author, true);
         let mut live = BTreeMap::new();
         let mut foreign = false;
         for (d, v) in &self.live {
-            if d.0 == author {
+            if d.0 == author && d.1 > 0 {
                 // A live dot is always in the context (compacted once, below).
                 if !ctx.contains(d) {
                     ctx.cloud.insert(*d);
@@ -435,12 +483,15 @@ impl<T: Clone + Ord> DotFun<T> {
                 live.insert(*d, v.clone());
             } else {
                 foreign = true;
-                if let Some(here) = local.live.get(d).filter(|_| seen.contains(d)) {
-                    live.insert(*d, here.clone());
-                }
             }
         }
-        ctx.merge(&seen); // compacts
+        // Removals: other replicas' dots live here that the peer has seen and holds no more.
+        let gone = |d: &Dot| !self.live.contains_key(d);
+        for (r, n) in &others.vv {
+            ctx.cloud.extend(local.live.range((*r, 1)..=(*r, *n)).map(|(d, _)| *d).filter(gone));
+        }
+        ctx.cloud.extend(others.cloud.iter().filter(|d| local.live.contains_key(d) && gone(d)));
+        ctx.compact();
         Admitted { value: DotFun { live, ctx }, foreign, unseen }
     }
 }
@@ -466,6 +517,11 @@ impl<T: Clone + Ord> MvRegister<T> {
     /// Whether `replica` can make no more writes here (its dots are used up).
     pub fn exhausted(&self, replica: ReplicaId) -> bool {
         self.0.ctx.exhausted(replica)
+    }
+
+    /// Dots seen out of order (held one by one until the ones before them arrive).
+    pub fn gaps(&self) -> usize {
+        self.0.ctx.cloud.len()
     }
 
     /// The concurrent values, sorted, without duplicates.
@@ -526,6 +582,11 @@ impl<T: Clone + Ord> OrSet<T> {
     /// Whether `replica` can make no more changes here (its dots are used up).
     pub fn exhausted(&self, replica: ReplicaId) -> bool {
         self.0.ctx.exhausted(replica)
+    }
+
+    /// Dots seen out of order (held one by one until the ones before them arrive).
+    pub fn gaps(&self) -> usize {
+        self.0.ctx.cloud.len()
     }
 
     /// Whether `elem` is present.
@@ -596,6 +657,11 @@ impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
         OrMap { keys: self.keys.remove(replica, key), values: BTreeMap::new() }
     }
 
+    /// The value at `key`, present or hidden (what a new put of `key` merges with).
+    pub fn value(&self, key: &K) -> Option<&V> {
+        self.values.get(key)
+    }
+
     /// The value at `key`, if the key is present.
     pub fn get(&self, key: &K) -> Option<&V> {
         self.keys.contains(key).then(|| self.values.get(key)).flatten()
@@ -604,6 +670,11 @@ impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
     /// Whether `replica` can make no more changes here (its dots are used up).
     pub fn exhausted(&self, replica: ReplicaId) -> bool {
         self.keys.exhausted(replica)
+    }
+
+    /// Dots seen out of order (held one by one until the ones before them arrive).
+    pub fn gaps(&self) -> usize {
+        self.keys.gaps()
     }
 
     /// The present entries, sorted by key.
@@ -627,6 +698,10 @@ impl<K: Clone + Ord, V: Authored> Authored for OrMap<K, V> {
             }
         }
         Admitted { value: OrMap { keys: keys.value, values }, foreign, unseen }
+    }
+
+    fn latest(&self) -> u64 {
+        self.values.values().map(Authored::latest).max().unwrap_or(0)
     }
 }
 
@@ -867,14 +942,22 @@ mod tests {
         let next = one.add(1, "z");
         three.merge(&next);
         assert!(three.contains(&"z"));
-        // Another replica's live dot is kept as it is here, never with the peer's value.
+        // Another replica's live dot is never taken from a peer, whatever its value; held live
+        // by the peer, it is not removed here either; and nothing of this replica's is copied.
         let mut lying = three.clone();
         if let Some(v) = lying.0.live.get_mut(&(1, 2)) {
             *v = "zz";
         }
         let a = lying.admit(2, &three);
-        assert!(a.foreign);
-        assert_eq!(a.value.0.live.get(&(1, 2)), Some(&"z"));
+        assert!(a.foreign && !a.value.0.live.contains_key(&(1, 2)));
+        assert!(a.value.0.live.keys().all(|d| d.0 == 2));
+        three.merge(&a.value);
+        assert!(three.contains(&"z") && !three.contains(&"zz"));
+        // Dot 0 is nobody's: no context holds it, so nothing could remove it.
+        let zero: OrSet<&str> =
+            OrSet(DotFun { live: BTreeMap::from([((2, 0), "pinned")]), ctx: CausalContext::default() });
+        let a = zero.admit(2, &three);
+        assert!(a.foreign && a.value.0.live.is_empty());
         // Counts and writes in another replica's name are left out.
         let c = GCounter::default().inc(1, 5);
         let a = c.admit(2, &GCounter::default());

@@ -202,6 +202,11 @@ const REDIAL: Duration = Duration::from_millis(200);
 /// the other peers never wait for it.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 
+/// Most bytes of one anti-entropy message: the full state goes in messages of about this size
+/// (one worknode each at least; a worknode over referee-comm's 16 MiB message limit cannot be
+/// sent whole until slice 3 splits worknodes).
+pub const SYNC_CHUNK: usize = 4 << 20;
+
 /// Most replicated bytes (encoded) accepted and not yet merged by the worknodes; above it no
 /// more messages are taken from peers until the worknodes catch up.
 pub const MERGE_BACKLOG_BYTES: usize = 16 << 20;
@@ -365,6 +370,34 @@ impl Replicator {
         }
     }
 
+    /// Sends `peer` the full state in chunks of [`SYNC_CHUNK`], each queued only once the
+    /// peer's queue has room, so a large state is paced by the peer rather than disconnecting it.
+    async fn sync_to(self: Arc<Self>, peer: PeerId) {
+        let system = self.system.clone();
+        let Ok(chunks) = tokio::task::spawn_blocking(move || Wire::sync_chunks(&system, SYNC_CHUNK)).await else {
+            return;
+        };
+        for chunk in chunks {
+            loop {
+                let queued = {
+                    let peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    peers.get(&peer).map(|q| q.queued.load(Ordering::Acquire))
+                };
+                if queued.is_none_or(|q| q <= PEER_QUEUE_BYTES / 2) {
+                    break;
+                }
+                if !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) {
+                return;
+            }
+            self.enqueue(peer, Bytes::from(chunk)).await;
+        }
+    }
+
     async fn on_connect(self: Arc<Self>) {
         let mut events = self.node.events();
         loop {
@@ -381,7 +414,7 @@ impl Replicator {
                         }
                         continue;
                     }
-                    self.enqueue(peer, Bytes::from(Wire::sync(&self.system).to_bytes())).await;
+                    tokio::spawn(self.clone().sync_to(peer));
                 }
                 // The last connection of a peer gone: its queue and task go too.
                 Event::Closed { peer, .. }
@@ -422,6 +455,27 @@ impl Wire {
     /// The anti-entropy message: the full state of every Eventual worknode of `system`.
     pub fn sync(system: &System) -> Wire {
         Wire::Sync { nodes: system.eventual_states() }
+    }
+
+    /// [`Wire::sync`] in messages of about `chunk` bytes at most (encoded): one worknode each
+    /// at least, so a large worknode does not keep the others from a peer.
+    pub fn sync_chunks(system: &System, chunk: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut nodes = Vec::new();
+        let mut size = 0usize;
+        for node in system.eventual_states() {
+            let bytes = rmp_serde::to_vec(&node).map_or(0, |b| b.len());
+            if !nodes.is_empty() && size.saturating_add(bytes) > chunk {
+                out.push(Wire::Sync { nodes: std::mem::take(&mut nodes) }.to_bytes());
+                size = 0;
+            }
+            size = size.saturating_add(bytes);
+            nodes.push(node);
+        }
+        if !nodes.is_empty() {
+            out.push(Wire::Sync { nodes }.to_bytes());
+        }
+        out
     }
 
     /// Merges what the peer whose replica id is `author` sent into `system`. A chain or delta

@@ -98,6 +98,25 @@ impl Crdt {
         }
     }
 
+    /// The latest write timestamp held (see [`Authored::latest`]).
+    fn latest(&self) -> u64 {
+        match self {
+            Crdt::Lww(r) => r.latest(),
+            Crdt::Map(m) => m.latest(),
+            Crdt::GCounter(_) | Crdt::PnCounter(_) | Crdt::Mv(_) | Crdt::Set(_) => 0,
+        }
+    }
+
+    /// Dots held out of order (see [`OrSet::gaps`]); 0 for kinds without dots.
+    fn gaps(&self) -> usize {
+        match self {
+            Crdt::Mv(r) => r.gaps(),
+            Crdt::Set(r) => r.gaps(),
+            Crdt::Map(r) => r.gaps(),
+            Crdt::GCounter(_) | Crdt::PnCounter(_) | Crdt::Lww(_) => 0,
+        }
+    }
+
     /// The empty value of this kind.
     fn bottom(&self) -> Crdt {
         match self {
@@ -203,6 +222,14 @@ impl State {
             (Crdt::Map(m), Op::Put(..) | Op::Delete(_)) if m.exhausted(replica) => {
                 return Err(StateError::Overflow { field: field.to_owned() });
             }
+            // A write stamped `u64::MAX` (a peer's, from before timestamps were bounded) cannot
+            // be superseded: refused, never answered ok and lost.
+            (Crdt::Lww(r), Op::Set(_)) if r.stuck() => {
+                return Err(StateError::Overflow { field: field.to_owned() });
+            }
+            (Crdt::Map(m), Op::Put(k, _)) if m.value(k).is_some_and(LwwRegister::stuck) => {
+                return Err(StateError::Overflow { field: field.to_owned() });
+            }
             (Crdt::GCounter(c), Op::Grow(n)) => Crdt::GCounter(c.inc(replica, *n)),
             (Crdt::PnCounter(c), Op::Add(n)) => Crdt::PnCounter(c.add(replica, *n)),
             (Crdt::Lww(r), Op::Set(v)) => Crdt::Lww(r.set(replica, now_ms, v.clone())),
@@ -245,6 +272,17 @@ impl State {
     pub fn admit(&self, author: ReplicaId, d: &Delta) -> Admitted<Delta> {
         let a = d.delta.admit(author, self.fields.get(&d.field));
         Admitted { value: Delta { field: d.field.clone(), delta: a.value }, foreign: a.foreign, unseen: a.unseen }
+    }
+
+    /// Dots field `field` would hold out of order with `d` merged, at most: a bound on what a
+    /// peer's gapped dots can cost (every merge and local change of the field walks them).
+    pub fn gaps_with(&self, d: &Delta) -> usize {
+        self.fields.get(&d.field).map_or(0, Crdt::gaps).saturating_add(d.delta.gaps())
+    }
+
+    /// The latest write timestamp `d` holds (milliseconds; 0 if none).
+    pub fn latest(d: &Delta) -> u64 {
+        d.delta.latest()
     }
 
     /// Whether merging `d` would resolve an equivocation: an update (a dot, an LWW timestamp and

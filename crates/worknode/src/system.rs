@@ -458,7 +458,8 @@ pub struct Refused {
     /// deep), `name`, `kind`, `consistency`, `conflict` (the path holds a worknode of another
     /// kind or consistency), `quota`, `store`, `type`, `equivocation` (audited, not refused: an
     /// event id already stored with other contents, or one update with two values; both are
-    /// merged and the larger value wins everywhere), `author` (a peer's own change holding updates other
+    /// merged and the larger value wins everywhere), `clock` (a write stamped more than
+    /// [`MAX_CLOCK_AHEAD_MS`] ahead), `author` (a peer's own change holding updates other
     /// replicas made, or a peer speaking as this replica), `unseen` (a claim that updates of
     /// other replicas were seen which this replica has not seen: the claim is left out, the
     /// rest merged; an honest peer that saw them first makes this too).
@@ -603,6 +604,17 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing our own plain data types to a Vec cannot fail.
     rmp_serde::to_vec(v).unwrap_or_default()
 }
+
+/// Most dots one field may hold out of order (seen before the dots that precede them); a
+/// replicated change that would take a field past it is refused (`quota`). Honest replicas leave
+/// a few, briefly, when deltas overtake each other.
+pub const MAX_GAPS: usize = 1 << 16;
+
+/// How far ahead of this replica's clock a replicated write may be stamped (24 h): a write
+/// stamped further ahead would win over every later write for that long, so it is refused
+/// (`clock`). A replica's own writes run ahead of its clock only by 1 ms per write beyond one
+/// write per millisecond to one register.
+pub const MAX_CLOCK_AHEAD_MS: u64 = 24 * 3600 * 1000;
 
 /// The id a replicated change is stored under when only part of it was merged: derived from
 /// the origin's id and the part, so the same part is stored once.
@@ -956,6 +968,23 @@ impl Inner {
                     } else {
                         (cut_id(&eid, &admitted.value), admitted.value)
                     };
+                    let latest = State::latest(&delta);
+                    if latest > now_ms().saturating_add(MAX_CLOCK_AHEAD_MS) {
+                        let detail = format!(
+                            "field {:?}: a write stamped {latest}, more than {MAX_CLOCK_AHEAD_MS} ms ahead of this replica's clock",
+                            delta.field
+                        );
+                        self.refused(&Refused::new("clock", self.path_of_info(info), detail));
+                        continue;
+                    }
+                    if state.gaps_with(&delta) > MAX_GAPS {
+                        let detail = format!(
+                            "field {:?}: more than {MAX_GAPS} dots out of order (a peer's gapped dots cost every later change)",
+                            delta.field
+                        );
+                        self.refused(&Refused::new("quota", self.path_of_info(info), detail));
+                        continue;
+                    }
                     if state.equivocates(&delta) {
                         // Resolved the same way everywhere (the larger value wins); audited.
                         let detail = format!("field {:?}: one update with two values (the larger kept)", delta.field);
