@@ -29,6 +29,7 @@ struct Replica {
     addr: String,
     id: String,
     replica: u64,
+    incarnation: u64,
     _dir: tempfile::TempDir,
 }
 
@@ -47,12 +48,18 @@ fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 
 impl Replica {
     fn start() -> Result<Replica, Box<dyn std::error::Error>> {
+        Self::start_with(&[])
+    }
+
+    /// [`Replica::start`] with more `serve` arguments.
+    fn start_with(extra: &[&str]) -> Result<Replica, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_referee"))
             .env_remove("REFEREE_HOME")
             .env_remove("REFEREE_COMM_IDENTITY")
             .args(["--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--allow-any", "--dir"])
             .arg(dir.path())
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -65,6 +72,7 @@ impl Replica {
             addr: hello["listening"].as_str().ok_or("listening")?.to_owned(),
             id: hello["id"].as_str().ok_or("id")?.to_owned(),
             replica: hello["replica"].as_u64().ok_or("replica")?,
+            incarnation: hello["incarnation"].as_u64().ok_or("incarnation")?,
             child,
             stdin,
             out,
@@ -139,7 +147,7 @@ fn hostile_identity() -> Identity {
 
 /// The hostile peer's replica id: what it may write as.
 fn hr() -> u64 {
-    replica_of(&hostile_identity().id())
+    replica_of(&hostile_identity().id(), 0)
 }
 
 /// [`hostile`] with raw payloads.
@@ -203,7 +211,7 @@ fn deltas(chain: Vec<Meta>, d: Vec<Delta>) -> Wire {
 fn chains(seen: &[Wire]) -> Vec<Vec<Meta>> {
     seen.iter()
         .filter_map(|w| match w {
-            Wire::Sync { nodes } => Some(nodes.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>()),
+            Wire::Sync { nodes, .. } => Some(nodes.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>()),
             _ => None,
         })
         .flatten()
@@ -411,7 +419,7 @@ fn a_planted_id_does_not_split_replicas() -> TestResult {
 #[test]
 fn forged_seen_markers_do_not_swallow_later_inserts() -> TestResult {
     let (mut a, mut b) = (Replica::start()?, Replica::start()?);
-    assert_eq!(a.replica, replica_of(&a.id.parse()?), "the replica id is bound to the identity");
+    assert_eq!(a.replica, replica_of(&a.id.parse()?, a.incarnation), "the replica id is bound to the identity");
     a.ok(&format!("peer {} {}", b.addr, b.id))?;
     a.ok("create /ev data eventual")?;
     b.wait("get /ev", |g| g["ok"]["version"] == 0)?;
@@ -422,8 +430,10 @@ fn forged_seen_markers_do_not_swallow_later_inserts() -> TestResult {
     let markers: OrSet<String> = serde_json::from_value(serde_json::json!({ "live": {}, "ctx": ctx }))?;
     let mut state = referee_worknode::State::default();
     state.apply(&delta("s", Crdt::Set(markers.clone())))?;
-    let forged =
-        vec![deltas(chain.clone(), vec![delta("s", Crdt::Set(markers))]), Wire::Sync { nodes: vec![(chain, state)] }];
+    let forged = vec![
+        deltas(chain.clone(), vec![delta("s", Crdt::Set(markers))]),
+        Wire::Sync { incarnation: 0, nodes: vec![(chain, state)] },
+    ];
     hostile(&a, forged.clone())?;
     hostile(&b, forged)?;
     for r in [&mut a, &mut b] {
@@ -462,7 +472,7 @@ fn a_peer_speaks_only_for_itself() -> TestResult {
         deltas(chain.clone(), vec![delta("s", Crdt::Set(OrSet::default().add(other, "forged".to_owned())))]),
         // One change of its own and one in another's name, in one message: only the latter goes.
         deltas(chain.clone(), vec![delta("mine", grow(hr(), 2)), delta("g", grow(other, 5))]),
-        Wire::Sync { nodes: vec![(chain, state)] },
+        Wire::Sync { incarnation: 0, nodes: vec![(chain, state)] },
     ];
     hostile(&r, forged)?;
     let got = r.wait("get /ev", |g| g["ok"]["state"]["own"] == 7)?;
@@ -594,7 +604,7 @@ fn equivocation_is_audited_and_resolved_the_same_way_everywhere() -> TestResult 
     let one = |field: &str, v: &str, id: [u8; 16], signed: bool| {
         let set = OrSet::default().add(hr(), v.to_owned());
         let deltas = Wire::Deltas { chain: chain.clone(), events: vec![(id, delta(field, Crdt::Set(set)))] };
-        if signed { Wire::signed(me.id(), &deltas, |d, m| me.sign(d, m)) } else { deltas }
+        if signed { Wire::signed(me.id(), 0, &deltas, |d, m| me.sign(d, m)) } else { deltas }
     };
     let (signed_id, plain_id) = (WorknodeId::new().to_bytes(), WorknodeId::new().to_bytes());
     hostile(&a, vec![one("s", "a", signed_id, true), one("u", "a", plain_id, false)])?;
@@ -651,27 +661,31 @@ fn forged_signatures_are_refused() -> TestResult {
     let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
     let me = hostile_identity();
     let victim: referee_comm::PeerId = b.id.parse()?;
-    let deltas = deltas(chain.clone(), vec![delta("g", grow(replica_of(&victim), 1000))]);
-    let Wire::Signed { sig, body, .. } = Wire::signed(me.id(), &deltas, |d, m| me.sign(d, m)) else { unreachable!() };
+    let deltas = deltas(chain.clone(), vec![delta("g", grow(replica_of(&victim, b.incarnation), 1000))]);
+    let Wire::Signed { sig, body, .. } = Wire::signed(me.id(), 0, &deltas, |d, m| me.sign(d, m)) else {
+        unreachable!()
+    };
     let mut flipped = body.clone();
     if let Some(last) = flipped.last_mut() {
         *last ^= 1;
     }
     let forged = vec![
         // B's key, the peer's own signature.
-        Wire::Signed { author: victim.as_bytes().to_vec(), sig: sig.clone(), body: body.clone() },
+        Wire::Signed { author: victim.as_bytes().to_vec(), incarnation: 0, sig: sig.clone(), body: body.clone() },
+        // Its own signature, another incarnation (the incarnation is signed).
+        Wire::Signed { author: me.id().as_bytes().to_vec(), incarnation: 1, sig: sig.clone(), body: body.clone() },
         // Its own key, but bytes other than those signed.
-        Wire::Signed { author: me.id().as_bytes().to_vec(), sig: sig.clone(), body: flipped },
+        Wire::Signed { author: me.id().as_bytes().to_vec(), incarnation: 0, sig: sig.clone(), body: flipped },
         // Truncated key and signature.
-        Wire::Signed { author: vec![1; 31], sig: sig[..63].to_vec(), body: body.clone() },
+        Wire::Signed { author: vec![1; 31], incarnation: 0, sig: sig[..63].to_vec(), body: body.clone() },
         // A valid signature over something that is not a change.
-        Wire::signed(me.id(), &Wire::Sync { nodes: vec![] }, |d, m| me.sign(d, m)),
+        Wire::signed(me.id(), 0, &Wire::Sync { incarnation: 0, nodes: vec![] }, |d, m| me.sign(d, m)),
         // Its own valid signature over a change in B's name: refused as any change of its own.
-        Wire::Signed { author: me.id().as_bytes().to_vec(), sig, body },
+        Wire::Signed { author: me.id().as_bytes().to_vec(), incarnation: 0, sig, body },
     ];
     hostile(&a, forged)?;
     let refused = a.wait("stats", |v| v["ok"]["refused"]["author"] == 1)?["ok"]["refused"].clone();
-    assert_eq!(refused, serde_json::json!({"author": 1, "malformed": 4}));
+    assert_eq!(refused, serde_json::json!({"author": 1, "malformed": 5}));
     assert_eq!(a.ok("get /ev")?["state"], serde_json::json!({}));
     Ok(())
 }
@@ -803,7 +817,7 @@ fn a_full_state_cannot_make_the_store_copy_the_replicas_own_values() -> TestResu
         let set = dots(&live, &[(me, 300), (hr(), k)], &[]);
         let mut state = referee_worknode::State::default();
         state.apply(&delta("s", Crdt::Set(set)))?;
-        let w = Wire::Sync { nodes: vec![(chain.clone(), state)] };
+        let w = Wire::Sync { incarnation: 0, nodes: vec![(chain.clone(), state)] };
         sent += w.to_bytes().len();
         forged.push(w);
     }
@@ -869,5 +883,38 @@ fn one_large_worknode_does_not_keep_the_others_from_a_peer() -> TestResult {
     // 18 MB in /big: more than one message may hold. B connects only now.
     b.ok(&format!("peer {} {}", a.addr, a.id))?;
     b.wait("get /small", |g| g["ok"]["state"]["g"] == 7)?;
+    Ok(())
+}
+
+/// Found attacking authorship: a new store served under an identity that had served another
+/// (`--identity`, a lost store) numbered its updates from 1 again, so peers that had seen the old
+/// ones took the new ones for old: a new insert vanished where the old one had been removed, and
+/// a new count stayed hidden behind the old one. A store's replica id includes an incarnation the
+/// store picks when it is made.
+#[test]
+fn a_new_store_under_an_old_identity_does_not_reuse_its_dots() -> TestResult {
+    let keys = tempfile::tempdir()?;
+    let id_file = keys.path().join("identity");
+    Identity::generate()?.save_new(&id_file)?;
+    let id = id_file.to_str().ok_or("path")?;
+    let mut b = Replica::start()?;
+    let mut a = Replica::start_with(&["--identity", id])?;
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    a.ok("create /ev data eventual")?;
+    a.ok("send /ev insert s x1")?;
+    a.ok("send /ev grow c 5")?;
+    b.wait("get /ev", |g| g["ok"]["state"] == serde_json::json!({"c": 5, "s": ["x1"]}))?;
+    b.ok("send /ev remove s x1")?;
+    let old = a.replica;
+    drop(a);
+    // The store is lost; the identity is served again from a new one.
+    let mut a = Replica::start_with(&["--identity", id])?;
+    assert_ne!(a.replica, old);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    a.wait("get /ev", |g| g["ok"]["version"].is_u64())?;
+    a.ok("send /ev insert s y1")?;
+    a.ok("send /ev grow c 2")?;
+    b.wait("get /ev", |g| g["ok"]["state"] == serde_json::json!({"c": 7, "s": ["y1"]}))?;
+    assert_eq!(a.ok("get /ev")?["state"]["s"], serde_json::json!(["y1"]));
     Ok(())
 }

@@ -9,7 +9,8 @@
 //!
 //! `FORGE_IDENTITY=PATH` uses (or creates) that identity file instead of a fresh identity, so
 //! the peer keeps one replica id across runs; the first stderr line is
-//! `{"id": "<PEER_ID>", "replica": N}`: a replica takes from this peer only updates made as `N`.
+//! `{"id": "<PEER_ID>", "replica": N}`: a replica takes from this peer's plain `Deltas` only
+//! updates made as `N` (incarnation 0; a `Sync` or `Signed` names its own incarnation).
 //!
 //! The MessagePack layout is `rmp-serde`'s default (structs as arrays, enums as
 //! `{variant: value}`); decode a received `Sync` to see it.
@@ -33,7 +34,7 @@ fn main() -> anyhow::Result<()> {
         let id = identity.id();
         eprintln!(
             "{}",
-            serde_json::json!({ "id": id.to_string(), "replica": referee_worknode::replication::replica_of(&id) })
+            serde_json::json!({ "id": id.to_string(), "replica": referee_worknode::replication::replica_of(&id, 0) })
         );
         let (node, mut inbox) = Node::new(identity, AllowList::allow_any(), Config::default());
         let conn = node.connect_with(&addr.parse()?, ConnectOptions::default().expect_peer(peer.parse()?)).await?;

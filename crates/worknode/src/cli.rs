@@ -126,7 +126,7 @@ pub fn open(dir: &Path) -> anyhow::Result<System> {
     let id_file = dir.join("replica-id");
     let replica = match std::fs::read_to_string(&id_file) {
         Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not a replica id", id_file.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => replica_of(&dir_identity(dir)?.id()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => replica_of(&dir_identity(dir)?.id(), incarnation(dir)?),
         Err(e) => return Err(e).with_context(|| format!("reading {}", id_file.display())),
     };
     open_as(dir, replica)
@@ -158,6 +158,24 @@ fn open_as(dir: &Path, replica: u64) -> anyhow::Result<System> {
     }
     let store = EventStore::open(&dir.join("worknodes.redb"), StoreConfig::default())?;
     Ok(System::start(SystemConfig { replica, ..SystemConfig::default() }, Some(Arc::new(store)), None)?)
+}
+
+/// The store's incarnation, `<dir>/incarnation`: a random number picked when the store is
+/// made, part of its replica id ([`replica_of`]), so a new store served under an identity that
+/// served another never reuses that store's dots (peers that saw them would take new updates for
+/// old ones).
+pub fn incarnation(dir: &Path) -> anyhow::Result<u64> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("incarnation");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not an incarnation", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let fresh = u64::from_le_bytes(uuid::Uuid::now_v7().as_bytes()[8..].try_into().unwrap_or([7; 8]));
+            write_synced(&path, fresh.to_string().as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            Ok(fresh)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// The store's own identity, `<dir>/identity` (owner-only), made on first use.
@@ -340,7 +358,8 @@ fn serve(
         Some(p) => Identity::load(p).with_context(|| format!("loading identity {}", p.display()))?,
         None => dir_identity(dir)?,
     };
-    let sys = Arc::new(open_as(dir, replica_of(&identity.id()))?);
+    let incarnation = incarnation(dir)?;
+    let sys = Arc::new(open_as(dir, replica_of(&identity.id(), incarnation))?);
     // Audit: one line on stderr for the 1st, 2nd, 4th, 8th… refusal of each reason, so a flood
     // of forged changes cannot flood the log; `stats` answers the exact counts.
     sys.set_audit_sink(|r, n| {
@@ -363,11 +382,11 @@ fn serve(
     rt.block_on(async move {
         let (node, inbox) = Node::new(identity, allowed, Config::default());
         let listener = node.listen(&listen.parse()?).await?;
-        let repl = Replicator::start(sys.clone(), node.clone(), inbox);
+        let repl = Replicator::start(sys.clone(), node.clone(), inbox, incarnation);
         for (addr, id) in dial.drain(..) {
             repl.add_peer(addr, id);
         }
-        println!("{}", serde_json::json!({ "listening": listener.local_addr().to_string(), "id": node.id().to_string(), "replica": sys.replica() }));
+        println!("{}", serde_json::json!({ "listening": listener.local_addr().to_string(), "id": node.id().to_string(), "replica": sys.replica(), "incarnation": incarnation }));
         // Bounded: while sends wait for durability the loop stops taking lines, this channel
         // fills, the reader blocks and the writer on the other end of the pipe with it.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);

@@ -48,6 +48,8 @@ pub enum Wire {
     },
     /// Full states of every Eventual worknode (anti-entropy).
     Sync {
+        /// The sender's store incarnation (its replica id is [`replica_of`] its identity and this).
+        incarnation: u64,
         /// `(chain, state)` per worknode.
         nodes: Vec<(Vec<Meta>, State)>,
     },
@@ -58,7 +60,10 @@ pub enum Wire {
         /// The author's referee-comm identity (its Ed25519 public key, 32 bytes).
         #[serde(with = "serde_bytes")]
         author: Vec<u8>,
-        /// The author's signature of `body` ([`DELTAS_DOMAIN`], 64 bytes).
+        /// The author's store incarnation (signed too).
+        incarnation: u64,
+        /// The author's signature of the incarnation (8 bytes, little-endian) then `body`
+        /// ([`DELTAS_DOMAIN`], 64 bytes).
         #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
         /// The changes.
@@ -76,18 +81,26 @@ pub const RELAY_MEMORY: usize = 1 << 16;
 
 /// Checks a [`Wire::Signed`]: its author and the [`Wire::Deltas`] it holds, if the signature
 /// holds.
-fn open(author: &[u8], sig: &[u8], body: &[u8]) -> Result<(PeerId, Wire), String> {
+fn open(author: &[u8], incarnation: u64, sig: &[u8], body: &[u8]) -> Result<(PeerId, ReplicaId, Wire), String> {
     let (Ok(author), Ok(sig)) = (<[u8; 32]>::try_from(author), <[u8; 64]>::try_from(sig)) else {
         return Err("a signed message with a malformed key or signature".into());
     };
     let author = PeerId::from_bytes(author);
-    if !author.verify(DELTAS_DOMAIN, body, &sig) {
+    if !author.verify(DELTAS_DOMAIN, &signed_bytes(incarnation, body), &sig) {
         return Err(format!("a message signed as {author} whose signature does not hold"));
     }
     match Wire::from_bytes(body) {
-        Some(w @ Wire::Deltas { .. }) => Ok((author, w)),
+        Some(w @ Wire::Deltas { .. }) => Ok((author, replica_of(&author, incarnation), w)),
         _ => Err(format!("a message signed by {author} that holds no changes")),
     }
+}
+
+/// What a [`Wire::Signed`] signature covers: the incarnation, then the body.
+fn signed_bytes(incarnation: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + body.len());
+    out.extend_from_slice(&incarnation.to_le_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 /// Signed changes: opening, merging and passing on (used by [`Replicator`], and by tests that
@@ -132,8 +145,8 @@ impl Relay {
     /// time. Our own changes coming back are dropped; a bad signature is refused `malformed`.
     pub fn receive(&self, system: &System, from: &PeerId, payload: &[u8]) -> Option<PeerId> {
         match Wire::from_bytes(payload) {
-            Some(Wire::Signed { author, sig, body }) => {
-                let (author, deltas) = match open(&author, &sig, &body) {
+            Some(Wire::Signed { author, incarnation, sig, body }) => {
+                let (author, replica, deltas) = match open(&author, incarnation, &sig, &body) {
                     Ok(opened) => opened,
                     Err(why) => {
                         system.refuse_replicated(&Refused::new("malformed", "/", format!("from {from}: {why}")));
@@ -145,11 +158,13 @@ impl Relay {
                 }
                 let key: [u8; 32] = Sha256::new().chain_update(author.as_bytes()).chain_update(&sig).finalize().into();
                 let fresh = self.first_sight(key);
-                deltas.merge_into(system, replica_of(&author));
+                if replica != system.replica() {
+                    deltas.merge_as(system, replica);
+                }
                 fresh.then_some(author)
             }
             Some(wire) => {
-                wire.merge_into(system, replica_of(from));
+                wire.merge_into(system, from);
                 None
             }
             None => {
@@ -172,21 +187,28 @@ impl Wire {
         rmp_serde::from_slice(bytes).ok()
     }
 
-    /// `deltas` (a [`Wire::Deltas`]) signed by `author` with `sign` (its
-    /// [`referee_comm::Identity::sign`] or [`Node::sign`]).
-    pub fn signed(author: PeerId, deltas: &Wire, sign: impl FnOnce(&str, &[u8]) -> [u8; 64]) -> Wire {
+    /// `deltas` (a [`Wire::Deltas`]) signed by `author`, serving store `incarnation`, with
+    /// `sign` (its [`referee_comm::Identity::sign`] or [`Node::sign`]).
+    pub fn signed(author: PeerId, incarnation: u64, deltas: &Wire, sign: impl FnOnce(&str, &[u8]) -> [u8; 64]) -> Wire {
         let body = deltas.to_bytes();
-        let sig = sign(DELTAS_DOMAIN, &body).to_vec();
-        Wire::Signed { author: author.as_bytes().to_vec(), sig, body }
+        let sig = sign(DELTAS_DOMAIN, &signed_bytes(incarnation, &body)).to_vec();
+        Wire::Signed { author: author.as_bytes().to_vec(), incarnation, sig, body }
     }
 }
 
-/// The replica id of the node whose referee-comm identity is `peer`: the first 8 bytes of a
-/// SHA-256 of its public key. Bound to the key, so a peer's changes are checked against the
-/// identity its connection proved ([`crate::crdt::Authored`]): no peer can write in another
-/// replica's name.
-pub fn replica_of(peer: &PeerId) -> ReplicaId {
-    let digest = Sha256::new().chain_update(b"referee-worknode-replica\0").chain_update(peer.as_bytes()).finalize();
+/// The replica id of the store `incarnation` served by the node whose referee-comm identity is
+/// `peer`: the first 8 bytes of a SHA-256 of its public key and the incarnation. Bound to the
+/// key, so a peer's changes are checked against the identity its connection (or signature)
+/// proved ([`crate::crdt::Authored`]): no peer can write in another replica's name. The
+/// incarnation (a random number each store picks when it is made) keeps a new store served
+/// under an identity that served another from reusing that store's dots. A peer that sends no
+/// incarnation (a plain [`Wire::Deltas`]) is incarnation 0.
+pub fn replica_of(peer: &PeerId, incarnation: u64) -> ReplicaId {
+    let digest = Sha256::new()
+        .chain_update(b"referee-worknode-replica\0")
+        .chain_update(peer.as_bytes())
+        .chain_update(incarnation.to_le_bytes())
+        .finalize();
     let mut id = [0u8; 8];
     for (o, d) in id.iter_mut().zip(digest.iter()) {
         *o = *d;
@@ -226,6 +248,8 @@ pub struct Replicator {
     healed: watch::Sender<bool>,
     peers: Mutex<HashMap<PeerId, PeerQueue>>,
     relay: Relay,
+    /// This replica's store incarnation ([`replica_of`]).
+    incarnation: u64,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -250,15 +274,17 @@ fn content_id(id: &crate::WorknodeId, delta: &Delta) -> [u8; 16] {
 }
 
 impl Replicator {
-    /// Starts replicating `system` over `node` (whose inbox is `inbox`). Must be called inside a
-    /// tokio runtime; spawns the tasks that ship deltas, answer peers and run anti-entropy.
-    pub fn start(system: Arc<System>, node: Node, inbox: Inbox) -> Arc<Self> {
+    /// Starts replicating `system` (whose replica id must be [`replica_of`] `node`'s identity
+    /// and `incarnation`) over `node` (whose inbox is `inbox`). Must be called inside a tokio
+    /// runtime; spawns the tasks that ship deltas, answer peers and run anti-entropy.
+    pub fn start(system: Arc<System>, node: Node, inbox: Inbox, incarnation: u64) -> Arc<Self> {
         let me = Arc::new(Self {
             system,
             isolated: AtomicBool::new(false),
             healed: watch::Sender::new(true),
             peers: Mutex::new(HashMap::new()),
             relay: Relay::new(node.id()),
+            incarnation,
             node,
         });
         let (tx, rx) = mpsc::unbounded_channel::<Shipment>();
@@ -318,7 +344,8 @@ impl Replicator {
                 continue;
             }
             let deltas = Wire::Deltas { chain: s.chain, events: s.events };
-            let bytes = Bytes::from(Wire::signed(self.node.id(), &deltas, |d, m| self.node.sign(d, m)).to_bytes());
+            let signed = Wire::signed(self.node.id(), self.incarnation, &deltas, |d, m| self.node.sign(d, m));
+            let bytes = Bytes::from(signed.to_bytes());
             let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
             for peer in peers {
                 self.enqueue(peer, bytes.clone()).await;
@@ -373,8 +400,9 @@ impl Replicator {
     /// Sends `peer` the full state in chunks of [`SYNC_CHUNK`], each queued only once the
     /// peer's queue has room, so a large state is paced by the peer rather than disconnecting it.
     async fn sync_to(self: Arc<Self>, peer: PeerId) {
-        let system = self.system.clone();
-        let Ok(chunks) = tokio::task::spawn_blocking(move || Wire::sync_chunks(&system, SYNC_CHUNK)).await else {
+        let (system, incarnation) = (self.system.clone(), self.incarnation);
+        let Ok(chunks) = tokio::task::spawn_blocking(move || Wire::sync_chunks(&system, incarnation, SYNC_CHUNK)).await
+        else {
             return;
         };
         for chunk in chunks {
@@ -452,47 +480,58 @@ impl Replicator {
 }
 
 impl Wire {
-    /// The anti-entropy message: the full state of every Eventual worknode of `system`.
-    pub fn sync(system: &System) -> Wire {
-        Wire::Sync { nodes: system.eventual_states() }
+    /// The anti-entropy message: the full state of every Eventual worknode of `system`, whose
+    /// store is `incarnation`.
+    pub fn sync(system: &System, incarnation: u64) -> Wire {
+        Wire::Sync { incarnation, nodes: system.eventual_states() }
     }
 
     /// [`Wire::sync`] in messages of about `chunk` bytes at most (encoded): one worknode each
     /// at least, so a large worknode does not keep the others from a peer.
-    pub fn sync_chunks(system: &System, chunk: usize) -> Vec<Vec<u8>> {
+    pub fn sync_chunks(system: &System, incarnation: u64, chunk: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut nodes = Vec::new();
         let mut size = 0usize;
         for node in system.eventual_states() {
             let bytes = rmp_serde::to_vec(&node).map_or(0, |b| b.len());
             if !nodes.is_empty() && size.saturating_add(bytes) > chunk {
-                out.push(Wire::Sync { nodes: std::mem::take(&mut nodes) }.to_bytes());
+                out.push(Wire::Sync { incarnation, nodes: std::mem::take(&mut nodes) }.to_bytes());
                 size = 0;
             }
             size = size.saturating_add(bytes);
             nodes.push(node);
         }
         if !nodes.is_empty() {
-            out.push(Wire::Sync { nodes }.to_bytes());
+            out.push(Wire::Sync { incarnation, nodes }.to_bytes());
         }
         out
     }
 
-    /// Merges what the peer whose replica id is `author` sent into `system`. A chain or delta
-    /// that breaks a rule here is refused (counted and audited by the system); the peer keeps its
-    /// copy. The peer speaks for its own updates only: its [`Wire::Deltas`] must hold nothing
-    /// another replica made, and of its [`Wire::Sync`] what other replicas made is left out
-    /// (taken from them). A [`Wire::Signed`] is merged as its signer's, whoever `author` is.
-    pub fn merge_into(self, system: &System, author: ReplicaId) {
+    /// Merges what the peer `from` sent into `system`. A chain or delta that breaks a rule
+    /// here is refused (counted and audited by the system); the peer keeps its copy. The peer
+    /// speaks for its own updates only ([`replica_of`] its identity and the incarnation its
+    /// message names, 0 for a plain [`Wire::Deltas`]): its changes must hold nothing another
+    /// replica made, and of its [`Wire::Sync`] what other replicas made is left out (taken from
+    /// them). A [`Wire::Signed`] is merged as its signer's, whoever `from` is.
+    pub fn merge_into(self, system: &System, from: &PeerId) {
         match self {
-            Wire::Signed { author: key, sig, body } => match open(&key, &sig, &body) {
+            Wire::Signed { author, incarnation, sig, body } => match open(&author, incarnation, &sig, &body) {
                 // This replica's own changes, come back: nothing to do.
-                Ok((signer, _)) if replica_of(&signer) == system.replica() => {}
-                Ok((signer, deltas)) => deltas.merge_into(system, replica_of(&signer)),
+                Ok((_, replica, _)) if replica == system.replica() => {}
+                Ok((_, replica, deltas)) => deltas.merge_as(system, replica),
                 Err(why) => system.refuse_replicated(&Refused::new("malformed", "/", why)),
             },
+            Wire::Deltas { .. } => self.merge_as(system, replica_of(from, 0)),
+            Wire::Sync { incarnation, .. } => self.merge_as(system, replica_of(from, incarnation)),
+        }
+    }
+
+    /// [`Wire::merge_into`] for changes whose author is replica `author` (checked by the caller).
+    fn merge_as(self, system: &System, author: ReplicaId) {
+        match self {
+            Wire::Signed { .. } => {}
             Wire::Deltas { chain, events } => drop(system.merge_replicated(author, &chain, events)),
-            Wire::Sync { nodes } => {
+            Wire::Sync { nodes, .. } => {
                 for (chain, state) in nodes {
                     let Some(last) = chain.last() else { continue };
                     let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();

@@ -46,6 +46,7 @@ impl Rng {
 struct Replica {
     dir: tempfile::TempDir,
     identity: Identity,
+    incarnation: u64,
     replica: u64,
     sys: Option<System>,
     /// What it passed on (in memory: forgotten on restart, like `Replicator`'s).
@@ -65,8 +66,10 @@ fn identity(seed: u64, n: u64) -> Identity {
 
 impl Replica {
     fn new(dir: tempfile::TempDir, identity: Identity) -> Replica {
-        let (replica, relay) = (replica_of(&identity.id()), Relay::new(identity.id()));
-        let mut r = Replica { dir, identity, replica, sys: None, relay, outbox: Arc::default() };
+        // The incarnation: one per store (these stores live as long as the run).
+        let incarnation = identity.id().as_bytes()[0].into();
+        let (replica, relay) = (replica_of(&identity.id(), incarnation), Relay::new(identity.id()));
+        let mut r = Replica { dir, identity, incarnation, replica, sys: None, relay, outbox: Arc::default() };
         r.start();
         r
     }
@@ -147,7 +150,8 @@ impl Sim {
 
     /// A (re)connection: both sides send their full state, as `Replicator` does.
     fn connect(&mut self, a: usize, b: usize) {
-        let (wa, wb) = (Wire::sync(self.reps[a].sys()), Wire::sync(self.reps[b].sys()));
+        let (ra, rb) = (&self.reps[a], &self.reps[b]);
+        let (wa, wb) = (Wire::sync(ra.sys(), ra.incarnation), Wire::sync(rb.sys(), rb.incarnation));
         self.post(a, b, wa);
         self.post(b, a, wb);
     }
@@ -159,7 +163,7 @@ impl Sim {
             for s in out {
                 let deltas = Wire::Deltas { chain: s.chain, events: s.events };
                 let me = &self.reps[from].identity;
-                let w = Wire::signed(me.id(), &deltas, |d, m| me.sign(d, m));
+                let w = Wire::signed(me.id(), self.reps[from].incarnation, &deltas, |d, m| me.sign(d, m));
                 for to in 0..N {
                     if self.connected(from, to) {
                         self.post(from, to, w.clone());
@@ -254,16 +258,18 @@ impl Sim {
         let claim = referee_worknode::Delta { field: "s".into(), delta: referee_worknode::Crdt::Set(claim) };
         let count = referee_worknode::crdt::PnCounter::default().add(self.reps[(r + 1) % N].replica, 1 << 40);
         let count = referee_worknode::Delta { field: "n".into(), delta: referee_worknode::Crdt::PnCounter(count) };
+        let forger = identity(self.seed, 66).id();
         let sync = Wire::Sync {
+            incarnation: 0,
             nodes: vec![(
                 chain.clone(),
                 serde_json::from_value(serde_json::json!({ "fields": { "s": claim.delta } })).unwrap(),
             )],
         };
-        sync.merge_into(self.reps[r].sys(), 66);
+        sync.merge_into(self.reps[r].sys(), &forger);
         let id = uuid_bytes(self.seed ^ 0x66, self.now);
         Wire::Deltas { chain, events: vec![(id, claim), (uuid_bytes(self.seed ^ 0x67, self.now), count)] }
-            .merge_into(self.reps[r].sys(), 66);
+            .merge_into(self.reps[r].sys(), &forger);
         self.forged[r] += 1;
         self.log.push(format!("t{} forge {path} r{r}", self.now));
     }
@@ -281,9 +287,10 @@ impl Sim {
         for (r, v) in [(r1, format!("x{k}")), (r2, format!("y{k}"))] {
             let Some(chain) = chain_of(self.reps[r].sys(), &path) else { continue };
             let liar = identity(self.seed, 77);
-            let set = referee_worknode::crdt::OrSet::default().add(replica_of(&liar.id()), v);
+            let set = referee_worknode::crdt::OrSet::default().add(replica_of(&liar.id(), 1), v);
             let delta = referee_worknode::Delta { field: "e".into(), delta: referee_worknode::Crdt::Set(set) };
-            let w = Wire::signed(liar.id(), &Wire::Deltas { chain, events: vec![(id, delta)] }, |d, m| liar.sign(d, m));
+            let deltas = Wire::Deltas { chain, events: vec![(id, delta)] };
+            let w = Wire::signed(liar.id(), 1, &deltas, |d, m| liar.sign(d, m));
             // Straight to `r`, which passes it on like any signed change.
             if self.reps[r].relay.receive(self.reps[r].sys(), &liar.id(), &w.to_bytes()).is_some() {
                 for next in 0..N {
