@@ -918,3 +918,96 @@ fn a_new_store_under_an_old_identity_does_not_reuse_its_dots() -> TestResult {
     assert_eq!(a.ok("get /ev")?["state"]["s"], serde_json::json!(["y1"]));
     Ok(())
 }
+
+/// Found attacking the signed relay: one message of a peer's own gapped dots (65,536, its share
+/// then) filled a field's gap budget, and since an honest change after a replica's first carries
+/// its dot out of order, every honest change of that field was then refused, network-wide. Gaps
+/// are counted per author and only a change that adds some is refused, so one peer's gaps
+/// block only that peer, however many incarnations it claims.
+#[test]
+fn a_peers_gaps_block_only_that_peer() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    a.ok("create /n data eventual")?;
+    a.ok("send /n insert s x0")?;
+    b.wait("get /n", |g| g["ok"]["state"]["s"] == serde_json::json!(["x0"]))?;
+    let chain = chains(&hostile(&b, vec![])?).into_iter().find(|c| c[0].name == "n").ok_or("no chain")?;
+    let me = hostile_identity().id();
+    let mut forged = Vec::new();
+    for inc in 1..=17u64 {
+        let cloud: Vec<(u64, u64)> = (0..4000u64).map(|i| (replica_of(&me, inc), 2 + 2 * i)).collect();
+        let mut state = referee_worknode::State::default();
+        state.apply(&delta("s", Crdt::Set(dots(&[], &[], &cloud))))?;
+        forged.push(Wire::Sync { incarnation: inc, nodes: vec![(chain.clone(), state)] });
+    }
+    hostile(&b, forged)?;
+    b.wait("stats", |v| v["ok"]["refused"]["quota"] == 1)?;
+    for i in 1..=3 {
+        a.ok(&format!("send /n insert s x{i}"))?;
+    }
+    b.wait("get /n", |g| g["ok"]["state"]["s"] == serde_json::json!(["x0", "x1", "x2", "x3"]))?;
+    assert_eq!(b.refused()?["quota"], 1);
+    Ok(())
+}
+
+/// Found attacking the signed relay: a full state for one path, sent under the id of another
+/// worknode, was stored under an event id the other worknode's next identical state would have,
+/// so that state was skipped as a repeat on every reconnection: two honest replicas stayed
+/// split. A merged change is stored under an id of the worknode it was merged into.
+#[test]
+fn a_state_planted_under_another_worknodes_id_does_not_split_replicas() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    for w in ["w1", "w2"] {
+        b.ok(&format!("create /{w} data eventual"))?;
+        b.ok(&format!("send /{w} insert s x"))?;
+        a.wait(&format!("get /{w}"), |g| g["ok"]["state"]["s"] == serde_json::json!(["x"]))?;
+    }
+    let seen = hostile(&a, vec![])?;
+    let all = chains(&seen);
+    let w1 = all.iter().find(|c| c[0].name == "w1").ok_or("no /w1")?;
+    let w2 = all.iter().find(|c| c[0].name == "w2").ok_or("no /w2")?;
+    // B's state of /w2 once it removes x, under /w2's id, at the path /w1.
+    let mut state = referee_worknode::State::default();
+    state.apply(&delta("s", Crdt::Set(dots(&[], &[(b.replica, 1)], &[]))))?;
+    let planted = vec![Meta { name: "w1".into(), ..w2[0].clone() }];
+    assert_ne!(planted[0].id, w1[0].id);
+    hostile(&a, vec![Wire::Sync { incarnation: 0, nodes: vec![(planted, state)] }])?;
+    a.wait("get /w1", |g| g["ok"]["state"]["s"] == serde_json::json!([]))?;
+    a.ok("isolate")?;
+    b.ok("send /w2 remove s x")?;
+    a.ok("heal")?;
+    a.wait("get /w2", |g| g["ok"]["state"]["s"] == serde_json::json!([]))?;
+    Ok(())
+}
+
+/// Found attacking the signed relay: a replica passed on every signed message, refused or not,
+/// and merged each copy it got: one 12 MiB change over the size limit crossed a five-replica
+/// mesh 17 times. A change refused here (or larger than a relay carries) is not passed on, and
+/// a repeat is not merged again.
+#[test]
+fn a_refused_signed_change_is_not_passed_on() -> TestResult {
+    let (mut a, mut b, mut c) = (Replica::start()?, Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    c.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.ok("create /ev data eventual")?;
+    b.ok("send /ev grow g 1")?;
+    for r in [&mut a, &mut c] {
+        r.wait("get /ev", |g| g["ok"]["state"]["g"] == 1)?;
+    }
+    let chain = chains(&hostile(&b, vec![])?).into_iter().next().ok_or("no chain")?;
+    let me = hostile_identity();
+    let big = Crdt::Set(OrSet::default().add(hr(), "x".repeat(3 << 20)));
+    let too_big = Wire::signed(me.id(), 0, &deltas(chain.clone(), vec![delta("s", big)]), |d, m| me.sign(d, m));
+    let fine = Wire::signed(me.id(), 0, &deltas(chain, vec![delta("h", grow(hr(), 4))]), |d, m| me.sign(d, m));
+    hostile(&b, vec![too_big, fine.clone(), fine])?;
+    // The change that was taken travels; the refused one does not.
+    for r in [&mut a, &mut c] {
+        r.wait("get /ev", |g| g["ok"]["state"]["h"] == 4)?;
+    }
+    assert_eq!(b.refused()?, serde_json::json!({"quota": 1}));
+    for r in [&mut a, &mut c] {
+        assert_eq!(r.refused()?, serde_json::json!({}));
+    }
+    Ok(())
+}

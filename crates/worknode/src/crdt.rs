@@ -316,6 +316,15 @@ impl CausalContext {
         }
     }
 
+    /// How many dots of `replica` this context holds out of order: now, and with `other`'s
+    /// merged in. Costs what it holds of `replica`, not the whole context.
+    fn gaps_of(&self, replica: ReplicaId, other: &Self) -> (usize, usize) {
+        let mut mine = self.split(replica, true);
+        let before = mine.cloud.len();
+        mine.merge_changed(&other.split(replica, true));
+        (before, mine.cloud.len())
+    }
+
     /// The dots in both. Costs what `self` holds, not what `other` does (`other` is a local
     /// state, which may be large; `self` is what a peer sent).
     fn intersect(&self, other: &Self) -> CausalContext {
@@ -524,6 +533,11 @@ impl<T: Clone + Ord> MvRegister<T> {
         self.0.ctx.cloud.len()
     }
 
+    /// How many of `replica`'s dots `self` holds out of order: now, and with `other` merged.
+    pub fn gaps_of(&self, replica: ReplicaId, other: &Self) -> (usize, usize) {
+        self.0.ctx.gaps_of(replica, &other.0.ctx)
+    }
+
     /// The concurrent values, sorted, without duplicates.
     pub fn values(&self) -> Vec<T> {
         let set: BTreeSet<&T> = self.0.live.values().collect();
@@ -587,6 +601,11 @@ impl<T: Clone + Ord> OrSet<T> {
     /// Dots seen out of order (held one by one until the ones before them arrive).
     pub fn gaps(&self) -> usize {
         self.0.ctx.cloud.len()
+    }
+
+    /// How many of `replica`'s dots `self` holds out of order: now, and with `other` merged.
+    pub fn gaps_of(&self, replica: ReplicaId, other: &Self) -> (usize, usize) {
+        self.0.ctx.gaps_of(replica, &other.0.ctx)
     }
 
     /// Whether `elem` is present.
@@ -675,6 +694,11 @@ impl<K: Clone + Ord, V: Lattice + Default> OrMap<K, V> {
     /// Dots seen out of order (held one by one until the ones before them arrive).
     pub fn gaps(&self) -> usize {
         self.keys.gaps()
+    }
+
+    /// How many of `replica`'s dots `self` holds out of order: now, and with `other` merged.
+    pub fn gaps_of(&self, replica: ReplicaId, other: &Self) -> (usize, usize) {
+        self.keys.gaps_of(replica, &other.keys)
     }
 
     /// The present entries, sorted by key.

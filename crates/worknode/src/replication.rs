@@ -103,6 +103,10 @@ fn signed_bytes(incarnation: u64, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Largest signed message a replica passes on (its body): a change of one field is at most
+/// `max_delta_bytes` (2 MiB); a larger message is merged here but not passed on.
+pub const RELAY_MAX_BYTES: usize = 4 << 20;
+
 /// Signed changes: opening, merging and passing on (used by [`Replicator`], and by tests that
 /// drive replicas without a network).
 #[derive(Debug)]
@@ -157,11 +161,13 @@ impl Relay {
                     return None;
                 }
                 let key: [u8; 32] = Sha256::new().chain_update(author.as_bytes()).chain_update(&sig).finalize().into();
-                let fresh = self.first_sight(key);
-                if replica != system.replica() {
-                    deltas.merge_as(system, replica);
+                // A repeat is neither merged again nor passed on; a change refused here (its
+                // chain, its size) is not passed on either, nor one larger than a relay carries.
+                if !self.first_sight(key) || replica == system.replica() {
+                    return None;
                 }
-                fresh.then_some(author)
+                let taken = deltas.merge_as(system, replica);
+                (taken && body.len() <= RELAY_MAX_BYTES).then_some(author)
             }
             Some(wire) => {
                 wire.merge_into(system, from);
@@ -518,25 +524,27 @@ impl Wire {
             Wire::Signed { author, incarnation, sig, body } => match open(&author, incarnation, &sig, &body) {
                 // This replica's own changes, come back: nothing to do.
                 Ok((_, replica, _)) if replica == system.replica() => {}
-                Ok((_, replica, deltas)) => deltas.merge_as(system, replica),
+                Ok((_, replica, deltas)) => drop(deltas.merge_as(system, replica)),
                 Err(why) => system.refuse_replicated(&Refused::new("malformed", "/", why)),
             },
-            Wire::Deltas { .. } => self.merge_as(system, replica_of(from, 0)),
-            Wire::Sync { incarnation, .. } => self.merge_as(system, replica_of(from, incarnation)),
+            Wire::Deltas { .. } => drop(self.merge_as(system, replica_of(from, 0))),
+            Wire::Sync { incarnation, .. } => drop(self.merge_as(system, replica_of(from, incarnation))),
         }
     }
 
     /// [`Wire::merge_into`] for changes whose author is replica `author` (checked by the caller).
-    fn merge_as(self, system: &System, author: ReplicaId) {
+    /// Returns whether a change went on to a worknode (its chain and size were accepted).
+    fn merge_as(self, system: &System, author: ReplicaId) -> bool {
         match self {
-            Wire::Signed { .. } => {}
-            Wire::Deltas { chain, events } => drop(system.merge_replicated(author, &chain, events)),
+            Wire::Signed { .. } => false,
+            Wire::Deltas { chain, events } => system.merge_replicated(author, &chain, events).is_ok_and(|n| n > 0),
             Wire::Sync { nodes, .. } => {
                 for (chain, state) in nodes {
                     let Some(last) = chain.last() else { continue };
                     let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();
                     drop(system.merge_replicated_state(author, &chain, events));
                 }
+                true
             }
         }
     }

@@ -98,6 +98,16 @@ impl Crdt {
         }
     }
 
+    /// `author`'s dots held out of order: now, and with `other` (same kind) merged.
+    fn gaps_of(&self, author: ReplicaId, other: &Crdt) -> (usize, usize) {
+        match (self, other) {
+            (Crdt::Mv(a), Crdt::Mv(b)) => a.gaps_of(author, b),
+            (Crdt::Set(a), Crdt::Set(b)) => a.gaps_of(author, b),
+            (Crdt::Map(a), Crdt::Map(b)) => a.gaps_of(author, b),
+            _ => (0, 0),
+        }
+    }
+
     /// The latest write timestamp held (see [`Authored::latest`]).
     fn latest(&self) -> u64 {
         match self {
@@ -274,10 +284,17 @@ impl State {
         Admitted { value: Delta { field: d.field.clone(), delta: a.value }, foreign: a.foreign, unseen: a.unseen }
     }
 
-    /// Dots field `field` would hold out of order with `d` merged, at most: a bound on what a
-    /// peer's gapped dots can cost (every merge and local change of the field walks them).
-    pub fn gaps_with(&self, d: &Delta) -> usize {
-        self.fields.get(&d.field).map_or(0, Crdt::gaps).saturating_add(d.delta.gaps())
+    /// Dots of field `d.field` held out of order (every merge and local change walks them), and
+    /// of those, replica `author`'s: now, and with `d` merged. Only an author's own dots can
+    /// add gaps (see [`State::admit`]), so this bounds what one peer's gapped dots cost.
+    pub fn gaps(&self, author: ReplicaId, d: &Delta) -> (usize, usize, usize) {
+        let Some(field) = self.fields.get(&d.field) else {
+            let bottom = d.delta.bottom();
+            let (_, after) = bottom.gaps_of(author, &d.delta);
+            return (0, 0, after);
+        };
+        let (before, after) = field.gaps_of(author, &d.delta);
+        (field.gaps(), before, after)
     }
 
     /// The latest write timestamp `d` holds (milliseconds; 0 if none).

@@ -606,15 +606,33 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// Most dots one field may hold out of order (seen before the dots that precede them); a
-/// replicated change that would take a field past it is refused (`quota`). Honest replicas leave
-/// a few, briefly, when deltas overtake each other.
+/// replicated change that would add some past it, or past [`MAX_GAPS_PER_AUTHOR`] of its
+/// author's, is refused (`quota`). Honest replicas leave a few, briefly, when deltas overtake
+/// each other.
 pub const MAX_GAPS: usize = 1 << 16;
+
+/// Most dots of one replica one field may hold out of order (see [`MAX_GAPS`]).
+pub const MAX_GAPS_PER_AUTHOR: usize = 1 << 12;
 
 /// How far ahead of this replica's clock a replicated write may be stamped (24 h): a write
 /// stamped further ahead would win over every later write for that long, so it is refused
 /// (`clock`). A replica's own writes run ahead of its clock only by 1 ms per write beyond one
 /// write per millisecond to one register.
 pub const MAX_CLOCK_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+/// The id a replicated change with origin id `origin` is stored under in worknode `local`.
+fn local_event_id(origin: &EventId, local: WorknodeId) -> EventId {
+    let digest = Sha256::new()
+        .chain_update(b"referee-worknode-merged\0")
+        .chain_update(origin)
+        .chain_update(local.to_bytes())
+        .finalize();
+    let mut id = EventId::default();
+    for (o, d) in id.iter_mut().zip(digest.iter()) {
+        *o = *d;
+    }
+    id
+}
 
 /// The id a replicated change is stored under when only part of it was merged: derived from
 /// the origin's id and the part, so the same part is stored once.
@@ -927,7 +945,10 @@ impl Inner {
                         .map(|(_, _, body)| body == encode(delta)),
                 };
                 for (eid, delta) in events {
-                    let mut eid = *eid;
+                    // Stored under an id of this worknode: the origin's id names the change
+                    // wherever it is merged, and a peer could plant a change under the id of one
+                    // meant for another worknode, so that it would be skipped there as a repeat.
+                    let mut eid = local_event_id(eid, info.id);
                     match stored(log, &eid, delta) {
                         Some(true) => continue,
                         Some(false) => {
@@ -977,9 +998,17 @@ impl Inner {
                         self.refused(&Refused::new("clock", self.path_of_info(info), detail));
                         continue;
                     }
-                    if state.gaps_with(&delta) > MAX_GAPS {
+                    // Gaps: refused only when this change adds some, past the author's share or
+                    // the field's total; a change that adds none always goes (so one peer's gaps
+                    // block only that peer).
+                    let (total, before, after) = state.gaps(*author, &delta);
+                    if after > before
+                        && (after > MAX_GAPS_PER_AUTHOR
+                            || total.saturating_sub(before).saturating_add(after) > MAX_GAPS)
+                    {
                         let detail = format!(
-                            "field {:?}: more than {MAX_GAPS} dots out of order (a peer's gapped dots cost every later change)",
+                            "field {:?}: {after} of its author's dots out of order (at most {MAX_GAPS_PER_AUTHOR}, and \
+                             {MAX_GAPS} in all): gapped dots cost every later change",
                             delta.field
                         );
                         self.refused(&Refused::new("quota", self.path_of_info(info), detail));
@@ -1504,12 +1533,13 @@ impl System {
     ///
     /// A refusal is counted and audited (see [`Refused`]) and applies nothing. Deltas that do not
     /// fit their field (another CRDT kind) are refused one by one inside the worknode's turn.
+    /// Returns how many events went on to the worknode (those within `max_delta_bytes`).
     pub fn merge_replicated(
         &self,
         author: ReplicaId,
         chain: &[Meta],
         mut events: Vec<Replicated>,
-    ) -> Result<(), Refused> {
+    ) -> Result<usize, Refused> {
         let max = self.inner.cfg.max_delta_bytes;
         let name = chain.last().map_or("", |m| m.name.as_str());
         let mut total = 0usize;
@@ -1523,7 +1553,8 @@ impl System {
             total = total.saturating_add(bytes + EVENT_OVERHEAD);
             true
         });
-        self.merge_events(author, false, chain, events, total)
+        let n = events.len();
+        self.merge_events(author, false, chain, events, total).map(|()| n)
     }
 
     /// Merges full field states from a peer's anti-entropy message (`Wire::Sync`): the same
