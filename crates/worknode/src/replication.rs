@@ -103,9 +103,30 @@ fn signed_bytes(incarnation: u64, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Largest signed message a replica passes on (its body): a change of one field is at most
-/// `max_delta_bytes` (2 MiB); a larger message is merged here but not passed on.
+/// Largest signed message a replica passes on (its body); a larger one is merged here but not
+/// passed on. A replica ships its changes in messages of half this at most (a change of one
+/// field is at most `max_delta_bytes`, 2 MiB), so its own always travel.
 pub const RELAY_MAX_BYTES: usize = 4 << 20;
+
+/// A shipment as [`Wire::Deltas`] messages whose events add up to about `chunk` bytes at most
+/// (one event each at least), in order.
+fn split_shipment(s: Shipment, chunk: usize) -> Vec<Wire> {
+    let mut out = Vec::new();
+    let (mut events, mut size) = (Vec::new(), 0usize);
+    for e in s.events {
+        let bytes = rmp_serde::to_vec(&e).map_or(0, |b| b.len());
+        if !events.is_empty() && size.saturating_add(bytes) > chunk {
+            out.push(Wire::Deltas { chain: s.chain.clone(), events: std::mem::take(&mut events) });
+            size = 0;
+        }
+        size = size.saturating_add(bytes);
+        events.push(e);
+    }
+    if !events.is_empty() {
+        out.push(Wire::Deltas { chain: s.chain, events });
+    }
+    out
+}
 
 /// Signed changes: opening, merging and passing on (used by [`Replicator`], and by tests that
 /// drive replicas without a network).
@@ -349,12 +370,14 @@ impl Replicator {
             if self.isolated.load(Ordering::Acquire) {
                 continue;
             }
-            let deltas = Wire::Deltas { chain: s.chain, events: s.events };
-            let signed = Wire::signed(self.node.id(), self.incarnation, &deltas, |d, m| self.node.sign(d, m));
-            let bytes = Bytes::from(signed.to_bytes());
-            let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
-            for peer in peers {
-                self.enqueue(peer, bytes.clone()).await;
+            // In messages a relay passes on (a change is at most `max_delta_bytes`, 2 MiB).
+            for deltas in split_shipment(s, RELAY_MAX_BYTES / 2) {
+                let signed = Wire::signed(self.node.id(), self.incarnation, &deltas, |d, m| self.node.sign(d, m));
+                let bytes = Bytes::from(signed.to_bytes());
+                let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
+                for peer in peers {
+                    self.enqueue(peer, bytes.clone()).await;
+                }
             }
         }
     }
@@ -547,5 +570,35 @@ impl Wire {
                 true
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crdt::GCounter;
+    use crate::state::Crdt;
+
+    #[test]
+    fn shipments_split_in_order_into_messages_a_relay_passes_on() {
+        let event = |i: u64, len: usize| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&i.to_le_bytes());
+            (id, Delta { field: "x".repeat(len), delta: Crdt::GCounter(GCounter::default().inc(1, i + 1)) })
+        };
+        let events: Vec<Replicated> = (0..10).map(|i| event(i, 300_000)).collect();
+        let parts = split_shipment(Shipment { chain: Vec::new(), events: events.clone() }, 1 << 20);
+        assert!(parts.len() > 1);
+        let mut back = Vec::new();
+        for p in parts {
+            let bytes = p.to_bytes();
+            assert!(bytes.len() <= (1 << 20) + 4096, "{} bytes", bytes.len());
+            let Wire::Deltas { events, .. } = p else { panic!("not deltas") };
+            back.extend(events);
+        }
+        assert_eq!(back, events);
+        // One event larger than a chunk still goes, alone.
+        let big = split_shipment(Shipment { chain: Vec::new(), events: vec![event(0, 2 << 20)] }, 1 << 20);
+        assert_eq!(big.len(), 1);
     }
 }
