@@ -1011,3 +1011,33 @@ fn a_refused_signed_change_is_not_passed_on() -> TestResult {
     }
     Ok(())
 }
+
+/// Found reviewing the admission code: a peer's causal context with a zero entry (`{X: 0}`, which
+/// no replica makes) made the merge ask a map for the range `1..=0`, which panics: the worker
+/// died and the worknode was never scheduled again, on every replica the change reached. A zero
+/// entry names no dot.
+#[test]
+fn a_zero_entry_in_a_peers_context_is_harmless() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /ev data eventual")?;
+    r.ok("send /ev insert s a")?;
+    let chain = chains(&hostile(&r, vec![])?).into_iter().next().ok_or("no chain")?;
+    let zero = dots(&[], &[(hr(), 0), (r.replica, 0)], &[]);
+    let mut state = referee_worknode::State::default();
+    state.apply(&delta("s", Crdt::Set(zero.clone())))?;
+    let me = hostile_identity();
+    let signed = Wire::signed(me.id(), 0, &deltas(chain.clone(), vec![delta("s", Crdt::Set(zero.clone()))]), |d, m| {
+        me.sign(d, m)
+    });
+    let forged = vec![
+        deltas(chain.clone(), vec![delta("s", Crdt::Set(zero))]),
+        Wire::Sync { incarnation: 0, nodes: vec![(chain.clone(), state)] },
+        signed,
+        deltas(chain, vec![delta("end", grow(hr(), 1))]),
+    ];
+    hostile(&r, forged)?;
+    r.wait("get /ev", |g| g["ok"]["state"]["end"] == 1)?;
+    r.ok("send /ev insert s b")?;
+    assert_eq!(r.ok("get /ev")?["state"]["s"], serde_json::json!(["a", "b"]));
+    Ok(())
+}

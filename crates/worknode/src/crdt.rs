@@ -440,7 +440,13 @@ impl<T: Clone + Ord> DotFun<T> {
         // Keep a dot if both have it, or one has it and the other never saw it. Only dots
         // `other` saw can go: found through its context, so a small delta costs little however
         // large `self` is.
-        let seen_by_other = other.ctx.vv.iter().flat_map(|(r, n)| self.live.range((*r, 1)..=(*r, *n)).map(|(d, _)| *d));
+        // (`n == 0` only in a peer's context that is not canonical: `1..=0` would panic.)
+        let seen_by_other = other
+            .ctx
+            .vv
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .flat_map(|(r, n)| self.live.range((*r, 1)..=(*r, *n)).map(|(d, _)| *d));
         let gone: Vec<Dot> = seen_by_other
             .chain(other.ctx.cloud.iter().filter(|d| self.live.contains_key(d)).copied())
             .filter(|d| !other.live.contains_key(d))
@@ -496,7 +502,8 @@ impl<T: Clone + Ord> DotFun<T> {
         }
         // Removals: other replicas' dots live here that the peer has seen and holds no more.
         let gone = |d: &Dot| !self.live.contains_key(d);
-        for (r, n) in &others.vv {
+        // A peer's context may not be canonical: a zero entry (`1..=0` would panic) names no dot.
+        for (r, n) in others.vv.iter().filter(|(_, n)| **n > 0) {
             ctx.cloud.extend(local.live.range((*r, 1)..=(*r, *n)).map(|(d, _)| *d).filter(gone));
         }
         ctx.cloud.extend(others.cloud.iter().filter(|d| local.live.contains_key(d) && gone(d)));
@@ -977,6 +984,16 @@ mod tests {
         assert!(a.value.0.live.keys().all(|d| d.0 == 2));
         three.merge(&a.value);
         assert!(three.contains(&"z") && !three.contains(&"zz"));
+        // A peer's context with a zero entry (not canonical) names no dot, and panics nothing.
+        let zero_vv: OrSet<&str> = OrSet(DotFun {
+            live: BTreeMap::new(),
+            ctx: CausalContext { vv: BTreeMap::from([(1, 0), (2, 0)]), cloud: BTreeSet::new() },
+        });
+        let a = zero_vv.admit(2, &three);
+        let mut copy = three.clone();
+        copy.merge(&a.value);
+        copy.merge(&zero_vv);
+        assert_eq!(copy, three);
         // Dot 0 is nobody's: no context holds it, so nothing could remove it.
         let zero: OrSet<&str> =
             OrSet(DotFun { live: BTreeMap::from([((2, 0), "pinned")]), ctx: CausalContext::default() });

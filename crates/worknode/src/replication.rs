@@ -277,6 +277,10 @@ pub struct Replicator {
     relay: Relay,
     /// This replica's store incarnation ([`replica_of`]).
     incarnation: u64,
+    /// Peers a full state is being sent to, with how many times one was asked for since (one
+    /// at a time each: a peer that reconnects in a loop and reads slowly must not pin a copy of
+    /// the state per connection; a new connection's request restarts it).
+    syncing: Mutex<HashMap<PeerId, u64>>,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -312,6 +316,7 @@ impl Replicator {
             peers: Mutex::new(HashMap::new()),
             relay: Relay::new(node.id()),
             incarnation,
+            syncing: Mutex::new(HashMap::new()),
             node,
         });
         let (tx, rx) = mpsc::unbounded_channel::<Shipment>();
@@ -429,6 +434,29 @@ impl Replicator {
     /// Sends `peer` the full state in chunks of [`SYNC_CHUNK`], each queued only once the
     /// peer's queue has room, so a large state is paced by the peer rather than disconnecting it.
     async fn sync_to(self: Arc<Self>, peer: PeerId) {
+        let lock = || self.syncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        {
+            let mut syncing = lock();
+            if let Some(asked) = syncing.get_mut(&peer) {
+                *asked += 1;
+                return;
+            }
+            syncing.insert(peer, 0);
+        }
+        loop {
+            let asked = lock().get(&peer).copied().unwrap_or(0);
+            self.sync_chunks_to(peer, asked).await;
+            let mut syncing = lock();
+            if syncing.get(&peer).copied().unwrap_or(0) == asked {
+                syncing.remove(&peer);
+                return;
+            }
+        }
+    }
+
+    /// [`Replicator::sync_to`]'s chunks; stops early when another sync was asked for since
+    /// `asked` (it restarts).
+    async fn sync_chunks_to(self: &Arc<Self>, peer: PeerId, asked: u64) {
         let (system, incarnation) = (self.system.clone(), self.incarnation);
         let Ok(chunks) = tokio::task::spawn_blocking(move || Wire::sync_chunks(&system, incarnation, SYNC_CHUNK)).await
         else {
@@ -448,7 +476,9 @@ impl Replicator {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) {
+            let again =
+                self.syncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&peer) != Some(&asked);
+            if again || !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) {
                 return;
             }
             self.enqueue(peer, Bytes::from(chunk)).await;
