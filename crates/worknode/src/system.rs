@@ -927,108 +927,117 @@ impl Inner {
         let ops = match &env.body {
             Body::Update(ops) => return Ok(self.update_state(node, ops, ids, log)),
             Body::Merge { author, full, events } => {
-                let state = node.state.get_or_insert_with(Box::default);
-                // Checked as a local change is (kinds); one that changes nothing (seen before, or
-                // empty) is not stored. An id already stored (or earlier in this turn) with other
-                // contents is equivocation: refused and audited (the store would keep the first
-                // and drop the second, so state and log would disagree).
-                let stored = |log: &TurnLog, eid: &EventId, delta: &Delta| match log
-                    .merged
-                    .get(eid)
-                    .and_then(|i| log.events.get(*i))
-                {
-                    Some(e) => Some(e.1 == *delta),
-                    None => self
-                        .store
-                        .as_ref()
-                        .and_then(|s| s.event(eid).ok().flatten())
-                        .map(|(_, _, body)| body == encode(delta)),
-                };
-                for (eid, delta) in events {
-                    // Stored under an id of this worknode: the origin's id names the change
-                    // wherever it is merged, and a peer could plant a change under the id of one
-                    // meant for another worknode, so that it would be skipped there as a repeat.
-                    let mut eid = local_event_id(eid, info.id);
-                    match stored(log, &eid, delta) {
-                        Some(true) => continue,
-                        Some(false) => {
-                            // Its author gave one change two contents (equivocation). Both are
-                            // merged, wherever they arrive first, so replicas agree (the larger
-                            // value of an update wins); the second is stored under an id of its own.
-                            let detail = format!(
-                                "event {} is stored with other contents (both merged: the larger value of an update wins)",
-                                hex::encode(eid)
-                            );
-                            self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
-                            eid = cut_id(&eid, delta);
-                            if stored(log, &eid, delta).is_some() {
-                                continue;
-                            }
-                        }
-                        None => {}
-                    }
-                    // Authorship: the peer speaks for its own updates only.
-                    let admitted = state.admit(*author, delta);
-                    if admitted.foreign && !*full {
-                        let detail = format!("field {:?}: a change holding other replicas' updates", delta.field);
-                        self.refused(&Refused::new("author", self.path_of_info(info), detail));
-                        continue;
-                    }
-                    if admitted.unseen {
-                        let detail = format!(
-                            "field {:?}: claims other replicas' updates this replica has not seen were seen (left out)",
-                            delta.field
-                        );
-                        self.refused(&Refused::new("unseen", self.path_of_info(info), detail));
-                    }
-                    // What is stored is what was merged: a change cut down here is stored under an id
-                    // of its own (the origin's id names the whole change, which is not what this
-                    // replica applied, and may be admitted in full later).
-                    let (eid, delta) = if admitted.value == *delta {
-                        (eid, delta.clone())
-                    } else {
-                        (cut_id(&eid, &admitted.value), admitted.value)
-                    };
-                    let latest = State::latest(&delta);
-                    if latest > now_ms().saturating_add(MAX_CLOCK_AHEAD_MS) {
-                        let detail = format!(
-                            "field {:?}: a write stamped {latest}, more than {MAX_CLOCK_AHEAD_MS} ms ahead of this replica's clock",
-                            delta.field
-                        );
-                        self.refused(&Refused::new("clock", self.path_of_info(info), detail));
-                        continue;
-                    }
-                    // Gaps: refused only when this change adds some, past the author's share or
-                    // the field's total; a change that adds none always goes (so one peer's gaps
-                    // block only that peer).
-                    let (total, before, after) = state.gaps(*author, &delta);
-                    if after > before
-                        && (after > MAX_GAPS_PER_AUTHOR
-                            || total.saturating_sub(before).saturating_add(after) > MAX_GAPS)
+                // What a peer sent must never take the worker down: a panic here (a bug, met
+                // through a peer's data) fails the worknode's turn, which restarts it from its
+                // log, like a behaviour's panic.
+                let merged = catch_unwind(AssertUnwindSafe(|| {
+                    let state = node.state.get_or_insert_with(Box::default);
+                    // Checked as a local change is (kinds); one that changes nothing (seen before, or
+                    // empty) is not stored. An id already stored (or earlier in this turn) with other
+                    // contents is equivocation: refused and audited (the store would keep the first
+                    // and drop the second, so state and log would disagree).
+                    let stored = |log: &TurnLog, eid: &EventId, delta: &Delta| match log
+                        .merged
+                        .get(eid)
+                        .and_then(|i| log.events.get(*i))
                     {
-                        let detail = format!(
-                            "field {:?}: {after} of its author's dots out of order (at most {MAX_GAPS_PER_AUTHOR}, and \
-                             {MAX_GAPS} in all): gapped dots cost every later change",
-                            delta.field
-                        );
-                        self.refused(&Refused::new("quota", self.path_of_info(info), detail));
-                        continue;
-                    }
-                    if state.equivocates(&delta) {
-                        // Resolved the same way everywhere (the larger value wins); audited.
-                        let detail = format!("field {:?}: one update with two values (the larger kept)", delta.field);
-                        self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
-                    }
-                    match state.absorb(&delta) {
-                        Ok(true) => {
-                            log.merged.insert(eid, log.events.len());
-                            log.events.push((eid, delta, false));
+                        Some(e) => Some(e.1 == *delta),
+                        None => self
+                            .store
+                            .as_ref()
+                            .and_then(|s| s.event(eid).ok().flatten())
+                            .map(|(_, _, body)| body == encode(delta)),
+                    };
+                    for (eid, delta) in events {
+                        // Stored under an id of this worknode: the origin's id names the change
+                        // wherever it is merged, and a peer could plant a change under the id of one
+                        // meant for another worknode, so that it would be skipped there as a repeat.
+                        let mut eid = local_event_id(eid, info.id);
+                        match stored(log, &eid, delta) {
+                            Some(true) => continue,
+                            Some(false) => {
+                                // Its author gave one change two contents (equivocation). Both are
+                                // merged, wherever they arrive first, so replicas agree (the larger
+                                // value of an update wins); the second is stored under an id of its own.
+                                let detail = format!(
+                                    "event {} is stored with other contents (both merged: the larger value of an update wins)",
+                                    hex::encode(eid)
+                                );
+                                self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
+                                eid = cut_id(&eid, delta);
+                                if stored(log, &eid, delta).is_some() {
+                                    continue;
+                                }
+                            }
+                            None => {}
                         }
-                        Ok(false) => {}
-                        Err(e) => self.refuse(info, &e),
+                        // Authorship: the peer speaks for its own updates only.
+                        let admitted = state.admit(*author, delta);
+                        if admitted.foreign && !*full {
+                            let detail = format!("field {:?}: a change holding other replicas' updates", delta.field);
+                            self.refused(&Refused::new("author", self.path_of_info(info), detail));
+                            continue;
+                        }
+                        if admitted.unseen {
+                            let detail = format!(
+                                "field {:?}: claims other replicas' updates this replica has not seen were seen (left out)",
+                                delta.field
+                            );
+                            self.refused(&Refused::new("unseen", self.path_of_info(info), detail));
+                        }
+                        // What is stored is what was merged: a change cut down here is stored under an id
+                        // of its own (the origin's id names the whole change, which is not what this
+                        // replica applied, and may be admitted in full later).
+                        let (eid, delta) = if admitted.value == *delta {
+                            (eid, delta.clone())
+                        } else {
+                            (cut_id(&eid, &admitted.value), admitted.value)
+                        };
+                        let latest = State::latest(&delta);
+                        if latest > now_ms().saturating_add(MAX_CLOCK_AHEAD_MS) {
+                            let detail = format!(
+                                "field {:?}: a write stamped {latest}, more than {MAX_CLOCK_AHEAD_MS} ms ahead of this replica's clock",
+                                delta.field
+                            );
+                            self.refused(&Refused::new("clock", self.path_of_info(info), detail));
+                            continue;
+                        }
+                        // Gaps: refused only when this change adds some, past the author's share or
+                        // the field's total; a change that adds none always goes (so one peer's gaps
+                        // block only that peer).
+                        let (total, before, after) = state.gaps(*author, &delta);
+                        if after > before
+                            && (after > MAX_GAPS_PER_AUTHOR
+                                || total.saturating_sub(before).saturating_add(after) > MAX_GAPS)
+                        {
+                            let detail = format!(
+                                "field {:?}: {after} of its author's dots out of order (at most {MAX_GAPS_PER_AUTHOR}, and \
+                             {MAX_GAPS} in all): gapped dots cost every later change",
+                                delta.field
+                            );
+                            self.refused(&Refused::new("quota", self.path_of_info(info), detail));
+                            continue;
+                        }
+                        if state.equivocates(&delta) {
+                            // Resolved the same way everywhere (the larger value wins); audited.
+                            let detail =
+                                format!("field {:?}: one update with two values (the larger kept)", delta.field);
+                            self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
+                        }
+                        match state.absorb(&delta) {
+                            Ok(true) => {
+                                log.merged.insert(eid, log.events.len());
+                                log.events.push((eid, delta, false));
+                            }
+                            Ok(false) => {}
+                            Err(e) => self.refuse(info, &e),
+                        }
                     }
-                }
-                return Ok(Handled::Applied(start..log.events.len()));
+                }));
+                return match merged {
+                    Ok(()) => Ok(Handled::Applied(start..log.events.len())),
+                    Err(p) => Err(format!("merging a peer's change panicked: {}", panic_text(&*p))),
+                };
             }
             Body::Data(_) | Body::Signal(_) => {
                 let Some((_, behaviour)) = kinds.get(usize::from(info.kind)) else {
