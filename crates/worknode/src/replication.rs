@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::crdt::ReplicaId;
 use crate::state::{Delta, State};
-use crate::system::{Meta, Refused, Replicated, Shipment, System};
+use crate::system::{Meta, Refused, Replicated, Shipment, System, digest_id};
 
 /// What replicas say to each other.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,16 +231,8 @@ impl Wire {
 /// under an identity that served another from reusing that store's dots. A peer that sends no
 /// incarnation (a plain [`Wire::Deltas`]) is incarnation 0.
 pub fn replica_of(peer: &PeerId, incarnation: u64) -> ReplicaId {
-    let digest = Sha256::new()
-        .chain_update(b"referee-worknode-replica\0")
-        .chain_update(peer.as_bytes())
-        .chain_update(incarnation.to_le_bytes())
-        .finalize();
-    let mut id = [0u8; 8];
-    for (o, d) in id.iter_mut().zip(digest.iter()) {
-        *o = *d;
-    }
-    u64::from_le_bytes(id)
+    let id = digest_id(&[b"referee-worknode-replica\0", peer.as_bytes(), &incarnation.to_le_bytes()]);
+    u64::from_le_bytes(id.first_chunk::<8>().copied().unwrap_or_default())
 }
 
 /// How long to wait between dial attempts to a peer that is down.
@@ -295,13 +287,7 @@ fn encode(w: &Wire) -> Vec<u8> {
 
 /// A content-derived event id for anti-entropy states: the same state sent twice is stored once.
 fn content_id(id: &crate::WorknodeId, delta: &Delta) -> [u8; 16] {
-    let digest =
-        Sha256::new().chain_update(id.to_bytes()).chain_update(rmp_serde::to_vec(delta).unwrap_or_default()).finalize();
-    let mut out = [0u8; 16];
-    for (o, d) in out.iter_mut().zip(digest.iter()) {
-        *o = *d;
-    }
-    out
+    digest_id(&[&id.to_bytes(), &rmp_serde::to_vec(delta).unwrap_or_default()])
 }
 
 impl Replicator {

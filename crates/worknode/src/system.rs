@@ -622,31 +622,19 @@ pub const MAX_CLOCK_AHEAD_MS: u64 = 24 * 3600 * 1000;
 
 /// The id a replicated change with origin id `origin` is stored under in worknode `local`.
 fn local_event_id(origin: &EventId, local: WorknodeId) -> EventId {
-    let digest = Sha256::new()
-        .chain_update(b"referee-worknode-merged\0")
-        .chain_update(origin)
-        .chain_update(local.to_bytes())
-        .finalize();
-    let mut id = EventId::default();
-    for (o, d) in id.iter_mut().zip(digest.iter()) {
-        *o = *d;
-    }
-    id
+    digest_id(&[b"referee-worknode-merged\0", origin, &local.to_bytes()])
 }
 
 /// The id a replicated change is stored under when only part of it was merged: derived from
 /// the origin's id and the part, so the same part is stored once.
 fn cut_id(origin: &EventId, part: &Delta) -> EventId {
-    let digest = Sha256::new()
-        .chain_update(b"referee-worknode-cut\0")
-        .chain_update(origin)
-        .chain_update(encode(part))
-        .finalize();
-    let mut id = EventId::default();
-    for (o, d) in id.iter_mut().zip(digest.iter()) {
-        *o = *d;
-    }
-    id
+    digest_id(&[b"referee-worknode-cut\0", origin, &encode(part)])
+}
+
+/// An event id derived from `parts`: the first 16 bytes of their SHA-256.
+pub(crate) fn digest_id(parts: &[&[u8]]) -> EventId {
+    let digest: [u8; 32] = parts.iter().fold(Sha256::new(), |h, p| h.chain_update(p)).finalize().into();
+    digest.first_chunk::<16>().copied().unwrap_or_default()
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
