@@ -521,6 +521,7 @@ async fn control(sys: &Arc<System>, repl: &Arc<Replicator>, words: &[String]) ->
             let s = sys.stats();
             Ok(serde_json::json!({
                 "handled": s.handled, "restarts": s.restarts, "rejected": s.rejected, "refused": sys.refusals(),
+                "sync": repl.stats(),
             }))
         }
         "too-long" => bail!("a command line of {} bytes is longer than the limit, {MAX_LINE}: skipped", w(1)?),

@@ -8,9 +8,12 @@
 //!   taken as that replica's from anyone, and each replica passes a signed message on to its
 //!   other peers the first time it sees it ([`Relay`]), so changes reach replicas their author
 //!   is not connected to.
-//! - On every (re)connection both sides send [`Wire::Sync`]: the full state of every Eventual
-//!   worknode (anti-entropy). Merge is a join, so replicas converge after a partition heals no
-//!   matter which deltas were lost while it lasted.
+//! - On every (re)connection both sides run a round of anti-entropy: each sends a digest of the
+//!   state of every Eventual worknode ([`Wire::Digests`]), asks for the states whose digests
+//!   differ or that it lacks ([`Wire::Want`]), and is sent each of those once ([`Wire::Sync`]),
+//!   all in messages of [`SYNC_CHUNK`] at most (a large worknode split between its fields).
+//!   Replicas that agree exchange digests only. Merge is a join, so replicas converge after a
+//!   partition heals no matter which deltas were lost while it lasted.
 //! - Each peer has its own queue and sender task (at most [`PEER_QUEUE_BYTES`] waiting), so a
 //!   peer that stops reading delays nobody else: once its queue is full it is disconnected, and
 //!   it gets the full state again when it reconnects.
@@ -46,12 +49,26 @@ pub enum Wire {
         /// Events with their origin ids.
         events: Vec<Replicated>,
     },
-    /// Full states of every Eventual worknode (anti-entropy).
+    /// Full states of Eventual worknodes (anti-entropy: the answer to a [`Wire::Want`]). A
+    /// worknode larger than one message comes in several, each with some of its fields.
     Sync {
         /// The sender's store incarnation (its replica id is [`replica_of`] its identity and this).
         incarnation: u64,
         /// `(chain, state)` per worknode.
         nodes: Vec<(Vec<Meta>, State)>,
+    },
+    /// Anti-entropy, first step: a digest of the state of each Eventual worknode of the sender,
+    /// by path ([`System::eventual_digests`]), in messages of [`SYNC_CHUNK`] at most.
+    Digests {
+        /// `(path, digest)` per worknode.
+        nodes: Vec<(String, [u8; 16])>,
+    },
+    /// Anti-entropy, second step: the worknodes (by path) of those a peer's [`Wire::Digests`]
+    /// named whose state differs here or that this replica lacks. Each is answered with its
+    /// state ([`Wire::Sync`]) once per round (a connection).
+    Want {
+        /// Paths.
+        paths: Vec<String>,
     },
     /// A replica's new changes (`body`: a [`Wire::Deltas`] encoding), signed by it, so any
     /// replica can pass them on: a replica merges them as their author's whoever brought them,
@@ -128,6 +145,26 @@ fn split_shipment(s: Shipment, chunk: usize) -> Vec<Wire> {
     out
 }
 
+/// `items` in groups whose `size`s add up to about [`SYNC_CHUNK`] at most (one item each at
+/// least), in order.
+fn chunks<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    let (mut group, mut total) = (Vec::new(), 0usize);
+    for item in items {
+        let bytes = size(&item);
+        if !group.is_empty() && total.saturating_add(bytes) > SYNC_CHUNK {
+            out.push(std::mem::take(&mut group));
+            total = 0;
+        }
+        total = total.saturating_add(bytes);
+        group.push(item);
+    }
+    if !group.is_empty() {
+        out.push(group);
+    }
+    out
+}
+
 /// Signed changes: opening, merging and passing on (used by [`Replicator`], and by tests that
 /// drive replicas without a network).
 #[derive(Debug)]
@@ -169,8 +206,18 @@ impl Relay {
     /// author (to every other peer but the author) when it is a signed one seen for the first
     /// time. Our own changes coming back are dropped; a bad signature is refused `malformed`.
     pub fn receive(&self, system: &System, from: &PeerId, payload: &[u8]) -> Option<PeerId> {
-        match Wire::from_bytes(payload) {
-            Some(Wire::Signed { author, incarnation, sig, body }) => {
+        if let Some(wire) = Wire::from_bytes(payload) {
+            return self.receive_wire(system, from, wire);
+        }
+        let detail = format!("{} bytes from {from} that are not a replication message", payload.len());
+        system.refuse_replicated(&Refused::new("malformed", "/", detail));
+        None
+    }
+
+    /// [`Relay::receive`] of a decoded message.
+    pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire) -> Option<PeerId> {
+        match wire {
+            Wire::Signed { author, incarnation, sig, body } => {
                 let (author, replica, deltas) = match open(&author, incarnation, &sig, &body) {
                     Ok(opened) => opened,
                     Err(why) => {
@@ -190,13 +237,8 @@ impl Relay {
                 let taken = deltas.merge_as(system, replica);
                 (taken && body.len() <= RELAY_MAX_BYTES).then_some(author)
             }
-            Some(wire) => {
+            wire => {
                 wire.merge_into(system, from);
-                None
-            }
-            None => {
-                let detail = format!("{} bytes from {from} that are not a replication message", payload.len());
-                system.refuse_replicated(&Refused::new("malformed", "/", detail));
                 None
             }
         }
@@ -243,10 +285,14 @@ const REDIAL: Duration = Duration::from_millis(200);
 /// the other peers never wait for it.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 
-/// Most bytes of one anti-entropy message: the full state goes in messages of about this size
-/// (one worknode each at least; a worknode over referee-comm's 16 MiB message limit cannot be
-/// sent whole until slice 3 splits worknodes).
+/// Most bytes of one anti-entropy message (about): digests, wants and states go in messages of
+/// this size, a worknode's state split between fields (a single field over referee-comm's
+/// 16 MiB message limit cannot be sent).
 pub const SYNC_CHUNK: usize = 4 << 20;
+
+/// Most digests of a peer kept while this replica computes its own for the round (more are
+/// dropped: those worknodes wait for the next round).
+const EARLY_DIGESTS: usize = 1 << 20;
 
 /// Most replicated bytes (encoded) accepted and not yet merged by the worknodes; above it no
 /// more messages are taken from peers until the worknodes catch up.
@@ -269,10 +315,62 @@ pub struct Replicator {
     relay: Relay,
     /// This replica's store incarnation ([`replica_of`]).
     incarnation: u64,
-    /// Peers a full state is being sent to, with how many times one was asked for since (one
-    /// at a time each: a peer that reconnects in a loop and reads slowly must not pin a copy of
-    /// the state per connection; a new connection's request restarts it).
-    syncing: Mutex<HashMap<PeerId, u64>>,
+    /// Anti-entropy with each peer.
+    rounds: Mutex<HashMap<PeerId, Round>>,
+    stats: SyncCounters,
+}
+
+/// Anti-entropy with one peer. A round starts with each connection: both sides send digests of
+/// their states, each asks for the states that differ, and each state asked for is sent once
+/// a round. One task at a time computes digests for a peer, and one sends it states, so a peer
+/// that reconnects in a loop or asks again and again costs one copy of the state at most.
+#[derive(Debug, Default)]
+struct Round {
+    /// Bumped by each new connection of the peer: work for an older round stops.
+    generation: u64,
+    /// Whether a task is running this peer's rounds (computing and sending digests).
+    running: bool,
+    /// This replica's digests for the round, by path (`None` until computed).
+    ours: Option<Arc<HashMap<String, [u8; 16]>>>,
+    /// Paths the peer asked for this round (each is sent once a round).
+    served: HashSet<String>,
+    /// The peer's digests that came before ours were computed.
+    early: Vec<(String, [u8; 16])>,
+    /// Paths asked for and not sent yet.
+    wanted: std::collections::VecDeque<String>,
+    /// Whether a task is sending `wanted`.
+    serving: bool,
+}
+
+/// What anti-entropy has done (see [`Replicator::stats`]).
+#[derive(Debug, Default)]
+struct SyncCounters {
+    rounds: std::sync::atomic::AtomicU64,
+    digests_sent: std::sync::atomic::AtomicU64,
+    digests_received: std::sync::atomic::AtomicU64,
+    wanted: std::sync::atomic::AtomicU64,
+    states_sent: std::sync::atomic::AtomicU64,
+    state_bytes_sent: std::sync::atomic::AtomicU64,
+    wants_ignored: std::sync::atomic::AtomicU64,
+}
+
+/// What anti-entropy has done since the replicator started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SyncStats {
+    /// Rounds whose digests were all sent.
+    pub rounds: u64,
+    /// Digests sent (one per worknode per round).
+    pub digests_sent: u64,
+    /// Digests received.
+    pub digests_received: u64,
+    /// Worknode states asked of peers (their digests differed or they were missing here).
+    pub wanted: u64,
+    /// Parts of worknode states sent (one per worknode, more for a worknode split by fields).
+    pub states_sent: u64,
+    /// Bytes of [`Wire::Sync`] messages sent.
+    pub state_bytes_sent: u64,
+    /// Paths peers asked for that this round had not offered or had sent already.
+    pub wants_ignored: u64,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -302,7 +400,8 @@ impl Replicator {
             peers: Mutex::new(HashMap::new()),
             relay: Relay::new(node.id()),
             incarnation,
-            syncing: Mutex::new(HashMap::new()),
+            rounds: Mutex::new(HashMap::new()),
+            stats: SyncCounters::default(),
             node,
         });
         let (tx, rx) = mpsc::unbounded_channel::<Shipment>();
@@ -417,58 +516,204 @@ impl Replicator {
         }
     }
 
-    /// Sends `peer` the full state in chunks of [`SYNC_CHUNK`], each queued only once the
-    /// peer's queue has room, so a large state is paced by the peer rather than disconnecting it.
-    async fn sync_to(self: Arc<Self>, peer: PeerId) {
-        let lock = || self.syncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        {
-            let mut syncing = lock();
-            if let Some(asked) = syncing.get_mut(&peer) {
-                *asked += 1;
-                return;
-            }
-            syncing.insert(peer, 0);
+    /// What anti-entropy has done.
+    pub fn stats(&self) -> SyncStats {
+        let c = &self.stats;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        SyncStats {
+            rounds: get(&c.rounds),
+            digests_sent: get(&c.digests_sent),
+            digests_received: get(&c.digests_received),
+            wanted: get(&c.wanted),
+            states_sent: get(&c.states_sent),
+            state_bytes_sent: get(&c.state_bytes_sent),
+            wants_ignored: get(&c.wants_ignored),
         }
+    }
+
+    fn rounds(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Round>> {
+        self.rounds.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn connected(&self, peer: &PeerId) -> bool {
+        self.node.connections().iter().any(|c| c.peer().id == *peer && !c.is_closed())
+    }
+
+    /// Waits until `peer`'s queue has room for a large message (so a large state is paced by
+    /// the peer rather than disconnecting it); `false` once the peer is gone.
+    async fn room(&self, peer: &PeerId) -> bool {
         loop {
-            let asked = lock().get(&peer).copied().unwrap_or(0);
-            self.sync_chunks_to(peer, asked).await;
-            let mut syncing = lock();
-            if syncing.get(&peer).copied().unwrap_or(0) == asked {
-                syncing.remove(&peer);
+            let queued = {
+                let peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                peers.get(peer).map(|q| q.queued.load(Ordering::Acquire))
+            };
+            if queued.is_none_or(|q| q <= PEER_QUEUE_BYTES / 2) {
+                return self.connected(peer);
+            }
+            if !self.connected(peer) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A new connection of `peer`: a new anti-entropy round (see [`Round`]).
+    fn start_round(self: &Arc<Self>, peer: PeerId) {
+        let mut rounds = self.rounds();
+        let r = rounds.entry(peer).or_default();
+        r.generation += 1;
+        r.ours = None;
+        r.served.clear();
+        r.wanted.clear();
+        if !r.running {
+            r.running = true;
+            tokio::spawn(self.clone().run_rounds(peer));
+        }
+    }
+
+    /// Runs `peer`'s rounds until none is pending: computes this replica's digests, answers the
+    /// peer's that came early, and sends ours.
+    async fn run_rounds(self: Arc<Self>, peer: PeerId) {
+        loop {
+            let generation = self.rounds().get(&peer).map_or(0, |r| r.generation);
+            let system = self.system.clone();
+            let ours = tokio::task::spawn_blocking(move || system.eventual_digests()).await.unwrap_or_default();
+            let current = |me: &Self| me.rounds().get(&peer).map_or(0, |r| r.generation) == generation;
+            let early = {
+                let mut rounds = self.rounds();
+                let Some(r) = rounds.get_mut(&peer).filter(|r| r.generation == generation) else { continue };
+                r.ours = Some(Arc::new(ours.iter().cloned().collect()));
+                std::mem::take(&mut r.early)
+            };
+            self.compare(peer, early).await;
+            let mut sent = true;
+            for nodes in chunks(ours, |(path, _)| path.len() + 24) {
+                if !current(&self) || !self.room(&peer).await {
+                    sent = false;
+                    break;
+                }
+                let n = nodes.len() as u64;
+                self.enqueue(peer, Bytes::from(Wire::Digests { nodes }.to_bytes())).await;
+                self.stats.digests_sent.fetch_add(n, Ordering::Relaxed);
+            }
+            let mut rounds = self.rounds();
+            let Some(r) = rounds.get_mut(&peer) else { return };
+            if r.generation == generation {
+                if sent {
+                    self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+                }
+                r.running = false;
                 return;
             }
         }
     }
 
-    /// [`Replicator::sync_to`]'s chunks; stops early when another sync was asked for since
-    /// `asked` (it restarts).
-    async fn sync_chunks_to(self: &Arc<Self>, peer: PeerId, asked: u64) {
-        let (system, incarnation) = (self.system.clone(), self.incarnation);
-        let Ok(chunks) = tokio::task::spawn_blocking(move || Wire::sync_chunks(&system, incarnation, SYNC_CHUNK)).await
-        else {
-            return;
-        };
-        for chunk in chunks {
-            loop {
-                let queued = {
-                    let peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    peers.get(&peer).map(|q| q.queued.load(Ordering::Acquire))
-                };
-                if queued.is_none_or(|q| q <= PEER_QUEUE_BYTES / 2) {
-                    break;
-                }
-                if !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let again =
-                self.syncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&peer) != Some(&asked);
-            if again || !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) {
+    /// The peer's digests: asks for the states that differ here (or are missing), or keeps the
+    /// digests until this round's own are computed.
+    async fn on_digests(self: &Arc<Self>, peer: PeerId, nodes: Vec<(String, [u8; 16])>) {
+        self.stats.digests_received.fetch_add(nodes.len() as u64, Ordering::Relaxed);
+        {
+            let mut rounds = self.rounds();
+            let r = rounds.entry(peer).or_default();
+            if r.ours.is_none() {
+                let room = EARLY_DIGESTS.saturating_sub(r.early.len());
+                r.early.extend(nodes.into_iter().take(room));
                 return;
             }
-            self.enqueue(peer, Bytes::from(chunk)).await;
         }
+        self.compare(peer, nodes).await;
+    }
+
+    /// Asks `peer` for the states of `theirs` (its digests) that differ from this round's own.
+    async fn compare(self: &Arc<Self>, peer: PeerId, theirs: Vec<(String, [u8; 16])>) {
+        if theirs.is_empty() {
+            return;
+        }
+        let Some(ours) = self.rounds().get(&peer).and_then(|r| r.ours.clone()) else { return };
+        let want: Vec<String> = theirs.into_iter().filter(|(p, d)| ours.get(p) != Some(d)).map(|(p, _)| p).collect();
+        for paths in chunks(want, |p| p.len() + 8) {
+            self.stats.wanted.fetch_add(paths.len() as u64, Ordering::Relaxed);
+            self.enqueue(peer, Bytes::from(Wire::Want { paths }.to_bytes())).await;
+        }
+    }
+
+    /// The peer asks for states: each path this round offered, once.
+    fn on_want(self: &Arc<Self>, peer: PeerId, paths: Vec<String>) {
+        let mut rounds = self.rounds();
+        let Some(r) = rounds.get_mut(&peer) else {
+            self.stats.wants_ignored.fetch_add(paths.len() as u64, Ordering::Relaxed);
+            return;
+        };
+        let ours = r.ours.clone().unwrap_or_default();
+        for path in paths {
+            if ours.contains_key(&path) && r.served.insert(path.clone()) {
+                r.wanted.push_back(path);
+            } else {
+                self.stats.wants_ignored.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !r.serving && !r.wanted.is_empty() {
+            r.serving = true;
+            tokio::spawn(self.clone().serve(peer));
+        }
+    }
+
+    /// Sends `peer` the states it asked for, in messages of about [`SYNC_CHUNK`] (a worknode
+    /// split between fields when larger), each queued once the peer's queue has room.
+    async fn serve(self: Arc<Self>, peer: PeerId) {
+        let mut nodes = Vec::new();
+        let mut size = 0usize;
+        loop {
+            let next = {
+                let mut rounds = self.rounds();
+                let Some(r) = rounds.get_mut(&peer) else { return };
+                let next = r.wanted.pop_front().map(|p| (p, r.generation));
+                if next.is_none() && nodes.is_empty() {
+                    r.serving = false;
+                    return;
+                }
+                next
+            };
+            let Some((path, generation)) = next else {
+                // Nothing more asked for: what is gathered goes.
+                self.send_states(peer, std::mem::take(&mut nodes)).await;
+                size = 0;
+                continue;
+            };
+            let system = self.system.clone();
+            let state = tokio::task::spawn_blocking(move || {
+                let path: crate::WnPath = path.parse().ok()?;
+                system.eventual_state(&path)
+            })
+            .await
+            .ok()
+            .flatten();
+            let Some((chain, state)) = state else { continue };
+            if self.rounds().get(&peer).map(|r| r.generation) != Some(generation) {
+                continue;
+            }
+            for part in state.into_parts(SYNC_CHUNK) {
+                let bytes = rmp_serde::to_vec(&part).map_or(0, |b| b.len());
+                if !nodes.is_empty() && size.saturating_add(bytes) > SYNC_CHUNK {
+                    self.send_states(peer, std::mem::take(&mut nodes)).await;
+                    size = 0;
+                }
+                size = size.saturating_add(bytes);
+                nodes.push((chain.clone(), part));
+            }
+        }
+    }
+
+    /// One [`Wire::Sync`] of `nodes` to `peer`, once its queue has room.
+    async fn send_states(self: &Arc<Self>, peer: PeerId, nodes: Vec<(Vec<Meta>, State)>) {
+        if nodes.is_empty() || !self.room(&peer).await {
+            return;
+        }
+        let n = nodes.len() as u64;
+        let bytes = Bytes::from(Wire::Sync { incarnation: self.incarnation, nodes }.to_bytes());
+        self.stats.states_sent.fetch_add(n, Ordering::Relaxed);
+        self.stats.state_bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.enqueue(peer, bytes).await;
     }
 
     async fn on_connect(self: Arc<Self>) {
@@ -487,13 +732,23 @@ impl Replicator {
                         }
                         continue;
                     }
-                    tokio::spawn(self.clone().sync_to(peer));
+                    self.start_round(peer);
                 }
                 // The last connection of a peer gone: its queue and task go too.
                 Event::Closed { peer, .. }
                     if !self.node.connections().iter().any(|c| c.peer().id == peer && !c.is_closed()) =>
                 {
                     self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
+                    // Rounds end with the connection (a peer's next connection starts one).
+                    let mut rounds = self.rounds();
+                    if let Some(r) = rounds.get_mut(&peer) {
+                        r.generation += 1;
+                        r.ours = None;
+                        r.served.clear();
+                        r.wanted.clear();
+                        r.early.clear();
+                    }
+                    rounds.retain(|_, r| r.running || r.serving);
                 }
                 _ => {}
             }
@@ -513,7 +768,24 @@ impl Replicator {
                 continue;
             }
             let from = msg.from();
-            if let Some(author) = self.relay.receive(&self.system, &from, msg.payload()) {
+            let wire = match Wire::from_bytes(msg.payload()) {
+                Some(Wire::Digests { nodes }) => {
+                    self.on_digests(from, nodes).await;
+                    continue;
+                }
+                Some(Wire::Want { paths }) => {
+                    self.on_want(from, paths);
+                    continue;
+                }
+                Some(wire) => wire,
+                None => {
+                    let detail =
+                        format!("{} bytes from {from} that are not a replication message", msg.payload().len());
+                    self.system.refuse_replicated(&Refused::new("malformed", "/", detail));
+                    continue;
+                }
+            };
+            if let Some(author) = self.relay.receive_wire(&self.system, &from, wire) {
                 // Passed on to every other peer (the author has it), through their own queues.
                 let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
                 for peer in peers.into_iter().filter(|p| *p != from && *p != author) {
@@ -531,27 +803,6 @@ impl Wire {
         Wire::Sync { incarnation, nodes: system.eventual_states() }
     }
 
-    /// [`Wire::sync`] in messages of about `chunk` bytes at most (encoded): one worknode each
-    /// at least, so a large worknode does not keep the others from a peer.
-    pub fn sync_chunks(system: &System, incarnation: u64, chunk: usize) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut nodes = Vec::new();
-        let mut size = 0usize;
-        for node in system.eventual_states() {
-            let bytes = rmp_serde::to_vec(&node).map_or(0, |b| b.len());
-            if !nodes.is_empty() && size.saturating_add(bytes) > chunk {
-                out.push(Wire::Sync { incarnation, nodes: std::mem::take(&mut nodes) }.to_bytes());
-                size = 0;
-            }
-            size = size.saturating_add(bytes);
-            nodes.push(node);
-        }
-        if !nodes.is_empty() {
-            out.push(Wire::Sync { incarnation, nodes }.to_bytes());
-        }
-        out
-    }
-
     /// Merges what the peer `from` sent into `system`. A chain or delta that breaks a rule
     /// here is refused (counted and audited by the system); the peer keeps its copy. The peer
     /// speaks for its own updates only ([`replica_of`] its identity and the incarnation its
@@ -566,6 +817,8 @@ impl Wire {
                 Ok((_, replica, deltas)) => drop(deltas.merge_as(system, replica)),
                 Err(why) => system.refuse_replicated(&Refused::new("malformed", "/", why)),
             },
+            // Not changes: the replicator answers them.
+            Wire::Digests { .. } | Wire::Want { .. } => {}
             Wire::Deltas { .. } => drop(self.merge_as(system, replica_of(from, 0))),
             Wire::Sync { incarnation, .. } => drop(self.merge_as(system, replica_of(from, incarnation))),
         }
@@ -575,7 +828,7 @@ impl Wire {
     /// Returns whether a change went on to a worknode (its chain and size were accepted).
     fn merge_as(self, system: &System, author: ReplicaId) -> bool {
         match self {
-            Wire::Signed { .. } => false,
+            Wire::Signed { .. } | Wire::Digests { .. } | Wire::Want { .. } => false,
             Wire::Deltas { chain, events } => system.merge_replicated(author, &chain, events).is_ok_and(|n| n > 0),
             Wire::Sync { nodes, .. } => {
                 for (chain, state) in nodes {

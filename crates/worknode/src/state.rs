@@ -335,11 +335,62 @@ impl State {
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }
+
+    /// A digest of the whole state (its encoding, which is canonical: equal states, equal
+    /// digests), for anti-entropy.
+    pub fn digest(&self) -> [u8; 16] {
+        crate::system::digest_id(&[b"referee-worknode-state\0", &rmp_serde::to_vec(self).unwrap_or_default()])
+    }
+
+    /// The state in parts of whole fields whose encodings add up to about `chunk` bytes at most
+    /// (one field each at least), in field order: merging every part is merging the state,
+    /// since fields merge one by one. An empty state is one empty part.
+    pub fn into_parts(self, chunk: usize) -> Vec<State> {
+        let mut out = Vec::new();
+        let (mut part, mut size) = (BTreeMap::new(), 0usize);
+        for (field, value) in self.fields {
+            let bytes = rmp_serde::to_vec(&value).map_or(0, |b| b.len()).saturating_add(field.len());
+            if !part.is_empty() && size.saturating_add(bytes) > chunk {
+                out.push(State { fields: std::mem::take(&mut part) });
+                size = 0;
+            }
+            size = size.saturating_add(bytes);
+            part.insert(field, value);
+        }
+        if !part.is_empty() || out.is_empty() {
+            out.push(State { fields: part });
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_of_a_state_merge_back_into_it_and_digests_tell_states_apart() {
+        let mut s = State::default();
+        for i in 0..50 {
+            let d = s.prepare(1, 0, &format!("f{i:02}"), &Op::Set("x".repeat(1000))).unwrap();
+            s.apply(&d).unwrap();
+        }
+        let parts = s.clone().into_parts(10_000);
+        assert!(parts.len() >= 5, "{}", parts.len());
+        let mut back = State::default();
+        for p in &parts {
+            assert!(rmp_serde::to_vec(p).unwrap().len() <= 10_000 + 100);
+            back.merge(p).unwrap();
+        }
+        assert_eq!(back, s);
+        assert_eq!(back.digest(), s.digest());
+        let d = back.prepare(1, 0, "f00", &Op::Set("y".into())).unwrap();
+        back.apply(&d).unwrap();
+        assert_ne!(back.digest(), s.digest());
+        // A field larger than a part goes alone; an empty state is one empty part.
+        assert_eq!(s.clone().into_parts(10).len(), 50);
+        assert_eq!(State::default().into_parts(10), vec![State::default()]);
+    }
 
     #[test]
     fn ops_build_fields_and_refuse_kind_changes() {

@@ -1881,19 +1881,38 @@ impl System {
     /// Every Eventual worknode: its metadata chain and full state (for anti-entropy).
     pub fn eventual_states(&self) -> Vec<(Vec<Meta>, State)> {
         let n = self.inner.core.len();
+        (0..n).filter_map(|idx| self.eventual_at(idx, |info, state| (self.inner.chain(info), state.clone()))).collect()
+    }
+
+    /// A digest of the state of every Eventual worknode, by path: replicas compare them to learn
+    /// which states differ (anti-entropy), one state in memory at a time.
+    pub fn eventual_digests(&self) -> Vec<(String, [u8; 16])> {
+        let n = self.inner.core.len();
         (0..n)
             .filter_map(|idx| {
-                let info = self.inner.info(idx).filter(|i| i.consistency == Consistency::Eventual)?;
-                // A forgotten slot (its record could not be stored) is no worknode.
-                if self.inner.index(info.id) != Some(idx) {
-                    return None;
-                }
-                let state = self.inner.with_node(idx, |node| {
-                    self.inner.reload(info.id, node).then(|| node.state.as_deref().cloned().unwrap_or_default())
-                })??;
-                Some((self.inner.chain(info), state))
+                let digest = self.eventual_at(idx, |_, state| state.digest())?;
+                let info = self.inner.info(idx)?;
+                Some((self.inner.path_of_info(info), digest))
             })
             .collect()
+    }
+
+    /// The Eventual worknode at `path`: its metadata chain and full state.
+    pub fn eventual_state(&self, path: &WnPath) -> Option<(Vec<Meta>, State)> {
+        let idx = self.inner.resolve(path)?;
+        self.eventual_at(idx, |info, state| (self.inner.chain(info), state.clone()))
+    }
+
+    /// `f` of the Eventual worknode in slot `idx` (its state loaded), if it is one.
+    fn eventual_at<T>(&self, idx: u32, f: impl FnOnce(&Info, &State) -> T) -> Option<T> {
+        let info = self.inner.info(idx).filter(|i| i.consistency == Consistency::Eventual)?;
+        // A forgotten slot (its record could not be stored) is no worknode.
+        if self.inner.index(info.id) != Some(idx) {
+            return None;
+        }
+        self.inner.with_node(idx, |node| {
+            self.inner.reload(info.id, node).then(|| f(info, node.state.as_deref().unwrap_or(&EMPTY_STATE)))
+        })?
     }
 
     /// Number of worknodes, the root included.
