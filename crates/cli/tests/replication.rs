@@ -870,7 +870,8 @@ fn a_field_takes_a_bounded_number_of_dots_out_of_order() -> TestResult {
 
 /// Found attacking authorship: all Eventual worknodes went in one anti-entropy message, so one
 /// state over referee-comm's 16 MiB limit kept every worknode from every peer (a change missed
-/// in a partition was never repaired). The full state goes in chunks of one worknode at least.
+/// in a partition was never repaired). The full state goes in chunks of one worknode at least
+/// (of one field, since slice 3).
 #[test]
 fn one_large_worknode_does_not_keep_the_others_from_a_peer() -> TestResult {
     let (mut a, mut b) = (Replica::start()?, Replica::start()?);
@@ -882,13 +883,15 @@ fn one_large_worknode_does_not_keep_the_others_from_a_peer() -> TestResult {
         writeln!(a.stdin, "send /big insert s {i}{value}")?;
     }
     a.stdin.flush()?;
+    let mut taken = 0;
     for _ in 0..300 {
         let reply: Value = serde_json::from_str(&a.out.recv_timeout(WAIT)?)?;
-        assert!(reply.get("ok").is_some(), "{reply}");
+        taken += usize::from(reply.get("ok").is_some());
     }
-    // 18 MB in /big: more than one message may hold. B connects only now.
+    // /big as large as a field may be, and /small. B connects only now.
     b.ok(&format!("peer {} {}", a.addr, a.id))?;
     b.wait("get /small", |g| g["ok"]["state"]["g"] == 7)?;
+    b.wait("get /big", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(taken))?;
     Ok(())
 }
 
@@ -1167,5 +1170,42 @@ fn a_state_is_sent_once_per_connection_however_often_it_is_asked_for() -> TestRe
     })?;
     assert_eq!(states, 1);
     assert!(sync(&mut r)?["wants_ignored"].as_u64().unwrap() >= 199);
+    Ok(())
+}
+
+/// Finding 7, the last of it: one field over referee-comm's 16 MiB message limit (a set of many
+/// inserts) could never be sent whole, so a peer that missed it never got it. A field stops
+/// growing at `max_field_bytes` (8 MiB; a removal still goes), so anti-entropy always carries it.
+#[test]
+fn a_field_stops_growing_below_the_message_limit_and_always_replicates() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /big data eventual")?;
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    b.wait("get /big", |g| g.get("ok").is_some())?;
+    b.ok("isolate")?;
+    let value = "b".repeat(60_000);
+    for i in 0..200 {
+        writeln!(a.stdin, "send /big insert s {i:03}{value}")?;
+    }
+    a.stdin.flush()?;
+    let (mut taken, mut full) = (0, 0);
+    for _ in 0..200 {
+        let reply: Value = serde_json::from_str(&a.out.recv_timeout(WAIT)?)?;
+        if reply.get("ok").is_some() {
+            taken += 1;
+        } else {
+            assert!(reply.to_string().contains("above the limit"), "{reply}");
+            full += 1;
+        }
+    }
+    assert!((100..160).contains(&taken) && full > 0, "{taken} taken, {full} refused");
+    // At the limit, a removal still goes, and then an insert again.
+    a.ok(&format!("send /big remove s 000{value}"))?;
+    a.ok(&format!("send /big insert s new{value}"))?;
+    b.ok("heal")?;
+    let got = b.wait("get /big", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(taken))?;
+    let set = got["ok"]["state"]["s"].as_array().unwrap();
+    assert!(set.iter().any(|e| e.as_str().is_some_and(|e| e.starts_with("new"))));
+    assert!(!set.iter().any(|e| e.as_str().is_some_and(|e| e.starts_with("000"))));
     Ok(())
 }

@@ -37,6 +37,17 @@ pub enum StateError {
         /// The field.
         field: String,
     },
+    /// The field would grow past its size limit (`SystemConfig::max_field_bytes`, encoded): the
+    /// change is refused, the field unchanged.
+    #[error("field {field:?} would hold {bytes} bytes, above the limit of {max}: use more fields")]
+    FieldFull {
+        /// The field.
+        field: String,
+        /// Its encoded size with the change.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The change is larger than `SystemConfig::max_delta_bytes` (encoded).
     #[error("a change of {bytes} bytes to field {field:?} is above the limit of {max}: split the value")]
     TooLarge {

@@ -200,14 +200,46 @@ pub struct Delta {
 }
 
 /// All fields of one worknode.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct State {
     fields: BTreeMap<String, Crdt>,
+    /// Upper bounds of fields' encoded sizes, kept by [`State::apply_within`] (not stored: a
+    /// missing one is measured when needed).
+    #[serde(skip)]
+    sizes: BTreeMap<String, usize>,
+}
+
+impl PartialEq for State {
+    fn eq(&self, other: &Self) -> bool {
+        self.fields == other.fields
+    }
+}
+
+/// Bytes a merge may add to an encoding beyond the delta's own (map and integer headers that
+/// grow): [`State::apply_within`]'s bound stays an upper bound.
+const MERGE_SLACK: usize = 64;
+
+/// The MessagePack encoding's size of `v`, without building it.
+fn encoded_len<T: Serialize>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Encoding into a counter cannot fail for these types; a failure counts what was written.
+    drop(rmp_serde::encode::write(&mut c, v));
+    c.0
 }
 
 impl State {
     /// No fields.
-    pub(crate) const EMPTY: State = State { fields: BTreeMap::new() };
+    pub(crate) const EMPTY: State = State { fields: BTreeMap::new(), sizes: BTreeMap::new() };
 
     /// Computes the delta of `op` on `field` without changing `self` (a behaviour's changes are
     /// applied only once its turn commits).
@@ -258,6 +290,7 @@ impl State {
     /// Merges a delta (or a whole field state) in; returns whether anything changed. A delta
     /// that changes nothing (an empty one, or one already merged) creates no field.
     pub fn apply(&mut self, d: &Delta) -> Result<bool, StateError> {
+        self.sizes.remove(&d.field);
         match self.fields.get_mut(&d.field) {
             Some(c) => c.merge(&d.delta),
             None if d.delta == d.delta.bottom() => Ok(false),
@@ -268,12 +301,52 @@ impl State {
         }
     }
 
+    /// [`State::apply`], unless the field's encoding would grow past `max` bytes: then
+    /// [`StateError::FieldFull`] and the field is unchanged. A change that leaves the field no
+    /// larger (a removal) always goes. Costs the delta while the field is well below `max` (an
+    /// upper bound of its size is kept); near it, the field is measured.
+    pub fn apply_within(&mut self, d: &Delta, max: usize) -> Result<bool, StateError> {
+        let known = match self.sizes.get(&d.field) {
+            Some(n) => *n,
+            None => self.fields.get(&d.field).map_or(0, encoded_len),
+        };
+        let bound = known.saturating_add(encoded_len(&d.delta)).saturating_add(MERGE_SLACK);
+        if bound <= max {
+            let changed = self.apply(d)?;
+            if self.fields.contains_key(&d.field) {
+                self.sizes.insert(d.field.clone(), bound);
+            }
+            return Ok(changed);
+        }
+        // Near the limit: the exact sizes, before and after, on a copy of the field.
+        let current = self.fields.get(&d.field);
+        let before = current.map_or(0, encoded_len);
+        let mut merged = current.cloned().unwrap_or_else(|| d.delta.bottom());
+        if !merged.merge(&d.delta)? {
+            self.sizes.insert(d.field.clone(), before);
+            return Ok(false);
+        }
+        let bytes = encoded_len(&merged);
+        if bytes > max && bytes > before {
+            self.sizes.insert(d.field.clone(), before);
+            return Err(StateError::FieldFull { field: d.field.clone(), bytes, max });
+        }
+        self.fields.insert(d.field.clone(), merged);
+        self.sizes.insert(d.field.clone(), bytes);
+        Ok(true)
+    }
+
     /// Merges a delta from another replica: of the field's CRDT kind ([`StateError::TypeMismatch`]
     /// otherwise). Never refused for its values, so replicas stay convergent whatever order they
     /// merge in: a counter pushed past its range by concurrent changes reads as its limit (and
     /// takes no further local change in that direction). Returns whether anything changed.
     pub fn absorb(&mut self, d: &Delta) -> Result<bool, StateError> {
         self.apply(d)
+    }
+
+    /// [`State::absorb`] within a size limit (see [`State::apply_within`]).
+    pub fn absorb_within(&mut self, d: &Delta, max: usize) -> Result<bool, StateError> {
+        self.apply_within(d, max)
     }
 
     /// The part of `d`, a change replica `author` sent, that this replica merges: what `author`
@@ -351,14 +424,14 @@ impl State {
         for (field, value) in self.fields {
             let bytes = rmp_serde::to_vec(&value).map_or(0, |b| b.len()).saturating_add(field.len());
             if !part.is_empty() && size.saturating_add(bytes) > chunk {
-                out.push(State { fields: std::mem::take(&mut part) });
+                out.push(State { fields: std::mem::take(&mut part), sizes: BTreeMap::new() });
                 size = 0;
             }
             size = size.saturating_add(bytes);
             part.insert(field, value);
         }
         if !part.is_empty() || out.is_empty() {
-            out.push(State { fields: part });
+            out.push(State { fields: part, sizes: BTreeMap::new() });
         }
         out
     }
@@ -367,6 +440,42 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_stops_growing_at_its_limit_and_shrinks_below_it() {
+        let mut s = State::default();
+        let max = 20_000;
+        let mut taken = 0;
+        for i in 0..100 {
+            let d = s.prepare(1, 0, "s", &Op::Insert(format!("{i:03}{}", "x".repeat(500)))).unwrap();
+            let before = s.clone();
+            match s.apply_within(&d, max) {
+                Ok(changed) => {
+                    assert!(changed);
+                    taken += 1;
+                }
+                Err(StateError::FieldFull { bytes, max: m, .. }) => {
+                    assert!(bytes > m);
+                    assert_eq!(s, before, "a refused change leaves the field as it was");
+                }
+                Err(e) => panic!("{e}"),
+            }
+            assert!(encoded_len(s.get("s").unwrap()) <= max);
+        }
+        assert!((30..40).contains(&taken), "{taken}");
+        // A removal goes at the limit, then an insert fits again; another field is not held back.
+        let d = s.prepare(1, 0, "s", &Op::Remove(format!("000{}", "x".repeat(500)))).unwrap();
+        assert_eq!(s.apply_within(&d, max), Ok(true));
+        let d = s.prepare(1, 0, "s", &Op::Insert("y".repeat(400))).unwrap();
+        assert_eq!(s.apply_within(&d, max), Ok(true));
+        let d = s.prepare(1, 0, "t", &Op::Insert("z".repeat(400))).unwrap();
+        assert_eq!(s.apply_within(&d, max), Ok(true));
+        // The kept bound is an upper bound: a plain apply in between is measured again.
+        let d = s.prepare(1, 0, "t", &Op::Insert("w".repeat(15_000))).unwrap();
+        s.apply(&d).unwrap();
+        let d = s.prepare(1, 0, "t", &Op::Insert("v".repeat(6_000))).unwrap();
+        assert!(matches!(s.apply_within(&d, max), Err(StateError::FieldFull { .. })));
+    }
 
     #[test]
     fn parts_of_a_state_merge_back_into_it_and_digests_tell_states_apart() {

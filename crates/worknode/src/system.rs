@@ -59,6 +59,11 @@ pub struct SystemConfig {
     /// Largest change (one field's delta, encoded) a local operation may make or a peer may
     /// send; larger ones are refused ([`StateError::TooLarge`], audited `quota` when replicated).
     pub max_delta_bytes: usize,
+    /// Largest state (encoded) one field may reach through local operations: one that would
+    /// take it further is refused ([`StateError::FieldFull`]). Peers' changes may take it to
+    /// 1.5 times this (room for concurrent writes; beyond, refused `quota`). Anti-entropy sends
+    /// a field in one message, so this stays well below referee-comm's message limit (16 MiB).
+    pub max_field_bytes: usize,
     /// This node's replica id (CRDT dots); must differ between replicas.
     pub replica: ReplicaId,
 }
@@ -75,6 +80,7 @@ impl Default for SystemConfig {
             snapshot_every: 100,
             max_restarts: 10,
             max_delta_bytes: 2 << 20,
+            max_field_bytes: 8 << 20,
             replica: u64::from_le_bytes(uuid::Uuid::now_v7().as_bytes()[8..].try_into().unwrap_or([1; 8])),
         }
     }
@@ -715,7 +721,7 @@ impl Inner {
     fn refuse(&self, info: &Info, e: &StateError) {
         let code = match e {
             StateError::Overflow { .. } => "overflow",
-            StateError::TooLarge { .. } => "quota",
+            StateError::TooLarge { .. } | StateError::FieldFull { .. } => "quota",
             _ => "type",
         };
         self.refused(&Refused::new(code, self.path_of_info(info), e.to_string()));
@@ -1012,7 +1018,8 @@ impl Inner {
                                 format!("field {:?}: one update with two values (the larger kept)", delta.field);
                             self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
                         }
-                        match state.absorb(&delta) {
+                        let max = self.cfg.max_field_bytes.saturating_add(self.cfg.max_field_bytes / 2);
+                        match state.absorb_within(&delta, max) {
                             Ok(true) => {
                                 log.merged.insert(eid, log.events.len());
                                 log.events.push((eid, delta, false));
@@ -1047,13 +1054,14 @@ impl Inner {
         // operation that does not fit its field is dropped and counted; the others apply.
         let state = node.state.get_or_insert_with(Box::default);
         for (field, op) in &ops {
+            let max = self.cfg.max_field_bytes;
             match state.prepare(self.cfg.replica, now_ms(), field, op).and_then(|d| self.fits(d)) {
-                Ok(delta) => {
+                Ok(delta) => match state.apply_within(&delta, max) {
                     // An operation that changes nothing (grow 0, removing what is absent) is not stored.
-                    if state.apply(&delta) == Ok(true) {
-                        log.events.push((*uuid::Uuid::now_v7().as_bytes(), delta, true));
-                    }
-                }
+                    Ok(true) => log.events.push((*uuid::Uuid::now_v7().as_bytes(), delta, true)),
+                    Ok(false) => {}
+                    Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
+                },
                 Err(_) => drop(self.rejected.fetch_add(1, Ordering::Relaxed)),
             }
         }
@@ -1094,12 +1102,17 @@ impl Inner {
         let target = scratch.as_mut().unwrap_or(state);
         let now = now_ms();
         for (i, (field, op)) in ops.iter().enumerate() {
-            match target.prepare(self.cfg.replica, now, field, op).and_then(|d| self.fits(d)) {
-                Ok(delta) => {
+            let max = self.cfg.max_field_bytes;
+            let applied = target
+                .prepare(self.cfg.replica, now, field, op)
+                .and_then(|d| self.fits(d))
+                .and_then(|d| target.apply_within(&d, max).map(|changed| (d, changed)));
+            match applied {
+                Ok((delta, changed)) => {
                     // An operation that changes nothing (grow 0, removing what is absent) is not
                     // stored, unless it is part of an idempotent update: its ids are what tells a
                     // retry the update was applied.
-                    if target.apply(&delta) == Ok(true) || ids.is_some() {
+                    if changed || ids.is_some() {
                         let id =
                             ids.and_then(|ids| ids.get(i).copied()).unwrap_or_else(|| *uuid::Uuid::now_v7().as_bytes());
                         log.events.push((id, delta, true));
