@@ -290,9 +290,9 @@ pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 /// 16 MiB message limit cannot be sent).
 pub const SYNC_CHUNK: usize = 4 << 20;
 
-/// Most digests of a peer kept while this replica computes its own for the round (more are
-/// dropped: those worknodes wait for the next round).
-const EARLY_DIGESTS: usize = 1 << 20;
+/// Most bytes of a peer's digests (paths and digests) kept while this replica computes its own
+/// for the round (more are dropped: those worknodes wait for the next round).
+const EARLY_DIGEST_BYTES: usize = 16 << 20;
 
 /// Most replicated bytes (encoded) accepted and not yet merged by the worknodes; above it no
 /// more messages are taken from peers until the worknodes catch up.
@@ -334,8 +334,9 @@ struct Round {
     ours: Option<Arc<HashMap<String, [u8; 16]>>>,
     /// Paths the peer asked for this round (each is sent once a round).
     served: HashSet<String>,
-    /// The peer's digests that came before ours were computed.
+    /// The peer's digests that came before ours were computed, and their size.
     early: Vec<(String, [u8; 16])>,
+    early_bytes: usize,
     /// Paths asked for and not sent yet.
     wanted: std::collections::VecDeque<String>,
     /// Whether a task is sending `wanted`.
@@ -583,6 +584,7 @@ impl Replicator {
                 let mut rounds = self.rounds();
                 let Some(r) = rounds.get_mut(&peer).filter(|r| r.generation == generation) else { continue };
                 r.ours = Some(Arc::new(ours.iter().cloned().collect()));
+                r.early_bytes = 0;
                 std::mem::take(&mut r.early)
             };
             self.compare(peer, early).await;
@@ -616,8 +618,14 @@ impl Replicator {
             let mut rounds = self.rounds();
             let r = rounds.entry(peer).or_default();
             if r.ours.is_none() {
-                let room = EARLY_DIGESTS.saturating_sub(r.early.len());
-                r.early.extend(nodes.into_iter().take(room));
+                for (path, digest) in nodes {
+                    let bytes = path.len() + 40;
+                    if r.early_bytes.saturating_add(bytes) > EARLY_DIGEST_BYTES {
+                        break;
+                    }
+                    r.early_bytes += bytes;
+                    r.early.push((path, digest));
+                }
                 return;
             }
         }
@@ -747,6 +755,7 @@ impl Replicator {
                         r.served.clear();
                         r.wanted.clear();
                         r.early.clear();
+                        r.early_bytes = 0;
                     }
                     rounds.retain(|_, r| r.running || r.serving);
                 }
