@@ -13,7 +13,9 @@
 //! updates made as `N` (incarnation 0; a `Sync` or `Signed` names its own incarnation).
 //!
 //! The MessagePack layout is `rmp-serde`'s default (structs as arrays, enums as
-//! `{variant: value}`); decode a received `Sync` to see it.
+//! `{variant: value}`). On connection the replica sends `Digests` (`{"Digests": [[[path,
+//! [16 digest bytes]], …]]}`); send `{"Want": [[path, …]]}` to be sent those states (`Sync`),
+//! and decode one to see the layout.
 
 use std::io::BufRead as _;
 use std::time::Duration;
