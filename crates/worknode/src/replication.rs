@@ -317,6 +317,8 @@ pub struct Replicator {
     incarnation: u64,
     /// Anti-entropy with each peer.
     rounds: Mutex<HashMap<PeerId, Round>>,
+    /// The state digests of the last round, so an unchanged state is not encoded again.
+    digests: Arc<Mutex<crate::system::DigestCache>>,
     stats: SyncCounters,
 }
 
@@ -402,6 +404,7 @@ impl Replicator {
             relay: Relay::new(node.id()),
             incarnation,
             rounds: Mutex::new(HashMap::new()),
+            digests: Arc::default(),
             stats: SyncCounters::default(),
             node,
         });
@@ -577,8 +580,12 @@ impl Replicator {
     async fn run_rounds(self: Arc<Self>, peer: PeerId) {
         loop {
             let generation = self.rounds().get(&peer).map_or(0, |r| r.generation);
-            let system = self.system.clone();
-            let ours = tokio::task::spawn_blocking(move || system.eventual_digests()).await.unwrap_or_default();
+            let (system, cache) = (self.system.clone(), self.digests.clone());
+            let ours = tokio::task::spawn_blocking(move || {
+                system.eventual_digests(&mut cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            })
+            .await
+            .unwrap_or_default();
             let current = |me: &Self| me.rounds().get(&peer).map_or(0, |r| r.generation) == generation;
             let early = {
                 let mut rounds = self.rounds();

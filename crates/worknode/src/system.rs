@@ -361,6 +361,10 @@ pub struct Meta {
     pub consistency: Consistency,
 }
 
+/// The state digests [`System::eventual_digests`] computed, by worknode and version.
+#[derive(Debug, Default)]
+pub struct DigestCache(HashMap<WorknodeId, (u64, [u8; 16])>);
+
 /// The kind of the root worknode `/`: reserved, neither created locally nor replicated.
 pub const ROOT_KIND: &str = "root";
 
@@ -1894,37 +1898,50 @@ impl System {
     /// Every Eventual worknode: its metadata chain and full state (for anti-entropy).
     pub fn eventual_states(&self) -> Vec<(Vec<Meta>, State)> {
         let n = self.inner.core.len();
-        (0..n).filter_map(|idx| self.eventual_at(idx, |info, state| (self.inner.chain(info), state.clone()))).collect()
+        (0..n)
+            .filter_map(|idx| self.eventual_at(idx, |info, _, state| (self.inner.chain(info), state.clone())))
+            .collect()
     }
 
     /// A digest of the state of every Eventual worknode, by path: replicas compare them to learn
-    /// which states differ (anti-entropy), one state in memory at a time.
-    pub fn eventual_digests(&self) -> Vec<(String, [u8; 16])> {
+    /// which states differ (anti-entropy), one state in memory at a time. `cache` holds the
+    /// digests of earlier calls by worknode and version, so a state that has not changed since
+    /// is not encoded again (a round costs the worknodes, not their states).
+    pub fn eventual_digests(&self, cache: &mut DigestCache) -> Vec<(String, [u8; 16])> {
         let n = self.inner.core.len();
-        (0..n)
+        let mut seen = HashMap::new();
+        let out = (0..n)
             .filter_map(|idx| {
-                let digest = self.eventual_at(idx, |_, state| state.digest())?;
                 let info = self.inner.info(idx)?;
-                Some((self.inner.path_of_info(info), digest))
+                let digest = self.eventual_at(idx, |info, version, state| match cache.0.get(&info.id) {
+                    Some((v, d)) if *v == version => (version, *d),
+                    _ => (version, state.digest()),
+                })?;
+                seen.insert(info.id, digest);
+                Some((self.inner.path_of_info(info), digest.1))
             })
-            .collect()
+            .collect();
+        cache.0 = seen;
+        out
     }
 
     /// The Eventual worknode at `path`: its metadata chain and full state.
     pub fn eventual_state(&self, path: &WnPath) -> Option<(Vec<Meta>, State)> {
         let idx = self.inner.resolve(path)?;
-        self.eventual_at(idx, |info, state| (self.inner.chain(info), state.clone()))
+        self.eventual_at(idx, |info, _, state| (self.inner.chain(info), state.clone()))
     }
 
-    /// `f` of the Eventual worknode in slot `idx` (its state loaded), if it is one.
-    fn eventual_at<T>(&self, idx: u32, f: impl FnOnce(&Info, &State) -> T) -> Option<T> {
+    /// `f` of the Eventual worknode in slot `idx` (its version and state, loaded), if it is one.
+    fn eventual_at<T>(&self, idx: u32, f: impl FnOnce(&Info, u64, &State) -> T) -> Option<T> {
         let info = self.inner.info(idx).filter(|i| i.consistency == Consistency::Eventual)?;
         // A forgotten slot (its record could not be stored) is no worknode.
         if self.inner.index(info.id) != Some(idx) {
             return None;
         }
         self.inner.with_node(idx, |node| {
-            self.inner.reload(info.id, node).then(|| f(info, node.state.as_deref().unwrap_or(&EMPTY_STATE)))
+            self.inner
+                .reload(info.id, node)
+                .then(|| f(info, node.version, node.state.as_deref().unwrap_or(&EMPTY_STATE)))
         })?
     }
 
@@ -2045,5 +2062,27 @@ mod tests {
         assert_eq!((view.state.to_json()["n"].clone(), view.version), (serde_json::json!(1), 1));
         let done = sys.update(&Authority::System, a, vec![("n".into(), Op::Grow(2))]).unwrap().wait().unwrap();
         assert_eq!(done.seq, Some(2));
+    }
+
+    /// Anti-entropy's digests: cached by version, so a round does not encode unchanged states,
+    /// and what a change makes is seen at once. Local worknodes have none.
+    #[test]
+    fn digests_follow_changes_through_the_cache() {
+        let sys = System::start(SystemConfig::default(), None, None).unwrap();
+        let root = WnPath::root();
+        let a = sys.create(&Authority::System, &root, "a", "data", Consistency::Eventual).unwrap();
+        sys.create(&Authority::System, &root, "b", "data", Consistency::Eventual).unwrap();
+        sys.create(&Authority::System, &root, "l", "data", Consistency::Local).unwrap();
+        let fresh = || sys.eventual_digests(&mut DigestCache::default());
+        let mut cache = DigestCache::default();
+        let first = sys.eventual_digests(&mut cache);
+        assert_eq!(first.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["/a", "/b"]);
+        assert_eq!(first[0].1, first[1].1, "equal (empty) states, equal digests");
+        sys.update(&Authority::System, a, vec![("n".into(), Op::Grow(1))]).unwrap().wait().unwrap();
+        let second = sys.eventual_digests(&mut cache);
+        assert_ne!(second[0].1, first[0].1);
+        assert_eq!(second[1].1, first[1].1);
+        assert_eq!(second, fresh());
+        assert_eq!(sys.eventual_digests(&mut cache), second);
     }
 }
