@@ -60,9 +60,10 @@ pub struct SystemConfig {
     /// send; larger ones are refused ([`StateError::TooLarge`], audited `quota` when replicated).
     pub max_delta_bytes: usize,
     /// Largest state (encoded) one field may reach through local operations: one that would
-    /// take it further is refused ([`StateError::FieldFull`]). Peers' changes may take it to
-    /// 1.5 times this (room for concurrent writes; beyond, refused `quota`). Anti-entropy sends
-    /// a field in one message, so this stays well below referee-comm's message limit (16 MiB).
+    /// take it further is refused ([`StateError::FieldFull`]). Peers' changes are never refused
+    /// for it (replicas writing concurrently may together pass it; refusing would split them for
+    /// good). Anti-entropy sends a field in one message (referee-comm's limit: 16 MiB), so the
+    /// default leaves room for three replicas filling a field at once.
     pub max_field_bytes: usize,
     /// This node's replica id (CRDT dots); must differ between replicas.
     pub replica: ReplicaId,
@@ -80,7 +81,7 @@ impl Default for SystemConfig {
             snapshot_every: 100,
             max_restarts: 10,
             max_delta_bytes: 2 << 20,
-            max_field_bytes: 8 << 20,
+            max_field_bytes: 4 << 20,
             replica: u64::from_le_bytes(uuid::Uuid::now_v7().as_bytes()[8..].try_into().unwrap_or([1; 8])),
         }
     }
@@ -1022,8 +1023,10 @@ impl Inner {
                                 format!("field {:?}: one update with two values (the larger kept)", delta.field);
                             self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
                         }
-                        let max = self.cfg.max_field_bytes.saturating_add(self.cfg.max_field_bytes / 2);
-                        match state.absorb_within(&delta, max) {
+                        // Never refused for the field's size (replicas writing concurrently may
+                        // together pass the local limit: refusing would split them for good); the
+                        // field's size bound is kept for the local check.
+                        match state.absorb_within(&delta, usize::MAX) {
                             Ok(true) => {
                                 log.merged.insert(eid, log.events.len());
                                 log.events.push((eid, delta, false));
