@@ -285,6 +285,12 @@ const REDIAL: Duration = Duration::from_millis(200);
 /// the other peers never wait for it.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 
+/// Most bytes waiting to go to all peers together before anti-entropy waits: states asked for
+/// are read and queued only while the total is below half of this, so peers that ask and then
+/// do not read hold this much at most between them (plus one part each, and what referee-comm
+/// buffers within its own budgets).
+pub const ALL_QUEUES_BYTES: usize = 128 << 20;
+
 /// Most bytes of one anti-entropy message (about): digests, wants and states go in messages of
 /// this size, a worknode's state split between fields (a single field over referee-comm's
 /// 16 MiB message limit cannot be sent).
@@ -312,6 +318,8 @@ pub struct Replicator {
     /// Mirrors `isolated` for tasks that wait for the partition to heal.
     healed: watch::Sender<bool>,
     peers: Mutex<HashMap<PeerId, PeerQueue>>,
+    /// Bytes waiting in every peer's queue.
+    queued: Arc<AtomicUsize>,
     relay: Relay,
     /// This replica's store incarnation ([`replica_of`]).
     incarnation: u64,
@@ -401,6 +409,7 @@ impl Replicator {
             isolated: AtomicBool::new(false),
             healed: watch::Sender::new(true),
             peers: Mutex::new(HashMap::new()),
+            queued: Arc::default(),
             relay: Relay::new(node.id()),
             incarnation,
             rounds: Mutex::new(HashMap::new()),
@@ -494,8 +503,10 @@ impl Replicator {
                 true
             } else {
                 q.queued.fetch_add(len, Ordering::AcqRel);
+                self.queued.fetch_add(len, Ordering::AcqRel);
                 if q.tx.send(bytes).is_err() {
                     q.queued.fetch_sub(len, Ordering::AcqRel);
+                    self.queued.fetch_sub(len, Ordering::AcqRel);
                 }
                 false
             }
@@ -517,6 +528,7 @@ impl Replicator {
                 let _ = conn.send(bytes).await;
             }
             queued.fetch_sub(len, Ordering::AcqRel);
+            self.queued.fetch_sub(len, Ordering::AcqRel);
         }
     }
 
@@ -551,7 +563,8 @@ impl Replicator {
                 let peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 peers.get(peer).map(|q| q.queued.load(Ordering::Acquire))
             };
-            if queued.is_none_or(|q| q <= PEER_QUEUE_BYTES / 2) {
+            let all = self.queued.load(Ordering::Acquire);
+            if queued.is_none_or(|q| q <= PEER_QUEUE_BYTES / 2) && all <= ALL_QUEUES_BYTES / 2 {
                 return self.connected(peer);
             }
             if !self.connected(peer) {
@@ -695,26 +708,29 @@ impl Replicator {
                 size = 0;
                 continue;
             };
-            let system = self.system.clone();
-            let state = tokio::task::spawn_blocking(move || {
-                let path: crate::WnPath = path.parse().ok()?;
-                system.eventual_state(&path)
-            })
-            .await
-            .ok()
-            .flatten();
-            let Some((chain, state)) = state else { continue };
-            if self.rounds().get(&peer).map(|r| r.generation) != Some(generation) {
-                continue;
-            }
-            for part in state.into_parts(SYNC_CHUNK) {
+            // One part of about a message at a time, read only once the queues have room: a
+            // peer that asks and does not read holds one part here, not a copy of the state.
+            let Ok(path) = path.parse::<crate::WnPath>() else { continue };
+            let mut after: Option<String> = None;
+            loop {
+                if !self.room(&peer).await || self.rounds().get(&peer).map(|r| r.generation) != Some(generation) {
+                    break;
+                }
+                let (system, p, from) = (self.system.clone(), path.clone(), after.take());
+                let part =
+                    tokio::task::spawn_blocking(move || system.eventual_part(&p, from.as_deref(), SYNC_CHUNK)).await;
+                let Ok(Some((chain, part, next))) = part else { break };
                 let bytes = rmp_serde::to_vec(&part).map_or(0, |b| b.len());
                 if !nodes.is_empty() && size.saturating_add(bytes) > SYNC_CHUNK {
                     self.send_states(peer, std::mem::take(&mut nodes)).await;
                     size = 0;
                 }
                 size = size.saturating_add(bytes);
-                nodes.push((chain.clone(), part));
+                nodes.push((chain, part));
+                match next {
+                    Some(field) => after = Some(field),
+                    None => break,
+                }
             }
         }
     }

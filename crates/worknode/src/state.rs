@@ -415,6 +415,27 @@ impl State {
         crate::system::digest_id(&[b"referee-worknode-state\0", &rmp_serde::to_vec(self).unwrap_or_default()])
     }
 
+    /// The fields after `after` (all of them for `None`), in order, whose encodings add up to
+    /// about `chunk` bytes at most (one field at least), as a state; and the last field taken
+    /// when more follow (the `after` of the next part). Costs the part, not the state: a
+    /// large state goes one part at a time. An empty state is one empty part.
+    pub fn part_after(&self, after: Option<&str>, chunk: usize) -> (State, Option<String>) {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut part = BTreeMap::new();
+        let mut size = 0usize;
+        for (field, value) in self.fields.range::<str, _>((from, Bound::Unbounded)) {
+            let bytes = encoded_len(value).saturating_add(field.len());
+            if !part.is_empty() && size.saturating_add(bytes) > chunk {
+                let last = part.keys().next_back().cloned();
+                return (State { fields: part, sizes: BTreeMap::new() }, last);
+            }
+            size = size.saturating_add(bytes);
+            part.insert(field.clone(), value.clone());
+        }
+        (State { fields: part, sizes: BTreeMap::new() }, None)
+    }
+
     /// The state in parts of whole fields whose encodings add up to about `chunk` bytes at most
     /// (one field each at least), in field order: merging every part is merging the state,
     /// since fields merge one by one. An empty state is one empty part.
@@ -496,6 +517,18 @@ mod tests {
         let d = back.prepare(1, 0, "f00", &Op::Set("y".into())).unwrap();
         back.apply(&d).unwrap();
         assert_ne!(back.digest(), s.digest());
+        // Read one part at a time, the same parts.
+        let (mut after, mut read) = (None, Vec::new());
+        loop {
+            let (part, next) = s.part_after(after.as_deref(), 10_000);
+            read.push(part);
+            match next {
+                Some(f) => after = Some(f),
+                None => break,
+            }
+        }
+        assert_eq!(read, parts);
+        assert_eq!(State::default().part_after(None, 10), (State::default(), None));
         // A field larger than a part goes alone; an empty state is one empty part.
         assert_eq!(s.clone().into_parts(10).len(), 50);
         assert_eq!(State::default().into_parts(10), vec![State::default()]);

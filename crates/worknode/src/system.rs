@@ -1928,6 +1928,22 @@ impl System {
         out
     }
 
+    /// Part of the state of the Eventual worknode at `path` (see [`State::part_after`]): its
+    /// metadata chain, the fields after `after` up to about `chunk` bytes, and the field the
+    /// next part starts after, if any. Anti-entropy reads a large state one part at a time.
+    pub fn eventual_part(
+        &self,
+        path: &WnPath,
+        after: Option<&str>,
+        chunk: usize,
+    ) -> Option<(Vec<Meta>, State, Option<String>)> {
+        let idx = self.inner.resolve(path)?;
+        self.eventual_at(idx, |info, _, state| {
+            let (part, next) = state.part_after(after, chunk);
+            (self.inner.chain(info), part, next)
+        })
+    }
+
     /// The Eventual worknode at `path`: its metadata chain and full state.
     pub fn eventual_state(&self, path: &WnPath) -> Option<(Vec<Meta>, State)> {
         let idx = self.inner.resolve(path)?;
