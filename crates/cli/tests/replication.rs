@@ -1245,3 +1245,41 @@ fn replicas_filling_one_field_at_once_converge() -> TestResult {
     assert_eq!(a.refused()?.get("quota"), None);
     Ok(())
 }
+
+/// Found attacking anti-entropy: a peer's change taken by one replica only (a plain `Deltas` to
+/// A, which is not passed on) left A's and B's digests different for good, so every
+/// reconnection sent that 4 MB state both ways, and neither took anything from it (each takes
+/// only its sender's own updates). A state that arrived is not asked for again while neither
+/// digest changes.
+#[test]
+fn a_state_that_brought_nothing_is_not_asked_for_again() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /w data eventual")?;
+    a.ok("send /w grow g 1")?;
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    b.wait("get /w", |g| g["ok"]["state"]["g"] == 1)?;
+    let seen = hostile(&a, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    hostile(&a, vec![deltas(chain, vec![delta("h", grow(hr(), 5))])])?;
+    a.wait("get /w", |g| g["ok"]["state"]["h"] == 5)?;
+    // Each reconnection: the first sends /w both ways (the digests differ), the next ones none.
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        let (a0, b0) = (sync(&mut a)?, sync(&mut b)?);
+        b.ok("isolate")?;
+        b.ok("heal")?;
+        rounds_done(&mut a, &mut b, &a0, &b0, 1)?;
+        let (a1, b1) = (sync(&mut a)?, sync(&mut b)?);
+        let n = |x: &Value, y: &Value| x["states_sent"].as_u64().unwrap() - y["states_sent"].as_u64().unwrap();
+        sent.push((n(&a1, &a0), n(&b1, &b0)));
+    }
+    assert_eq!(sent[0], (1, 1), "{sent:?}");
+    assert_eq!(sent[1..], [(0, 0), (0, 0)], "{sent:?}");
+    assert!(sync(&mut b)?["settled"].as_u64().unwrap() >= 2);
+    // A change on either side is asked for again at once.
+    b.ok("isolate")?;
+    a.ok("send /w grow g 1")?;
+    b.ok("heal")?;
+    b.wait("get /w", |g| g["ok"]["state"]["g"] == 2)?;
+    Ok(())
+}

@@ -291,6 +291,21 @@ pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 /// buffers within its own budgets).
 pub const ALL_QUEUES_BYTES: usize = 128 << 20;
 
+/// How long a peer's state that was sent here is not asked for again while neither its digest
+/// nor this replica's changes: merging it again would change nothing (it differs by what this
+/// replica does not take from that peer, such as a third replica's updates). Bounded in time in
+/// case its parts did not all arrive.
+pub const SETTLED_FOR: Duration = Duration::from_secs(600);
+
+/// A peer and a worknode path.
+type PeerPath = (PeerId, String);
+
+/// A peer's digest of a state and this replica's.
+type Digests2 = ([u8; 16], [u8; 16]);
+
+/// Most (peer, worknode) pairs remembered as settled ([`SETTLED_FOR`]).
+const SETTLED_MAX: usize = 1 << 20;
+
 /// Most bytes of one anti-entropy message (about): digests, wants and states go in messages of
 /// this size, a worknode's state split between fields (a single field over referee-comm's
 /// 16 MiB message limit cannot be sent).
@@ -327,6 +342,10 @@ pub struct Replicator {
     rounds: Mutex<HashMap<PeerId, Round>>,
     /// The state digests of the last round, so an unchanged state is not encoded again.
     digests: Arc<Mutex<crate::system::DigestCache>>,
+    /// Per (peer, path): the digests (the peer's, ours) a state was asked for with, until it
+    /// arrives; then the same, with when it came ([`SETTLED_FOR`]).
+    asked: Mutex<HashMap<PeerPath, Digests2>>,
+    settled: Mutex<HashMap<PeerPath, (Digests2, std::time::Instant)>>,
     stats: SyncCounters,
 }
 
@@ -363,6 +382,7 @@ struct SyncCounters {
     states_sent: std::sync::atomic::AtomicU64,
     state_bytes_sent: std::sync::atomic::AtomicU64,
     wants_ignored: std::sync::atomic::AtomicU64,
+    settled: std::sync::atomic::AtomicU64,
 }
 
 /// What anti-entropy has done since the replicator started.
@@ -382,6 +402,9 @@ pub struct SyncStats {
     pub state_bytes_sent: u64,
     /// Paths peers asked for that this round had not offered or had sent already.
     pub wants_ignored: u64,
+    /// States whose digests differed but that were not asked for: sent here before, and neither
+    /// side changed since ([`SETTLED_FOR`]).
+    pub settled: u64,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -414,6 +437,8 @@ impl Replicator {
             incarnation,
             rounds: Mutex::new(HashMap::new()),
             digests: Arc::default(),
+            asked: Mutex::default(),
+            settled: Mutex::default(),
             stats: SyncCounters::default(),
             node,
         });
@@ -544,6 +569,7 @@ impl Replicator {
             states_sent: get(&c.states_sent),
             state_bytes_sent: get(&c.state_bytes_sent),
             wants_ignored: get(&c.wants_ignored),
+            settled: get(&c.settled),
         }
     }
 
@@ -658,10 +684,53 @@ impl Replicator {
             return;
         }
         let Some(ours) = self.rounds().get(&peer).and_then(|r| r.ours.clone()) else { return };
-        let want: Vec<String> = theirs.into_iter().filter(|(p, d)| ours.get(p) != Some(d)).map(|(p, _)| p).collect();
+        let mut want = Vec::new();
+        {
+            let settled = self.settled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut asked = self.asked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (path, theirs) in theirs {
+                let mine = ours.get(&path).copied().unwrap_or_default();
+                if ours.get(&path) == Some(&theirs) {
+                    continue;
+                }
+                // Sent here already, and neither side changed since: nothing to take from it.
+                let key = (peer, path);
+                if settled.get(&key).is_some_and(|(d, at)| *d == (theirs, mine) && at.elapsed() < SETTLED_FOR) {
+                    self.stats.settled.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                // (States asked for of peers that left before sending them pile up: dropped
+                // all at once, which only costs asking again.)
+                if asked.len() >= SETTLED_MAX {
+                    asked.clear();
+                }
+                asked.insert(key.clone(), (theirs, mine));
+                want.push(key.1);
+            }
+        }
         for paths in chunks(want, |p| p.len() + 8) {
             self.stats.wanted.fetch_add(paths.len() as u64, Ordering::Relaxed);
             self.enqueue(peer, Bytes::from(Wire::Want { paths }.to_bytes())).await;
+        }
+    }
+
+    /// A state asked of `peer` arrived: remembered as settled with the digests it was asked with
+    /// (see [`SETTLED_FOR`]).
+    fn arrived(&self, peer: PeerId, sync: &Wire) {
+        let Wire::Sync { nodes, .. } = sync else { return };
+        let mut asked = self.asked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut settled = self.settled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (chain, _) in nodes {
+            let path = chain.iter().fold(String::new(), |p, m| p + "/" + &m.name);
+            if let Some(digests) = asked.remove(&(peer, path.clone())) {
+                if settled.len() >= SETTLED_MAX {
+                    settled.retain(|_, (_, at)| at.elapsed() < SETTLED_FOR);
+                    if settled.len() >= SETTLED_MAX {
+                        settled.clear();
+                    }
+                }
+                settled.insert((peer, path), (digests, std::time::Instant::now()));
+            }
         }
     }
 
@@ -808,6 +877,10 @@ impl Replicator {
                 Some(Wire::Want { paths }) => {
                     self.on_want(from, paths);
                     continue;
+                }
+                Some(wire @ Wire::Sync { .. }) => {
+                    self.arrived(from, &wire);
+                    wire
                 }
                 Some(wire) => wire,
                 None => {
