@@ -286,9 +286,10 @@ const REDIAL: Duration = Duration::from_millis(200);
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 
 /// Most bytes waiting to go to all peers together before anti-entropy waits: states asked for
-/// are read and queued only while the total is below half of this, so peers that ask and then
-/// do not read hold this much at most between them (plus one part each, and what referee-comm
-/// buffers within its own budgets).
+/// are read and queued only while the total is below half of this, or the peer has nothing
+/// queued, so peers that ask and then do not read hold this much at most between them (plus one
+/// part each, and what referee-comm buffers within its own budgets), and cannot hold back
+/// another peer's first part.
 pub const ALL_QUEUES_BYTES: usize = 128 << 20;
 
 /// How long a peer's state that was sent here is not asked for again while neither its digest
@@ -589,8 +590,10 @@ impl Replicator {
                 let peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 peers.get(peer).map(|q| q.queued.load(Ordering::Acquire))
             };
-            let all = self.queued.load(Ordering::Acquire);
-            if queued.is_none_or(|q| q <= PEER_QUEUE_BYTES / 2) && all <= ALL_QUEUES_BYTES / 2 {
+            // A peer with nothing queued may always have one part: peers that stall cannot
+            // hold back the others' anti-entropy, only their own.
+            let (mine, all) = (queued.unwrap_or(0), self.queued.load(Ordering::Acquire));
+            if mine == 0 || (mine <= PEER_QUEUE_BYTES / 2 && all <= ALL_QUEUES_BYTES / 2) {
                 return self.connected(peer);
             }
             if !self.connected(peer) {
