@@ -438,7 +438,7 @@ fn forged_seen_markers_do_not_swallow_later_inserts() -> TestResult {
     state.apply(&delta("s", Crdt::Set(markers.clone())))?;
     let forged = vec![
         deltas(chain.clone(), vec![delta("s", Crdt::Set(markers))]),
-        Wire::Sync { incarnation: 0, nodes: vec![(chain, state)] },
+        Wire::Sync { incarnation: 0, nodes: vec![(chain, state)], whole: vec![] },
     ];
     hostile(&a, forged.clone())?;
     hostile(&b, forged)?;
@@ -478,7 +478,7 @@ fn a_peer_speaks_only_for_itself() -> TestResult {
         deltas(chain.clone(), vec![delta("s", Crdt::Set(OrSet::default().add(other, "forged".to_owned())))]),
         // One change of its own and one in another's name, in one message: only the latter goes.
         deltas(chain.clone(), vec![delta("mine", grow(hr(), 2)), delta("g", grow(other, 5))]),
-        Wire::Sync { incarnation: 0, nodes: vec![(chain, state)] },
+        Wire::Sync { incarnation: 0, nodes: vec![(chain, state)], whole: vec![] },
     ];
     hostile(&r, forged)?;
     let got = r.wait("get /ev", |g| g["ok"]["state"]["own"] == 7)?;
@@ -685,7 +685,7 @@ fn forged_signatures_are_refused() -> TestResult {
         // Truncated key and signature.
         Wire::Signed { author: vec![1; 31], incarnation: 0, sig: sig[..63].to_vec(), body: body.clone() },
         // A valid signature over something that is not a change.
-        Wire::signed(me.id(), 0, &Wire::Sync { incarnation: 0, nodes: vec![] }, |d, m| me.sign(d, m)),
+        Wire::signed(me.id(), 0, &Wire::Sync { incarnation: 0, nodes: vec![], whole: vec![] }, |d, m| me.sign(d, m)),
         // Its own valid signature over a change in B's name: refused as any change of its own.
         Wire::Signed { author: me.id().as_bytes().to_vec(), incarnation: 0, sig, body },
     ];
@@ -823,7 +823,7 @@ fn a_full_state_cannot_make_the_store_copy_the_replicas_own_values() -> TestResu
         let set = dots(&live, &[(me, 300), (hr(), k)], &[]);
         let mut state = referee_worknode::State::default();
         state.apply(&delta("s", Crdt::Set(set)))?;
-        let w = Wire::Sync { incarnation: 0, nodes: vec![(chain.clone(), state)] };
+        let w = Wire::Sync { incarnation: 0, nodes: vec![(chain.clone(), state)], whole: vec![] };
         sent += w.to_bytes().len();
         forged.push(w);
     }
@@ -947,7 +947,7 @@ fn a_peers_gaps_block_only_that_peer() -> TestResult {
         let cloud: Vec<(u64, u64)> = (0..4000u64).map(|i| (replica_of(&me, inc), 2 + 2 * i)).collect();
         let mut state = referee_worknode::State::default();
         state.apply(&delta("s", Crdt::Set(dots(&[], &[], &cloud))))?;
-        forged.push(Wire::Sync { incarnation: inc, nodes: vec![(chain.clone(), state)] });
+        forged.push(Wire::Sync { incarnation: inc, nodes: vec![(chain.clone(), state)], whole: vec![] });
     }
     hostile(&b, forged)?;
     b.wait("stats", |v| v["ok"]["refused"]["quota"] == 1)?;
@@ -981,7 +981,7 @@ fn a_state_planted_under_another_worknodes_id_does_not_split_replicas() -> TestR
     state.apply(&delta("s", Crdt::Set(dots(&[], &[(b.replica, 1)], &[]))))?;
     let planted = vec![Meta { name: "w1".into(), ..w2[0].clone() }];
     assert_ne!(planted[0].id, w1[0].id);
-    hostile(&a, vec![Wire::Sync { incarnation: 0, nodes: vec![(planted, state)] }])?;
+    hostile(&a, vec![Wire::Sync { incarnation: 0, nodes: vec![(planted, state)], whole: vec![] }])?;
     a.wait("get /w1", |g| g["ok"]["state"]["s"] == serde_json::json!([]))?;
     a.ok("isolate")?;
     b.ok("send /w2 remove s x")?;
@@ -1040,7 +1040,7 @@ fn a_zero_entry_in_a_peers_context_is_harmless() -> TestResult {
     });
     let forged = vec![
         deltas(chain.clone(), vec![delta("s", Crdt::Set(zero))]),
-        Wire::Sync { incarnation: 0, nodes: vec![(chain.clone(), state)] },
+        Wire::Sync { incarnation: 0, nodes: vec![(chain.clone(), state)], whole: vec![] },
         signed,
         deltas(chain, vec![delta("end", grow(hr(), 1))]),
     ];
@@ -1281,5 +1281,54 @@ fn a_state_that_brought_nothing_is_not_asked_for_again() -> TestResult {
     a.ok("send /w grow g 1")?;
     b.ok("heal")?;
     b.wait("get /w", |g| g["ok"]["state"]["g"] == 2)?;
+    Ok(())
+}
+
+/// One connection of the hostile peer to `r` that names `/w` in its digests (with a digest `r`
+/// cannot hold), asks for `r`'s `/w`, and sends back its chain with an empty state, as the part
+/// that completes the state (`whole`) or not. Returns whether `r` asked for `/w`.
+fn digest_session(r: &Replica, whole: bool) -> Result<bool, Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async {
+        let (node, mut inbox) = Node::new(hostile_identity(), AllowList::allow_any(), Config::default());
+        let conn = node.connect_with(&r.addr.parse()?, ConnectOptions::default().expect_peer(r.id.parse()?)).await?;
+        let mut asked = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, inbox.recv()).await {
+            match Wire::from_bytes(msg.payload()) {
+                Some(Wire::Digests { .. }) => {
+                    conn.send(Wire::Digests { nodes: vec![("/w".to_owned(), [7; 16])] }.to_bytes()).await?;
+                    conn.send(Wire::Want { paths: vec!["/w".to_owned()] }.to_bytes()).await?;
+                }
+                Some(Wire::Want { paths }) => asked |= paths.iter().any(|p| p == "/w"),
+                Some(Wire::Sync { mut nodes, .. }) => {
+                    let (chain, _) = nodes.pop().ok_or("no state")?;
+                    let whole = if whole { vec!["/w".to_owned()] } else { vec![] };
+                    let part = Wire::Sync { incarnation: 0, nodes: vec![(chain, Default::default())], whole };
+                    conn.send(part.to_bytes()).await?;
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(asked)
+    })
+}
+
+/// Found reviewing the fix above: a state settled on its first part, so a state in parts whose
+/// first part changed nothing and whose next ones were cut off (a partition) was not asked for
+/// again for 10 minutes. A state settles only once its last part came.
+#[test]
+fn a_state_settles_only_once_its_last_part_came() -> TestResult {
+    let mut r = Replica::start()?;
+    r.ok("create /w data eventual")?;
+    r.ok("send /w grow g 1")?;
+    assert!(digest_session(&r, false)?, "asked at first");
+    assert!(digest_session(&r, false)?, "asked again: the state came only in part");
+    assert!(digest_session(&r, true)?, "asked again: the state came only in part");
+    assert!(!digest_session(&r, true)?, "not asked: it came whole, and neither side changed");
+    assert_eq!(sync(&mut r)?["settled"], 1);
+    r.ok("send /w grow g 1")?;
+    assert!(digest_session(&r, true)?, "asked: this side changed");
     Ok(())
 }

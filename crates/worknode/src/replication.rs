@@ -56,6 +56,10 @@ pub enum Wire {
         incarnation: u64,
         /// `(chain, state)` per worknode.
         nodes: Vec<(Vec<Meta>, State)>,
+        /// The paths (as asked for) whose states this message completes: a state in parts is
+        /// settled ([`SETTLED_FOR`]) only once its last part came.
+        #[serde(default)]
+        whole: Vec<String>,
     },
     /// Anti-entropy, first step: a digest of the state of each Eventual worknode of the sender,
     /// by path ([`System::eventual_digests`]), in messages of [`SYNC_CHUNK`] at most.
@@ -720,11 +724,10 @@ impl Replicator {
     /// A state asked of `peer` arrived: remembered as settled with the digests it was asked with
     /// (see [`SETTLED_FOR`]).
     fn arrived(&self, peer: PeerId, sync: &Wire) {
-        let Wire::Sync { nodes, .. } = sync else { return };
+        let Wire::Sync { whole, .. } = sync else { return };
         let mut asked = self.asked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut settled = self.settled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (chain, _) in nodes {
-            let path = chain.iter().fold(String::new(), |p, m| p + "/" + &m.name);
+        for path in whole {
             if let Some(digests) = asked.remove(&(peer, path.clone())) {
                 if settled.len() >= SETTLED_MAX {
                     settled.retain(|_, (_, at)| at.elapsed() < SETTLED_FOR);
@@ -732,7 +735,7 @@ impl Replicator {
                         settled.clear();
                     }
                 }
-                settled.insert((peer, path), (digests, std::time::Instant::now()));
+                settled.insert((peer, path.clone()), (digests, std::time::Instant::now()));
             }
         }
     }
@@ -761,7 +764,7 @@ impl Replicator {
     /// Sends `peer` the states it asked for, in messages of about [`SYNC_CHUNK`] (a worknode
     /// split between fields when larger), each queued once the peer's queue has room.
     async fn serve(self: Arc<Self>, peer: PeerId) {
-        let mut nodes = Vec::new();
+        let (mut nodes, mut whole) = (Vec::new(), Vec::new());
         let mut size = 0usize;
         loop {
             let next = {
@@ -776,13 +779,14 @@ impl Replicator {
             };
             let Some((path, generation)) = next else {
                 // Nothing more asked for: what is gathered goes.
-                self.send_states(peer, std::mem::take(&mut nodes)).await;
+                self.send_states(peer, std::mem::take(&mut nodes), std::mem::take(&mut whole)).await;
                 size = 0;
                 continue;
             };
             // One part of about a message at a time, read only once the queues have room: a
             // peer that asks and does not read holds one part here, not a copy of the state.
-            let Ok(path) = path.parse::<crate::WnPath>() else { continue };
+            let asked = path;
+            let Ok(path) = asked.parse::<crate::WnPath>() else { continue };
             let mut after: Option<String> = None;
             loop {
                 if !self.room(&peer).await || self.rounds().get(&peer).map(|r| r.generation) != Some(generation) {
@@ -794,26 +798,29 @@ impl Replicator {
                 let Ok(Some((chain, part, next))) = part else { break };
                 let bytes = rmp_serde::to_vec(&part).map_or(0, |b| b.len());
                 if !nodes.is_empty() && size.saturating_add(bytes) > SYNC_CHUNK {
-                    self.send_states(peer, std::mem::take(&mut nodes)).await;
+                    self.send_states(peer, std::mem::take(&mut nodes), std::mem::take(&mut whole)).await;
                     size = 0;
                 }
                 size = size.saturating_add(bytes);
                 nodes.push((chain, part));
                 match next {
                     Some(field) => after = Some(field),
-                    None => break,
+                    None => {
+                        whole.push(asked);
+                        break;
+                    }
                 }
             }
         }
     }
 
     /// One [`Wire::Sync`] of `nodes` to `peer`, once its queue has room.
-    async fn send_states(self: &Arc<Self>, peer: PeerId, nodes: Vec<(Vec<Meta>, State)>) {
+    async fn send_states(self: &Arc<Self>, peer: PeerId, nodes: Vec<(Vec<Meta>, State)>, whole: Vec<String>) {
         if nodes.is_empty() || !self.room(&peer).await {
             return;
         }
         let n = nodes.len() as u64;
-        let bytes = Bytes::from(Wire::Sync { incarnation: self.incarnation, nodes }.to_bytes());
+        let bytes = Bytes::from(Wire::Sync { incarnation: self.incarnation, nodes, whole }.to_bytes());
         self.stats.states_sent.fetch_add(n, Ordering::Relaxed);
         self.stats.state_bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.enqueue(peer, bytes).await;
@@ -908,7 +915,7 @@ impl Wire {
     /// The anti-entropy message: the full state of every Eventual worknode of `system`, whose
     /// store is `incarnation`.
     pub fn sync(system: &System, incarnation: u64) -> Wire {
-        Wire::Sync { incarnation, nodes: system.eventual_states() }
+        Wire::Sync { incarnation, nodes: system.eventual_states(), whole: Vec::new() }
     }
 
     /// Merges what the peer `from` sent into `system`. A chain or delta that breaks a rule

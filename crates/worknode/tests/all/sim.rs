@@ -265,6 +265,7 @@ impl Sim {
                 chain.clone(),
                 serde_json::from_value(serde_json::json!({ "fields": { "s": claim.delta } })).unwrap(),
             )],
+            whole: Vec::new(),
         };
         sync.merge_into(self.reps[r].sys(), &forger);
         let id = uuid_bytes(self.seed ^ 0x66, self.now);
