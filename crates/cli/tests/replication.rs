@@ -1332,3 +1332,40 @@ fn a_state_settles_only_once_its_last_part_came() -> TestResult {
     assert!(digest_session(&r, true)?, "asked: this side changed");
     Ok(())
 }
+
+/// Found attacking the fix above: with a peer's changes never refused for a field's size, one
+/// peer grew a field past referee-comm's 16 MiB message limit in changes of 1.9 MiB. The
+/// replica's own writes to it were refused for good, anti-entropy dropped the part holding it
+/// (or, past 32 MiB, disconnected the peer it was for, every round), and the state was marked
+/// whole anyway. A peer's changes are held to `max_merged_field_bytes` (14 MiB), and a part too
+/// large to send is left out without marking its state whole.
+#[test]
+fn a_peer_cannot_grow_a_field_past_what_anti_entropy_carries() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /x data eventual")?;
+    a.ok("send /x insert s mine")?;
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    b.wait("get /x", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(1))?;
+    b.ok("isolate")?;
+    let seen = hostile(&a, vec![])?;
+    let chain = chains(&seen).into_iter().next().ok_or("no chain")?;
+    let mut set = OrSet::default();
+    let forged: Vec<Wire> = (0..18)
+        .map(|i| {
+            let add = set.add(hr(), format!("{i}{}", "h".repeat(1_900_000)));
+            deltas(chain.clone(), vec![delta("s", Crdt::Set(add))])
+        })
+        .collect();
+    hostile(&a, forged)?;
+    a.wait("stats", |s| s["ok"]["refused"]["quota"].as_u64() >= Some(1))?;
+    a.ok("idle")?;
+    let len = |g: &Value| g["ok"]["state"]["s"].as_array().map_or(0, Vec::len);
+    let held = len(&a.ok("get /x").map(|v| serde_json::json!({ "ok": v }))?);
+    assert!((5..10).contains(&held), "{held}");
+    a.ok("send /x grow t 5")?;
+    b.ok("heal")?;
+    // B gets A's updates (not the peer's, which A does not pass on: a plain `Deltas`).
+    b.wait("get /x", |g| g["ok"]["state"]["t"] == 5)?;
+    assert_eq!(sync(&mut a)?["parts_too_large"], 0);
+    Ok(())
+}

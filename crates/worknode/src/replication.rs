@@ -311,6 +311,11 @@ type Digests2 = ([u8; 16], [u8; 16]);
 /// Most (peer, worknode) pairs remembered as settled ([`SETTLED_FOR`]).
 const SETTLED_MAX: usize = 1 << 20;
 
+/// Largest part of a state anti-entropy sends (encoded): below referee-comm's 16 MiB message
+/// limit. A field larger than this (which only a configuration above the defaults lets grow)
+/// is left out, counted (`parts_too_large`), and its state not marked whole.
+pub const SYNC_PART_MAX: usize = 15 << 20;
+
 /// Most bytes of one anti-entropy message (about): digests, wants and states go in messages of
 /// this size, a worknode's state split between fields (a single field over referee-comm's
 /// 16 MiB message limit cannot be sent).
@@ -388,6 +393,7 @@ struct SyncCounters {
     state_bytes_sent: std::sync::atomic::AtomicU64,
     wants_ignored: std::sync::atomic::AtomicU64,
     settled: std::sync::atomic::AtomicU64,
+    parts_too_large: std::sync::atomic::AtomicU64,
 }
 
 /// What anti-entropy has done since the replicator started.
@@ -410,6 +416,8 @@ pub struct SyncStats {
     /// States whose digests differed but that were not asked for: sent here before, and neither
     /// side changed since ([`SETTLED_FOR`]).
     pub settled: u64,
+    /// Parts of states left out for being larger than [`SYNC_PART_MAX`].
+    pub parts_too_large: u64,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -575,6 +583,7 @@ impl Replicator {
             state_bytes_sent: get(&c.state_bytes_sent),
             wants_ignored: get(&c.wants_ignored),
             settled: get(&c.settled),
+            parts_too_large: get(&c.parts_too_large),
         }
     }
 
@@ -788,6 +797,7 @@ impl Replicator {
             let asked = path;
             let Ok(path) = asked.parse::<crate::WnPath>() else { continue };
             let mut after: Option<String> = None;
+            let mut complete = true;
             loop {
                 if !self.room(&peer).await || self.rounds().get(&peer).map(|r| r.generation) != Some(generation) {
                     break;
@@ -797,6 +807,18 @@ impl Replicator {
                     tokio::task::spawn_blocking(move || system.eventual_part(&p, from.as_deref(), SYNC_CHUNK)).await;
                 let Ok(Some((chain, part, next))) = part else { break };
                 let bytes = rmp_serde::to_vec(&part).map_or(0, |b| b.len());
+                if bytes > SYNC_PART_MAX {
+                    // Cannot be sent: left out, and the state is not whole (never settled).
+                    self.stats.parts_too_large.fetch_add(1, Ordering::Relaxed);
+                    complete = false;
+                    match next {
+                        Some(field) => {
+                            after = Some(field);
+                            continue;
+                        }
+                        None => break,
+                    }
+                }
                 if !nodes.is_empty() && size.saturating_add(bytes) > SYNC_CHUNK {
                     self.send_states(peer, std::mem::take(&mut nodes), std::mem::take(&mut whole)).await;
                     size = 0;
@@ -806,7 +828,9 @@ impl Replicator {
                 match next {
                     Some(field) => after = Some(field),
                     None => {
-                        whole.push(asked);
+                        if complete {
+                            whole.push(asked);
+                        }
                         break;
                     }
                 }

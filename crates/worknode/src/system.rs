@@ -60,11 +60,16 @@ pub struct SystemConfig {
     /// send; larger ones are refused ([`StateError::TooLarge`], audited `quota` when replicated).
     pub max_delta_bytes: usize,
     /// Largest state (encoded) one field may reach through local operations: one that would
-    /// take it further is refused ([`StateError::FieldFull`]). Peers' changes are never refused
-    /// for it (replicas writing concurrently may together pass it; refusing would split them for
-    /// good). Anti-entropy sends a field in one message (referee-comm's limit: 16 MiB), so the
-    /// default leaves room for three replicas filling a field at once.
+    /// take it further is refused ([`StateError::FieldFull`]). Peers' changes are held to
+    /// `max_merged_field_bytes` instead (replicas writing concurrently may together pass this
+    /// one; refusing their changes would split them).
     pub max_field_bytes: usize,
+    /// Largest state (encoded) one field may reach through peers' changes: one that would take
+    /// it further is refused (`quota`), so a peer cannot grow a field past what anti-entropy
+    /// sends in one message (referee-comm's limit: 16 MiB). The default leaves room for three
+    /// replicas filling a field (`max_field_bytes`) at once; more replicas doing so during one
+    /// partition would be split on that field until some of it is removed.
+    pub max_merged_field_bytes: usize,
     /// This node's replica id (CRDT dots); must differ between replicas.
     pub replica: ReplicaId,
 }
@@ -82,6 +87,7 @@ impl Default for SystemConfig {
             max_restarts: 10,
             max_delta_bytes: 2 << 20,
             max_field_bytes: 4 << 20,
+            max_merged_field_bytes: 14 << 20,
             replica: u64::from_le_bytes(uuid::Uuid::now_v7().as_bytes()[8..].try_into().unwrap_or([1; 8])),
         }
     }
@@ -1023,10 +1029,9 @@ impl Inner {
                                 format!("field {:?}: one update with two values (the larger kept)", delta.field);
                             self.refused(&Refused::new("equivocation", self.path_of_info(info), detail));
                         }
-                        // Never refused for the field's size (replicas writing concurrently may
-                        // together pass the local limit: refusing would split them for good); the
-                        // field's size bound is kept for the local check.
-                        match state.absorb_within(&delta, usize::MAX) {
+                        // Held to a larger limit than a local change (replicas writing concurrently
+                        // may together pass the local one), but one anti-entropy still carries.
+                        match state.absorb_within(&delta, self.cfg.max_merged_field_bytes) {
                             Ok(true) => {
                                 log.merged.insert(eid, log.events.len());
                                 log.events.push((eid, delta, false));
