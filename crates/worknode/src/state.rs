@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use crate::crdt::{Admitted, Authored, GCounter, Lattice, LwwRegister, MvRegister, OrMap, OrSet, PnCounter, ReplicaId};
 use crate::error::StateError;
@@ -207,6 +208,9 @@ pub struct State {
     /// missing one is measured when needed).
     #[serde(skip)]
     sizes: BTreeMap<String, usize>,
+    /// Digests of fields, kept by [`State::digest`] until the field changes (not stored).
+    #[serde(skip)]
+    digests: BTreeMap<String, [u8; 16]>,
 }
 
 impl PartialEq for State {
@@ -239,7 +243,7 @@ fn encoded_len<T: Serialize>(v: &T) -> usize {
 
 impl State {
     /// No fields.
-    pub(crate) const EMPTY: State = State { fields: BTreeMap::new(), sizes: BTreeMap::new() };
+    pub(crate) const EMPTY: State = State { fields: BTreeMap::new(), sizes: BTreeMap::new(), digests: BTreeMap::new() };
 
     /// Computes the delta of `op` on `field` without changing `self` (a behaviour's changes are
     /// applied only once its turn commits).
@@ -291,6 +295,7 @@ impl State {
     /// that changes nothing (an empty one, or one already merged) creates no field.
     pub fn apply(&mut self, d: &Delta) -> Result<bool, StateError> {
         self.sizes.remove(&d.field);
+        self.digests.remove(&d.field);
         match self.fields.get_mut(&d.field) {
             Some(c) => c.merge(&d.delta),
             None if d.delta == d.delta.bottom() => Ok(false),
@@ -332,6 +337,7 @@ impl State {
             return Err(StateError::FieldFull { field: d.field.clone(), bytes, max });
         }
         self.fields.insert(d.field.clone(), merged);
+        self.digests.remove(&d.field);
         self.sizes.insert(d.field.clone(), bytes);
         Ok(true)
     }
@@ -409,10 +415,21 @@ impl State {
         self.fields.is_empty()
     }
 
-    /// A digest of the whole state (its encoding, which is canonical: equal states, equal
-    /// digests), for anti-entropy.
-    pub fn digest(&self) -> [u8; 16] {
-        crate::system::digest_id(&[b"referee-worknode-state\0", &rmp_serde::to_vec(self).unwrap_or_default()])
+    /// A digest of the whole state, for anti-entropy: of each field's name and the digest of
+    /// its encoding (canonical: equal states, equal digests). A field's digest is kept until the
+    /// field changes, so this costs the fields changed since the last call.
+    pub fn digest(&mut self) -> [u8; 16] {
+        let mut all = Sha256::new().chain_update(b"referee-worknode-state\0");
+        for (field, value) in &self.fields {
+            let d = *self.digests.entry(field.clone()).or_insert_with(|| {
+                crate::system::digest_id(&[b"referee-worknode-field\0", &rmp_serde::to_vec(value).unwrap_or_default()])
+            });
+            all.update((field.len() as u64).to_le_bytes());
+            all.update(field.as_bytes());
+            all.update(d);
+        }
+        let all: [u8; 32] = all.finalize().into();
+        all.first_chunk::<16>().copied().unwrap_or_default()
     }
 
     /// The fields after `after` (all of them for `None`), in order, whose encodings add up to
@@ -428,12 +445,12 @@ impl State {
             let bytes = encoded_len(value).saturating_add(field.len());
             if !part.is_empty() && size.saturating_add(bytes) > chunk {
                 let last = part.keys().next_back().cloned();
-                return (State { fields: part, sizes: BTreeMap::new() }, last);
+                return (State { fields: part, ..State::default() }, last);
             }
             size = size.saturating_add(bytes);
             part.insert(field.clone(), value.clone());
         }
-        (State { fields: part, sizes: BTreeMap::new() }, None)
+        (State { fields: part, ..State::default() }, None)
     }
 
     /// The state in parts of whole fields whose encodings add up to about `chunk` bytes at most
@@ -445,14 +462,14 @@ impl State {
         for (field, value) in self.fields {
             let bytes = rmp_serde::to_vec(&value).map_or(0, |b| b.len()).saturating_add(field.len());
             if !part.is_empty() && size.saturating_add(bytes) > chunk {
-                out.push(State { fields: std::mem::take(&mut part), sizes: BTreeMap::new() });
+                out.push(State { fields: std::mem::take(&mut part), ..State::default() });
                 size = 0;
             }
             size = size.saturating_add(bytes);
             part.insert(field, value);
         }
         if !part.is_empty() || out.is_empty() {
-            out.push(State { fields: part, sizes: BTreeMap::new() });
+            out.push(State { fields: part, ..State::default() });
         }
         out
     }
@@ -496,6 +513,42 @@ mod tests {
         s.apply(&d).unwrap();
         let d = s.prepare(1, 0, "t", &Op::Insert("v".repeat(6_000))).unwrap();
         assert!(matches!(s.apply_within(&d, max), Err(StateError::FieldFull { .. })));
+    }
+
+    /// The kept field digests follow every kind of change: the digest is always the one a
+    /// fresh copy (no kept digests) computes.
+    #[test]
+    fn kept_field_digests_follow_every_change() {
+        let mut s = State::default();
+        let fresh = |s: &State| -> [u8; 16] {
+            let mut copy: State = rmp_serde::from_slice(&rmp_serde::to_vec(s).unwrap()).unwrap();
+            copy.digest()
+        };
+        let ops = [
+            ("a", Op::Grow(1)),
+            ("b", Op::Insert("x".into())),
+            ("a", Op::Grow(2)),
+            ("b", Op::Remove("x".into())),
+            ("c", Op::Put("k".into(), "v".into())),
+            ("d", Op::Set("v".into())),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for (i, (field, op)) in ops.iter().enumerate() {
+            let d = s.prepare(1, i as u64, field, op).unwrap();
+            if i % 2 == 0 {
+                s.apply(&d).unwrap();
+            } else {
+                s.apply_within(&d, 1 << 20).unwrap();
+            }
+            let got = s.digest();
+            assert_eq!(got, fresh(&s), "after {field} {op:?}");
+            assert!(seen.insert(got), "every change makes another digest");
+        }
+        // A merged peer state too.
+        let mut other = State::default();
+        other.apply(&other.prepare(2, 0, "a", &Op::Grow(5)).unwrap()).unwrap();
+        s.merge(&other).unwrap();
+        assert_eq!(s.digest(), fresh(&s));
     }
 
     #[test]

@@ -1921,10 +1921,7 @@ impl System {
         let out = (0..n)
             .filter_map(|idx| {
                 let info = self.inner.info(idx)?;
-                let digest = self.eventual_at(idx, |info, version, state| match cache.0.get(&info.id) {
-                    Some((v, d)) if *v == version => (version, *d),
-                    _ => (version, state.digest()),
-                })?;
+                let digest = self.eventual_digest_at(idx, cache)?;
                 seen.insert(info.id, digest);
                 Some((self.inner.path_of_info(info), digest.1))
             })
@@ -1953,6 +1950,25 @@ impl System {
     pub fn eventual_state(&self, path: &WnPath) -> Option<(Vec<Meta>, State)> {
         let idx = self.inner.resolve(path)?;
         self.eventual_at(idx, |info, _, state| (self.inner.chain(info), state.clone()))
+    }
+
+    /// The version and digest of the Eventual worknode in slot `idx`, if it is one: from `cache`
+    /// while its version is the same, else from its state (which keeps its fields' digests).
+    fn eventual_digest_at(&self, idx: u32, cache: &DigestCache) -> Option<(u64, [u8; 16])> {
+        let info = self.inner.info(idx).filter(|i| i.consistency == Consistency::Eventual)?;
+        if self.inner.index(info.id) != Some(idx) {
+            return None;
+        }
+        self.inner.with_node(idx, |node| {
+            if !self.inner.reload(info.id, node) {
+                return None;
+            }
+            Some(match (cache.0.get(&info.id), node.state.as_deref_mut()) {
+                (Some((v, d)), _) if *v == node.version => (node.version, *d),
+                (_, Some(state)) => (node.version, state.digest()),
+                (_, None) => (node.version, State::default().digest()),
+            })
+        })?
     }
 
     /// `f` of the Eventual worknode in slot `idx` (its version and state, loaded), if it is one.
