@@ -883,7 +883,10 @@ impl Replicator {
                         r.early.clear();
                         r.early_bytes = 0;
                     }
-                    rounds.retain(|_, r| r.running || r.serving);
+                    // This peer's only: another peer's finished round still answers its wants.
+                    if rounds.get(&peer).is_some_and(|r| !r.running && !r.serving) {
+                        rounds.remove(&peer);
+                    }
                 }
                 _ => {}
             }

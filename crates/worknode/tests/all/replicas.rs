@@ -128,8 +128,8 @@ fn three_replicas_converge_after_a_partition_with_concurrent_updates() {
     r[2].ok("heal");
     let total: i64 = log.iter().chain(&side_a).chain(&side_b).sum();
     let mut finals = Vec::new();
-    for replica in &mut r {
-        finals.push(wait_for(replica, "convergence", |s| {
+    for (i, replica) in r.iter_mut().enumerate() {
+        finals.push(wait_for(replica, &format!("replica {i} to converge"), |s| {
             s["hits"] == total && s["tags"].as_array().is_some_and(|t| t.len() == 2)
         }));
     }
