@@ -1405,3 +1405,26 @@ fn another_peer_leaving_does_not_cancel_a_round() -> TestResult {
     assert_eq!(got, 1, "the state asked for was sent");
     Ok(())
 }
+
+/// Found reading the three-replica test's output: a Local worknode is an Eventual container at
+/// the peers its children reach, so they named it in their digests and the origin asked for it
+/// at every connection, only to refuse it (`conflict`, audited each time). A path that is not
+/// Eventual here is not asked for.
+#[test]
+fn a_local_ancestor_is_not_asked_for_again_and_again() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    a.ok("create /acme data local")?;
+    a.ok("create /acme/c data eventual")?;
+    a.ok("send /acme/c grow g 3")?;
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    b.wait("get /acme/c", |g| g["ok"]["state"]["g"] == 3)?;
+    for _ in 0..2 {
+        let (a0, b0) = (sync(&mut a)?, sync(&mut b)?);
+        b.ok("isolate")?;
+        b.ok("heal")?;
+        rounds_done(&mut a, &mut b, &a0, &b0, 1)?;
+    }
+    assert_eq!(a.refused()?.get("conflict"), None);
+    assert_eq!(a.ok("get /acme")?["consistency"], "local");
+    Ok(())
+}

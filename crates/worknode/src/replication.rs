@@ -709,6 +709,17 @@ impl Replicator {
                 if ours.get(&path) == Some(&theirs) {
                     continue;
                 }
+                // Not Eventual here (a Local worknode is an Eventual container at its peers, so
+                // they name it): what they would send is refused (`conflict`).
+                if !ours.contains_key(&path)
+                    && path
+                        .parse::<crate::WnPath>()
+                        .ok()
+                        .and_then(|p| self.system.consistency_of(&p))
+                        .is_some_and(|c| c != crate::Consistency::Eventual)
+                {
+                    continue;
+                }
                 // Sent here already, and neither side changed since: nothing to take from it.
                 let key = (peer, path);
                 if settled.get(&key).is_some_and(|(d, at)| *d == (theirs, mine) && at.elapsed() < SETTLED_FOR) {

@@ -1833,6 +1833,12 @@ impl System {
         self.inner.info(idx).map(|n| n.id)
     }
 
+    /// The consistency of the worknode at `path`, if there is one.
+    pub fn consistency_of(&self, path: &WnPath) -> Option<Consistency> {
+        let idx = self.inner.resolve(path)?;
+        self.inner.info(idx).map(|i| i.consistency)
+    }
+
     /// The arena handle of worknode `id`.
     pub fn handle(&self, id: WorknodeId) -> Option<Handle> {
         self.inner.index(id).map(Handle)
