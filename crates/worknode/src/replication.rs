@@ -143,7 +143,8 @@ fn split_shipment(s: Shipment, chunk: usize) -> Vec<Wire> {
         size = size.saturating_add(bytes);
         events.push(e);
     }
-    if !events.is_empty() {
+    // A shipment without events (a new worknode) is its chain alone.
+    if !events.is_empty() || out.is_empty() {
         out.push(Wire::Deltas { chain: s.chain, events });
     }
     out

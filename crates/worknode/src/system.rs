@@ -1537,6 +1537,13 @@ impl System {
                 return Err(e.into());
             }
         }
+        // Peers learn of a new Eventual worknode at once (its chain, no events), not only
+        // when a write ships or a connection's anti-entropy names it.
+        if consistency == Consistency::Eventual
+            && let (Some(info), Some(sink)) = (self.inner.info(idx), self.inner.sink.get())
+        {
+            sink(Shipment { chain: self.inner.chain(info), events: Vec::new() });
+        }
         Ok((id, Handle(idx)))
     }
 
