@@ -452,27 +452,6 @@ impl State {
         }
         (State { fields: part, ..State::default() }, None)
     }
-
-    /// The state in parts of whole fields whose encodings add up to about `chunk` bytes at most
-    /// (one field each at least), in field order: merging every part is merging the state,
-    /// since fields merge one by one. An empty state is one empty part.
-    pub fn into_parts(self, chunk: usize) -> Vec<State> {
-        let mut out = Vec::new();
-        let (mut part, mut size) = (BTreeMap::new(), 0usize);
-        for (field, value) in self.fields {
-            let bytes = rmp_serde::to_vec(&value).map_or(0, |b| b.len()).saturating_add(field.len());
-            if !part.is_empty() && size.saturating_add(bytes) > chunk {
-                out.push(State { fields: std::mem::take(&mut part), ..State::default() });
-                size = 0;
-            }
-            size = size.saturating_add(bytes);
-            part.insert(field, value);
-        }
-        if !part.is_empty() || out.is_empty() {
-            out.push(State { fields: part, ..State::default() });
-        }
-        out
-    }
 }
 
 #[cfg(test)]
@@ -558,10 +537,22 @@ mod tests {
             let d = s.prepare(1, 0, &format!("f{i:02}"), &Op::Set("x".repeat(1000))).unwrap();
             s.apply(&d).unwrap();
         }
-        let parts = s.clone().into_parts(10_000);
-        assert!(parts.len() >= 5, "{}", parts.len());
+        // Read one part at a time.
+        let parts = |s: &State, chunk: usize| {
+            let (mut after, mut read) = (None, Vec::new());
+            loop {
+                let (part, next) = s.part_after(after.as_deref(), chunk);
+                read.push(part);
+                match next {
+                    Some(f) => after = Some(f),
+                    None => return read,
+                }
+            }
+        };
+        let read = parts(&s, 10_000);
+        assert!(read.len() >= 5, "{}", read.len());
         let mut back = State::default();
-        for p in &parts {
+        for p in &read {
             assert!(rmp_serde::to_vec(p).unwrap().len() <= 10_000 + 100);
             back.merge(p).unwrap();
         }
@@ -570,21 +561,9 @@ mod tests {
         let d = back.prepare(1, 0, "f00", &Op::Set("y".into())).unwrap();
         back.apply(&d).unwrap();
         assert_ne!(back.digest(), s.digest());
-        // Read one part at a time, the same parts.
-        let (mut after, mut read) = (None, Vec::new());
-        loop {
-            let (part, next) = s.part_after(after.as_deref(), 10_000);
-            read.push(part);
-            match next {
-                Some(f) => after = Some(f),
-                None => break,
-            }
-        }
-        assert_eq!(read, parts);
-        assert_eq!(State::default().part_after(None, 10), (State::default(), None));
         // A field larger than a part goes alone; an empty state is one empty part.
-        assert_eq!(s.clone().into_parts(10).len(), 50);
-        assert_eq!(State::default().into_parts(10), vec![State::default()]);
+        assert_eq!(parts(&s, 10).len(), 50);
+        assert_eq!(State::default().part_after(None, 10), (State::default(), None));
     }
 
     #[test]

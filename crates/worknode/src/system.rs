@@ -1959,12 +1959,6 @@ impl System {
         })
     }
 
-    /// The Eventual worknode at `path`: its metadata chain and full state.
-    pub fn eventual_state(&self, path: &WnPath) -> Option<(Vec<Meta>, State)> {
-        let idx = self.inner.resolve(path)?;
-        self.eventual_at(idx, |info, _, state| (self.inner.chain(info), state.clone()))
-    }
-
     /// The version and digest of the Eventual worknode in slot `idx`, if it is one: from `cache`
     /// while its version is the same, else from its state (which keeps its fields' digests).
     fn eventual_digest_at(&self, idx: u32, cache: &DigestCache) -> Option<(u64, [u8; 16])> {
