@@ -132,32 +132,26 @@ pub const RELAY_MAX_BYTES: usize = 4 << 20;
 /// A shipment as [`Wire::Deltas`] messages whose events add up to about `chunk` bytes at most
 /// (one event each at least), in order.
 fn split_shipment(s: Shipment, chunk: usize) -> Vec<Wire> {
-    let mut out = Vec::new();
-    let (mut events, mut size) = (Vec::new(), 0usize);
-    for e in s.events {
-        let bytes = rmp_serde::to_vec(&e).map_or(0, |b| b.len());
-        if !events.is_empty() && size.saturating_add(bytes) > chunk {
-            out.push(Wire::Deltas { chain: s.chain.clone(), events: std::mem::take(&mut events) });
-            size = 0;
-        }
-        size = size.saturating_add(bytes);
-        events.push(e);
-    }
+    let sizes = |e: &Replicated| rmp_serde::to_vec(e).map_or(0, |b| b.len());
+    let mut out: Vec<Wire> = chunks(s.events, chunk, sizes)
+        .into_iter()
+        .map(|events| Wire::Deltas { chain: s.chain.clone(), events })
+        .collect();
     // A shipment without events (a new worknode) is its chain alone.
-    if !events.is_empty() || out.is_empty() {
-        out.push(Wire::Deltas { chain: s.chain, events });
+    if out.is_empty() {
+        out.push(Wire::Deltas { chain: s.chain, events: Vec::new() });
     }
     out
 }
 
-/// `items` in groups whose `size`s add up to about [`SYNC_CHUNK`] at most (one item each at
-/// least), in order.
-fn chunks<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+/// `items` in groups whose `size`s add up to about `limit` at most (one item each at least), in
+/// order.
+fn chunks<T>(items: Vec<T>, limit: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut out = Vec::new();
     let (mut group, mut total) = (Vec::new(), 0usize);
     for item in items {
         let bytes = size(&item);
-        if !group.is_empty() && total.saturating_add(bytes) > SYNC_CHUNK {
+        if !group.is_empty() && total.saturating_add(bytes) > limit {
             out.push(std::mem::take(&mut group));
             total = 0;
         }
@@ -652,7 +646,7 @@ impl Replicator {
             };
             self.compare(peer, early).await;
             let mut sent = true;
-            for nodes in chunks(ours, |(path, _)| path.len() + 24) {
+            for nodes in chunks(ours, SYNC_CHUNK, |(path, _)| path.len() + 24) {
                 if !current(&self) || !self.room(&peer).await {
                     sent = false;
                     break;
@@ -736,7 +730,7 @@ impl Replicator {
                 want.push(key.1);
             }
         }
-        for paths in chunks(want, |p| p.len() + 8) {
+        for paths in chunks(want, SYNC_CHUNK, |p| p.len() + 8) {
             self.stats.wanted.fetch_add(paths.len() as u64, Ordering::Relaxed);
             self.enqueue(peer, Bytes::from(Wire::Want { paths }.to_bytes())).await;
         }
