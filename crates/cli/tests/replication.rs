@@ -657,6 +657,40 @@ fn signed_changes_reach_replicas_their_author_is_not_linked_to() -> TestResult {
     Ok(())
 }
 
+/// Store and forward (slice 3b): a change made while the far end of a line was cut off reaches
+/// it through the middle replica, which kept the signed change and sends it when the far end
+/// reconnects. Before, the middle's full state carried only its own updates, and the far end
+/// never got the change (its author never talks to it).
+#[test]
+fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -> TestResult {
+    let (mut a, mut b, mut c) = (Replica::start()?, Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    c.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.ok("create /ev data eventual")?;
+    for r in [&mut a, &mut c] {
+        r.wait("get /ev", |g| g.get("ok").is_some())?;
+    }
+    c.ok("isolate")?;
+    a.ok("send /ev add n 5")?;
+    a.ok("send /ev insert s from-a")?;
+    b.wait("get /ev", |g| g["ok"]["state"]["n"] == 5)?;
+    // A's changes reach the middle only: a new worknode of A's too.
+    a.ok("create /new data eventual")?;
+    a.ok("send /new add n 1")?;
+    b.wait("get /new", |g| g["ok"]["state"]["n"] == 1)?;
+    c.ok("heal")?;
+    let want = serde_json::json!({"n": 5, "s": ["from-a"]});
+    c.wait("get /ev", |g| g["ok"]["state"] == want)?;
+    c.wait("get /new", |g| g["ok"]["state"]["n"] == 1)?;
+    let kept = sync(&mut b)?;
+    assert!(kept["kept_sent"].as_u64().unwrap() >= 3, "{kept}");
+    assert!(kept["kept"]["messages"].as_u64().unwrap() >= 3, "{kept}");
+    for r in [&mut a, &mut b, &mut c] {
+        assert_eq!(r.refused()?, serde_json::json!({}));
+    }
+    Ok(())
+}
+
 /// A signed change is taken as its signer's only if the signature holds for that key over those
 /// bytes: a peer cannot pass its changes (or anything) off as another replica's.
 #[test]
@@ -668,30 +702,44 @@ fn forged_signatures_are_refused() -> TestResult {
     let me = hostile_identity();
     let victim: referee_comm::PeerId = b.id.parse()?;
     let deltas = deltas(chain.clone(), vec![delta("g", grow(replica_of(&victim, b.incarnation), 1000))]);
-    let Wire::Signed { sig, body, .. } = Wire::signed(me.id(), 0, &deltas, |d, m| me.sign(d, m)) else {
+    let Wire::Signed { sig, body, seq, prev, .. } = Wire::signed(me.id(), 0, &deltas, |d, m| me.sign(d, m)) else {
         unreachable!()
     };
+    let signed = |author: Vec<u8>, incarnation: u64, sig: &[u8], body: &[u8], seq: u64, prev: u64| Wire::Signed {
+        author,
+        incarnation,
+        sig: sig.to_vec(),
+        body: body.to_vec(),
+        seq,
+        prev,
+    };
+    let mine = me.id().as_bytes().to_vec();
     let mut flipped = body.clone();
     if let Some(last) = flipped.last_mut() {
         *last ^= 1;
     }
     let forged = vec![
         // B's key, the peer's own signature.
-        Wire::Signed { author: victim.as_bytes().to_vec(), incarnation: 0, sig: sig.clone(), body: body.clone() },
+        signed(victim.as_bytes().to_vec(), 0, &sig, &body, seq, prev),
         // Its own signature, another incarnation (the incarnation is signed).
-        Wire::Signed { author: me.id().as_bytes().to_vec(), incarnation: 1, sig: sig.clone(), body: body.clone() },
+        signed(mine.clone(), 1, &sig, &body, seq, prev),
+        // Its own signature, another place in its sequence (the stamp is signed).
+        signed(mine.clone(), 0, &sig, &body, seq + 1, prev),
+        signed(mine.clone(), 0, &sig, &body, seq, seq - 1),
+        // A previous message later than itself.
+        signed(mine.clone(), 0, &sig, &body, seq, seq + 1),
         // Its own key, but bytes other than those signed.
-        Wire::Signed { author: me.id().as_bytes().to_vec(), incarnation: 0, sig: sig.clone(), body: flipped },
+        signed(mine.clone(), 0, &sig, &flipped, seq, prev),
         // Truncated key and signature.
-        Wire::Signed { author: vec![1; 31], incarnation: 0, sig: sig[..63].to_vec(), body: body.clone() },
+        signed(vec![1; 31], 0, &sig[..63], &body, seq, prev),
         // A valid signature over something that is not a change.
         Wire::signed(me.id(), 0, &Wire::Sync { incarnation: 0, nodes: vec![], whole: vec![] }, |d, m| me.sign(d, m)),
         // Its own valid signature over a change in B's name: refused as any change of its own.
-        Wire::Signed { author: me.id().as_bytes().to_vec(), incarnation: 0, sig, body },
+        signed(mine, 0, &sig, &body, seq, prev),
     ];
     hostile(&a, forged)?;
     let refused = a.wait("stats", |v| v["ok"]["refused"]["author"] == 1)?["ok"]["refused"].clone();
-    assert_eq!(refused, serde_json::json!({"author": 1, "malformed": 5}));
+    assert_eq!(refused, serde_json::json!({"author": 1, "malformed": 8}));
     assert_eq!(a.ok("get /ev")?["state"], serde_json::json!({}));
     Ok(())
 }

@@ -83,18 +83,56 @@ pub enum Wire {
         author: Vec<u8>,
         /// The author's store incarnation (signed too).
         incarnation: u64,
-        /// The author's signature of the incarnation (8 bytes, little-endian) then `body`
-        /// ([`DELTAS_DOMAIN`], 64 bytes).
+        /// The author's signature of the incarnation, `seq` and `prev` (8 bytes each,
+        /// little-endian) then `body` ([`DELTAS_DOMAIN`], 64 bytes).
         #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
         /// The changes.
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
+        /// Its place in its author's sequence ([`Stamp::seq`]).
+        #[serde(default)]
+        seq: u64,
+        /// The author's previous message ([`Stamp::prev`]).
+        #[serde(default)]
+        prev: u64,
+    },
+    /// Store-and-forward, the summary: per author replica, the sequence numbers of the signed
+    /// changes the sender has seen ([`Spans`]). Answered with the signed changes the peer keeps
+    /// and the sender has not seen ([`Relay::missing`]). In messages of [`SYNC_CHUNK`] at most,
+    /// the last one `done`.
+    Have {
+        /// `(author replica, spans of seen sequence numbers)`.
+        authors: Vec<(ReplicaId, Vec<(u64, u64)>)>,
+        /// Whether this is the summary's last message.
+        done: bool,
     },
 }
 
 /// The signature domain of [`Wire::Signed`] bodies.
-pub const DELTAS_DOMAIN: &str = "referee-worknode/v1 deltas";
+pub const DELTAS_DOMAIN: &str = "referee-worknode/v2 deltas";
+
+/// A signed change's place in its author's sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamp {
+    /// Strictly increasing per author replica: microseconds since the Unix epoch, or the
+    /// author's last plus one (so a restarted author does not reuse its numbers, unless its
+    /// clock went back).
+    pub seq: u64,
+    /// The author's previous `seq` since it started (0 for its first): a replica that has seen
+    /// both knows no message of that author came between them.
+    pub prev: u64,
+}
+
+impl Stamp {
+    /// A stamp after `last` (0: none yet), from the clock.
+    pub fn after(last: u64) -> Stamp {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        Stamp { seq: now.max(last.saturating_add(1)), prev: last }
+    }
+}
 
 /// How many signed messages a replica remembers having passed on (a message seen again after
 /// that many newer ones is merged again, a no-op, and passed on again).
@@ -102,12 +140,21 @@ pub const RELAY_MEMORY: usize = 1 << 16;
 
 /// Checks a [`Wire::Signed`]: its author and the [`Wire::Deltas`] it holds, if the signature
 /// holds.
-fn open(author: &[u8], incarnation: u64, sig: &[u8], body: &[u8]) -> Result<(PeerId, ReplicaId, Wire), String> {
+fn open(
+    author: &[u8],
+    incarnation: u64,
+    stamp: Stamp,
+    sig: &[u8],
+    body: &[u8],
+) -> Result<(PeerId, ReplicaId, Wire), String> {
     let (Ok(author), Ok(sig)) = (<[u8; 32]>::try_from(author), <[u8; 64]>::try_from(sig)) else {
         return Err("a signed message with a malformed key or signature".into());
     };
     let author = PeerId::from_bytes(author);
-    if !author.verify(DELTAS_DOMAIN, &signed_bytes(incarnation, body), &sig) {
+    if stamp.prev >= stamp.seq && stamp.prev != 0 {
+        return Err(format!("a message signed by {author} that names a later message as its previous one"));
+    }
+    if !author.verify(DELTAS_DOMAIN, &signed_bytes(incarnation, stamp, body), &sig) {
         return Err(format!("a message signed as {author} whose signature does not hold"));
     }
     match Wire::from_bytes(body) {
@@ -116,10 +163,12 @@ fn open(author: &[u8], incarnation: u64, sig: &[u8], body: &[u8]) -> Result<(Pee
     }
 }
 
-/// What a [`Wire::Signed`] signature covers: the incarnation, then the body.
-fn signed_bytes(incarnation: u64, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + body.len());
+/// What a [`Wire::Signed`] signature covers: the incarnation and stamp, then the body.
+fn signed_bytes(incarnation: u64, stamp: Stamp, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + body.len());
     out.extend_from_slice(&incarnation.to_le_bytes());
+    out.extend_from_slice(&stamp.seq.to_le_bytes());
+    out.extend_from_slice(&stamp.prev.to_le_bytes());
     out.extend_from_slice(body);
     out
 }
@@ -164,12 +213,248 @@ fn chunks<T>(items: Vec<T>, limit: usize, size: impl Fn(&T) -> usize) -> Vec<Vec
     out
 }
 
-/// Signed changes: opening, merging and passing on (used by [`Replicator`], and by tests that
-/// drive replicas without a network).
+/// Most bytes of signed changes a replica keeps to pass on ([`Relay`]), all authors together.
+pub const KEEP_BYTES: usize = 64 << 20;
+
+/// Most bytes of signed changes kept per author identity (all its incarnations): a peer that
+/// floods pushes out its own changes only.
+pub const KEEP_IDENTITY_BYTES: usize = 16 << 20;
+
+/// Most signed changes kept, all authors together.
+pub const KEEP_MESSAGES: usize = 1 << 16;
+
+/// Most author replicas whose changes are tracked (what was seen and what is kept), and most per
+/// identity: an author beyond them replaces the one heard from least recently (whose changes
+/// then may be sent here again, a no-op).
+pub const KEEP_AUTHORS: usize = 4096;
+/// See [`KEEP_AUTHORS`].
+pub const KEEP_INCARNATIONS: usize = 16;
+
+/// Most spans of seen sequence numbers per author ([`Spans`]): beyond it the two closest are
+/// joined (what only that author's messages between them would have filled).
+pub const SPANS_MAX: usize = 1024;
+
+/// Sets of sequence numbers as disjoint, non-adjacent inclusive spans.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spans(std::collections::BTreeMap<u64, u64>);
+
+impl Spans {
+    /// Adds `lo..=hi`.
+    pub fn insert(&mut self, lo: u64, hi: u64) {
+        let (mut lo, mut hi) = (lo.min(hi), hi.max(lo));
+        if let Some((&l, &h)) = self.0.range(..=lo).next_back()
+            && h.saturating_add(1) >= lo
+        {
+            lo = l;
+            hi = hi.max(h);
+        }
+        let touching: Vec<u64> = self.0.range(lo..=hi.saturating_add(1)).map(|(l, _)| *l).collect();
+        for l in touching {
+            if let Some(h) = self.0.remove(&l) {
+                hi = hi.max(h);
+            }
+        }
+        self.0.insert(lo, hi);
+    }
+
+    /// Whether `seq` is in the set.
+    pub fn covers(&self, seq: u64) -> bool {
+        self.0.range(..=seq).next_back().is_some_and(|(_, hi)| *hi >= seq)
+    }
+
+    /// How many spans.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The spans, lowest first.
+    pub fn spans(&self) -> Vec<(u64, u64)> {
+        self.0.iter().map(|(l, h)| (*l, *h)).collect()
+    }
+
+    /// The set of `spans` (as [`Spans::spans`] gives them; at most [`SPANS_MAX`] are taken).
+    pub fn from_spans(spans: &[(u64, u64)]) -> Spans {
+        let mut out = Spans::default();
+        for &(lo, hi) in spans.iter().take(SPANS_MAX) {
+            out.insert(lo, hi);
+        }
+        out
+    }
+
+    /// Joins the two closest spans until at most `max` are left.
+    fn cap(&mut self, max: usize) {
+        while self.0.len() > max.max(1) {
+            let spans = self.spans();
+            let closest = spans.windows(2).filter_map(|w| w.first().zip(w.get(1))).min_by_key(|(a, b)| b.0 - a.1);
+            let Some((a, b)) = closest.map(|(a, b)| (*a, *b)) else { return };
+            self.0.remove(&b.0);
+            self.0.insert(a.0, b.1);
+        }
+    }
+}
+
+/// One author replica's signed changes, as a [`Relay`] knows them.
+#[derive(Debug)]
+struct Author {
+    identity: PeerId,
+    /// Sequence numbers seen (kept or not).
+    seen: Spans,
+    /// What is kept to pass on (encoded [`Wire::Signed`]), by sequence number.
+    kept: std::collections::BTreeMap<u64, Bytes>,
+    bytes: usize,
+    /// When it was last heard from ([`Kept::tick`]).
+    used: u64,
+}
+
+/// The signed changes a [`Relay`] keeps to pass on, with their bounds ([`KEEP_BYTES`] …).
+#[derive(Debug, Default)]
+struct Kept {
+    authors: HashMap<ReplicaId, Author>,
+    /// Per identity: its author replicas and their kept bytes.
+    identities: HashMap<PeerId, (Vec<ReplicaId>, usize)>,
+    bytes: usize,
+    count: usize,
+    tick: u64,
+    /// Messages dropped to stay within the bounds.
+    evicted: u64,
+}
+
+impl Kept {
+    /// Notes a signed change of `replica` (identity `identity`) stamped `stamp` as seen, and
+    /// keeps `bytes` (its encoding) to pass on, unless one with that number is kept already.
+    fn keep(&mut self, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes) {
+        self.tick += 1;
+        if !self.authors.contains_key(&replica) {
+            self.make_room_for_author(identity);
+            self.authors.insert(
+                replica,
+                Author { identity, seen: Spans::default(), kept: Default::default(), bytes: 0, used: 0 },
+            );
+            self.identities.entry(identity).or_default().0.push(replica);
+        }
+        let Some(a) = self.authors.get_mut(&replica) else { return };
+        a.used = self.tick;
+        let lo = if stamp.prev == 0 { stamp.seq } else { stamp.prev.saturating_add(1) };
+        a.seen.insert(lo, stamp.seq);
+        a.seen.cap(SPANS_MAX);
+        if a.kept.contains_key(&stamp.seq) {
+            return;
+        }
+        let len = bytes.len();
+        a.kept.insert(stamp.seq, bytes);
+        a.bytes += len;
+        self.bytes += len;
+        self.count += 1;
+        if let Some(i) = self.identities.get_mut(&identity) {
+            i.1 += len;
+        }
+        while self.identities.get(&identity).is_some_and(|i| i.1 > KEEP_IDENTITY_BYTES) {
+            if !self.evict_from(identity) {
+                break;
+            }
+        }
+        while self.bytes > KEEP_BYTES || self.count > KEEP_MESSAGES {
+            let Some(largest) = self.identities.iter().max_by_key(|(_, (_, b))| *b).map(|(id, _)| *id) else { break };
+            if !self.evict_from(largest) {
+                break;
+            }
+        }
+    }
+
+    /// Drops the oldest kept change of `identity`'s largest author; `false` if it keeps none.
+    fn evict_from(&mut self, identity: PeerId) -> bool {
+        let Some((replicas, _)) = self.identities.get(&identity) else { return false };
+        let Some(replica) = replicas.iter().copied().max_by_key(|r| self.authors.get(r).map_or(0, |a| a.bytes)) else {
+            return false;
+        };
+        let Some(a) = self.authors.get_mut(&replica) else { return false };
+        let Some((_, m)) = a.kept.pop_first() else { return false };
+        let len = m.len();
+        a.bytes -= len;
+        self.bytes -= len;
+        self.count -= 1;
+        self.evicted += 1;
+        if let Some(i) = self.identities.get_mut(&identity) {
+            i.1 -= len;
+        }
+        true
+    }
+
+    /// Before tracking a new author of `identity`: drops the author heard from least recently,
+    /// of that identity if it has [`KEEP_INCARNATIONS`], of all if there are [`KEEP_AUTHORS`].
+    fn make_room_for_author(&mut self, identity: PeerId) {
+        let oldest = |authors: &mut dyn Iterator<Item = &ReplicaId>, map: &HashMap<ReplicaId, Author>| {
+            authors.filter_map(|r| map.get(r).map(|a| (a.used, *r))).min().map(|(_, r)| r)
+        };
+        let mine = self.identities.get(&identity).map(|i| i.0.clone()).unwrap_or_default();
+        let drop = if mine.len() >= KEEP_INCARNATIONS {
+            oldest(&mut mine.iter(), &self.authors)
+        } else if self.authors.len() >= KEEP_AUTHORS {
+            oldest(&mut self.authors.keys(), &self.authors)
+        } else {
+            None
+        };
+        if let Some(r) = drop
+            && let Some(a) = self.authors.remove(&r)
+        {
+            self.bytes -= a.bytes;
+            self.count -= a.kept.len();
+            self.evicted += a.kept.len() as u64;
+            if let Some(i) = self.identities.get_mut(&a.identity) {
+                i.0.retain(|x| *x != r);
+                i.1 -= a.bytes;
+                if i.0.is_empty() {
+                    self.identities.remove(&a.identity);
+                }
+            }
+        }
+    }
+}
+
+/// What a [`Relay`] keeps (see [`Relay::kept_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KeptStats {
+    /// Signed changes kept to pass on.
+    pub messages: usize,
+    /// Their bytes.
+    pub bytes: usize,
+    /// Author replicas tracked.
+    pub authors: usize,
+    /// Kept changes dropped to stay within the bounds ([`KEEP_BYTES`] …).
+    pub evicted: u64,
+}
+
+/// A peer's [`Wire::Have`]: per author replica, the sequence numbers it has seen.
+#[derive(Debug, Clone, Default)]
+pub struct Have {
+    /// Seen spans by author replica.
+    pub authors: HashMap<ReplicaId, Spans>,
+    /// Whether the summary names every author the peer has seen (not cut short): an author it
+    /// does not name is one it has seen nothing of.
+    pub complete: bool,
+}
+
+/// Signed changes: opening, merging, passing on, and keeping to pass on later (store and
+/// forward), used by [`Replicator`] and by tests that drive replicas without a network.
+///
+/// A replica keeps the signed changes it merged (its own too), within [`KEEP_BYTES`] and the
+/// bounds beside it, and notes the sequence numbers it has seen per author ([`Spans`]). On each
+/// connection both sides send what they have seen ([`Wire::Have`]) and are sent the kept changes
+/// they lack: a change reaches every replica connected to the network through replicas that
+/// were connected at some time, not only those connected to its author or online when it was
+/// made.
 #[derive(Debug)]
 pub struct Relay {
     me: PeerId,
     seen: Mutex<Seen>,
+    kept: Mutex<Kept>,
+    /// The last sequence number this replica stamped its own changes with.
+    last: Mutex<u64>,
 }
 
 /// The signed messages a [`Relay`] passed on, newest last.
@@ -182,7 +467,62 @@ struct Seen {
 impl Relay {
     /// The relay of the replica whose identity is `me`.
     pub fn new(me: PeerId) -> Self {
-        Self { me, seen: Mutex::new(Seen::default()) }
+        Self { me, seen: Mutex::new(Seen::default()), kept: Mutex::default(), last: Mutex::new(0) }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Signs `deltas` (a [`Wire::Deltas`]) as this replica's, serving store `incarnation`, with
+    /// the next stamp, and keeps it to pass on. Returns its encoding.
+    pub fn own(&self, incarnation: u64, deltas: &Wire, sign: impl FnOnce(&str, &[u8]) -> [u8; 64]) -> Bytes {
+        let stamp = {
+            let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let stamp = Stamp::after(*last);
+            *last = stamp.seq;
+            stamp
+        };
+        let bytes = Bytes::from(Wire::signed_at(self.me, incarnation, stamp, deltas, sign).to_bytes());
+        if bytes.len() <= RELAY_MAX_BYTES {
+            self.kept().keep(self.me, replica_of(&self.me, incarnation), stamp, bytes.clone());
+        }
+        bytes
+    }
+
+    /// What this replica has seen, per author (a [`Wire::Have`]'s `authors`).
+    pub fn have(&self) -> Vec<(ReplicaId, Vec<(u64, u64)>)> {
+        let mut out: Vec<_> = self.kept().authors.iter().map(|(r, a)| (*r, a.seen.spans())).collect();
+        out.sort_unstable_by_key(|(r, _)| *r);
+        out
+    }
+
+    /// The kept changes `peer` has not seen, by its summary `have`, oldest first per author
+    /// (none of its own): keys for [`Relay::kept_message`].
+    pub fn missing(&self, peer: &PeerId, have: &Have) -> Vec<(ReplicaId, u64)> {
+        let kept = self.kept();
+        let mut out = Vec::new();
+        let mut authors: Vec<_> = kept.authors.iter().filter(|(_, a)| a.identity != *peer).collect();
+        authors.sort_unstable_by_key(|(r, _)| **r);
+        for (replica, a) in authors {
+            let spans = have.authors.get(replica);
+            if spans.is_none() && !have.complete {
+                continue;
+            }
+            out.extend(a.kept.keys().filter(|seq| !spans.is_some_and(|s| s.covers(**seq))).map(|seq| (*replica, *seq)));
+        }
+        out
+    }
+
+    /// The encoding of a kept change, if it is still kept.
+    pub fn kept_message(&self, key: (ReplicaId, u64)) -> Option<Bytes> {
+        self.kept().authors.get(&key.0)?.kept.get(&key.1).cloned()
+    }
+
+    /// What is kept.
+    pub fn kept_stats(&self) -> KeptStats {
+        let k = self.kept();
+        KeptStats { messages: k.count, bytes: k.bytes, authors: k.authors.len(), evicted: k.evicted }
     }
 
     /// Whether this is the first sight of the signed message `key` (remembered, bounded).
@@ -216,25 +556,30 @@ impl Relay {
     /// [`Relay::receive`] of a decoded message.
     pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire) -> Option<PeerId> {
         match wire {
-            Wire::Signed { author, incarnation, sig, body } => {
-                let (author, replica, deltas) = match open(&author, incarnation, &sig, &body) {
+            Wire::Signed { author, incarnation, sig, body, seq, prev } => {
+                let stamp = Stamp { seq, prev };
+                let (author_id, replica, deltas) = match open(&author, incarnation, stamp, &sig, &body) {
                     Ok(opened) => opened,
                     Err(why) => {
                         system.refuse_replicated(&Refused::new("malformed", "/", format!("from {from}: {why}")));
                         return None;
                     }
                 };
-                if author == self.me {
+                if author_id == self.me {
                     return None;
                 }
-                let key: [u8; 32] = Sha256::new().chain_update(author.as_bytes()).chain_update(&sig).finalize().into();
+                let key: [u8; 32] = Sha256::new().chain_update(&author).chain_update(&sig).finalize().into();
                 // A repeat is neither merged again nor passed on; a change refused here (its
                 // chain, its size) is not passed on either, nor one larger than a relay carries.
                 if !self.first_sight(key) || replica == system.replica() {
                     return None;
                 }
-                let taken = deltas.merge_as(system, replica);
-                (taken && body.len() <= RELAY_MAX_BYTES).then_some(author)
+                if !deltas.merge_as(system, replica) || body.len() > RELAY_MAX_BYTES {
+                    return None;
+                }
+                let bytes = Bytes::from(Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes());
+                self.kept().keep(author_id, replica, stamp, bytes);
+                Some(author_id)
             }
             wire => {
                 wire.merge_into(system, from);
@@ -257,10 +602,23 @@ impl Wire {
 
     /// `deltas` (a [`Wire::Deltas`]) signed by `author`, serving store `incarnation`, with
     /// `sign` (its [`referee_comm::Identity::sign`] or [`Node::sign`]).
+    /// Stamped with the clock alone ([`Stamp::after`] 0): a replica numbers its own with
+    /// [`Relay::own`].
     pub fn signed(author: PeerId, incarnation: u64, deltas: &Wire, sign: impl FnOnce(&str, &[u8]) -> [u8; 64]) -> Wire {
+        Wire::signed_at(author, incarnation, Stamp::after(0), deltas, sign)
+    }
+
+    /// [`Wire::signed`] with `stamp`.
+    pub fn signed_at(
+        author: PeerId,
+        incarnation: u64,
+        stamp: Stamp,
+        deltas: &Wire,
+        sign: impl FnOnce(&str, &[u8]) -> [u8; 64],
+    ) -> Wire {
         let body = deltas.to_bytes();
-        let sig = sign(DELTAS_DOMAIN, &signed_bytes(incarnation, &body)).to_vec();
-        Wire::Signed { author: author.as_bytes().to_vec(), incarnation, sig, body }
+        let sig = sign(DELTAS_DOMAIN, &signed_bytes(incarnation, stamp, &body)).to_vec();
+        Wire::Signed { author: author.as_bytes().to_vec(), incarnation, sig, body, seq: stamp.seq, prev: stamp.prev }
     }
 }
 
@@ -375,6 +733,13 @@ struct Round {
     wanted: std::collections::VecDeque<String>,
     /// Whether a task is sending `wanted`.
     serving: bool,
+    /// The peer's [`Wire::Have`] so far, and its size.
+    have: Have,
+    have_bytes: usize,
+    /// Kept signed changes the peer has not seen, not sent yet.
+    push: std::collections::VecDeque<(ReplicaId, u64)>,
+    /// Whether a task is sending `push`.
+    pushing: bool,
 }
 
 /// What anti-entropy has done (see [`Replicator::stats`]).
@@ -389,6 +754,8 @@ struct SyncCounters {
     wants_ignored: std::sync::atomic::AtomicU64,
     settled: std::sync::atomic::AtomicU64,
     parts_too_large: std::sync::atomic::AtomicU64,
+    kept_sent: std::sync::atomic::AtomicU64,
+    kept_bytes_sent: std::sync::atomic::AtomicU64,
 }
 
 /// What anti-entropy has done since the replicator started.
@@ -413,6 +780,12 @@ pub struct SyncStats {
     pub settled: u64,
     /// Parts of states left out for being larger than [`SYNC_PART_MAX`].
     pub parts_too_large: u64,
+    /// Kept signed changes sent to peers that had not seen them (store and forward).
+    pub kept_sent: u64,
+    /// Their bytes.
+    pub kept_bytes_sent: u64,
+    /// What is kept to pass on.
+    pub kept: KeptStats,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -508,8 +881,7 @@ impl Replicator {
             }
             // In messages a relay passes on (a change is at most `max_delta_bytes`, 2 MiB).
             for deltas in split_shipment(s, RELAY_MAX_BYTES / 2) {
-                let signed = Wire::signed(self.node.id(), self.incarnation, &deltas, |d, m| self.node.sign(d, m));
-                let bytes = Bytes::from(signed.to_bytes());
+                let bytes = self.relay.own(self.incarnation, &deltas, |d, m| self.node.sign(d, m));
                 let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
                 for peer in peers {
                     self.enqueue(peer, bytes.clone()).await;
@@ -579,6 +951,9 @@ impl Replicator {
             wants_ignored: get(&c.wants_ignored),
             settled: get(&c.settled),
             parts_too_large: get(&c.parts_too_large),
+            kept_sent: get(&c.kept_sent),
+            kept_bytes_sent: get(&c.kept_bytes_sent),
+            kept: self.relay.kept_stats(),
         }
     }
 
@@ -654,6 +1029,21 @@ impl Replicator {
                 let n = nodes.len() as u64;
                 self.enqueue(peer, Bytes::from(Wire::Digests { nodes }.to_bytes())).await;
                 self.stats.digests_sent.fetch_add(n, Ordering::Relaxed);
+            }
+            // What this replica has seen of signed changes: the peer sends the kept ones it lacks.
+            if sent {
+                let mut parts = chunks(self.relay.have(), SYNC_CHUNK, |(_, spans)| 12 + spans.len() * 18);
+                if parts.is_empty() {
+                    parts.push(Vec::new());
+                }
+                let last = parts.len() - 1;
+                for (i, authors) in parts.into_iter().enumerate() {
+                    if !current(&self) || !self.room(&peer).await {
+                        sent = false;
+                        break;
+                    }
+                    self.enqueue(peer, Bytes::from(Wire::Have { authors, done: i == last }.to_bytes())).await;
+                }
             }
             let mut rounds = self.rounds();
             let Some(r) = rounds.get_mut(&peer) else { return };
@@ -844,6 +1234,72 @@ impl Replicator {
         }
     }
 
+    /// Part of the peer's [`Wire::Have`]; once it is `done`, the kept signed changes the peer has
+    /// not seen are sent to it (in the background, each once its queue has room). A summary
+    /// larger than [`EARLY_DIGEST_BYTES`] is cut short: then only changes of the authors it
+    /// named are sent.
+    fn on_have(self: &Arc<Self>, peer: PeerId, authors: Vec<(ReplicaId, Vec<(u64, u64)>)>, done: bool) {
+        let mut rounds = self.rounds();
+        let r = rounds.entry(peer).or_default();
+        if r.have_bytes == 0 && r.have.authors.is_empty() {
+            r.have.complete = true;
+        }
+        for (author, spans) in authors {
+            let bytes = 12 + spans.len() * 18;
+            if r.have_bytes.saturating_add(bytes) > EARLY_DIGEST_BYTES {
+                r.have.complete = false;
+                continue;
+            }
+            r.have_bytes += bytes;
+            r.have.authors.entry(author).or_default();
+            if let Some(seen) = r.have.authors.get_mut(&author) {
+                for (lo, hi) in spans.into_iter().take(SPANS_MAX) {
+                    seen.insert(lo, hi);
+                }
+            }
+        }
+        if !done {
+            return;
+        }
+        let have = std::mem::take(&mut r.have);
+        r.have_bytes = 0;
+        r.push = self.relay.missing(&peer, &have).into();
+        if !r.pushing && !r.push.is_empty() {
+            r.pushing = true;
+            tokio::spawn(self.clone().push(peer));
+        }
+    }
+
+    /// Sends `peer` the kept signed changes it has not seen, each once its queue has room.
+    async fn push(self: Arc<Self>, peer: PeerId) {
+        loop {
+            let next = {
+                let mut rounds = self.rounds();
+                let Some(r) = rounds.get_mut(&peer) else { return };
+                let next = r.push.pop_front();
+                if next.is_none() {
+                    r.pushing = false;
+                    return;
+                }
+                next
+            };
+            let Some(key) = next else { continue };
+            if !self.room(&peer).await {
+                if let Some(r) = self.rounds().get_mut(&peer) {
+                    r.push.clear();
+                    r.pushing = false;
+                }
+                return;
+            }
+            // Dropped since (the bounds): the peer gets it elsewhere, or not at all.
+            if let Some(bytes) = self.relay.kept_message(key) {
+                self.stats.kept_sent.fetch_add(1, Ordering::Relaxed);
+                self.stats.kept_bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.enqueue(peer, bytes).await;
+            }
+        }
+    }
+
     /// One [`Wire::Sync`] of `nodes` to `peer`, once its queue has room.
     async fn send_states(self: &Arc<Self>, peer: PeerId, nodes: Vec<(Vec<Meta>, State)>, whole: Vec<String>) {
         if nodes.is_empty() || !self.room(&peer).await {
@@ -888,9 +1344,12 @@ impl Replicator {
                         r.wanted.clear();
                         r.early.clear();
                         r.early_bytes = 0;
+                        r.have = Have::default();
+                        r.have_bytes = 0;
+                        r.push.clear();
                     }
                     // This peer's only: another peer's finished round still answers its wants.
-                    if rounds.get(&peer).is_some_and(|r| !r.running && !r.serving) {
+                    if rounds.get(&peer).is_some_and(|r| !r.running && !r.serving && !r.pushing) {
                         rounds.remove(&peer);
                     }
                 }
@@ -919,6 +1378,10 @@ impl Replicator {
                 }
                 Some(Wire::Want { paths }) => {
                     self.on_want(from, paths);
+                    continue;
+                }
+                Some(Wire::Have { authors, done }) => {
+                    self.on_have(from, authors, done);
                     continue;
                 }
                 Some(wire @ Wire::Sync { .. }) => {
@@ -959,14 +1422,16 @@ impl Wire {
     /// them). A [`Wire::Signed`] is merged as its signer's, whoever `from` is.
     pub fn merge_into(self, system: &System, from: &PeerId) {
         match self {
-            Wire::Signed { author, incarnation, sig, body } => match open(&author, incarnation, &sig, &body) {
-                // This replica's own changes, come back: nothing to do.
-                Ok((_, replica, _)) if replica == system.replica() => {}
-                Ok((_, replica, deltas)) => drop(deltas.merge_as(system, replica)),
-                Err(why) => system.refuse_replicated(&Refused::new("malformed", "/", why)),
-            },
+            Wire::Signed { author, incarnation, sig, body, seq, prev } => {
+                match open(&author, incarnation, Stamp { seq, prev }, &sig, &body) {
+                    // This replica's own changes, come back: nothing to do.
+                    Ok((_, replica, _)) if replica == system.replica() => {}
+                    Ok((_, replica, deltas)) => drop(deltas.merge_as(system, replica)),
+                    Err(why) => system.refuse_replicated(&Refused::new("malformed", "/", why)),
+                }
+            }
             // Not changes: the replicator answers them.
-            Wire::Digests { .. } | Wire::Want { .. } => {}
+            Wire::Digests { .. } | Wire::Want { .. } | Wire::Have { .. } => {}
             Wire::Deltas { .. } => drop(self.merge_as(system, replica_of(from, 0))),
             Wire::Sync { incarnation, .. } => drop(self.merge_as(system, replica_of(from, incarnation))),
         }
@@ -976,8 +1441,12 @@ impl Wire {
     /// Returns whether a change went on to a worknode (its chain and size were accepted).
     fn merge_as(self, system: &System, author: ReplicaId) -> bool {
         match self {
-            Wire::Signed { .. } | Wire::Digests { .. } | Wire::Want { .. } => false,
-            Wire::Deltas { chain, events } => system.merge_replicated(author, &chain, events).is_ok_and(|n| n > 0),
+            Wire::Signed { .. } | Wire::Digests { .. } | Wire::Want { .. } | Wire::Have { .. } => false,
+            // A new worknode's chain comes without events.
+            Wire::Deltas { chain, events } => {
+                let empty = events.is_empty();
+                system.merge_replicated(author, &chain, events).is_ok_and(|n| n > 0 || empty)
+            }
             Wire::Sync { nodes, .. } => {
                 for (chain, state) in nodes {
                     let Some(last) = chain.last() else { continue };
@@ -995,6 +1464,84 @@ mod tests {
     use super::*;
     use crate::crdt::GCounter;
     use crate::state::Crdt;
+
+    #[test]
+    fn spans_join_cover_and_stay_bounded() {
+        let mut s = Spans::default();
+        s.insert(5, 5);
+        s.insert(7, 9);
+        assert_eq!(s.spans(), vec![(5, 5), (7, 9)]);
+        assert!(s.covers(5) && !s.covers(6) && s.covers(8) && !s.covers(10) && !s.covers(4));
+        s.insert(6, 6);
+        assert_eq!(s.spans(), vec![(5, 9)]);
+        s.insert(1, 20);
+        s.insert(u64::MAX, u64::MAX);
+        s.insert(22, 30);
+        assert_eq!(s.spans(), vec![(1, 20), (22, 30), (u64::MAX, u64::MAX)]);
+        s.cap(2);
+        assert_eq!(s.spans(), vec![(1, 30), (u64::MAX, u64::MAX)]);
+        let many: Vec<(u64, u64)> = (0..5000).map(|i| (i * 3, i * 3)).collect();
+        assert_eq!(Spans::from_spans(&many).len(), SPANS_MAX);
+    }
+
+    fn peer(n: u8) -> PeerId {
+        PeerId::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn a_flooding_author_pushes_out_only_its_own_kept_changes() {
+        let mut k = Kept::default();
+        let (honest, flood) = (peer(1), peer(2));
+        k.keep(honest, 1, Stamp { seq: 10, prev: 0 }, Bytes::from(vec![0; 1000]));
+        for seq in 1..=40u64 {
+            k.keep(flood, 2, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 1 << 20]));
+        }
+        assert!(k.identities[&flood].1 <= KEEP_IDENTITY_BYTES);
+        assert_eq!(k.authors[&1].kept.len(), 1, "the honest author's change stays");
+        // What was dropped was still seen: a peer does not send it again.
+        assert_eq!(k.authors[&2].seen.spans(), vec![(1, 40)]);
+        assert_eq!(k.authors[&2].kept.keys().next(), Some(&25));
+        // Many incarnations of one identity replace each other, not other identities' authors.
+        for r in 100..200u64 {
+            k.keep(flood, r, Stamp { seq: 1, prev: 0 }, Bytes::from(vec![0; 10]));
+        }
+        assert_eq!(k.identities[&flood].0.len(), KEEP_INCARNATIONS);
+        assert!(k.authors.contains_key(&1));
+        let total: usize = k.authors.values().map(|a| a.bytes).sum();
+        assert_eq!(total, k.bytes);
+        assert_eq!(k.authors.values().map(|a| a.kept.len()).sum::<usize>(), k.count);
+    }
+
+    #[test]
+    fn a_peer_is_sent_what_it_has_not_seen_and_never_its_own() {
+        let relay = Relay::new(peer(9));
+        {
+            let mut k = relay.kept();
+            for seq in 1..=5 {
+                k.keep(peer(1), 1, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![1]));
+                k.keep(peer(2), 2, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![2]));
+            }
+        }
+        let have =
+            |authors: Vec<(ReplicaId, Spans)>, complete| Have { authors: authors.into_iter().collect(), complete };
+        // Peer 2 has seen 1..=3 of author 1: it gets 4 and 5, and none of its own.
+        let seen = Spans::from_spans(&[(1, 3)]);
+        assert_eq!(relay.missing(&peer(2), &have(vec![(1, seen.clone())], true)), vec![(1, 4), (1, 5)]);
+        // A summary cut short: authors it does not name are not sent.
+        let got = relay.missing(&peer(3), &have(vec![(1, seen)], false));
+        assert_eq!(got, vec![(1, 4), (1, 5)]);
+        assert_eq!(relay.missing(&peer(3), &have(vec![], true)).len(), 10);
+        assert_eq!(relay.kept_message((2, 5)), Some(Bytes::from(vec![2])));
+    }
+
+    #[test]
+    fn stamps_increase_and_name_the_previous_one() {
+        let a = Stamp::after(0);
+        assert_eq!(a.prev, 0);
+        let b = Stamp::after(a.seq);
+        assert!(b.seq > a.seq && b.prev == a.seq);
+        assert_eq!(Stamp::after(u64::MAX - 1).seq, u64::MAX);
+    }
 
     #[test]
     fn shipments_split_in_order_into_messages_a_relay_passes_on() {

@@ -4,6 +4,8 @@
 //! the same paths on both sides of partitions, and a hostile peer equivocates (gives two
 //! replicas one update with different contents). After every run the network heals and the test
 //! checks that the replicas converged to the same state, with no acknowledged update lost.
+//! A second run puts the replicas in a line, whose ends never talk: what one end makes reaches
+//! the other only through the middle, passed on or kept and sent later (store and forward).
 //!
 //! The messages are the real [`Wire`] values, merged with [`Wire::merge_into`], the code path of
 //! `Replicator`; what this leaves out is referee-comm itself (tested on its own).
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use referee_comm::Identity;
-use referee_worknode::replication::{Relay, Wire, replica_of};
+use referee_worknode::replication::{Have, Relay, Spans, Wire, replica_of};
 use referee_worknode::{Authority, Consistency, EventStore, Op, Shipment, StoreConfig, System, SystemConfig, WnPath};
 
 const N: usize = 3;
@@ -103,6 +105,10 @@ struct Sim {
     reps: Vec<Replica>,
     /// Partition group per replica: messages pass only within a group.
     group: [u8; N],
+    /// Which replicas ever talk to each other (a line leaves the two ends apart: what one end
+    /// makes reaches the other only through the middle, passed on or kept and sent later).
+    links: [[bool; N]; N],
+    line: bool,
     /// In flight: (deliver at, from, to, message).
     net: VecDeque<(u64, usize, usize, Wire)>,
     now: u64,
@@ -113,7 +119,7 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Sim {
+    fn new(seed: u64, line: bool) -> Sim {
         let base = std::path::Path::new("/dev/shm");
         let reps = (0..N)
             .map(|i| {
@@ -126,6 +132,8 @@ impl Sim {
             seed,
             reps,
             group: [0; N],
+            links: std::array::from_fn(|a| std::array::from_fn(|b| !line || a.abs_diff(b) == 1)),
+            line,
             net: VecDeque::new(),
             now: 0,
             acked: Acked::default(),
@@ -135,7 +143,11 @@ impl Sim {
     }
 
     fn connected(&self, a: usize, b: usize) -> bool {
-        a != b && self.group[a] == self.group[b] && self.reps[a].sys.is_some() && self.reps[b].sys.is_some()
+        a != b
+            && self.links[a][b]
+            && self.group[a] == self.group[b]
+            && self.reps[a].sys.is_some()
+            && self.reps[b].sys.is_some()
     }
 
     /// A message on the wire: delayed (so reordered), sometimes duplicated.
@@ -148,12 +160,16 @@ impl Sim {
         self.net.push_back((at, from, to, w));
     }
 
-    /// A (re)connection: both sides send their full state, as `Replicator` does.
+    /// A (re)connection: both sides send their full state and what they have seen of signed
+    /// changes, as `Replicator` does.
     fn connect(&mut self, a: usize, b: usize) {
         let (ra, rb) = (&self.reps[a], &self.reps[b]);
         let (wa, wb) = (Wire::sync(ra.sys(), ra.incarnation), Wire::sync(rb.sys(), rb.incarnation));
+        let (ha, hb) = (ra.relay.have(), rb.relay.have());
         self.post(a, b, wa);
         self.post(b, a, wb);
+        self.post(a, b, Wire::Have { authors: ha, done: true });
+        self.post(b, a, Wire::Have { authors: hb, done: true });
     }
 
     /// Ships every replica's committed local events to the peers it is connected to.
@@ -162,8 +178,9 @@ impl Sim {
             let out: Vec<Shipment> = std::mem::take(&mut *self.reps[from].outbox.lock().unwrap());
             for s in out {
                 let deltas = Wire::Deltas { chain: s.chain, events: s.events };
-                let me = &self.reps[from].identity;
-                let w = Wire::signed(me.id(), self.reps[from].incarnation, &deltas, |d, m| me.sign(d, m));
+                let (me, relay) = (&self.reps[from].identity, &self.reps[from].relay);
+                let w =
+                    Wire::from_bytes(&relay.own(self.reps[from].incarnation, &deltas, |d, m| me.sign(d, m))).unwrap();
                 for to in 0..N {
                     if self.connected(from, to) {
                         self.post(from, to, w.clone());
@@ -182,6 +199,23 @@ impl Sim {
             // its connection.
             if self.connected(from, to) {
                 let (sender, rep) = (self.reps[from].identity.id(), &self.reps[to]);
+                // A peer's summary: answered with the kept changes it has not seen.
+                if let Wire::Have { authors, .. } = &w {
+                    let have = Have {
+                        authors: authors.iter().map(|(a, spans)| (*a, Spans::from_spans(spans))).collect(),
+                        complete: true,
+                    };
+                    let kept: Vec<Wire> = rep
+                        .relay
+                        .missing(&sender, &have)
+                        .into_iter()
+                        .filter_map(|key| Wire::from_bytes(&rep.relay.kept_message(key)?))
+                        .collect();
+                    for k in kept {
+                        self.post(to, from, k);
+                    }
+                    continue;
+                }
                 // As `Replicator` does: a signed message seen for the first time is passed on to
                 // every other connected peer but its author.
                 if let Some(author) = rep.relay.receive(rep.sys(), &sender, &w.to_bytes()) {
@@ -352,7 +386,10 @@ impl Sim {
                 self.update(r);
             }
             55..=64 => self.repartition(),
-            65..=69 => {
+            // Not in a line: kept changes live in memory, and what an author had not shipped
+            // when it stopped is in its state only, so a restart can keep a change from the far
+            // end (docs/worknodes.md, "Limits").
+            65..=69 if !self.line => {
                 let r = self.rng.below(N as u64) as usize;
                 self.restart(r);
             }
@@ -372,7 +409,9 @@ impl Sim {
         for _ in 0..2 {
             for a in 0..N {
                 for b in a + 1..N {
-                    self.connect(a, b);
+                    if self.links[a][b] {
+                        self.connect(a, b);
+                    }
                 }
             }
             while !self.net.is_empty() {
@@ -454,13 +493,25 @@ fn env(name: &str, default: u64) -> u64 {
 
 #[test]
 fn honest_replicas_converge_under_partitions_delays_duplicates_and_restarts() {
+    run(false);
+}
+
+/// The same in a line: the ends never talk, so what one makes reaches the other only through
+/// the middle replica, which passes it on when it first sees it, and keeps it to send when the
+/// other end reconnects.
+#[test]
+fn replicas_in_a_line_converge_through_the_middle() {
+    run(true);
+}
+
+fn run(line: bool) {
     let steps = env("WN_SIM_STEPS", 150);
     let seeds: Vec<u64> = match std::env::var("WN_SIM_SEED").ok().and_then(|v| v.parse().ok()) {
         Some(one) => vec![one],
         None => (1..=env("WN_SIM_SEEDS", 24)).collect(),
     };
     for seed in seeds {
-        let mut sim = Sim::new(seed);
+        let mut sim = Sim::new(seed, line);
         for _ in 0..steps {
             sim.step();
         }
