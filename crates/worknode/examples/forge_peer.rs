@@ -16,12 +16,18 @@
 //! `{variant: value}`). On connection the replica sends `Digests` (`{"Digests": [[[path,
 //! [16 digest bytes]], …]]}`); send `{"Want": [[path, …]]}` to be sent those states (`Sync`),
 //! and decode one to see the layout.
+//!
+//! A line `sign INCARNATION SEQ PREV HEX` sends the `Deltas` encoding `HEX` signed by this peer
+//! (`Wire::Signed`, with that incarnation and stamp, whatever they are), as a replica signs its
+//! own changes; a replica keeps those it merged and sends them on to peers whose `Have` lacks
+//! them (`{"Have": [[[author replica, [[lo, hi], …]], …], done]]}`).
 
 use std::io::BufRead as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use referee_comm::{AllowList, Config, ConnectOptions, Identity, Node};
+use referee_worknode::replication::{Stamp, Wire};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -38,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             "{}",
             serde_json::json!({ "id": id.to_string(), "replica": referee_worknode::replication::replica_of(&id, 0) })
         );
+        let signer = identity.clone();
         let (node, mut inbox) = Node::new(identity, AllowList::allow_any(), Config::default());
         let conn = node.connect_with(&addr.parse()?, ConnectOptions::default().expect_peer(peer.parse()?)).await?;
         tokio::spawn(async move {
@@ -49,6 +56,14 @@ fn main() -> anyhow::Result<()> {
         std::thread::spawn(move || {
             for line in std::io::stdin().lock().lines() {
                 let Ok(line) = line else { break };
+                let line = match signed(&signer, &line) {
+                    Ok(Some(bytes)) => hex::encode(bytes),
+                    Ok(None) => line,
+                    Err(e) => {
+                        eprintln!("bad sign line: {e}");
+                        continue;
+                    }
+                };
                 match hex::decode(line.trim()) {
                     Ok(bytes) => {
                         if tx.blocking_send(bytes).is_err() {
@@ -68,4 +83,18 @@ fn main() -> anyhow::Result<()> {
         eprintln!("{}", serde_json::json!({ "sent": sent }));
         anyhow::Ok(())
     })
+}
+
+/// `sign INCARNATION SEQ PREV HEX`: the signed message; `None` for any other line.
+fn signed(identity: &Identity, line: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut words = line.split_whitespace();
+    if words.next() != Some("sign") {
+        return Ok(None);
+    }
+    let mut num = || -> anyhow::Result<u64> { Ok(words.next().context("missing number")?.parse()?) };
+    let (incarnation, seq, prev) = (num()?, num()?, num()?);
+    let body = hex::decode(words.next().context("missing HEX")?)?;
+    let deltas = Wire::from_bytes(&body).context("HEX is not a Wire")?;
+    let stamp = Stamp { seq, prev };
+    Ok(Some(Wire::signed_at(identity.id(), incarnation, stamp, &deltas, |d, m| identity.sign(d, m)).to_bytes()))
 }
