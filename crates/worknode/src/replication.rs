@@ -234,6 +234,11 @@ pub const KEEP_INCARNATIONS: usize = 16;
 /// joined (what only that author's messages between them would have filled).
 pub const SPANS_MAX: usize = 1024;
 
+/// Most spans of all authors together (an honest author has one per restart in the kept
+/// window): beyond it the author with the most has half of its joined, so authors that split
+/// their numbers cannot make summaries large.
+pub const SPANS_TOTAL: usize = 1 << 16;
+
 /// Sets of sequence numbers as disjoint, non-adjacent inclusive spans.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Spans(std::collections::BTreeMap<u64, u64>);
@@ -319,6 +324,8 @@ struct Kept {
     identities: HashMap<PeerId, (Vec<ReplicaId>, usize)>,
     bytes: usize,
     count: usize,
+    /// Spans of all authors' `seen`.
+    spans: usize,
     tick: u64,
     /// Messages dropped to stay within the bounds.
     evicted: u64,
@@ -340,8 +347,20 @@ impl Kept {
         let Some(a) = self.authors.get_mut(&replica) else { return };
         a.used = self.tick;
         let lo = if stamp.prev == 0 { stamp.seq } else { stamp.prev.saturating_add(1) };
+        let before = a.seen.len();
         a.seen.insert(lo, stamp.seq);
         a.seen.cap(SPANS_MAX);
+        self.spans = (self.spans + a.seen.len()).saturating_sub(before);
+        while self.spans > SPANS_TOTAL {
+            let Some(most) = self.authors.values_mut().max_by_key(|a| a.seen.len()) else { break };
+            let before = most.seen.len();
+            most.seen.cap(before / 2);
+            self.spans -= before - most.seen.len();
+            if before < 2 {
+                break;
+            }
+        }
+        let Some(a) = self.authors.get_mut(&replica) else { return };
         if a.kept.contains_key(&stamp.seq) {
             return;
         }
@@ -404,6 +423,7 @@ impl Kept {
         {
             self.bytes -= a.bytes;
             self.count -= a.kept.len();
+            self.spans -= a.seen.len();
             self.evicted += a.kept.len() as u64;
             if let Some(i) = self.identities.get_mut(&a.identity) {
                 i.0.retain(|x| *x != r);
@@ -1510,6 +1530,21 @@ mod tests {
         let total: usize = k.authors.values().map(|a| a.bytes).sum();
         assert_eq!(total, k.bytes);
         assert_eq!(k.authors.values().map(|a| a.kept.len()).sum::<usize>(), k.count);
+    }
+
+    #[test]
+    fn authors_that_split_their_numbers_keep_summaries_small() {
+        let mut k = Kept::default();
+        for id in 0..20u8 {
+            for r in 0..KEEP_INCARNATIONS as u64 {
+                for seq in 0..400u64 {
+                    k.keep(peer(id), u64::from(id) << 32 | r, Stamp { seq: seq * 2 + 1, prev: 0 }, Bytes::new());
+                }
+            }
+        }
+        let spans: usize = k.authors.values().map(|a| a.seen.len()).sum();
+        assert_eq!(spans, k.spans);
+        assert!(spans <= SPANS_TOTAL, "{spans}");
     }
 
     #[test]
