@@ -2,7 +2,8 @@
 """Anti-entropy cost on reconnection (issue 21, slice 3): two release `referee node serve`
 replicas; A holds N Eventual worknodes of about S bytes each; B connects and gets them, then
 reconnects (isolate + heal) holding everything, then reconnects after missing one change.
-Prints the bytes of state A sent and the time each round took, from `stats` -> `sync`.
+Prints the bytes of state and of kept signed changes (store and forward) A sent, and the time
+each round took, from `stats` -> `sync`.
 
 usage: bench/worknode-antientropy.py [REFEREE] [N] [S]
 """
@@ -98,8 +99,10 @@ try:
     t_one = round_(a, b, a2, b2, n, lambda b: b.ask("get /n7")["ok"]["state"]["a"] == "changed")
     a3 = a.sync()
     print(f"{n} worknodes of ~{size} bytes")
-    print(f"| first connection (B empty) | {a1['state_bytes_sent'] - a0['state_bytes_sent']:,} B of state, {a1['states_sent'] - a0['states_sent']} states | {t_first*1000:.0f} ms |")
-    print(f"| reconnection, nothing missed | {a2['state_bytes_sent'] - a1['state_bytes_sent']:,} B of state, {a2['digests_sent'] - a1['digests_sent']} digests | {t_again*1000:.0f} ms |")
-    print(f"| reconnection, one change missed | {a3['state_bytes_sent'] - a2['state_bytes_sent']:,} B of state, {a3['states_sent'] - a2['states_sent']} states | {t_one*1000:.0f} ms |")
+    def kept(x, y):
+        return f"{y['kept_bytes_sent'] - x['kept_bytes_sent']:,} B in {y['kept_sent'] - x['kept_sent']} kept signed changes"
+    print(f"| first connection (B empty) | {a1['state_bytes_sent'] - a0['state_bytes_sent']:,} B of state, {a1['states_sent'] - a0['states_sent']} states | {kept(a0, a1)} | {t_first*1000:.0f} ms |")
+    print(f"| reconnection, nothing missed | {a2['state_bytes_sent'] - a1['state_bytes_sent']:,} B of state, {a2['digests_sent'] - a1['digests_sent']} digests | {kept(a1, a2)} | {t_again*1000:.0f} ms |")
+    print(f"| reconnection, one change missed | {a3['state_bytes_sent'] - a2['state_bytes_sent']:,} B of state, {a3['states_sent'] - a2['states_sent']} states | {kept(a2, a3)} | {t_one*1000:.0f} ms |")
 finally:
     a.close(); b.close()

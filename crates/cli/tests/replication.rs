@@ -691,6 +691,24 @@ fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -
     Ok(())
 }
 
+/// Store and forward: a peer's summary is answered once per connection. A peer repeating a
+/// summary of nothing (a few bytes) would otherwise be sent every kept change again each time.
+#[test]
+fn a_summary_is_answered_once_per_connection() -> TestResult {
+    let mut a = Replica::start()?;
+    a.ok("create /ev data eventual")?;
+    for i in 0..20 {
+        a.ok(&format!("send /ev add n {}", i + 1))?;
+    }
+    let kept = sync(&mut a)?["kept"]["messages"].as_u64().unwrap();
+    assert!(kept >= 21, "{kept}");
+    let nothing = Wire::Have { authors: vec![], done: true };
+    hostile(&a, vec![nothing; 5])?;
+    let stats = a.wait("stats", |v| v["ok"]["sync"]["haves_ignored"] == 4)?;
+    assert_eq!(stats["ok"]["sync"]["kept_sent"], kept, "{stats}");
+    Ok(())
+}
+
 /// A signed change is taken as its signer's only if the signature holds for that key over those
 /// bytes: a peer cannot pass its changes (or anything) off as another replica's.
 #[test]

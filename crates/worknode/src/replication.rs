@@ -698,6 +698,10 @@ pub const SYNC_CHUNK: usize = 4 << 20;
 /// for the round (more are dropped: those worknodes wait for the next round).
 const EARLY_DIGEST_BYTES: usize = 16 << 20;
 
+/// Most bytes of a peer's [`Wire::Have`] summary taken (an honest one is at most about 1.2 MB:
+/// [`SPANS_TOTAL`] spans of [`KEEP_AUTHORS`] authors); beyond it the summary is cut short.
+const HAVE_BYTES: usize = 2 << 20;
+
 /// Most replicated bytes (encoded) accepted and not yet merged by the worknodes; above it no
 /// more messages are taken from peers until the worknodes catch up.
 pub const MERGE_BACKLOG_BYTES: usize = 16 << 20;
@@ -756,6 +760,8 @@ struct Round {
     /// The peer's [`Wire::Have`] so far, and its size.
     have: Have,
     have_bytes: usize,
+    /// Whether the peer's summary was answered this round (one is, per connection).
+    have_answered: bool,
     /// Kept signed changes the peer has not seen, not sent yet.
     push: std::collections::VecDeque<(ReplicaId, u64)>,
     /// Whether a task is sending `push`.
@@ -776,6 +782,7 @@ struct SyncCounters {
     parts_too_large: std::sync::atomic::AtomicU64,
     kept_sent: std::sync::atomic::AtomicU64,
     kept_bytes_sent: std::sync::atomic::AtomicU64,
+    haves_ignored: std::sync::atomic::AtomicU64,
 }
 
 /// What anti-entropy has done since the replicator started.
@@ -804,6 +811,8 @@ pub struct SyncStats {
     pub kept_sent: u64,
     /// Their bytes.
     pub kept_bytes_sent: u64,
+    /// Summaries ([`Wire::Have`]) of peers that had one answered on that connection already.
+    pub haves_ignored: u64,
     /// What is kept to pass on.
     pub kept: KeptStats,
 }
@@ -973,6 +982,7 @@ impl Replicator {
             parts_too_large: get(&c.parts_too_large),
             kept_sent: get(&c.kept_sent),
             kept_bytes_sent: get(&c.kept_bytes_sent),
+            haves_ignored: get(&c.haves_ignored),
             kept: self.relay.kept_stats(),
         }
     }
@@ -1014,6 +1024,7 @@ impl Replicator {
         r.ours = None;
         r.served.clear();
         r.wanted.clear();
+        r.have_answered = false;
         if !r.running {
             r.running = true;
             tokio::spawn(self.clone().run_rounds(peer));
@@ -1256,17 +1267,21 @@ impl Replicator {
 
     /// Part of the peer's [`Wire::Have`]; once it is `done`, the kept signed changes the peer has
     /// not seen are sent to it (in the background, each once its queue has room). A summary
-    /// larger than [`EARLY_DIGEST_BYTES`] is cut short: then only changes of the authors it
-    /// named are sent.
+    /// larger than [`HAVE_BYTES`] is cut short: then only changes of the authors it named are
+    /// sent. One summary is answered per connection (more are ignored, `haves_ignored`).
     fn on_have(self: &Arc<Self>, peer: PeerId, authors: Vec<(ReplicaId, Vec<(u64, u64)>)>, done: bool) {
         let mut rounds = self.rounds();
         let r = rounds.entry(peer).or_default();
+        if r.have_answered {
+            self.stats.haves_ignored.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if r.have_bytes == 0 && r.have.authors.is_empty() {
             r.have.complete = true;
         }
         for (author, spans) in authors {
             let bytes = 12 + spans.len() * 18;
-            if r.have_bytes.saturating_add(bytes) > EARLY_DIGEST_BYTES {
+            if r.have_bytes.saturating_add(bytes) > HAVE_BYTES {
                 r.have.complete = false;
                 continue;
             }
@@ -1283,6 +1298,7 @@ impl Replicator {
         }
         let have = std::mem::take(&mut r.have);
         r.have_bytes = 0;
+        r.have_answered = true;
         r.push = self.relay.missing(&peer, &have).into();
         if !r.pushing && !r.push.is_empty() {
             r.pushing = true;
@@ -1366,6 +1382,7 @@ impl Replicator {
                         r.early_bytes = 0;
                         r.have = Have::default();
                         r.have_bytes = 0;
+                        r.have_answered = false;
                         r.push.clear();
                     }
                     // This peer's only: another peer's finished round still answers its wants.
