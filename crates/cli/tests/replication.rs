@@ -53,11 +53,16 @@ impl Replica {
 
     /// [`Replica::start`] with more `serve` arguments.
     fn start_with(extra: &[&str]) -> Result<Replica, Box<dyn std::error::Error>> {
+        Self::spawn(&[&["--allow-any"], extra].concat())
+    }
+
+    /// `serve` with these arguments (none allowing peers: add `--allow-any` or `--allow`).
+    fn spawn(extra: &[&str]) -> Result<Replica, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_referee"))
             .env_remove("REFEREE_HOME")
             .env_remove("REFEREE_COMM_IDENTITY")
-            .args(["--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--allow-any", "--dir"])
+            .args(["--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--dir"])
             .arg(dir.path())
             .args(extra)
             .stdin(Stdio::piped())
@@ -688,6 +693,67 @@ fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -
     for r in [&mut a, &mut b, &mut c] {
         assert_eq!(r.refused()?, serde_json::json!({}));
     }
+    Ok(())
+}
+
+/// Store and forward, found attacking it: a change its author made while cut off was never
+/// signed (shipments were dropped while isolated), so it reached the author's peers by their
+/// full state only, and the far end of a line never.
+#[test]
+fn a_change_made_while_its_author_was_cut_off_reaches_the_far_end() -> TestResult {
+    let (mut a, mut b, mut c) = (Replica::start()?, Replica::start()?, Replica::start()?);
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    c.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.ok("create /ev data eventual")?;
+    for r in [&mut a, &mut c] {
+        r.wait("get /ev", |g| g.get("ok").is_some())?;
+    }
+    c.ok("isolate")?;
+    c.ok("send /ev insert s from-c")?;
+    c.ok("heal")?;
+    for r in [&mut b, &mut a] {
+        r.wait("get /ev", |g| g["ok"]["state"]["s"] == serde_json::json!(["from-c"]))?;
+    }
+    Ok(())
+}
+
+/// Store and forward, found attacking it: an allowed peer signed changes with 4,096 keys it
+/// minted, and the replica, keeping them all, dropped an honest author's kept changes, which the
+/// far end of a line then never got. A replica takes signed changes only of allowed identities
+/// (and the sender's own).
+#[test]
+fn signed_changes_of_keys_that_are_not_allowed_are_refused() -> TestResult {
+    let (mut a, mut c) = (Replica::start()?, Replica::start()?);
+    let me = hostile_identity();
+    let me_id = me.id().to_string();
+    let mut b = Replica::spawn(&["--allow", &a.id, "--allow", &c.id, "--allow", &me_id])?;
+    a.ok(&format!("peer {} {}", b.addr, b.id))?;
+    c.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.ok("create /ev data eventual")?;
+    for r in [&mut a, &mut c] {
+        r.wait("get /ev", |g| g.get("ok").is_some())?;
+    }
+    c.ok("isolate")?;
+    for i in 0..20 {
+        a.ok(&format!("send /ev insert s a{i}"))?;
+    }
+    b.wait("get /ev", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(20))?;
+    let chain = chains(&hostile(&b, vec![])?).into_iter().next().ok_or("no chain")?;
+    let minted: Vec<Wire> = (0..300)
+        .map(|_| {
+            let key = Identity::generate().unwrap();
+            Wire::signed(key.id(), 0, &deltas(chain.clone(), vec![]), |d, m| key.sign(d, m))
+        })
+        .collect();
+    // Its own signed change is taken.
+    let own = Wire::signed(me.id(), 0, &deltas(chain, vec![delta("h", grow(hr(), 4))]), |d, m| me.sign(d, m));
+    hostile(&b, [minted, vec![own]].concat())?;
+    b.wait("stats", |v| v["ok"]["refused"]["author"] == 300)?;
+    b.wait("get /ev", |g| g["ok"]["state"]["h"] == 4)?;
+    let kept = sync(&mut b)?["kept"].clone();
+    assert_eq!(kept["authors"], 3, "a, b and the peer: {kept}");
+    c.ok("heal")?;
+    c.wait("get /ev", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(20) && g["ok"]["state"]["h"] == 4)?;
     Ok(())
 }
 

@@ -251,6 +251,11 @@ impl Node {
         self.inner.identity.id()
     }
 
+    /// The identities that may connect to this node.
+    pub fn allow_list(&self) -> &AllowList {
+        &self.inner.allow
+    }
+
     /// Signs `msg` for `domain` with this node's identity ([`Identity::sign`]).
     pub fn sign(&self, domain: &str, msg: &[u8]) -> [u8; 64] {
         self.inner.identity.sign(domain, msg)

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use referee_comm::{Addr, ConnectOptions, Event, Inbox, Node, PeerId};
+use referee_comm::{Addr, AllowList, ConnectOptions, Event, Inbox, Node, PeerId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -320,8 +320,8 @@ struct Author {
 #[derive(Debug, Default)]
 struct Kept {
     authors: HashMap<ReplicaId, Author>,
-    /// Per identity: its author replicas and their kept bytes.
-    identities: HashMap<PeerId, (Vec<ReplicaId>, usize)>,
+    /// Per identity: its author replicas and what they keep.
+    identities: HashMap<PeerId, Share>,
     bytes: usize,
     count: usize,
     /// Spans of all authors' `seen`.
@@ -329,6 +329,14 @@ struct Kept {
     tick: u64,
     /// Messages dropped to stay within the bounds.
     evicted: u64,
+}
+
+/// One identity's share of what a [`Relay`] keeps.
+#[derive(Debug, Default)]
+struct Share {
+    authors: Vec<ReplicaId>,
+    bytes: usize,
+    count: usize,
 }
 
 impl Kept {
@@ -342,7 +350,7 @@ impl Kept {
                 replica,
                 Author { identity, seen: Spans::default(), kept: Default::default(), bytes: 0, used: 0 },
             );
-            self.identities.entry(identity).or_default().0.push(replica);
+            self.identities.entry(identity).or_default().authors.push(replica);
         }
         let Some(a) = self.authors.get_mut(&replica) else { return };
         a.used = self.tick;
@@ -370,25 +378,33 @@ impl Kept {
         self.bytes += len;
         self.count += 1;
         if let Some(i) = self.identities.get_mut(&identity) {
-            i.1 += len;
+            i.bytes += len;
+            i.count += 1;
         }
-        while self.identities.get(&identity).is_some_and(|i| i.1 > KEEP_IDENTITY_BYTES) {
-            if !self.evict_from(identity) {
+        while self.identities.get(&identity).is_some_and(|i| i.bytes > KEEP_IDENTITY_BYTES) {
+            if !self.evict_from(identity, false) {
                 break;
             }
         }
+        // Over the count, the identity keeping the most changes gives one up; over the bytes,
+        // the one keeping the most bytes.
         while self.bytes > KEEP_BYTES || self.count > KEEP_MESSAGES {
-            let Some(largest) = self.identities.iter().max_by_key(|(_, (_, b))| *b).map(|(id, _)| *id) else { break };
-            if !self.evict_from(largest) {
+            let by_count = self.count > KEEP_MESSAGES;
+            let share = |i: &Share| if by_count { i.count } else { i.bytes };
+            let Some(largest) = self.identities.iter().max_by_key(|(_, i)| share(i)).map(|(id, _)| *id) else { break };
+            if !self.evict_from(largest, by_count) {
                 break;
             }
         }
     }
 
-    /// Drops the oldest kept change of `identity`'s largest author; `false` if it keeps none.
-    fn evict_from(&mut self, identity: PeerId) -> bool {
-        let Some((replicas, _)) = self.identities.get(&identity) else { return false };
-        let Some(replica) = replicas.iter().copied().max_by_key(|r| self.authors.get(r).map_or(0, |a| a.bytes)) else {
+    /// Drops the oldest kept change of `identity`'s largest author (by count or by bytes);
+    /// `false` if it keeps none.
+    fn evict_from(&mut self, identity: PeerId, by_count: bool) -> bool {
+        let Some(share) = self.identities.get(&identity) else { return false };
+        let size = |a: &Author| if by_count { a.kept.len() } else { a.bytes };
+        let largest = share.authors.iter().copied().max_by_key(|r| self.authors.get(r).map_or(0, size));
+        let Some(replica) = largest else {
             return false;
         };
         let Some(a) = self.authors.get_mut(&replica) else { return false };
@@ -399,22 +415,28 @@ impl Kept {
         self.count -= 1;
         self.evicted += 1;
         if let Some(i) = self.identities.get_mut(&identity) {
-            i.1 -= len;
+            i.bytes -= len;
+            i.count -= 1;
         }
         true
     }
 
-    /// Before tracking a new author of `identity`: drops the author heard from least recently,
-    /// of that identity if it has [`KEEP_INCARNATIONS`], of all if there are [`KEEP_AUTHORS`].
+    /// Before tracking a new author of `identity`: drops the author heard from least recently
+    /// of that identity if it has [`KEEP_INCARNATIONS`]; if there are [`KEEP_AUTHORS`], of the
+    /// identity with the most authors.
     fn make_room_for_author(&mut self, identity: PeerId) {
-        let oldest = |authors: &mut dyn Iterator<Item = &ReplicaId>, map: &HashMap<ReplicaId, Author>| {
-            authors.filter_map(|r| map.get(r).map(|a| (a.used, *r))).min().map(|(_, r)| r)
+        let oldest = |authors: &[ReplicaId], map: &HashMap<ReplicaId, Author>| {
+            authors.iter().filter_map(|r| map.get(r).map(|a| (a.used, *r))).min().map(|(_, r)| r)
         };
-        let mine = self.identities.get(&identity).map(|i| i.0.clone()).unwrap_or_default();
+        let mine = self.identities.get(&identity).map(|i| i.authors.clone()).unwrap_or_default();
         let drop = if mine.len() >= KEEP_INCARNATIONS {
-            oldest(&mut mine.iter(), &self.authors)
+            oldest(&mine, &self.authors)
         } else if self.authors.len() >= KEEP_AUTHORS {
-            oldest(&mut self.authors.keys(), &self.authors)
+            // Among the identities with the most authors, the one heard from least recently.
+            let most = self.identities.values().map(|i| i.authors.len()).max().unwrap_or(0);
+            let candidates: Vec<ReplicaId> =
+                self.identities.values().filter(|i| i.authors.len() == most).flat_map(|i| i.authors.clone()).collect();
+            oldest(&candidates, &self.authors)
         } else {
             None
         };
@@ -426,9 +448,10 @@ impl Kept {
             self.spans -= a.seen.len();
             self.evicted += a.kept.len() as u64;
             if let Some(i) = self.identities.get_mut(&a.identity) {
-                i.0.retain(|x| *x != r);
-                i.1 -= a.bytes;
-                if i.0.is_empty() {
+                i.authors.retain(|x| *x != r);
+                i.bytes -= a.bytes;
+                i.count -= a.kept.len();
+                if i.authors.is_empty() {
                     self.identities.remove(&a.identity);
                 }
             }
@@ -471,6 +494,8 @@ pub struct Have {
 #[derive(Debug)]
 pub struct Relay {
     me: PeerId,
+    /// Whose signed changes are taken (`None`: anyone's); the direct sender's always are.
+    members: Option<AllowList>,
     seen: Mutex<Seen>,
     kept: Mutex<Kept>,
     /// The last sequence number this replica stamped its own changes with.
@@ -487,7 +512,16 @@ struct Seen {
 impl Relay {
     /// The relay of the replica whose identity is `me`.
     pub fn new(me: PeerId) -> Self {
-        Self { me, seen: Mutex::new(Seen::default()), kept: Mutex::default(), last: Mutex::new(0) }
+        Self { me, members: None, seen: Mutex::new(Seen::default()), kept: Mutex::default(), last: Mutex::new(0) }
+    }
+
+    /// Takes signed changes only of the identities `members` allows (and the direct sender's):
+    /// an allowed peer cannot bring in changes of keys it minted, which would be authors
+    /// without number (each with its share of what replicas keep and of a field's gaps).
+    #[must_use]
+    pub fn members(mut self, members: AllowList) -> Self {
+        self.members = Some(members);
+        self
     }
 
     fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
@@ -586,6 +620,11 @@ impl Relay {
                     }
                 };
                 if author_id == self.me {
+                    return None;
+                }
+                if author_id != *from && self.members.as_ref().is_some_and(|m| !m.allows(&author_id)) {
+                    let detail = format!("from {from}: a change signed by {author_id}, which is not an allowed peer");
+                    system.refuse_replicated(&Refused::new("author", "/", detail));
                     return None;
                 }
                 let key: [u8; 32] = Sha256::new().chain_update(&author).chain_update(&sig).finalize().into();
@@ -698,9 +737,14 @@ pub const SYNC_CHUNK: usize = 4 << 20;
 /// for the round (more are dropped: those worknodes wait for the next round).
 const EARLY_DIGEST_BYTES: usize = 16 << 20;
 
-/// Most bytes of a peer's [`Wire::Have`] summary taken (an honest one is at most about 1.2 MB:
-/// [`SPANS_TOTAL`] spans of [`KEEP_AUTHORS`] authors); beyond it the summary is cut short.
+/// Most bytes of a peer's [`Wire::Have`] summary taken, as held until it is done (an honest
+/// one holds at most about 1.2 MB: [`SPANS_TOTAL`] spans of [`KEEP_AUTHORS`] authors); beyond
+/// it the summary is cut short.
 const HAVE_BYTES: usize = 2 << 20;
+
+/// Most bytes of unfinished summaries of all peers together: peers that start summaries and
+/// never finish them hold this much at most.
+const HAVE_ALL_BYTES: usize = 16 << 20;
 
 /// Most replicated bytes (encoded) accepted and not yet merged by the worknodes; above it no
 /// more messages are taken from peers until the worknodes catch up.
@@ -733,6 +777,8 @@ pub struct Replicator {
     /// arrives; then the same, with when it came ([`SETTLED_FOR`]).
     asked: Mutex<HashMap<PeerPath, Digests2>>,
     settled: Mutex<HashMap<PeerPath, (Digests2, std::time::Instant)>>,
+    /// Bytes of unfinished [`Wire::Have`] summaries of all peers ([`HAVE_ALL_BYTES`]).
+    have_pending: AtomicUsize,
     stats: SyncCounters,
 }
 
@@ -758,8 +804,10 @@ struct Round {
     /// Whether a task is sending `wanted`.
     serving: bool,
     /// The peer's [`Wire::Have`] so far, and its size.
-    have: Have,
+    have: Vec<(ReplicaId, Vec<(u64, u64)>)>,
     have_bytes: usize,
+    /// Whether some of it was left out ([`HAVE_BYTES`], [`HAVE_ALL_BYTES`]).
+    have_cut: bool,
     /// Whether the peer's summary was answered this round (one is, per connection).
     have_answered: bool,
     /// Kept signed changes the peer has not seen, not sent yet.
@@ -843,12 +891,13 @@ impl Replicator {
             healed: watch::Sender::new(true),
             peers: Mutex::new(HashMap::new()),
             queued: Arc::default(),
-            relay: Relay::new(node.id()),
+            relay: Relay::new(node.id()).members(node.allow_list().clone()),
             incarnation,
             rounds: Mutex::new(HashMap::new()),
             digests: Arc::default(),
             asked: Mutex::default(),
             settled: Mutex::default(),
+            have_pending: AtomicUsize::new(0),
             stats: SyncCounters::default(),
             node,
         });
@@ -905,12 +954,14 @@ impl Replicator {
     /// Hands every shipment to each connected peer's queue; never waits for a peer.
     async fn ship(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Shipment>) {
         while let Some(s) = rx.recv().await {
-            if self.isolated.load(Ordering::Acquire) {
-                continue;
-            }
             // In messages a relay passes on (a change is at most `max_delta_bytes`, 2 MiB).
             for deltas in split_shipment(s, RELAY_MAX_BYTES / 2) {
+                // Signed and kept even while cut off: peers get it on reconnection, and pass it
+                // on (its state alone would reach the direct peers only).
                 let bytes = self.relay.own(self.incarnation, &deltas, |d, m| self.node.sign(d, m));
+                if self.isolated.load(Ordering::Acquire) {
+                    continue;
+                }
                 let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
                 for peer in peers {
                     self.enqueue(peer, bytes.clone()).await;
@@ -1276,28 +1327,33 @@ impl Replicator {
             self.stats.haves_ignored.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if r.have_bytes == 0 && r.have.authors.is_empty() {
-            r.have.complete = true;
-        }
-        for (author, spans) in authors {
-            let bytes = 12 + spans.len() * 18;
-            if r.have_bytes.saturating_add(bytes) > HAVE_BYTES {
-                r.have.complete = false;
+        for (author, mut spans) in authors {
+            spans.truncate(SPANS_MAX);
+            // What it holds here: the author, the vector, the spans.
+            let bytes = 32 + spans.len() * 16;
+            let all = self.have_pending.load(Ordering::Acquire);
+            if r.have_bytes.saturating_add(bytes) > HAVE_BYTES || all.saturating_add(bytes) > HAVE_ALL_BYTES {
+                r.have_cut = true;
                 continue;
             }
             r.have_bytes += bytes;
-            r.have.authors.entry(author).or_default();
-            if let Some(seen) = r.have.authors.get_mut(&author) {
-                for (lo, hi) in spans.into_iter().take(SPANS_MAX) {
-                    seen.insert(lo, hi);
-                }
-            }
+            self.have_pending.fetch_add(bytes, Ordering::AcqRel);
+            r.have.push((author, spans));
         }
         if !done {
             return;
         }
-        let have = std::mem::take(&mut r.have);
+        let raw = std::mem::take(&mut r.have);
+        self.have_pending.fetch_sub(r.have_bytes, Ordering::AcqRel);
         r.have_bytes = 0;
+        let mut have = Have { authors: HashMap::new(), complete: !std::mem::take(&mut r.have_cut) };
+        for (author, spans) in raw {
+            let seen: &mut Spans = have.authors.entry(author).or_default();
+            for (lo, hi) in spans {
+                seen.insert(lo, hi);
+            }
+            seen.cap(SPANS_MAX);
+        }
         r.have_answered = true;
         r.push = self.relay.missing(&peer, &have).into();
         if !r.pushing && !r.push.is_empty() {
@@ -1380,8 +1436,10 @@ impl Replicator {
                         r.wanted.clear();
                         r.early.clear();
                         r.early_bytes = 0;
-                        r.have = Have::default();
+                        r.have = Vec::new();
+                        self.have_pending.fetch_sub(r.have_bytes, Ordering::AcqRel);
                         r.have_bytes = 0;
+                        r.have_cut = false;
                         r.have_answered = false;
                         r.push.clear();
                     }
@@ -1533,7 +1591,7 @@ mod tests {
         for seq in 1..=40u64 {
             k.keep(flood, 2, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 1 << 20]));
         }
-        assert!(k.identities[&flood].1 <= KEEP_IDENTITY_BYTES);
+        assert!(k.identities[&flood].bytes <= KEEP_IDENTITY_BYTES);
         assert_eq!(k.authors[&1].kept.len(), 1, "the honest author's change stays");
         // What was dropped was still seen: a peer does not send it again.
         assert_eq!(k.authors[&2].seen.spans(), vec![(1, 40)]);
@@ -1542,11 +1600,43 @@ mod tests {
         for r in 100..200u64 {
             k.keep(flood, r, Stamp { seq: 1, prev: 0 }, Bytes::from(vec![0; 10]));
         }
-        assert_eq!(k.identities[&flood].0.len(), KEEP_INCARNATIONS);
+        assert_eq!(k.identities[&flood].authors.len(), KEEP_INCARNATIONS);
         assert!(k.authors.contains_key(&1));
         let total: usize = k.authors.values().map(|a| a.bytes).sum();
         assert_eq!(total, k.bytes);
         assert_eq!(k.authors.values().map(|a| a.kept.len()).sum::<usize>(), k.count);
+    }
+
+    #[test]
+    fn over_the_count_the_identity_keeping_the_most_changes_gives_one_up() {
+        let mut k = Kept::default();
+        // An honest author keeps few changes of many bytes; two others many empty ones.
+        for seq in 1..=41 {
+            k.keep(peer(1), 1, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 4000]));
+        }
+        for n in [2u8, 3] {
+            for seq in 1..=KEEP_MESSAGES as u64 / 2 + 100 {
+                k.keep(peer(n), n.into(), Stamp { seq, prev: seq - 1 }, Bytes::new());
+            }
+        }
+        assert_eq!(k.authors[&1].kept.len(), 41);
+        assert_eq!(k.count, KEEP_MESSAGES);
+    }
+
+    #[test]
+    fn a_full_author_table_gives_up_an_author_of_the_identity_with_the_most() {
+        let mut k = Kept::default();
+        k.keep(peer(1), 1, Stamp { seq: 1, prev: 0 }, Bytes::from(vec![1]));
+        for i in 0..300u16 {
+            let mut key = [7u8; 32];
+            key[..2].copy_from_slice(&i.to_le_bytes());
+            for inc in 0..KEEP_INCARNATIONS as u64 {
+                let replica = (u64::from(i) << 8 | inc) + 1000;
+                k.keep(PeerId::from_bytes(key), replica, Stamp { seq: 1, prev: 0 }, Bytes::new());
+            }
+        }
+        assert_eq!(k.authors.len(), KEEP_AUTHORS);
+        assert_eq!(k.authors[&1].kept.len(), 1, "the identity with one author keeps it");
     }
 
     #[test]
