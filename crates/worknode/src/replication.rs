@@ -230,6 +230,11 @@ pub const KEEP_AUTHORS: usize = 4096;
 /// See [`KEEP_AUTHORS`].
 pub const KEEP_INCARNATIONS: usize = 16;
 
+/// Most author replicas of identities the node's allow list does not name (strangers, authors
+/// of changes passed on by members), all together: they share one identity's part of what is
+/// kept, so keys a peer mints push out strangers' changes only, never a member's.
+pub const KEEP_STRANGERS: usize = 256;
+
 /// Most spans of seen sequence numbers per author ([`Spans`]): beyond it the two closest are
 /// joined (what only that author's messages between them would have filled).
 pub const SPANS_MAX: usize = 1024;
@@ -307,6 +312,9 @@ impl Spans {
 #[derive(Debug)]
 struct Author {
     identity: PeerId,
+    /// Whose share of what is kept it counts in: its identity's, or `None` for the identities
+    /// the node's allow list does not name (strangers share one).
+    share: Option<PeerId>,
     /// Sequence numbers seen (kept or not).
     seen: Spans,
     /// What is kept to pass on (encoded [`Wire::Signed`]), by sequence number.
@@ -320,8 +328,8 @@ struct Author {
 #[derive(Debug, Default)]
 struct Kept {
     authors: HashMap<ReplicaId, Author>,
-    /// Per identity: its author replicas and what they keep.
-    identities: HashMap<PeerId, Share>,
+    /// Per identity (`None`: all strangers together): its author replicas and what they keep.
+    identities: HashMap<Option<PeerId>, Share>,
     bytes: usize,
     count: usize,
     /// Spans of all authors' `seen`.
@@ -343,15 +351,21 @@ impl Kept {
     /// Notes a signed change of `replica` (identity `identity`) stamped `stamp` as seen, and
     /// keeps `bytes` (its encoding) to pass on, unless one with that number is kept already.
     fn keep(&mut self, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes) {
+        self.keep_in(Some(identity), identity, replica, stamp, bytes);
+    }
+
+    /// [`Kept::keep`], counted in `share` (`None`: the strangers').
+    fn keep_in(&mut self, share: Option<PeerId>, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes) {
         self.tick += 1;
         if !self.authors.contains_key(&replica) {
-            self.make_room_for_author(identity);
+            self.make_room_for_author(share);
             self.authors.insert(
                 replica,
-                Author { identity, seen: Spans::default(), kept: Default::default(), bytes: 0, used: 0 },
+                Author { identity, share, seen: Spans::default(), kept: Default::default(), bytes: 0, used: 0 },
             );
-            self.identities.entry(identity).or_default().authors.push(replica);
+            self.identities.entry(share).or_default().authors.push(replica);
         }
+        let share = self.authors.get(&replica).map_or(share, |a| a.share);
         let Some(a) = self.authors.get_mut(&replica) else { return };
         a.used = self.tick;
         let lo = if stamp.prev == 0 { stamp.seq } else { stamp.prev.saturating_add(1) };
@@ -377,12 +391,12 @@ impl Kept {
         a.bytes += len;
         self.bytes += len;
         self.count += 1;
-        if let Some(i) = self.identities.get_mut(&identity) {
+        if let Some(i) = self.identities.get_mut(&share) {
             i.bytes += len;
             i.count += 1;
         }
-        while self.identities.get(&identity).is_some_and(|i| i.bytes > KEEP_IDENTITY_BYTES) {
-            if !self.evict_from(identity, false) {
+        while self.identities.get(&share).is_some_and(|i| i.bytes > KEEP_IDENTITY_BYTES) {
+            if !self.evict_from(share, false) {
                 break;
             }
         }
@@ -400,7 +414,7 @@ impl Kept {
 
     /// Drops the oldest kept change of `identity`'s largest author (by count or by bytes);
     /// `false` if it keeps none.
-    fn evict_from(&mut self, identity: PeerId, by_count: bool) -> bool {
+    fn evict_from(&mut self, identity: Option<PeerId>, by_count: bool) -> bool {
         let Some(share) = self.identities.get(&identity) else { return false };
         let size = |a: &Author| if by_count { a.kept.len() } else { a.bytes };
         let largest = share.authors.iter().copied().max_by_key(|r| self.authors.get(r).map_or(0, size));
@@ -421,15 +435,16 @@ impl Kept {
         true
     }
 
-    /// Before tracking a new author of `identity`: drops the author heard from least recently
-    /// of that identity if it has [`KEEP_INCARNATIONS`]; if there are [`KEEP_AUTHORS`], of the
-    /// identity with the most authors.
-    fn make_room_for_author(&mut self, identity: PeerId) {
+    /// Before tracking a new author of `identity` (`None`: a stranger): drops the author heard
+    /// from least recently of that identity if it has [`KEEP_INCARNATIONS`] (strangers:
+    /// [`KEEP_STRANGERS`]); if there are [`KEEP_AUTHORS`], of the identity with the most authors.
+    fn make_room_for_author(&mut self, identity: Option<PeerId>) {
         let oldest = |authors: &[ReplicaId], map: &HashMap<ReplicaId, Author>| {
             authors.iter().filter_map(|r| map.get(r).map(|a| (a.used, *r))).min().map(|(_, r)| r)
         };
         let mine = self.identities.get(&identity).map(|i| i.authors.clone()).unwrap_or_default();
-        let drop = if mine.len() >= KEEP_INCARNATIONS {
+        let cap = if identity.is_none() { KEEP_STRANGERS } else { KEEP_INCARNATIONS };
+        let drop = if mine.len() >= cap {
             oldest(&mine, &self.authors)
         } else if self.authors.len() >= KEEP_AUTHORS {
             // Among the identities with the most authors, the one heard from least recently.
@@ -447,12 +462,12 @@ impl Kept {
             self.count -= a.kept.len();
             self.spans -= a.seen.len();
             self.evicted += a.kept.len() as u64;
-            if let Some(i) = self.identities.get_mut(&a.identity) {
+            if let Some(i) = self.identities.get_mut(&a.share) {
                 i.authors.retain(|x| *x != r);
                 i.bytes -= a.bytes;
                 i.count -= a.kept.len();
                 if i.authors.is_empty() {
-                    self.identities.remove(&a.identity);
+                    self.identities.remove(&a.share);
                 }
             }
         }
@@ -494,7 +509,8 @@ pub struct Have {
 #[derive(Debug)]
 pub struct Relay {
     me: PeerId,
-    /// Whose signed changes are taken (`None`: anyone's); the direct sender's always are.
+    /// The identities whose kept changes count in their own share (`None`: every identity's);
+    /// the others' share one ([`KEEP_STRANGERS`]).
     members: Option<AllowList>,
     seen: Mutex<Seen>,
     kept: Mutex<Kept>,
@@ -515,9 +531,11 @@ impl Relay {
         Self { me, members: None, seen: Mutex::new(Seen::default()), kept: Mutex::default(), last: Mutex::new(0) }
     }
 
-    /// Takes signed changes only of the identities `members` allows (and the direct sender's):
-    /// an allowed peer cannot bring in changes of keys it minted, which would be authors
-    /// without number (each with its share of what replicas keep and of a field's gaps).
+    /// Counts kept changes of identities `members` does not allow (strangers) in one shared
+    /// part ([`KEEP_STRANGERS`], [`KEEP_IDENTITY_BYTES`]): changes signed with keys an allowed
+    /// peer minted, without number, cannot push a member's kept changes out. Strangers' changes
+    /// are still merged and passed on (a member may pass on what a replica this node does not
+    /// list made).
     #[must_use]
     pub fn members(mut self, members: AllowList) -> Self {
         self.members = Some(members);
@@ -622,11 +640,6 @@ impl Relay {
                 if author_id == self.me {
                     return None;
                 }
-                if author_id != *from && self.members.as_ref().is_some_and(|m| !m.allows(&author_id)) {
-                    let detail = format!("from {from}: a change signed by {author_id}, which is not an allowed peer");
-                    system.refuse_replicated(&Refused::new("author", "/", detail));
-                    return None;
-                }
                 let key: [u8; 32] = Sha256::new().chain_update(&author).chain_update(&sig).finalize().into();
                 // A repeat is neither merged again nor passed on; a change refused here (its
                 // chain, its size) is not passed on either, nor one larger than a relay carries.
@@ -637,7 +650,8 @@ impl Relay {
                     return None;
                 }
                 let bytes = Bytes::from(Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes());
-                self.kept().keep(author_id, replica, stamp, bytes);
+                let member = self.members.as_ref().is_none_or(|m| m.allows(&author_id));
+                self.kept().keep_in(member.then_some(author_id), author_id, replica, stamp, bytes);
                 Some(author_id)
             }
             wire => {
@@ -1591,7 +1605,7 @@ mod tests {
         for seq in 1..=40u64 {
             k.keep(flood, 2, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 1 << 20]));
         }
-        assert!(k.identities[&flood].bytes <= KEEP_IDENTITY_BYTES);
+        assert!(k.identities[&Some(flood)].bytes <= KEEP_IDENTITY_BYTES);
         assert_eq!(k.authors[&1].kept.len(), 1, "the honest author's change stays");
         // What was dropped was still seen: a peer does not send it again.
         assert_eq!(k.authors[&2].seen.spans(), vec![(1, 40)]);
@@ -1600,7 +1614,7 @@ mod tests {
         for r in 100..200u64 {
             k.keep(flood, r, Stamp { seq: 1, prev: 0 }, Bytes::from(vec![0; 10]));
         }
-        assert_eq!(k.identities[&flood].authors.len(), KEEP_INCARNATIONS);
+        assert_eq!(k.identities[&Some(flood)].authors.len(), KEEP_INCARNATIONS);
         assert!(k.authors.contains_key(&1));
         let total: usize = k.authors.values().map(|a| a.bytes).sum();
         assert_eq!(total, k.bytes);
@@ -1637,6 +1651,22 @@ mod tests {
         }
         assert_eq!(k.authors.len(), KEEP_AUTHORS);
         assert_eq!(k.authors[&1].kept.len(), 1, "the identity with one author keeps it");
+    }
+
+    #[test]
+    fn strangers_share_one_part_of_what_is_kept() {
+        let mut k = Kept::default();
+        for seq in 1..=20 {
+            k.keep(peer(1), 1, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 1000]));
+        }
+        for i in 0..5000u64 {
+            let mut key = [9u8; 32];
+            key[..8].copy_from_slice(&i.to_le_bytes());
+            k.keep_in(None, PeerId::from_bytes(key), i + 100, Stamp { seq: 1, prev: 0 }, Bytes::from(vec![0; 8000]));
+        }
+        assert_eq!(k.authors[&1].kept.len(), 20, "a member's changes stay");
+        assert_eq!(k.identities[&None].authors.len(), KEEP_STRANGERS);
+        assert!(k.identities[&None].bytes <= KEEP_IDENTITY_BYTES);
     }
 
     #[test]
