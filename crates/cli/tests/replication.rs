@@ -727,7 +727,7 @@ fn a_change_made_while_its_author_was_cut_off_reaches_the_far_end() -> TestResul
 fn keys_a_peer_mints_push_out_no_members_kept_changes() -> TestResult {
     let keys = tempfile::tempdir()?;
     let mut ids = Vec::new();
-    for name in ["a", "b", "c"] {
+    for name in ["a", "b", "c", "d"] {
         let key = Identity::generate()?;
         key.save_new(&keys.path().join(name))?;
         ids.push(key.id().to_string());
@@ -735,22 +735,25 @@ fn keys_a_peer_mints_push_out_no_members_kept_changes() -> TestResult {
     let key = |n: &str| keys.path().join(n).display().to_string();
     let me = hostile_identity();
     let me_id = me.id().to_string();
-    // Each end allows only the middle; the middle allows both ends and the hostile peer.
+    // A line a—b—c—d whose replicas allow only their neighbours (and c the hostile peer): at c,
+    // a is a stranger that b brings; at d, a and b are.
     let mut a = Replica::spawn(&["--identity", &key("a"), "--allow", &ids[1]])?;
-    let mut b = Replica::spawn(&["--identity", &key("b"), "--allow", &ids[0], "--allow", &ids[2], "--allow", &me_id])?;
-    let mut c = Replica::spawn(&["--identity", &key("c"), "--allow", &ids[1]])?;
+    let mut b = Replica::spawn(&["--identity", &key("b"), "--allow", &ids[0], "--allow", &ids[2]])?;
+    let mut c = Replica::spawn(&["--identity", &key("c"), "--allow", &ids[1], "--allow", &ids[3], "--allow", &me_id])?;
+    let mut d = Replica::spawn(&["--identity", &key("d"), "--allow", &ids[2]])?;
     a.ok(&format!("peer {} {}", b.addr, b.id))?;
-    c.ok(&format!("peer {} {}", b.addr, b.id))?;
+    b.ok(&format!("peer {} {}", c.addr, c.id))?;
+    d.ok(&format!("peer {} {}", c.addr, c.id))?;
     b.ok("create /ev data eventual")?;
-    for r in [&mut a, &mut c] {
+    for r in [&mut a, &mut c, &mut d] {
         r.wait("get /ev", |g| g.get("ok").is_some())?;
     }
-    c.ok("isolate")?;
+    d.ok("isolate")?;
     for i in 0..20 {
         a.ok(&format!("send /ev insert s a{i}"))?;
     }
-    b.wait("get /ev", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(20))?;
-    let chain = chains(&hostile(&b, vec![])?).into_iter().next().ok_or("no chain")?;
+    c.wait("get /ev", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(20))?;
+    let chain = chains(&hostile(&c, vec![])?).into_iter().next().ok_or("no chain")?;
     let minted: Vec<Wire> = (0..4200)
         .map(|_| {
             let key = Identity::generate().unwrap();
@@ -758,15 +761,15 @@ fn keys_a_peer_mints_push_out_no_members_kept_changes() -> TestResult {
         })
         .collect();
     let own = Wire::signed(me.id(), 0, &deltas(chain, vec![delta("h", grow(hr(), 4))]), |d, m| me.sign(d, m));
-    hostile(&b, [minted, vec![own]].concat())?;
-    b.wait("get /ev", |g| g["ok"]["state"]["h"] == 4)?;
+    hostile(&c, [minted, vec![own]].concat())?;
+    c.wait("get /ev", |g| g["ok"]["state"]["h"] == 4)?;
     let kept =
-        b.wait("stats", |v| v["ok"]["sync"]["kept"]["authors"].as_u64() >= Some(200))?["ok"]["sync"]["kept"].clone();
-    // a, b, the peer, and 256 strangers at most.
-    assert!(kept["authors"].as_u64().unwrap() <= 3 + 256, "{kept}");
-    c.ok("heal")?;
-    c.wait("get /ev", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(20) && g["ok"]["state"]["h"] == 4)?;
-    for r in [&mut a, &mut b, &mut c] {
+        c.wait("stats", |v| v["ok"]["sync"]["kept"]["authors"].as_u64() >= Some(200))?["ok"]["sync"]["kept"].clone();
+    // b, c, d, the peer; a (which b brought); 256 strangers the peer brought at most.
+    assert!(kept["authors"].as_u64().unwrap() <= 5 + 256, "{kept}");
+    d.ok("heal")?;
+    d.wait("get /ev", |g| g["ok"]["state"]["s"].as_array().map(Vec::len) == Some(20) && g["ok"]["state"]["h"] == 4)?;
+    for r in [&mut a, &mut b, &mut c, &mut d] {
         assert_eq!(r.refused()?, serde_json::json!({}));
     }
     Ok(())

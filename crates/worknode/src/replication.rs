@@ -231,8 +231,9 @@ pub const KEEP_AUTHORS: usize = 4096;
 pub const KEEP_INCARNATIONS: usize = 16;
 
 /// Most author replicas of identities the node's allow list does not name (strangers, authors
-/// of changes passed on by members), all together: they share one identity's part of what is
-/// kept, so keys a peer mints push out strangers' changes only, never a member's.
+/// of changes passed on by members) per peer that brought them: they share one identity's part
+/// of what is kept, so keys a peer mints push out only strangers that peer brought, never a
+/// member's nor those another peer brought.
 pub const KEEP_STRANGERS: usize = 256;
 
 /// Most spans of seen sequence numbers per author ([`Spans`]): beyond it the two closest are
@@ -312,9 +313,8 @@ impl Spans {
 #[derive(Debug)]
 struct Author {
     identity: PeerId,
-    /// Whose share of what is kept it counts in: its identity's, or `None` for the identities
-    /// the node's allow list does not name (strangers share one).
-    share: Option<PeerId>,
+    /// Whose share of what is kept it counts in.
+    share: Owner,
     /// Sequence numbers seen (kept or not).
     seen: Spans,
     /// What is kept to pass on (encoded [`Wire::Signed`]), by sequence number.
@@ -328,8 +328,8 @@ struct Author {
 #[derive(Debug, Default)]
 struct Kept {
     authors: HashMap<ReplicaId, Author>,
-    /// Per identity (`None`: all strangers together): its author replicas and what they keep.
-    identities: HashMap<Option<PeerId>, Share>,
+    /// Per share: its author replicas and what they keep.
+    identities: HashMap<Owner, Share>,
     bytes: usize,
     count: usize,
     /// Spans of all authors' `seen`.
@@ -337,6 +337,16 @@ struct Kept {
     tick: u64,
     /// Messages dropped to stay within the bounds.
     evicted: u64,
+}
+
+/// Whose share of what a [`Relay`] keeps an author's changes count in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Owner {
+    /// An identity the node's allow list names: its own.
+    Member(PeerId),
+    /// Identities it does not name (strangers), by the peer that first brought a change of
+    /// theirs: one share per peer, so the keys one peer mints push out only strangers it brought.
+    Via(PeerId),
 }
 
 /// One identity's share of what a [`Relay`] keeps.
@@ -351,11 +361,11 @@ impl Kept {
     /// Notes a signed change of `replica` (identity `identity`) stamped `stamp` as seen, and
     /// keeps `bytes` (its encoding) to pass on, unless one with that number is kept already.
     fn keep(&mut self, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes) {
-        self.keep_in(Some(identity), identity, replica, stamp, bytes);
+        self.keep_in(Owner::Member(identity), identity, replica, stamp, bytes);
     }
 
-    /// [`Kept::keep`], counted in `share` (`None`: the strangers').
-    fn keep_in(&mut self, share: Option<PeerId>, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes) {
+    /// [`Kept::keep`], counted in `share` (for an author new here).
+    fn keep_in(&mut self, share: Owner, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes) {
         self.tick += 1;
         if !self.authors.contains_key(&replica) {
             self.make_room_for_author(share);
@@ -414,7 +424,7 @@ impl Kept {
 
     /// Drops the oldest kept change of `identity`'s largest author (by count or by bytes);
     /// `false` if it keeps none.
-    fn evict_from(&mut self, identity: Option<PeerId>, by_count: bool) -> bool {
+    fn evict_from(&mut self, identity: Owner, by_count: bool) -> bool {
         let Some(share) = self.identities.get(&identity) else { return false };
         let size = |a: &Author| if by_count { a.kept.len() } else { a.bytes };
         let largest = share.authors.iter().copied().max_by_key(|r| self.authors.get(r).map_or(0, size));
@@ -435,15 +445,15 @@ impl Kept {
         true
     }
 
-    /// Before tracking a new author of `identity` (`None`: a stranger): drops the author heard
-    /// from least recently of that identity if it has [`KEEP_INCARNATIONS`] (strangers:
-    /// [`KEEP_STRANGERS`]); if there are [`KEEP_AUTHORS`], of the identity with the most authors.
-    fn make_room_for_author(&mut self, identity: Option<PeerId>) {
+    /// Before tracking a new author in share `identity`: drops the author heard from least
+    /// recently of that share if it has [`KEEP_INCARNATIONS`] (strangers a peer brought:
+    /// [`KEEP_STRANGERS`]); if there are [`KEEP_AUTHORS`], of the share with the most authors.
+    fn make_room_for_author(&mut self, identity: Owner) {
         let oldest = |authors: &[ReplicaId], map: &HashMap<ReplicaId, Author>| {
             authors.iter().filter_map(|r| map.get(r).map(|a| (a.used, *r))).min().map(|(_, r)| r)
         };
         let mine = self.identities.get(&identity).map(|i| i.authors.clone()).unwrap_or_default();
-        let cap = if identity.is_none() { KEEP_STRANGERS } else { KEEP_INCARNATIONS };
+        let cap = if matches!(identity, Owner::Via(_)) { KEEP_STRANGERS } else { KEEP_INCARNATIONS };
         let drop = if mine.len() >= cap {
             oldest(&mine, &self.authors)
         } else if self.authors.len() >= KEEP_AUTHORS {
@@ -531,9 +541,10 @@ impl Relay {
         Self { me, members: None, seen: Mutex::new(Seen::default()), kept: Mutex::default(), last: Mutex::new(0) }
     }
 
-    /// Counts kept changes of identities `members` does not allow (strangers) in one shared
-    /// part ([`KEEP_STRANGERS`], [`KEEP_IDENTITY_BYTES`]): changes signed with keys an allowed
-    /// peer minted, without number, cannot push a member's kept changes out. Strangers' changes
+    /// Counts kept changes of identities `members` does not allow (strangers) in a part shared
+    /// per peer that brought them ([`KEEP_STRANGERS`], [`KEEP_IDENTITY_BYTES`]): changes signed
+    /// with keys an allowed peer minted, without number, cannot push out a member's kept
+    /// changes, nor strangers' another peer brought. Strangers' changes
     /// are still merged and passed on (a member may pass on what a replica this node does not
     /// list made).
     #[must_use]
@@ -651,7 +662,8 @@ impl Relay {
                 }
                 let bytes = Bytes::from(Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes());
                 let member = self.members.as_ref().is_none_or(|m| m.allows(&author_id));
-                self.kept().keep_in(member.then_some(author_id), author_id, replica, stamp, bytes);
+                let share = if member { Owner::Member(author_id) } else { Owner::Via(*from) };
+                self.kept().keep_in(share, author_id, replica, stamp, bytes);
                 Some(author_id)
             }
             wire => {
@@ -1605,7 +1617,7 @@ mod tests {
         for seq in 1..=40u64 {
             k.keep(flood, 2, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 1 << 20]));
         }
-        assert!(k.identities[&Some(flood)].bytes <= KEEP_IDENTITY_BYTES);
+        assert!(k.identities[&Owner::Member(flood)].bytes <= KEEP_IDENTITY_BYTES);
         assert_eq!(k.authors[&1].kept.len(), 1, "the honest author's change stays");
         // What was dropped was still seen: a peer does not send it again.
         assert_eq!(k.authors[&2].seen.spans(), vec![(1, 40)]);
@@ -1614,7 +1626,7 @@ mod tests {
         for r in 100..200u64 {
             k.keep(flood, r, Stamp { seq: 1, prev: 0 }, Bytes::from(vec![0; 10]));
         }
-        assert_eq!(k.identities[&Some(flood)].authors.len(), KEEP_INCARNATIONS);
+        assert_eq!(k.identities[&Owner::Member(flood)].authors.len(), KEEP_INCARNATIONS);
         assert!(k.authors.contains_key(&1));
         let total: usize = k.authors.values().map(|a| a.bytes).sum();
         assert_eq!(total, k.bytes);
@@ -1654,19 +1666,23 @@ mod tests {
     }
 
     #[test]
-    fn strangers_share_one_part_of_what_is_kept() {
+    fn strangers_share_one_part_per_peer_that_brought_them() {
         let mut k = Kept::default();
+        let (honest, flood) = (Owner::Via(peer(40)), Owner::Via(peer(41)));
         for seq in 1..=20 {
             k.keep(peer(1), 1, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 1000]));
+            k.keep_in(honest, peer(2), 2, Stamp { seq, prev: seq - 1 }, Bytes::from(vec![0; 1000]));
         }
         for i in 0..5000u64 {
             let mut key = [9u8; 32];
             key[..8].copy_from_slice(&i.to_le_bytes());
-            k.keep_in(None, PeerId::from_bytes(key), i + 100, Stamp { seq: 1, prev: 0 }, Bytes::from(vec![0; 8000]));
+            let stamp = Stamp { seq: 1, prev: 0 };
+            k.keep_in(flood, PeerId::from_bytes(key), i + 100, stamp, Bytes::from(vec![0; 8000]));
         }
         assert_eq!(k.authors[&1].kept.len(), 20, "a member's changes stay");
-        assert_eq!(k.identities[&None].authors.len(), KEEP_STRANGERS);
-        assert!(k.identities[&None].bytes <= KEEP_IDENTITY_BYTES);
+        assert_eq!(k.authors[&2].kept.len(), 20, "strangers another peer brought stay");
+        assert_eq!(k.identities[&flood].authors.len(), KEEP_STRANGERS);
+        assert!(k.identities[&flood].bytes <= KEEP_IDENTITY_BYTES);
     }
 
     #[test]
