@@ -662,12 +662,9 @@ fn signed_changes_reach_replicas_their_author_is_not_linked_to() -> TestResult {
     Ok(())
 }
 
-/// Store and forward (slice 3b): a change made while the far end of a line was cut off reaches
-/// it through the middle replica, which kept the signed change and sends it when the far end
-/// reconnects. Before, the middle's full state carried only its own updates, and the far end
-/// never got the change (its author never talks to it).
-#[test]
-fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -> TestResult {
+/// Three replicas in a line, a—b—c (a and c dial b; a and c never talk), and `/ev` (Eventual,
+/// created on b) on all three.
+fn line() -> Result<(Replica, Replica, Replica), Box<dyn std::error::Error>> {
     let (mut a, mut b, mut c) = (Replica::start()?, Replica::start()?, Replica::start()?);
     a.ok(&format!("peer {} {}", b.addr, b.id))?;
     c.ok(&format!("peer {} {}", b.addr, b.id))?;
@@ -675,6 +672,16 @@ fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -
     for r in [&mut a, &mut c] {
         r.wait("get /ev", |g| g.get("ok").is_some())?;
     }
+    Ok((a, b, c))
+}
+
+/// Store and forward (slice 3b): a change made while the far end of a line was cut off reaches
+/// it through the middle replica, which kept the signed change and sends it when the far end
+/// reconnects. Before, the middle's full state carried only its own updates, and the far end
+/// never got the change (its author never talks to it).
+#[test]
+fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -> TestResult {
+    let (mut a, mut b, mut c) = line()?;
     c.ok("isolate")?;
     a.ok("send /ev add n 5")?;
     a.ok("send /ev insert s from-a")?;
@@ -701,13 +708,7 @@ fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -
 /// full state only, and the far end of a line never.
 #[test]
 fn a_change_made_while_its_author_was_cut_off_reaches_the_far_end() -> TestResult {
-    let (mut a, mut b, mut c) = (Replica::start()?, Replica::start()?, Replica::start()?);
-    a.ok(&format!("peer {} {}", b.addr, b.id))?;
-    c.ok(&format!("peer {} {}", b.addr, b.id))?;
-    b.ok("create /ev data eventual")?;
-    for r in [&mut a, &mut c] {
-        r.wait("get /ev", |g| g.get("ok").is_some())?;
-    }
+    let (mut a, mut b, mut c) = line()?;
     c.ok("isolate")?;
     c.ok("send /ev insert s from-c")?;
     c.ok("heal")?;
