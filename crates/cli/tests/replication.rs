@@ -30,7 +30,9 @@ struct Replica {
     id: String,
     replica: u64,
     incarnation: u64,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    /// The `serve` arguments after `--dir`.
+    args: Vec<String>,
 }
 
 fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
@@ -58,13 +60,17 @@ impl Replica {
 
     /// `serve` with these arguments (none allowing peers: add `--allow-any` or `--allow`).
     fn spawn(extra: &[&str]) -> Result<Replica, Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
+        Self::spawn_in(tempfile::tempdir()?, extra.iter().map(|a| (*a).to_owned()).collect())
+    }
+
+    /// `serve` on store directory `dir`.
+    fn spawn_in(dir: tempfile::TempDir, extra: Vec<String>) -> Result<Replica, Box<dyn std::error::Error>> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_referee"))
             .env_remove("REFEREE_HOME")
             .env_remove("REFEREE_COMM_IDENTITY")
             .args(["--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--dir"])
             .arg(dir.path())
-            .args(extra)
+            .args(&extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -82,8 +88,18 @@ impl Replica {
             stdin,
             out,
             err,
-            _dir: dir,
+            dir,
+            args: extra,
         })
+    }
+
+    /// Kills the process (a crash) and serves its store again, with the same arguments; its
+    /// address changes (its peers do not dial it again: it dials them).
+    fn restart(mut self) -> Result<Replica, Box<dyn std::error::Error>> {
+        let (dir, args) = (std::mem::replace(&mut self.dir, tempfile::tempdir()?), std::mem::take(&mut self.args));
+        // Killed and waited for.
+        drop(self);
+        Self::spawn_in(dir, args)
     }
 
     fn ask(&mut self, line: &str) -> Result<Value, Box<dyn std::error::Error>> {
@@ -703,6 +719,38 @@ fn a_change_made_while_the_far_end_was_cut_off_reaches_it_through_the_middle() -
     Ok(())
 }
 
+/// Slice 3c: kept changes outlive a restart. In a line A—B—C, C is cut off while A writes; A
+/// then leaves for good and B crashes. Restarted from its store, B still passes A's changes on
+/// when C comes back (before, what B kept lived in memory, and its state carries only its own
+/// updates).
+#[test]
+fn kept_changes_outlive_a_restart_of_the_middle() -> TestResult {
+    let (mut a, mut b, mut c) = (Replica::start()?, Replica::start()?, Replica::start()?);
+    let c_peer = format!("peer {} {}", c.addr, c.id);
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    b.ok(&c_peer)?;
+    b.ok("create /ev data eventual")?;
+    for r in [&mut a, &mut c] {
+        r.wait("get /ev", |g| g.get("ok").is_some())?;
+    }
+    c.ok("isolate")?;
+    a.ok("send /ev add n 5")?;
+    a.ok("send /ev insert s from-a")?;
+    b.wait("get /ev", |g| g["ok"]["state"]["n"] == 5 && g["ok"]["state"]["s"] == serde_json::json!(["from-a"]))?;
+    // What B kept is queued for the store before what it merged: once that is stored, so is it.
+    b.ok("idle")?;
+    drop(a);
+    let mut b = b.restart()?;
+    assert!(sync(&mut b)?["kept"]["messages"].as_u64() >= Some(2));
+    b.ok(&c_peer)?;
+    c.ok("heal")?;
+    c.wait("get /ev", |g| g["ok"]["state"] == serde_json::json!({"n": 5, "s": ["from-a"]}))?;
+    for r in [&mut b, &mut c] {
+        assert_eq!(r.refused()?, serde_json::json!({}));
+    }
+    Ok(())
+}
+
 /// Store and forward, found attacking it: a change its author made while cut off was never
 /// signed (shipments were dropped while isolated), so it reached the author's peers by their
 /// full state only, and the far end of a line never.
@@ -843,13 +891,15 @@ fn forged_signatures_are_refused() -> TestResult {
         // Truncated key and signature.
         signed(vec![1; 31], 0, &sig[..63], &body, seq, prev),
         // A valid signature over something that is not a change.
-        Wire::signed(me.id(), 0, &Wire::Sync { incarnation: 0, nodes: vec![], whole: vec![] }, |d, m| me.sign(d, m)),
+        Wire::signed(me.id(), 0, &Wire::Digests { nodes: vec![] }, |d, m| me.sign(d, m)),
+        // A state signed as another incarnation's than it names (a signed state is its own).
+        Wire::signed(me.id(), 0, &Wire::Sync { incarnation: 1, nodes: vec![], whole: vec![] }, |d, m| me.sign(d, m)),
         // Its own valid signature over a change in B's name: refused as any change of its own.
         signed(mine, 0, &sig, &body, seq, prev),
     ];
     hostile(&a, forged)?;
     let refused = a.wait("stats", |v| v["ok"]["refused"]["author"] == 1)?["ok"]["refused"].clone();
-    assert_eq!(refused, serde_json::json!({"author": 1, "malformed": 8}));
+    assert_eq!(refused, serde_json::json!({"author": 1, "malformed": 9}));
     assert_eq!(a.ok("get /ev")?["state"], serde_json::json!({}));
     Ok(())
 }
@@ -967,7 +1017,7 @@ fn a_full_state_cannot_make_the_store_copy_the_replicas_own_values() -> TestResu
         let reply: Value = serde_json::from_str(&r.out.recv_timeout(WAIT)?)?;
         assert!(reply.get("ok").is_some(), "{reply}");
     }
-    let db = r._dir.path().join("worknodes.redb");
+    let db = r.dir.path().join("worknodes.redb");
     let before = std::fs::metadata(&db)?.len();
     let me = r.replica;
     let mut sent = 0usize;

@@ -382,7 +382,7 @@ fn serve(
     rt.block_on(async move {
         let (node, inbox) = Node::new(identity, allowed, Config::default());
         let listener = node.listen(&listen.parse()?).await?;
-        let repl = Replicator::start(sys.clone(), node.clone(), inbox, incarnation);
+        let repl = Replicator::start(sys.clone(), node.clone(), inbox, incarnation)?;
         for (addr, id) in dial.drain(..) {
             repl.add_peer(addr, id);
         }

@@ -35,9 +35,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
+use crate::WnPath;
 use crate::crdt::ReplicaId;
+use crate::error::StoreError;
 use crate::state::{Delta, State};
-use crate::system::{Meta, Refused, Replicated, Shipment, System, digest_id};
+use crate::store::EventStore;
+use crate::system::{DigestCache, Meta, Refused, Replicated, Shipment, System, digest_id};
 
 /// What replicas say to each other.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +162,10 @@ fn open(
     }
     match Wire::from_bytes(body) {
         Some(w @ Wire::Deltas { .. }) => Ok((author, replica_of(&author, incarnation), w)),
+        // Its own state, signed after a restart (`Relay::own_state`).
+        Some(w @ Wire::Sync { incarnation: i, .. }) if i == incarnation => {
+            Ok((author, replica_of(&author, incarnation), w))
+        }
         _ => Err(format!("a message signed by {author} that holds no changes")),
     }
 }
@@ -337,6 +344,30 @@ struct Kept {
     tick: u64,
     /// Messages dropped to stay within the bounds.
     evicted: u64,
+    /// Where kept changes are written ([`Relay::stored`]; `None`: memory only).
+    store: Option<Arc<EventStore>>,
+}
+
+/// The key of a kept change in the store: its author replica and sequence number (big-endian).
+fn kept_key(replica: ReplicaId, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&replica.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// How a kept change is stored: its share (a tag, 0 a member's own, 1 strangers' a peer
+/// brought, and that identity), then its encoding.
+fn kept_value(share: Owner, bytes: &[u8]) -> Vec<u8> {
+    let (tag, id) = match share {
+        Owner::Member(id) => (0u8, id),
+        Owner::Via(id) => (1u8, id),
+    };
+    let mut out = Vec::with_capacity(33 + bytes.len());
+    out.push(tag);
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// Whose share of what a [`Relay`] keeps an author's changes count in.
@@ -364,8 +395,13 @@ impl Kept {
         self.keep_in(Owner::Member(identity), identity, replica, stamp, bytes);
     }
 
-    /// [`Kept::keep`], counted in `share` (for an author new here).
+    /// [`Kept::keep`], counted in `share` (for an author new here), and written to the store.
     fn keep_in(&mut self, share: Owner, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes) {
+        self.keep_as(share, identity, replica, stamp, bytes, true);
+    }
+
+    /// [`Kept::keep_in`]; written to the store if `write` (not when loaded from it).
+    fn keep_as(&mut self, share: Owner, identity: PeerId, replica: ReplicaId, stamp: Stamp, bytes: Bytes, write: bool) {
         self.tick += 1;
         if !self.authors.contains_key(&replica) {
             self.make_room_for_author(share);
@@ -397,6 +433,9 @@ impl Kept {
             return;
         }
         let len = bytes.len();
+        if let (Some(store), true) = (&self.store, write) {
+            store.keep_detached(kept_key(replica, stamp.seq), kept_value(a.share, &bytes));
+        }
         a.kept.insert(stamp.seq, bytes);
         a.bytes += len;
         self.bytes += len;
@@ -432,7 +471,10 @@ impl Kept {
             return false;
         };
         let Some(a) = self.authors.get_mut(&replica) else { return false };
-        let Some((_, m)) = a.kept.pop_first() else { return false };
+        let Some((seq, m)) = a.kept.pop_first() else { return false };
+        if let Some(store) = &self.store {
+            store.forget_detached(vec![kept_key(replica, seq)]);
+        }
         let len = m.len();
         a.bytes -= len;
         self.bytes -= len;
@@ -468,6 +510,9 @@ impl Kept {
         if let Some(r) = drop
             && let Some(a) = self.authors.remove(&r)
         {
+            if let Some(store) = &self.store {
+                store.forget_detached(a.kept.keys().map(|seq| kept_key(r, *seq)).collect());
+            }
             self.bytes -= a.bytes;
             self.count -= a.kept.len();
             self.spans -= a.seen.len();
@@ -524,8 +569,11 @@ pub struct Relay {
     members: Option<AllowList>,
     seen: Mutex<Seen>,
     kept: Mutex<Kept>,
-    /// The last sequence number this replica stamped its own changes with.
-    last: Mutex<u64>,
+    /// The last sequence number this replica stamped its own changes with since it started
+    /// (0: none yet), and the last it finds kept from before ([`Relay::load`]): its numbers stay
+    /// above, though its first change names no previous one (what it signed before may have been
+    /// lost in a crash before it was stored).
+    last: Mutex<(u64, u64)>,
 }
 
 /// The signed messages a [`Relay`] passed on, newest last.
@@ -538,7 +586,71 @@ struct Seen {
 impl Relay {
     /// The relay of the replica whose identity is `me`.
     pub fn new(me: PeerId) -> Self {
-        Self { me, members: None, seen: Mutex::new(Seen::default()), kept: Mutex::default(), last: Mutex::new(0) }
+        Self { me, members: None, seen: Mutex::new(Seen::default()), kept: Mutex::default(), last: Mutex::default() }
+    }
+
+    /// Writes what it keeps to `store` (with the next group commit, without waiting) and
+    /// removes what it drops, so kept changes outlive a restart ([`Relay::load`]).
+    #[must_use]
+    pub fn stored(self, store: Option<Arc<EventStore>>) -> Self {
+        self.kept().store = store;
+        self
+    }
+
+    /// Loads the kept changes its store holds (at start, before any other use): each is kept
+    /// again, its sequence numbers seen, and merged into `system` again (a no-op for what the
+    /// store holds already: a crash may have come between keeping a change and storing what it
+    /// changed). Waits while `system` is behind merging. Returns how many were loaded; one that
+    /// cannot be read is removed.
+    pub fn load(&self, system: &System) -> Result<usize, StoreError> {
+        let Some(store) = self.kept().store.clone() else { return Ok(0) };
+        let (mut loaded, mut bad) = (0usize, Vec::new());
+        for (key, value) in store.kept()? {
+            if self.load_one(system, key, &value).is_none() {
+                bad.push(key);
+                continue;
+            }
+            loaded += 1;
+            while system.merging_bytes() > MERGE_BACKLOG_BYTES {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        store.forget_detached(bad);
+        Ok(loaded)
+    }
+
+    /// One stored kept change (see [`Relay::load`]): `None` if it cannot be read.
+    fn load_one(&self, system: &System, key: [u8; 16], value: &[u8]) -> Option<()> {
+        let (tag, rest) = value.split_first()?;
+        let (by, message) = rest.split_at_checked(32)?;
+        let by = PeerId::from_bytes(by.try_into().ok()?);
+        let Some(Wire::Signed { author, incarnation, sig, body, seq, prev }) = Wire::from_bytes(message) else {
+            return None;
+        };
+        let sight: [u8; 32] = Sha256::new().chain_update(&author).chain_update(&sig).finalize().into();
+        let author = PeerId::from_bytes(author.as_slice().try_into().ok()?);
+        let replica = replica_of(&author, incarnation);
+        if key != kept_key(replica, seq) || (prev >= seq && prev != 0) {
+            return None;
+        }
+        // The store is this node's own (owner-only): its signatures were checked when the
+        // changes came.
+        let changes = Wire::from_bytes(&body).filter(|w| matches!(w, Wire::Deltas { .. } | Wire::Sync { .. }))?;
+        if author == self.me {
+            let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            last.1 = last.1.max(seq);
+        } else if replica != system.replica() {
+            let _ = changes.merge_as(system, replica);
+        }
+        let member = self.members.as_ref().is_none_or(|m| m.allows(&author));
+        let share = match (member, *tag) {
+            (true, _) => Owner::Member(author),
+            (false, 1) => Owner::Via(by),
+            (false, _) => Owner::Via(author),
+        };
+        self.first_sight(sight);
+        self.kept().keep_as(share, author, replica, Stamp { seq, prev }, Bytes::copy_from_slice(message), false);
+        Some(())
     }
 
     /// Counts kept changes of identities `members` does not allow (strangers) in a part shared
@@ -562,8 +674,9 @@ impl Relay {
     pub fn own(&self, incarnation: u64, deltas: &Wire, sign: impl FnOnce(&str, &[u8]) -> [u8; 64]) -> Bytes {
         let stamp = {
             let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let stamp = Stamp::after(*last);
-            *last = stamp.seq;
+            let mut stamp = Stamp::after(last.0);
+            stamp.seq = stamp.seq.max(last.1.saturating_add(1));
+            last.0 = stamp.seq;
             stamp
         };
         let bytes = Bytes::from(Wire::signed_at(self.me, incarnation, stamp, deltas, sign).to_bytes());
@@ -571,6 +684,46 @@ impl Relay {
             self.kept().keep(self.me, replica_of(&self.me, incarnation), stamp, bytes.clone());
         }
         bytes
+    }
+
+    /// Signs what this replica made of each Eventual worknode of `system` ([`State::own`]),
+    /// serving store `incarnation`, as its changes ([`Wire::Sync`] bodies, in messages of half
+    /// [`RELAY_MAX_BYTES`] at most), and keeps them to pass on: run at start, so what it made
+    /// before a crash and had not signed yet reaches replicas it is not linked to. Returns how
+    /// many messages.
+    pub fn own_state(&self, system: &System, incarnation: u64, sign: impl Fn(&str, &[u8]) -> [u8; 64]) -> usize {
+        let chunk = RELAY_MAX_BYTES / 2;
+        let me = system.replica();
+        let (mut nodes, mut size, mut signed) = (Vec::new(), 0usize, 0usize);
+        let mut flush = |nodes: &mut Vec<(Vec<Meta>, State)>, size: &mut usize| {
+            if !nodes.is_empty() {
+                let sync = Wire::Sync { incarnation, nodes: std::mem::take(nodes), whole: Vec::new() };
+                drop(self.own(incarnation, &sync, &sign));
+                signed += 1;
+            }
+            *size = 0;
+        };
+        for (path, _) in system.eventual_digests(&mut DigestCache::default()) {
+            let Ok(path) = path.parse::<WnPath>() else { continue };
+            let mut after: Option<String> = None;
+            while let Some((chain, part, next)) = system.eventual_part(&path, after.as_deref(), chunk) {
+                let own = part.own(me);
+                let bytes = rmp_serde::to_vec(&own).map_or(0, |b| b.len());
+                if !own.is_empty() {
+                    if size.saturating_add(bytes) > chunk {
+                        flush(&mut nodes, &mut size);
+                    }
+                    nodes.push((chain, own));
+                    size = size.saturating_add(bytes);
+                }
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+        flush(&mut nodes, &mut size);
+        signed
     }
 
     /// What this replica has seen, per author (a [`Wire::Have`]'s `authors`).
@@ -910,14 +1063,21 @@ impl Replicator {
     /// Starts replicating `system` (whose replica id must be [`replica_of`] `node`'s identity
     /// and `incarnation`) over `node` (whose inbox is `inbox`). Must be called inside a tokio
     /// runtime; spawns the tasks that ship deltas, answer peers and run anti-entropy.
-    pub fn start(system: Arc<System>, node: Node, inbox: Inbox, incarnation: u64) -> Arc<Self> {
+    ///
+    /// First loads the signed changes its store keeps ([`Relay::load`]) and signs what this
+    /// replica made as its state ([`Relay::own_state`]): a crash may have come before its last
+    /// changes were signed. Fails if the store cannot be read.
+    pub fn start(system: Arc<System>, node: Node, inbox: Inbox, incarnation: u64) -> Result<Arc<Self>, StoreError> {
+        let relay = Relay::new(node.id()).members(node.allow_list().clone()).stored(system.store().cloned());
+        relay.load(&system)?;
+        relay.own_state(&system, incarnation, |d, m| node.sign(d, m));
         let me = Arc::new(Self {
             system,
             isolated: AtomicBool::new(false),
             healed: watch::Sender::new(true),
             peers: Mutex::new(HashMap::new()),
             queued: Arc::default(),
-            relay: Relay::new(node.id()).members(node.allow_list().clone()),
+            relay,
             incarnation,
             rounds: Mutex::new(HashMap::new()),
             digests: Arc::default(),
@@ -934,7 +1094,7 @@ impl Replicator {
         tokio::spawn(me.clone().ship(rx));
         tokio::spawn(me.clone().receive(inbox));
         tokio::spawn(me.clone().on_connect());
-        me
+        Ok(me)
     }
 
     /// The comm node (its id and listeners).
@@ -1720,6 +1880,74 @@ mod tests {
         assert_eq!(got, vec![(1, 4), (1, 5)]);
         assert_eq!(relay.missing(&peer(3), &have(vec![], true)).len(), 10);
         assert_eq!(relay.kept_message((2, 5)), Some(Bytes::from(vec![2])));
+    }
+
+    /// Slice 3c: what a relay keeps is in its store (and what it drops is not), and a relay
+    /// started on that store keeps the same, in the same shares; its own numbers stay above
+    /// what it signed before, its first naming no previous one. A row that cannot be read is
+    /// removed.
+    #[test]
+    fn kept_changes_are_stored_loaded_again_and_removed_when_dropped() {
+        let (store, _) = crate::store::testing::store();
+        let store = Arc::new(store);
+        let cfg = crate::SystemConfig { replica: replica_of(&peer(1), 1), workers: 1, ..Default::default() };
+        let sys = System::start(cfg, Some(store.clone()), None).unwrap();
+        let empty = Wire::Deltas { chain: Vec::new(), events: Vec::new() };
+        let unsigned = |_: &str, _: &[u8]| [0u8; 64];
+        let signed = |author: PeerId, seq: u64, len: usize| {
+            let w = Wire::signed_at(author, 0, Stamp { seq, prev: 0 }, &empty, unsigned);
+            let Wire::Signed { author, incarnation, sig, seq, prev, .. } = w else { unreachable!() };
+            Bytes::from(
+                Wire::Signed {
+                    author,
+                    incarnation,
+                    sig,
+                    body: [empty.to_bytes(), vec![0xc0; len]].concat(),
+                    seq,
+                    prev,
+                }
+                .to_bytes(),
+            )
+        };
+        let (me, stranger, bringer, flood) = (peer(1), peer(3), peer(5), peer(4));
+        let relay = Relay::new(me).members(AllowList::new([flood])).stored(Some(store.clone()));
+        let own: Vec<Stamp> = (0..2)
+            .map(|_| match Wire::from_bytes(&relay.own(1, &empty, unsigned)) {
+                Some(Wire::Signed { seq, prev, .. }) => Stamp { seq, prev },
+                _ => unreachable!(),
+            })
+            .collect();
+        relay.kept().keep_in(
+            Owner::Via(bringer),
+            stranger,
+            replica_of(&stranger, 0),
+            Stamp { seq: 10, prev: 0 },
+            signed(stranger, 10, 0),
+        );
+        // A flood over its identity's bound: its oldest are dropped, here and in the store.
+        for seq in 1..=20u64 {
+            relay.kept().keep(flood, replica_of(&flood, 0), Stamp { seq, prev: seq - 1 }, signed(flood, seq, 1 << 20));
+        }
+        store.keep_detached([7; 16], b"not a kept change".to_vec());
+        // The writer takes requests in order: once this is durable, so is what came before.
+        store.put_revoked(b"barrier").unwrap();
+        let before = relay.kept_stats();
+        assert!(before.evicted > 0);
+        assert_eq!(store.kept().unwrap().len(), before.messages + 1);
+
+        let again = Relay::new(me).members(AllowList::new([flood])).stored(Some(store.clone()));
+        assert_eq!(again.load(&sys).unwrap(), before.messages);
+        let after = again.kept_stats();
+        assert_eq!((after.messages, after.bytes, after.authors), (before.messages, before.bytes, before.authors));
+        assert_eq!(again.kept().authors[&replica_of(&stranger, 0)].share, Owner::Via(bringer));
+        let nothing = Have { authors: HashMap::new(), complete: true };
+        assert_eq!(again.missing(&peer(9), &nothing), relay.missing(&peer(9), &nothing));
+        let Some(Wire::Signed { seq, prev, .. }) = Wire::from_bytes(&again.own(1, &empty, unsigned)) else {
+            unreachable!()
+        };
+        assert!(seq > own[1].seq && own[1].prev == own[0].seq && prev == 0, "{seq} {prev} {own:?}");
+        store.put_revoked(b"barrier").unwrap();
+        assert_eq!(store.kept().unwrap().len(), before.messages + 1, "the bad row is removed, the new own one stored");
     }
 
     #[test]

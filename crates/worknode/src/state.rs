@@ -64,6 +64,18 @@ impl Crdt {
         }
     }
 
+    /// Whether this is the empty value of its kind (nothing written).
+    fn is_bottom(&self) -> bool {
+        match self {
+            Crdt::GCounter(c) => *c == GCounter::default(),
+            Crdt::PnCounter(c) => *c == PnCounter::default(),
+            Crdt::Lww(r) => *r == LwwRegister::default(),
+            Crdt::Mv(r) => *r == MvRegister::default(),
+            Crdt::Set(r) => *r == OrSet::default(),
+            Crdt::Map(r) => *r == OrMap::default(),
+        }
+    }
+
     /// The part of `self` (sent by replica `author`) a replica holding `local` merges: see
     /// [`Authored::admit`]. `local` of another kind counts as empty (the merge refuses it).
     fn admit(&self, author: ReplicaId, local: Option<&Crdt>) -> Admitted<Crdt> {
@@ -408,6 +420,19 @@ impl State {
     /// Every field as a delta carrying its whole state (anti-entropy).
     pub fn into_deltas(self) -> Vec<Delta> {
         self.fields.into_iter().map(|(field, delta)| Delta { field, delta }).collect()
+    }
+
+    /// What replica `me` made of this state (its own counts, writes and dots, and what it has
+    /// seen removed): what a peer takes from it as `me`'s ([`Authored::admit`]). Fields it has
+    /// no part in are left out.
+    pub fn own(&self, me: ReplicaId) -> State {
+        let fields = self
+            .fields
+            .iter()
+            .map(|(f, c)| (f.clone(), c.admit(me, Some(c)).value))
+            .filter(|(_, c)| !c.is_bottom())
+            .collect();
+        State { fields, ..State::default() }
     }
 
     /// Whether no field was ever written.

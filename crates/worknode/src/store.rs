@@ -33,6 +33,10 @@ const EVENT_IDS: TableDefinition<&[u8; 16], &[u8; 24]> = TableDefinition::new("w
 const SNAPSHOTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("wn_snapshots");
 const META: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("wn_meta");
 const REVOKED: TableDefinition<&[u8], u64> = TableDefinition::new("wn_revoked");
+const KEPT: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("wn_kept");
+
+/// A kept signed change as stored: its key (author replica and sequence number) and value.
+pub type KeptRow = ([u8; 16], Vec<u8>);
 
 /// A globally unique event id (a UUID v7 by default), the idempotency key.
 pub type EventId = [u8; 16];
@@ -109,6 +113,7 @@ enum Aux {
     Snapshot,
     Meta,
     Revoked,
+    Kept,
 }
 
 enum Cmd {
@@ -122,6 +127,12 @@ enum Cmd {
         table: Aux,
         key: Vec<u8>,
         value: Vec<u8>,
+        reply: SyncSender<Result<(), StoreError>>,
+    },
+    /// Removes keys of a table (only [`Aux::Kept`] has removals).
+    Remove {
+        table: Aux,
+        keys: Vec<Vec<u8>>,
         reply: SyncSender<Result<(), StoreError>>,
     },
 }
@@ -240,6 +251,7 @@ impl EventStore {
             txn.open_table(SNAPSHOTS).map_err(|e| err(e.into()))?;
             txn.open_table(META).map_err(|e| err(e.into()))?;
             txn.open_table(REVOKED).map_err(|e| err(e.into()))?;
+            txn.open_table(KEPT).map_err(|e| err(e.into()))?;
         }
         txn.commit().map_err(|e| err(e.into()))?;
         let db = Arc::new(Db {
@@ -311,6 +323,39 @@ impl EventStore {
     /// Records a revoked token revocation id (durable on return).
     pub fn put_revoked(&self, revocation_id: &[u8]) -> Result<(), StoreError> {
         self.put(Aux::Revoked, revocation_id.to_vec(), Vec::new())
+    }
+
+    /// Queues `value` under `key` in the table of kept signed changes (the replication layer's
+    /// store and forward) and returns at once: written with the next group commit, or lost with
+    /// a crash before it (the replication layer repairs either way).
+    pub fn keep_detached(&self, key: [u8; 16], value: Vec<u8>) {
+        let (reply, _) = mpsc::sync_channel(1);
+        if let Some(tx) = &self.tx {
+            drop(tx.send(Cmd::Put { table: Aux::Kept, key: key.to_vec(), value, reply }));
+        }
+    }
+
+    /// Queues the removal of kept signed changes and returns at once (see
+    /// [`EventStore::keep_detached`]).
+    pub fn forget_detached(&self, keys: Vec<[u8; 16]>) {
+        let (reply, _) = mpsc::sync_channel(1);
+        if let (Some(tx), false) = (&self.tx, keys.is_empty()) {
+            let keys = keys.iter().map(|k| k.to_vec()).collect();
+            drop(tx.send(Cmd::Remove { table: Aux::Kept, keys, reply }));
+        }
+    }
+
+    /// Every kept signed change, by key.
+    pub fn kept(&self) -> Result<Vec<KeptRow>, StoreError> {
+        let db = self.db.get()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(KEPT).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = row.map_err(|e| self.db_err(e))?;
+            out.push((*k.value(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// The stream's version (last sequence number; 0 if empty).
@@ -544,6 +589,12 @@ impl Writer {
                     }
                     outcomes.push(Outcome::Put(reply));
                 }
+                Cmd::Remove { table, keys, reply } => {
+                    if let Err(e) = self.remove(&txn, table, &keys) {
+                        failure = Some(e);
+                    }
+                    outcomes.push(Outcome::Put(reply));
+                }
             }
         }
         if let Some(e) = failure {
@@ -561,7 +612,7 @@ impl Writer {
             .into_iter()
             .map(|c| match c {
                 Cmd::Append { reply, .. } => Outcome::Append(reply, Err(StoreError::Closed)),
-                Cmd::Put { reply, .. } => Outcome::Put(reply),
+                Cmd::Put { reply, .. } | Cmd::Remove { reply, .. } => Outcome::Put(reply),
             })
             .collect()
     }
@@ -627,7 +678,22 @@ impl Writer {
             (Aux::Revoked, _) => {
                 txn.open_table(REVOKED).map_err(|e| self.err(e))?.insert(key, 0).map_err(|e| self.err(e))?;
             }
+            (Aux::Kept, Some(id)) => {
+                txn.open_table(KEPT).map_err(|e| self.err(e))?.insert(&id, value).map_err(|e| self.err(e))?;
+            }
             (_, None) => return Err(corrupt("key", "worknode key is not 16 bytes")),
+        }
+        Ok(())
+    }
+
+    fn remove(&self, txn: &WriteTransaction, table: Aux, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        if !matches!(table, Aux::Kept) {
+            return Err(corrupt("remove", "only kept signed changes are removed"));
+        }
+        let mut t = txn.open_table(KEPT).map_err(|e| self.err(e))?;
+        for k in keys {
+            let id: [u8; 16] = k.as_slice().try_into().map_err(|_| corrupt("key", "kept key is not 16 bytes"))?;
+            t.remove(&id).map_err(|e| self.err(e))?;
         }
         Ok(())
     }

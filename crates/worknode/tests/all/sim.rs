@@ -51,7 +51,7 @@ struct Replica {
     incarnation: u64,
     replica: u64,
     sys: Option<System>,
-    /// What it passed on (in memory: forgotten on restart, like `Replicator`'s).
+    /// What it passed on and keeps to pass on (kept in its store, like `Replicator`'s).
     relay: Relay,
     outbox: Arc<Mutex<Vec<Shipment>>>,
 }
@@ -76,13 +76,20 @@ impl Replica {
         r
     }
 
+    /// Starts (again) from its store, as `Replicator::start` does: loads the kept signed
+    /// changes and signs what it made as its state.
     fn start(&mut self) {
+        // The old relay holds the store open.
         self.relay = Relay::new(self.identity.id());
         let store = EventStore::open(&self.dir.path().join("worknodes.redb"), StoreConfig::default()).unwrap();
         let cfg = SystemConfig { replica: self.replica, workers: 1, ..SystemConfig::default() };
         let sys = System::start(cfg, Some(Arc::new(store)), None).unwrap();
         let outbox = self.outbox.clone();
         sys.set_replication_sink(move |s| outbox.lock().unwrap().push(s));
+        self.relay = Relay::new(self.identity.id()).stored(sys.store().cloned());
+        self.relay.load(&sys).unwrap();
+        assert!(sys.wait_idle(IDLE));
+        self.relay.own_state(&sys, self.incarnation, |d, m| self.identity.sign(d, m));
         self.sys = Some(sys);
     }
 
@@ -108,7 +115,6 @@ struct Sim {
     /// Which replicas ever talk to each other (a line leaves the two ends apart: what one end
     /// makes reaches the other only through the middle, passed on or kept and sent later).
     links: [[bool; N]; N],
-    line: bool,
     /// In flight: (deliver at, from, to, message).
     net: VecDeque<(u64, usize, usize, Wire)>,
     now: u64,
@@ -133,7 +139,6 @@ impl Sim {
             reps,
             group: [0; N],
             links: std::array::from_fn(|a| std::array::from_fn(|b| !line || a.abs_diff(b) == 1)),
-            line,
             net: VecDeque::new(),
             now: 0,
             acked: Acked::default(),
@@ -281,7 +286,7 @@ impl Sim {
     /// `s` were seen (which, merged, would make their later inserts vanish everywhere),
     /// and, as a change of its own, a count in another replica's name. Neither may take hold.
     fn forge(&mut self) {
-        let r = self.rng.below(N as u64) as usize;
+        let r = self.pick();
         let path: WnPath = PATHS[self.rng.below(PATHS.len() as u64) as usize].parse().unwrap();
         let Some(chain) = chain_of(self.reps[r].sys(), &path) else { return };
         // Dots past any a replica has made yet (one per step at most): they come later.
@@ -315,7 +320,7 @@ impl Sim {
     /// so where both versions meet the larger wins; one cut off at that moment keeps its version
     /// (full states carry only their sender's own updates), so `e` is left out of convergence.
     fn equivocate(&mut self) {
-        let (r1, r2) = (self.rng.below(N as u64) as usize, self.rng.below(N as u64) as usize);
+        let (r1, r2) = (self.pick(), self.pick());
         let path: WnPath = PATHS[self.rng.below(PATHS.len() as u64) as usize].parse().unwrap();
         let k = self.rng.below(1000);
         let id = uuid_bytes(self.seed, self.now);
@@ -363,13 +368,20 @@ impl Sim {
         }
     }
 
-    fn restart(&mut self, r: usize) {
-        self.log.push(format!("t{} r{r} restart", self.now));
-        // Like a crash: what was not yet shipped is lost (anti-entropy repairs it).
+    /// Stops replica `r`, like a crash: what was not yet shipped is lost (anti-entropy repairs
+    /// it, and the state the replica signs when it starts).
+    fn stop(&mut self, r: usize) {
+        self.log.push(format!("t{} r{r} stop", self.now));
         self.reps[r].sys = None;
+        self.reps[r].relay = Relay::new(self.reps[r].identity.id());
         self.forged[r] = 0;
         self.reps[r].outbox.lock().unwrap().clear();
         self.net.retain(|m| m.1 != r && m.2 != r);
+    }
+
+    /// Starts the stopped replica `r` from its store and connects it.
+    fn up(&mut self, r: usize) {
+        self.log.push(format!("t{} r{r} up", self.now));
         self.reps[r].start();
         for b in 0..N {
             if self.connected(r, b) {
@@ -378,21 +390,33 @@ impl Sim {
         }
     }
 
+    /// A random replica that is running (one at most is stopped).
+    fn pick(&mut self) -> usize {
+        let up: Vec<usize> = (0..N).filter(|r| self.reps[*r].sys.is_some()).collect();
+        up[self.rng.below(up.len() as u64) as usize]
+    }
+
     fn step(&mut self) {
         self.now += 1;
         match self.rng.below(100) {
             0..=54 => {
-                let r = self.rng.below(N as u64) as usize;
+                let r = self.pick();
                 self.update(r);
             }
             55..=64 => self.repartition(),
-            // Not in a line: kept changes live in memory, and what an author had not shipped
-            // when it stopped is in its state only, so a restart can keep a change from the far
-            // end (docs/worknodes.md, "Limits").
-            65..=69 if !self.line => {
-                let r = self.rng.below(N as u64) as usize;
-                self.restart(r);
-            }
+            // Restarts, and a replica down for a while: kept changes outlive a restart (a
+            // middle replica restarted while both ends are away still passes on what one made),
+            // and what an author had not shipped when it stopped is signed again, as its state.
+            65..=69 => match (0..N).find(|r| self.reps[*r].sys.is_none()) {
+                Some(down) => self.up(down),
+                None => {
+                    let r = self.rng.below(N as u64) as usize;
+                    self.stop(r);
+                    if self.rng.chance(50) {
+                        self.up(r);
+                    }
+                }
+            },
             70..=74 => self.equivocate(),
             75..=77 => self.forge(),
             _ => {}
@@ -403,6 +427,9 @@ impl Sim {
 
     /// Heals everything and lets the network drain until nothing moves.
     fn settle(&mut self) {
+        if let Some(down) = (0..N).find(|r| self.reps[*r].sys.is_none()) {
+            self.up(down);
+        }
         let before = self.group;
         self.group = [0; N];
         self.reconnect(before);
@@ -502,6 +529,37 @@ fn honest_replicas_converge_under_partitions_delays_duplicates_and_restarts() {
 #[test]
 fn replicas_in_a_line_converge_through_the_middle() {
     run(true);
+}
+
+/// Slice 3c: what a replica made and never signed (it stopped between committing and signing)
+/// reaches the replicas it is not linked to once it starts again, which signs its state: an
+/// add, an insert, and the removal of an element another replica inserted.
+#[test]
+fn what_an_author_never_signed_reaches_the_far_end_when_it_starts_again() {
+    let mut sim = Sim::new(7, true);
+    let path: WnPath = "/a".parse().unwrap();
+    sim.ensure(2, &path);
+    let id2 = sim.reps[2].sys().resolve(&path).unwrap();
+    sim.reps[2]
+        .sys()
+        .update(&Authority::System, id2, vec![("s".into(), Op::Insert("y".into()))])
+        .unwrap()
+        .wait()
+        .unwrap();
+    sim.settle();
+    let id = sim.reps[0].sys().resolve(&path).unwrap();
+    let ops =
+        vec![("n".into(), Op::Add(7)), ("s".into(), Op::Insert("x".into())), ("s".into(), Op::Remove("y".into()))];
+    sim.reps[0].sys().update(&Authority::System, id, ops).unwrap().wait().unwrap();
+    sim.reps[0].sys().wait_idle(IDLE);
+    // Committed, never signed: its shipment is lost with the process.
+    sim.stop(0);
+    sim.up(0);
+    sim.settle();
+    let want = serde_json::json!({"n": 7, "s": ["x"]});
+    for r in 0..N {
+        assert_eq!(sim.snapshot(r)["/a"], want, "replica {r}");
+    }
 }
 
 fn run(line: bool) {
