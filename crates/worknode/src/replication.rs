@@ -487,6 +487,24 @@ impl Kept {
         true
     }
 
+    /// Drops the kept changes of `replica` numbered below `seq` (not what was seen).
+    fn drop_below(&mut self, replica: ReplicaId, seq: u64) {
+        let Some(a) = self.authors.get_mut(&replica) else { return };
+        let newer = a.kept.split_off(&seq);
+        let old = std::mem::replace(&mut a.kept, newer);
+        let (count, bytes) = (old.len(), old.values().map(Bytes::len).sum::<usize>());
+        a.bytes -= bytes;
+        if let Some(store) = &self.store {
+            store.forget_detached(old.keys().map(|s| kept_key(replica, *s)).collect());
+        }
+        self.bytes -= bytes;
+        self.count -= count;
+        if let Some(i) = self.identities.get_mut(&a.share) {
+            i.bytes -= bytes;
+            i.count -= count;
+        }
+    }
+
     /// Before tracking a new author in share `identity`: drops the author heard from least
     /// recently of that share if it has [`KEEP_INCARNATIONS`] (strangers a peer brought:
     /// [`KEEP_STRANGERS`]); if there are [`KEEP_AUTHORS`], of the share with the most authors.
@@ -689,11 +707,15 @@ impl Relay {
     /// Signs what this replica made of each Eventual worknode of `system` ([`State::own`]),
     /// serving store `incarnation`, as its changes ([`Wire::Sync`] bodies, in messages of half
     /// [`RELAY_MAX_BYTES`] at most), and keeps them to pass on: run at start, so what it made
-    /// before a crash and had not signed yet reaches replicas it is not linked to. Returns how
-    /// many messages.
+    /// before a crash and had not signed yet reaches replicas it is not linked to. Its own
+    /// changes kept from before are dropped: the state holds them. Returns how many messages.
     pub fn own_state(&self, system: &System, incarnation: u64, sign: impl Fn(&str, &[u8]) -> [u8; 64]) -> usize {
         let chunk = RELAY_MAX_BYTES / 2;
         let me = system.replica();
+        let first = {
+            let last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Stamp::after(last.0).seq.max(last.1.saturating_add(1))
+        };
         let (mut nodes, mut size, mut signed) = (Vec::new(), 0usize, 0usize);
         let mut flush = |nodes: &mut Vec<(Vec<Meta>, State)>, size: &mut usize| {
             if !nodes.is_empty() {
@@ -723,6 +745,9 @@ impl Relay {
             }
         }
         flush(&mut nodes, &mut size);
+        if signed > 0 {
+            self.kept().drop_below(replica_of(&self.me, incarnation), first);
+        }
         signed
     }
 
@@ -1948,6 +1973,17 @@ mod tests {
         assert!(seq > own[1].seq && own[1].prev == own[0].seq && prev == 0, "{seq} {prev} {own:?}");
         store.put_revoked(b"barrier").unwrap();
         assert_eq!(store.kept().unwrap().len(), before.messages + 1, "the bad row is removed, the new own one stored");
+        // Its state, signed at start, holds what it made: its older own changes are dropped.
+        let ours = replica_of(&me, 1);
+        sys.create(&crate::Authority::System, &crate::WnPath::root(), "x", "data", crate::Consistency::Eventual)
+            .unwrap();
+        let id = sys.resolve(&"/x".parse().unwrap()).unwrap();
+        sys.update(&crate::Authority::System, id, vec![("n".into(), crate::Op::Add(3))]).unwrap().wait().unwrap();
+        assert_eq!(again.kept().authors[&ours].kept.len(), 3);
+        assert_eq!(again.own_state(&sys, 1, unsigned), 1);
+        assert_eq!(again.kept().authors[&ours].kept.len(), 1);
+        store.put_revoked(b"barrier").unwrap();
+        assert_eq!(store.kept().unwrap().len(), before.messages - 2 + 1);
     }
 
     #[test]
