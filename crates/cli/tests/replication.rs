@@ -741,7 +741,8 @@ fn kept_changes_outlive_a_restart_of_the_middle() -> TestResult {
     b.ok("idle")?;
     drop(a);
     let mut b = b.restart()?;
-    assert!(sync(&mut b)?["kept"]["messages"].as_u64() >= Some(2));
+    let s = sync(&mut b)?;
+    assert!(s["kept"]["messages"].as_u64() >= Some(2), "{s}");
     b.ok(&c_peer)?;
     c.ok("heal")?;
     c.wait("get /ev", |g| g["ok"]["state"] == serde_json::json!({"n": 5, "s": ["from-a"]}))?;

@@ -57,7 +57,10 @@ pub use id::{MAX_SEGMENT_LEN, WnPath, WorknodeId};
 #[cfg(feature = "muscle")]
 pub use muscle::{MuscleBehaviour, decode_f32s};
 pub use state::{Crdt, Delta, Op, State};
-pub use store::{Appended, EventId, EventStore, Expected, KeptRow, NewEvent, StoreConfig, StoreStats, StoredEvent};
+pub use store::{
+    Appended, DETACHED_MAX_BYTES, EventId, EventStore, Expected, KeptRow, NewEvent, StoreConfig, StoreStats,
+    StoredEvent,
+};
 pub use system::{
     Behaviour, BehaviourError, Body, Committed, Completion, Consistency, Ctx, DataBehaviour, DigestCache, Envelope,
     Handle, MAX_CLOCK_AHEAD_MS, MAX_GAPS, MAX_GAPS_PER_AUTHOR, MAX_IDEMPOTENCY_KEY, Meta, NodeView, ROOT_ID, ROOT_KIND,

@@ -16,7 +16,7 @@
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -202,7 +202,14 @@ pub struct EventStore {
     writer: Option<JoinHandle<()>>,
     commits: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    /// Bytes of kept signed changes queued without waiting and not yet committed.
+    detached: Arc<AtomicUsize>,
 }
+
+/// Most bytes of kept signed changes waiting for the writer ([`EventStore::keep_detached`]):
+/// beyond, a change is not stored (it is kept in memory only), so a disk slower than the
+/// network does not queue copies without bound.
+pub const DETACHED_MAX_BYTES: usize = 64 << 20;
 
 impl std::fmt::Debug for EventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -262,12 +269,14 @@ impl EventStore {
         });
         let (tx, rx) = mpsc::channel();
         let (commits, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let detached = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             db: db.clone(),
             path: path.display().to_string(),
             max_batch: cfg.max_batch.max(1),
             commits: commits.clone(),
             requests: requests.clone(),
+            detached: detached.clone(),
             poisoned: Cell::new(false),
         };
         let handle =
@@ -277,7 +286,7 @@ impl EventStore {
                     reason: format!("cannot start writer thread: {e}"),
                 }
             })?;
-        Ok(Self { db, path: path.to_owned(), tx: Some(tx), writer: Some(handle), commits, requests })
+        Ok(Self { db, path: path.to_owned(), tx: Some(tx), writer: Some(handle), commits, requests, detached })
     }
 
     fn db_err<E: Into<redb::Error>>(&self, e: E) -> StoreError {
@@ -327,21 +336,41 @@ impl EventStore {
 
     /// Queues `value` under `key` in the table of kept signed changes (the replication layer's
     /// store and forward) and returns at once: written with the next group commit, or lost with
-    /// a crash before it (the replication layer repairs either way).
-    pub fn keep_detached(&self, key: [u8; 16], value: Vec<u8>) {
-        let (reply, _) = mpsc::sync_channel(1);
-        if let Some(tx) = &self.tx {
-            drop(tx.send(Cmd::Put { table: Aux::Kept, key: key.to_vec(), value, reply }));
+    /// a crash before it (the replication layer repairs either way). Not queued (`false`) while
+    /// [`DETACHED_MAX_BYTES`] wait already.
+    pub fn keep_detached(&self, key: [u8; 16], value: Vec<u8>) -> bool {
+        let len = value.len();
+        if self.detached.fetch_add(len, Ordering::AcqRel).saturating_add(len) > DETACHED_MAX_BYTES {
+            self.detached.fetch_sub(len, Ordering::AcqRel);
+            return false;
         }
+        let (reply, _) = mpsc::sync_channel(1);
+        let queued = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(Cmd::Put { table: Aux::Kept, key: key.to_vec(), value, reply }).is_ok());
+        if !queued {
+            self.detached.fetch_sub(len, Ordering::AcqRel);
+        }
+        queued
     }
 
     /// Queues the removal of kept signed changes and returns at once (see
-    /// [`EventStore::keep_detached`]).
+    /// [`EventStore::keep_detached`], whose bound it shares: beyond it the rows stay, and are
+    /// dropped again when loaded).
     pub fn forget_detached(&self, keys: Vec<[u8; 16]>) {
+        if keys.is_empty() {
+            return;
+        }
+        let len = removal_bytes(keys.len());
+        if self.detached.fetch_add(len, Ordering::AcqRel).saturating_add(len) > DETACHED_MAX_BYTES {
+            self.detached.fetch_sub(len, Ordering::AcqRel);
+            return;
+        }
         let (reply, _) = mpsc::sync_channel(1);
-        if let (Some(tx), false) = (&self.tx, keys.is_empty()) {
-            let keys = keys.iter().map(|k| k.to_vec()).collect();
-            drop(tx.send(Cmd::Remove { table: Aux::Kept, keys, reply }));
+        let keys = keys.iter().map(|k| k.to_vec()).collect();
+        if self.tx.as_ref().is_none_or(|tx| tx.send(Cmd::Remove { table: Aux::Kept, keys, reply }).is_err()) {
+            self.detached.fetch_sub(len, Ordering::AcqRel);
         }
     }
 
@@ -478,12 +507,28 @@ impl Drop for EventStore {
     }
 }
 
+/// What a queued removal of `keys` kept changes counts against [`DETACHED_MAX_BYTES`].
+fn removal_bytes(keys: usize) -> usize {
+    64 + 40 * keys
+}
+
+/// Subtracts a batch's detached bytes when dropped (after its commit, or its failure).
+struct Done<'a>(&'a AtomicUsize, usize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        let n = self.1;
+        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(n)));
+    }
+}
+
 struct Writer {
     db: Arc<Db>,
     path: String,
     max_batch: usize,
     commits: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    detached: Arc<AtomicUsize>,
     /// The last batch hit an I/O error: reopen before the next.
     poisoned: Cell<bool>,
 }
@@ -513,6 +558,16 @@ impl Writer {
                 }
             }
             let n = batch.len() as u64;
+            // Committed or failed below: either way no longer waiting.
+            let detached: usize = batch
+                .iter()
+                .map(|c| match c {
+                    Cmd::Put { table: Aux::Kept, value, .. } => value.len(),
+                    Cmd::Remove { keys, .. } => removal_bytes(keys.len()),
+                    _ => 0,
+                })
+                .sum();
+            let _done = Done(&self.detached, detached);
             if self.poisoned.get() {
                 match self.db.reopen() {
                     Ok(()) => self.poisoned.set(false),
@@ -762,6 +817,29 @@ mod tests {
 
     fn event(n: u8) -> Vec<NewEvent> {
         vec![NewEvent { id: [n; 16], body: vec![n; 64] }]
+    }
+
+    /// Kept signed changes are queued without waiting, within [`DETACHED_MAX_BYTES`]: what
+    /// would go past it is not stored, and what was committed no longer counts.
+    #[test]
+    fn kept_changes_wait_for_the_writer_within_a_bound() {
+        let (store, _) = testing::store();
+        assert!(store.keep_detached([1; 16], vec![1; 1024]));
+        assert!(!store.keep_detached([2; 16], vec![2; DETACHED_MAX_BYTES + 1]));
+        store.put_revoked(b"barrier").unwrap();
+        assert_eq!(store.detached.load(Ordering::Acquire), 0);
+        assert!(store.keep_detached([3; 16], vec![3; DETACHED_MAX_BYTES]));
+        // Removals share the bound: this one is not queued, the row stays.
+        store.forget_detached(vec![[1; 16]]);
+        store.put_revoked(b"barrier").unwrap();
+        let keys = || store.kept().unwrap().into_iter().map(|(k, _)| k).collect::<Vec<[u8; 16]>>();
+        assert_eq!(keys(), vec![[1; 16], [3; 16]]);
+        store.forget_detached(vec![[1; 16]]);
+        // Nothing to remove counts nothing.
+        store.forget_detached(Vec::new());
+        store.put_revoked(b"barrier").unwrap();
+        assert_eq!(keys(), vec![[3; 16]]);
+        assert_eq!(store.detached.load(Ordering::Acquire), 0);
     }
 
     /// Found attacking: after one ENOSPC every later write failed with "Previous I/O error"
