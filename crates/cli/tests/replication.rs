@@ -850,6 +850,31 @@ fn a_summary_is_answered_once_per_connection() -> TestResult {
     Ok(())
 }
 
+/// Found attacking slice 3c: bytes after a message were ignored, so a signed change with
+/// megabytes after it was merged, and passed on whole to every other peer, past the 4 MiB a
+/// relay carries. A message is its encoding and nothing after it.
+#[test]
+fn bytes_after_a_message_make_it_malformed() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    a.ok("create /ev data eventual")?;
+    b.wait("get /ev", |g| g.get("ok").is_some())?;
+    let chain = chains(&hostile(&a, vec![])?).into_iter().next().ok_or("no chain")?;
+    let me = hostile_identity();
+    let signed = |n: u64| {
+        let change = deltas(chain.clone(), vec![delta("g", grow(replica_of(&me.id(), 0), n))]);
+        Wire::signed(me.id(), 0, &change, |d, m| me.sign(d, m)).to_bytes()
+    };
+    let padded = [signed(1), vec![0xc0; 8 << 20]].concat();
+    let plain = [Wire::Want { paths: vec![] }.to_bytes(), vec![0]].concat();
+    hostile_bytes(&a, vec![padded, plain, signed(2)])?;
+    b.wait("get /ev", |g| g["ok"]["state"]["g"] == 2)?;
+    assert_eq!(a.refused()?, serde_json::json!({"malformed": 2}));
+    assert_eq!(b.refused()?, serde_json::json!({}));
+    assert!(sync(&mut b)?["kept"]["bytes"].as_u64() < Some(1 << 20));
+    Ok(())
+}
+
 /// A signed change is taken as its signer's only if the signature holds for that key over those
 /// bytes: a peer cannot pass its changes (or anything) off as another replica's.
 #[test]

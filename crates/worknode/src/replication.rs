@@ -697,7 +697,9 @@ impl Relay {
             last.0 = stamp.seq;
             stamp
         };
-        let bytes = Bytes::from(Wire::signed_at(self.me, incarnation, stamp, deltas, sign).to_bytes());
+        // Exactly its length: kept for long, and counted by length.
+        let bytes =
+            Bytes::from(Wire::signed_at(self.me, incarnation, stamp, deltas, sign).to_bytes().into_boxed_slice());
         if bytes.len() <= RELAY_MAX_BYTES {
             self.kept().keep(self.me, replica_of(&self.me, incarnation), stamp, bytes.clone());
         }
@@ -807,15 +809,16 @@ impl Relay {
     /// time. Our own changes coming back are dropped; a bad signature is refused `malformed`.
     pub fn receive(&self, system: &System, from: &PeerId, payload: &[u8]) -> Option<PeerId> {
         if let Some(wire) = Wire::from_bytes(payload) {
-            return self.receive_wire(system, from, wire);
+            return self.receive_wire(system, from, wire, None);
         }
         let detail = format!("{} bytes from {from} that are not a replication message", payload.len());
         system.refuse_replicated(&Refused::new("malformed", "/", detail));
         None
     }
 
-    /// [`Relay::receive`] of a decoded message.
-    pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire) -> Option<PeerId> {
+    /// [`Relay::receive`] of a decoded message, and its encoding if at hand (`payload`: what is
+    /// kept of a signed change, shared; else it is encoded again).
+    pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire, payload: Option<Bytes>) -> Option<PeerId> {
         match wire {
             Wire::Signed { author, incarnation, sig, body, seq, prev } => {
                 let stamp = Stamp { seq, prev };
@@ -838,7 +841,11 @@ impl Relay {
                 if !deltas.merge_as(system, replica) || body.len() > RELAY_MAX_BYTES {
                     return None;
                 }
-                let bytes = Bytes::from(Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes());
+                let bytes = payload.unwrap_or_else(|| {
+                    Bytes::from(
+                        Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes().into_boxed_slice(),
+                    )
+                });
                 let member = self.members.as_ref().is_none_or(|m| m.allows(&author_id));
                 let share = if member { Owner::Member(author_id) } else { Owner::Via(*from) };
                 self.kept().keep_in(share, author_id, replica, stamp, bytes);
@@ -859,8 +866,12 @@ impl Wire {
     }
 
     /// Decodes what [`Wire::to_bytes`] produced (`None` for anything else).
+    /// Bytes after the message make it malformed (found attacking: a signed change with
+    /// megabytes after it was merged, and passed on whole, past [`RELAY_MAX_BYTES`]).
     pub fn from_bytes(bytes: &[u8]) -> Option<Wire> {
-        rmp_serde::from_slice(bytes).ok()
+        let mut rest = bytes;
+        let wire = Wire::deserialize(&mut rmp_serde::Deserializer::new(&mut rest)).ok()?;
+        rest.is_empty().then_some(wire)
     }
 
     /// `deltas` (a [`Wire::Deltas`]) signed by `author`, serving store `incarnation`, with
@@ -1702,7 +1713,7 @@ impl Replicator {
                     continue;
                 }
             };
-            if let Some(author) = self.relay.receive_wire(&self.system, &from, wire) {
+            if let Some(author) = self.relay.receive_wire(&self.system, &from, wire, Some(msg.payload().clone())) {
                 // Passed on to every other peer (the author has it), through their own queues.
                 let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
                 for peer in peers.into_iter().filter(|p| *p != from && *p != author) {
@@ -1920,19 +1931,10 @@ mod tests {
         let empty = Wire::Deltas { chain: Vec::new(), events: Vec::new() };
         let unsigned = |_: &str, _: &[u8]| [0u8; 64];
         let signed = |author: PeerId, seq: u64, len: usize| {
-            let w = Wire::signed_at(author, 0, Stamp { seq, prev: 0 }, &empty, unsigned);
-            let Wire::Signed { author, incarnation, sig, seq, prev, .. } = w else { unreachable!() };
-            Bytes::from(
-                Wire::Signed {
-                    author,
-                    incarnation,
-                    sig,
-                    body: [empty.to_bytes(), vec![0xc0; len]].concat(),
-                    seq,
-                    prev,
-                }
-                .to_bytes(),
-            )
+            let events = (len > 0)
+                .then(|| ([0u8; 16], Delta { field: "x".repeat(len), delta: Crdt::GCounter(GCounter::default()) }));
+            let deltas = Wire::Deltas { chain: Vec::new(), events: events.into_iter().collect() };
+            Bytes::from(Wire::signed_at(author, 0, Stamp { seq, prev: 0 }, &deltas, unsigned).to_bytes())
         };
         let (me, stranger, bringer, flood) = (peer(1), peer(3), peer(5), peer(4));
         let relay = Relay::new(me).members(AllowList::new([flood])).stored(Some(store.clone()));
