@@ -875,6 +875,30 @@ fn bytes_after_a_message_make_it_malformed() -> TestResult {
     Ok(())
 }
 
+/// Found attacking slice 3c: a signed state whose worknodes were all refused (Strong chains)
+/// was kept, stored, passed on to every replica (each refusing it), and refused again at each
+/// start. It is refused where it arrives, and neither kept nor passed on.
+#[test]
+fn a_signed_state_refused_here_is_neither_kept_nor_passed_on() -> TestResult {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    a.ok("create /ev data eventual")?;
+    b.wait("get /ev", |g| g.get("ok").is_some())?;
+    let kept = |r: &mut Replica| -> Result<Value, Box<dyn std::error::Error>> { Ok(sync(r)?["kept"].clone()) };
+    let before = kept(&mut a)?;
+    let me = hostile_identity();
+    let strong = |i: usize| (vec![meta(ROOT_ID, &format!("s{i}"), "data", Consistency::Strong)], Default::default());
+    let state = Wire::Sync { incarnation: 9, nodes: (0..50).map(strong).collect(), whole: vec![] };
+    hostile(&a, vec![Wire::signed(me.id(), 9, &state, |d, m| me.sign(d, m))])?;
+    a.wait("stats", |v| v["ok"]["refused"]["consistency"] == 50)?;
+    // A change after it, passed on in order: once B has it, B had the state if it was sent.
+    a.ok("send /ev add n 1")?;
+    b.wait("get /ev", |g| g["ok"]["state"]["n"] == 1)?;
+    assert_eq!(b.refused()?, serde_json::json!({}));
+    assert_eq!(kept(&mut a)?["authors"], before["authors"]);
+    Ok(())
+}
+
 /// A signed change is taken as its signer's only if the signature holds for that key over those
 /// bytes: a peer cannot pass its changes (or anything) off as another replica's.
 #[test]

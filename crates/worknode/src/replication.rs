@@ -1764,13 +1764,16 @@ impl Wire {
                 let empty = events.is_empty();
                 system.merge_replicated(author, &chain, events).is_ok_and(|n| n > 0 || empty)
             }
+            // Went on if a worknode took it (found attacking: a signed state whose chains were
+            // all refused was kept, passed on to every replica, and refused again at each start).
             Wire::Sync { nodes, .. } => {
+                let mut taken = false;
                 for (chain, state) in nodes {
                     let Some(last) = chain.last() else { continue };
                     let events = state.into_deltas().into_iter().map(|d| (content_id(&last.id, &d), d)).collect();
-                    drop(system.merge_replicated_state(author, &chain, events));
+                    taken |= system.merge_replicated_state(author, &chain, events).is_ok();
                 }
-                true
+                taken
             }
         }
     }
