@@ -817,8 +817,9 @@ impl Relay {
     }
 
     /// [`Relay::receive`] of a decoded message, and its encoding if at hand (`payload`: what is
-    /// kept of a signed change, shared; else it is encoded again).
-    pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire, payload: Option<Bytes>) -> Option<PeerId> {
+    /// kept of a signed change, copied, since a payload may share a larger buffer; else it is
+    /// encoded again).
+    pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire, payload: Option<&[u8]>) -> Option<PeerId> {
         match wire {
             Wire::Signed { author, incarnation, sig, body, seq, prev } => {
                 let stamp = Stamp { seq, prev };
@@ -841,11 +842,14 @@ impl Relay {
                 if !deltas.merge_as(system, replica) || body.len() > RELAY_MAX_BYTES {
                     return None;
                 }
-                let bytes = payload.unwrap_or_else(|| {
-                    Bytes::from(
-                        Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes().into_boxed_slice(),
-                    )
-                });
+                let bytes = payload.map_or_else(
+                    || {
+                        Bytes::from(
+                            Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes().into_boxed_slice(),
+                        )
+                    },
+                    Bytes::copy_from_slice,
+                );
                 let member = self.members.as_ref().is_none_or(|m| m.allows(&author_id));
                 let share = if member { Owner::Member(author_id) } else { Owner::Via(*from) };
                 self.kept().keep_in(share, author_id, replica, stamp, bytes);
@@ -1713,7 +1717,7 @@ impl Replicator {
                     continue;
                 }
             };
-            if let Some(author) = self.relay.receive_wire(&self.system, &from, wire, Some(msg.payload().clone())) {
+            if let Some(author) = self.relay.receive_wire(&self.system, &from, wire, Some(msg.payload())) {
                 // Passed on to every other peer (the author has it), through their own queues.
                 let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
                 for peer in peers.into_iter().filter(|p| *p != from && *p != author) {
