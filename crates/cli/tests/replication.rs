@@ -875,6 +875,38 @@ fn bytes_after_a_message_make_it_malformed() -> TestResult {
     Ok(())
 }
 
+/// Found re-attacking slice 3c: a signed change with a field no one reads (12 MiB of padding),
+/// or its body as an array of integers, was kept and passed on as it came, past the 4 MiB a
+/// relay carries. What is kept and passed on is its encoding again, as long as its content.
+#[test]
+fn a_padded_signed_change_is_kept_and_passed_on_as_long_as_its_content() -> TestResult {
+    #[derive(serde::Serialize)]
+    enum Padded {
+        Signed { author: Vec<u8>, incarnation: u64, sig: Vec<u8>, body: Vec<u8>, seq: u64, prev: u64, pad: Vec<u8> },
+    }
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    a.ok("create /ev data eventual")?;
+    b.wait("get /ev", |g| g.get("ok").is_some())?;
+    let chain = chains(&hostile(&a, vec![])?).into_iter().next().ok_or("no chain")?;
+    let me = hostile_identity();
+    let change = deltas(chain, vec![delta("g", grow(replica_of(&me.id(), 0), 3))]);
+    let Wire::Signed { author, incarnation, sig, body, seq, prev } =
+        Wire::signed(me.id(), 0, &change, |d, m| me.sign(d, m))
+    else {
+        unreachable!()
+    };
+    let padded = Padded::Signed { author, incarnation, sig, body, seq, prev, pad: vec![0; 12 << 20] };
+    hostile_bytes(&a, vec![rmp_serde::to_vec_named(&padded)?])?;
+    b.wait("get /ev", |g| g["ok"]["state"]["g"] == 3)?;
+    for r in [&mut a, &mut b] {
+        let kept = sync(r)?["kept"]["bytes"].as_u64().unwrap_or(u64::MAX);
+        assert!(kept < 1 << 20, "{kept}");
+        assert_eq!(r.refused()?, serde_json::json!({}));
+    }
+    Ok(())
+}
+
 /// Found attacking slice 3c: a signed state whose worknodes were all refused (Strong chains)
 /// was kept, stored, passed on to every replica (each refusing it), and refused again at each
 /// start. It is refused where it arrives, and neither kept nor passed on.

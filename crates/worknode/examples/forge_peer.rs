@@ -17,9 +17,9 @@
 //! [16 digest bytes]], …]]}`); send `{"Want": [[path, …]]}` to be sent those states (`Sync`),
 //! and decode one to see the layout.
 //!
-//! A line `sign INCARNATION SEQ PREV HEX` sends the `Deltas` encoding `HEX` signed by this peer
-//! (`Wire::Signed`, with that incarnation and stamp, whatever they are), as a replica signs its
-//! own changes; a replica keeps those it merged and sends them on to peers whose `Have` lacks
+//! A line `sign INCARNATION SEQ PREV HEX` sends the `Deltas` encoding `HEX` (or a `Sync`, as a
+//! replica signs its own state when it starts) signed by this peer (`Wire::Signed`, with that
+//! incarnation and stamp, whatever they are), as a replica signs its own changes; a replica keeps those it merged and sends them on to peers whose `Have` lacks
 //! them (`{"Have": [[[author replica, [[lo, hi], …]], …], done]]}`).
 
 use std::io::BufRead as _;

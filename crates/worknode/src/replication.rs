@@ -714,10 +714,9 @@ impl Relay {
     pub fn own_state(&self, system: &System, incarnation: u64, sign: impl Fn(&str, &[u8]) -> [u8; 64]) -> usize {
         let chunk = RELAY_MAX_BYTES / 2;
         let me = system.replica();
-        let first = {
-            let last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            Stamp::after(last.0).seq.max(last.1.saturating_add(1))
-        };
+        // Dropped first, so the state pushes out nothing another author keeps (found attacking:
+        // with the kept changes at their bound, each start dropped another author's oldest).
+        self.kept().drop_below(replica_of(&self.me, incarnation), u64::MAX);
         let (mut nodes, mut size, mut signed) = (Vec::new(), 0usize, 0usize);
         let mut flush = |nodes: &mut Vec<(Vec<Meta>, State)>, size: &mut usize| {
             if !nodes.is_empty() {
@@ -747,9 +746,6 @@ impl Relay {
             }
         }
         flush(&mut nodes, &mut size);
-        if signed > 0 {
-            self.kept().drop_below(replica_of(&self.me, incarnation), first);
-        }
         signed
     }
 
@@ -809,17 +805,19 @@ impl Relay {
     /// time. Our own changes coming back are dropped; a bad signature is refused `malformed`.
     pub fn receive(&self, system: &System, from: &PeerId, payload: &[u8]) -> Option<PeerId> {
         if let Some(wire) = Wire::from_bytes(payload) {
-            return self.receive_wire(system, from, wire, None);
+            return self.receive_wire(system, from, wire).map(|(author, _)| author);
         }
         let detail = format!("{} bytes from {from} that are not a replication message", payload.len());
         system.refuse_replicated(&Refused::new("malformed", "/", detail));
         None
     }
 
-    /// [`Relay::receive`] of a decoded message, and its encoding if at hand (`payload`: what is
-    /// kept of a signed change, copied, since a payload may share a larger buffer; else it is
-    /// encoded again).
-    pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire, payload: Option<&[u8]>) -> Option<PeerId> {
+    /// [`Relay::receive`] of a decoded message; a signed change to pass on comes with its
+    /// encoding, which is what is kept too: encoded again, so it is as long as its content
+    /// (found attacking: a signed change the peer padded, with a field of 15 MiB no one reads,
+    /// or its body as an array of 9-byte integers, was kept and passed on as it came, four
+    /// times [`RELAY_MAX_BYTES`]).
+    pub fn receive_wire(&self, system: &System, from: &PeerId, wire: Wire) -> Option<(PeerId, Bytes)> {
         match wire {
             Wire::Signed { author, incarnation, sig, body, seq, prev } => {
                 let stamp = Stamp { seq, prev };
@@ -842,18 +840,13 @@ impl Relay {
                 if !deltas.merge_as(system, replica) || body.len() > RELAY_MAX_BYTES {
                     return None;
                 }
-                let bytes = payload.map_or_else(
-                    || {
-                        Bytes::from(
-                            Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes().into_boxed_slice(),
-                        )
-                    },
-                    Bytes::copy_from_slice,
+                let bytes = Bytes::from(
+                    Wire::Signed { author, incarnation, sig, body, seq, prev }.to_bytes().into_boxed_slice(),
                 );
                 let member = self.members.as_ref().is_none_or(|m| m.allows(&author_id));
                 let share = if member { Owner::Member(author_id) } else { Owner::Via(*from) };
-                self.kept().keep_in(share, author_id, replica, stamp, bytes);
-                Some(author_id)
+                self.kept().keep_in(share, author_id, replica, stamp, bytes.clone());
+                Some((author_id, bytes))
             }
             wire => {
                 wire.merge_into(system, from);
@@ -1717,11 +1710,11 @@ impl Replicator {
                     continue;
                 }
             };
-            if let Some(author) = self.relay.receive_wire(&self.system, &from, wire, Some(msg.payload())) {
+            if let Some((author, bytes)) = self.relay.receive_wire(&self.system, &from, wire) {
                 // Passed on to every other peer (the author has it), through their own queues.
                 let peers: HashSet<PeerId> = self.node.connections().iter().map(|c| c.peer().id).collect();
                 for peer in peers.into_iter().filter(|p| *p != from && *p != author) {
-                    self.enqueue(peer, msg.payload().clone()).await;
+                    self.enqueue(peer, bytes.clone()).await;
                 }
             }
         }
@@ -1993,6 +1986,30 @@ mod tests {
         assert_eq!(again.kept().authors[&ours].kept.len(), 1);
         store.put_revoked(b"barrier").unwrap();
         assert_eq!(store.kept().unwrap().len(), before.messages - 2 + 1);
+    }
+
+    /// Found re-attacking slice 3c: with what is kept at its bound, the state a replica signs at
+    /// start pushed out another author's oldest change before its own older ones were dropped.
+    #[test]
+    fn the_state_signed_at_start_pushes_out_no_other_authors_change() {
+        let cfg = crate::SystemConfig { replica: replica_of(&peer(1), 1), workers: 1, ..Default::default() };
+        let sys = System::start(cfg, None, None).unwrap();
+        sys.create(&crate::Authority::System, &crate::WnPath::root(), "x", "data", crate::Consistency::Eventual)
+            .unwrap();
+        let id = sys.resolve(&"/x".parse().unwrap()).unwrap();
+        sys.update(&crate::Authority::System, id, vec![("n".into(), crate::Op::Add(3))]).unwrap().wait().unwrap();
+        let relay = Relay::new(peer(1));
+        let empty = Wire::Deltas { chain: Vec::new(), events: Vec::new() };
+        for _ in 0..2 {
+            relay.own(1, &empty, |_, _| [0; 64]);
+        }
+        for seq in 1..=(KEEP_MESSAGES - 2) as u64 {
+            relay.kept().keep(peer(2), 2, Stamp { seq, prev: seq - 1 }, Bytes::from_static(b"x"));
+        }
+        assert_eq!(relay.kept_stats().messages, KEEP_MESSAGES);
+        assert_eq!(relay.own_state(&sys, 1, |_, _| [0; 64]), 1);
+        let after = relay.kept_stats();
+        assert_eq!((after.messages, after.evicted), (KEEP_MESSAGES - 1, 0));
     }
 
     #[test]
