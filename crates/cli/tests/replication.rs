@@ -678,6 +678,15 @@ fn signed_changes_reach_replicas_their_author_is_not_linked_to() -> TestResult {
     Ok(())
 }
 
+/// Two replicas, B dialling A, and `/ev` (Eventual) made on A and seen on B.
+fn pair() -> Result<(Replica, Replica), Box<dyn std::error::Error>> {
+    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
+    b.ok(&format!("peer {} {}", a.addr, a.id))?;
+    a.ok("create /ev data eventual")?;
+    b.wait("get /ev", |g| g.get("ok").is_some())?;
+    Ok((a, b))
+}
+
 /// Three replicas in a line, a—b—c (a and c dial b; a and c never talk), and `/ev` (Eventual,
 /// created on b) on all three.
 fn line() -> Result<(Replica, Replica, Replica), Box<dyn std::error::Error>> {
@@ -855,10 +864,7 @@ fn a_summary_is_answered_once_per_connection() -> TestResult {
 /// relay carries. A message is its encoding and nothing after it.
 #[test]
 fn bytes_after_a_message_make_it_malformed() -> TestResult {
-    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
-    b.ok(&format!("peer {} {}", a.addr, a.id))?;
-    a.ok("create /ev data eventual")?;
-    b.wait("get /ev", |g| g.get("ok").is_some())?;
+    let (mut a, mut b) = pair()?;
     let chain = chains(&hostile(&a, vec![])?).into_iter().next().ok_or("no chain")?;
     let me = hostile_identity();
     let signed = |n: u64| {
@@ -884,10 +890,7 @@ fn a_padded_signed_change_is_kept_and_passed_on_as_long_as_its_content() -> Test
     enum Padded {
         Signed { author: Vec<u8>, incarnation: u64, sig: Vec<u8>, body: Vec<u8>, seq: u64, prev: u64, pad: Vec<u8> },
     }
-    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
-    b.ok(&format!("peer {} {}", a.addr, a.id))?;
-    a.ok("create /ev data eventual")?;
-    b.wait("get /ev", |g| g.get("ok").is_some())?;
+    let (mut a, mut b) = pair()?;
     let chain = chains(&hostile(&a, vec![])?).into_iter().next().ok_or("no chain")?;
     let me = hostile_identity();
     let change = deltas(chain, vec![delta("g", grow(replica_of(&me.id(), 0), 3))]);
@@ -912,10 +915,7 @@ fn a_padded_signed_change_is_kept_and_passed_on_as_long_as_its_content() -> Test
 /// start. It is refused where it arrives, and neither kept nor passed on.
 #[test]
 fn a_signed_state_refused_here_is_neither_kept_nor_passed_on() -> TestResult {
-    let (mut a, mut b) = (Replica::start()?, Replica::start()?);
-    b.ok(&format!("peer {} {}", a.addr, a.id))?;
-    a.ok("create /ev data eventual")?;
-    b.wait("get /ev", |g| g.get("ok").is_some())?;
+    let (mut a, mut b) = pair()?;
     let kept = |r: &mut Replica| -> Result<Value, Box<dyn std::error::Error>> { Ok(sync(r)?["kept"].clone()) };
     let before = kept(&mut a)?;
     let me = hostile_identity();
