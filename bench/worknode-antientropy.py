@@ -7,49 +7,13 @@ each round took, from `stats` -> `sync`.
 
 usage: bench/worknode-antientropy.py [REFEREE] [N] [S]
 """
-import json, os, subprocess, sys, tempfile, time
+import json, os, sys, time
+
+from worknode_replica import Replica, wait
 
 ref = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/referee-target/release/referee")
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
 size = int(sys.argv[3]) if len(sys.argv) > 3 else 10_000
-
-
-class Replica:
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="ae-")
-        env = {k: v for k, v in os.environ.items() if k not in ("REFEREE_HOME", "REFEREE_COMM_IDENTITY")}
-        self.p = subprocess.Popen(
-            [ref, "--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--allow-any", "--dir", self.dir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        hello = json.loads(self.p.stdout.readline())
-        self.addr, self.id = hello["listening"], hello["id"]
-
-    def ask(self, line):
-        self.p.stdin.write(line + "\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline())
-
-    def ok(self, line):
-        r = self.ask(line)
-        assert "ok" in r, (line, r)
-        return r["ok"]
-
-    def sync(self):
-        return self.ok("stats")["sync"]
-
-    def close(self):
-        self.p.kill()
-        self.p.wait()
-
-
-def wait(pred, timeout=120):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise SystemExit("timed out")
 
 
 def round_(a, b, a0, b0, digests, done=None):
@@ -77,7 +41,7 @@ def round_(a, b, a0, b0, digests, done=None):
     return time.time() - t - 0.1
 
 
-a, b = Replica(), Replica()
+a, b = Replica(ref), Replica(ref)
 try:
     value = "v" * (size // 2)
     lines = []

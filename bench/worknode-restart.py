@@ -8,68 +8,19 @@ is the floor.
 
 usage: bench/worknode-restart.py [REFEREE] [N] [S]
 """
-import json, os, subprocess, sys, tempfile, time
+import json, os, sys, time
+
+from worknode_replica import Replica, wait
 
 ref = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/referee-target/release/referee")
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
 size = int(sys.argv[3]) if len(sys.argv) > 3 else 10_000
 
 
-class Replica:
-    def __init__(self, dir=None):
-        self.dir = dir or tempfile.mkdtemp(prefix="restart-")
-        env = {k: v for k, v in os.environ.items() if k not in ("REFEREE_HOME", "REFEREE_COMM_IDENTITY")}
-        t = time.time()
-        self.p = subprocess.Popen(
-            [ref, "--json", "node", "serve", "--listen", "tcp://127.0.0.1:0", "--allow-any", "--dir", self.dir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        hello = json.loads(self.p.stdout.readline())
-        self.started = time.time() - t
-        self.addr, self.id = hello["listening"], hello["id"]
-
-    def ask(self, line):
-        self.p.stdin.write(line + "\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline())
-
-    def ok(self, line):
-        r = self.ask(line)
-        assert "ok" in r, (line, r)
-        return r["ok"]
-
-    def sync(self):
-        return self.ok("stats")["sync"]
-
-    def rss_mb(self):
-        with open(f"/proc/{self.p.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0
-
-    def restart(self):
-        self.close()
-        return Replica(self.dir)
-
-    def close(self):
-        self.p.kill()
-        self.p.wait()
-
-
-def wait(pred, timeout=300):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise SystemExit("timed out")
-
-
-empty = Replica()
+empty = Replica(ref)
 floor = empty.started
 empty.close()
-a, b = Replica(), Replica()
+a, b = Replica(ref), Replica(ref)
 try:
     b.ok(f"peer {a.addr} {a.id}")
     wait(lambda: b.sync()["rounds"] > 0)
@@ -82,7 +33,7 @@ try:
         a.p.stdin.flush()
         for _ in lines[chunk:chunk + 300]:
             assert "ok" in json.loads(a.p.stdout.readline())
-    wait(lambda: b.ask(f"get /n{n - 1}").get("ok", {}).get("state", {}).get("s"))
+    wait(lambda: b.ask(f"get /n{n - 1}").get("ok", {}).get("state", {}).get("s"), timeout=300)
     b.ok("idle")
     kb = b.sync()["kept"]
     print(f"{n} worknodes of ~{size} bytes; a start on an empty store: {floor * 1000:.0f} ms")
